@@ -1,0 +1,453 @@
+//! Model metadata (the inputs and outputs a model file declares) and request validation against it.
+//!
+//! Metadata is read from the ONNX file itself, not from either engine, so both engines and the HTTP
+//! layer agree on names, data types and shapes, and a request is checked once before any engine sees it.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tract_onnx::pb;
+use tract_onnx::prelude::Framework;
+
+use crate::dtype::DataType;
+use crate::tensor::{NamedTensor, Tensor, TensorError};
+
+/// One declared input or output: name, data type and shape (`-1` for a dynamic dimension).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// Name as in the model graph.
+    pub name: String,
+    /// Element type.
+    pub datatype: DataType,
+    /// Dimensions; -1 marks a dynamic one.
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// Whether the leading dimension is dynamic, i.e. the model takes a batch of any size.
+    pub fn is_batched(&self) -> bool {
+        self.shape.first() == Some(&-1)
+    }
+}
+
+/// The inputs and outputs of a model, in graph order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    /// Graph inputs that are fed by the caller (initializers excluded).
+    pub inputs: Vec<TensorSpec>,
+    /// Graph outputs.
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Why a model file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFileError {
+    /// No file at the path.
+    #[error("model file {path} does not exist")]
+    Missing { path: String },
+    /// The file exists but cannot be read.
+    #[error("cannot read model file {path}: {reason}")]
+    Unreadable { path: String, reason: String },
+    /// The bytes are not an ONNX model.
+    #[error("model file {path} is corrupt or not an ONNX model: {reason}")]
+    Corrupt { path: String, reason: String },
+    /// A declared input or output uses a data type the fabric does not serve.
+    #[error("model file {path}: {kind} '{name}' has datatype {datatype}, which this fabric does not serve (use FP32, FP64, BOOL or an integer type)")]
+    UnservedType {
+        path: String,
+        kind: &'static str,
+        name: String,
+        datatype: String,
+    },
+}
+
+/// Why a request's tensors do not fit the model.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InputError {
+    /// A tensor name the model does not have.
+    #[error("unknown input '{name}': the model's inputs are {expected}")]
+    UnknownInput { name: String, expected: String },
+    /// A model input with no tensor.
+    #[error("missing input '{name}': the model needs {expected}")]
+    MissingInput { name: String, expected: String },
+    /// The same input twice.
+    #[error("input '{name}' is given more than once")]
+    DuplicateInput { name: String },
+    /// Wrong element type.
+    #[error("input '{name}' has datatype {got}, the model expects {expected}")]
+    WrongDataType {
+        name: String,
+        expected: DataType,
+        got: DataType,
+    },
+    /// Wrong number of dimensions.
+    #[error("input '{name}' has shape {got:?} (rank {}), the model expects {} (rank {})", got.len(), ShapeDisplay(expected), expected.len())]
+    WrongRank {
+        name: String,
+        expected: Vec<i64>,
+        got: Vec<usize>,
+    },
+    /// A fixed dimension with the wrong size.
+    #[error(
+        "input '{name}' has shape {got:?}, the model expects {} (dimension {axis} must be {want})",
+        ShapeDisplay(expected)
+    )]
+    WrongDims {
+        name: String,
+        expected: Vec<i64>,
+        got: Vec<usize>,
+        axis: usize,
+        want: i64,
+    },
+    /// Inputs disagree on the batch size.
+    #[error(
+        "inputs disagree on the batch size: '{first}' has {first_batch}, '{name}' has {batch}"
+    )]
+    BatchMismatch {
+        first: String,
+        first_batch: usize,
+        name: String,
+        batch: usize,
+    },
+    /// A batch larger than the model accepts.
+    #[error("batch of {got} exceeds this model's maximum batch size of {max}")]
+    BatchTooLarge { got: usize, max: usize },
+    /// The bytes do not form a tensor.
+    #[error("input '{name}': {source}")]
+    Tensor { name: String, source: TensorError },
+}
+
+/// Formats a spec shape as `[-1, 784]`.
+pub struct ShapeDisplay<'a>(pub &'a [i64]);
+
+impl fmt::Display for ShapeDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Reads an ONNX model file into its raw bytes and protobuf, with clear errors for missing and corrupt files.
+pub fn read_onnx(path: &Path) -> Result<(Vec<u8>, pb::ModelProto), ModelFileError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ModelFileError::Missing {
+            path: shown.clone(),
+        },
+        _ => ModelFileError::Unreadable {
+            path: shown.clone(),
+            reason: e.to_string(),
+        },
+    })?;
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut bytes.as_slice())
+        .map_err(|e| ModelFileError::Corrupt {
+            path: shown.clone(),
+            reason: format!("{e:#}"),
+        })?;
+    if proto.graph.as_ref().is_none_or(|g| g.output.is_empty()) {
+        return Err(ModelFileError::Corrupt {
+            path: shown,
+            reason: "the file holds no graph with outputs".into(),
+        });
+    }
+    Ok((bytes, proto))
+}
+
+impl ModelMetadata {
+    /// Reads the declared inputs and outputs from a parsed ONNX model.
+    pub fn from_proto(
+        proto: &pb::ModelProto,
+        path: &Path,
+    ) -> Result<ModelMetadata, ModelFileError> {
+        let shown = path.display().to_string();
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| ModelFileError::Corrupt {
+                path: shown.clone(),
+                reason: "no graph".into(),
+            })?;
+        let initializers: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let spec = |v: &pb::ValueInfoProto,
+                    kind: &'static str|
+         -> Result<TensorSpec, ModelFileError> {
+            let Some(pb::type_proto::Value::TensorType(t)) =
+                v.r#type.as_ref().and_then(|t| t.value.as_ref())
+            else {
+                return Err(ModelFileError::UnservedType {
+                    path: shown.clone(),
+                    kind,
+                    name: v.name.clone(),
+                    datatype: "a non-tensor type (sequence or map)".into(),
+                });
+            };
+            let datatype =
+                DataType::from_onnx(t.elem_type).ok_or_else(|| ModelFileError::UnservedType {
+                    path: shown.clone(),
+                    kind,
+                    name: v.name.clone(),
+                    datatype: format!("ONNX type code {}", t.elem_type),
+                })?;
+            if !datatype.is_served() {
+                return Err(ModelFileError::UnservedType {
+                    path: shown.clone(),
+                    kind,
+                    name: v.name.clone(),
+                    datatype: datatype.to_string(),
+                });
+            }
+            let shape = t
+                .shape
+                .as_ref()
+                .map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match d.value {
+                            Some(pb::tensor_shape_proto::dimension::Value::DimValue(n))
+                                if n >= 0 =>
+                            {
+                                n
+                            }
+                            _ => -1,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(TensorSpec {
+                name: v.name.clone(),
+                datatype,
+                shape,
+            })
+        };
+        let inputs = graph
+            .input
+            .iter()
+            .filter(|v| !initializers.contains(v.name.as_str()))
+            .map(|v| spec(v, "input"))
+            .collect::<Result<_, _>>()?;
+        let outputs = graph
+            .output
+            .iter()
+            .map(|v| spec(v, "output"))
+            .collect::<Result<_, _>>()?;
+        Ok(ModelMetadata { inputs, outputs })
+    }
+
+    /// Whether every input takes a dynamic leading batch dimension.
+    pub fn is_batched(&self) -> bool {
+        !self.inputs.is_empty() && self.inputs.iter().all(TensorSpec::is_batched)
+    }
+
+    fn input_names(&self) -> String {
+        let names: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|s| format!("'{}'", s.name))
+            .collect();
+        names.join(", ")
+    }
+
+    /// Checks named tensors against the declared inputs and returns them in graph order with the batch size.
+    ///
+    /// `max_batch` is enforced only for batched models (dynamic leading dimension).
+    pub fn validate<'a>(
+        &self,
+        inputs: &'a [NamedTensor],
+        max_batch: usize,
+    ) -> Result<(Vec<&'a Tensor>, usize), InputError> {
+        for (i, given) in inputs.iter().enumerate() {
+            if !self.inputs.iter().any(|s| s.name == given.name) {
+                return Err(InputError::UnknownInput {
+                    name: given.name.clone(),
+                    expected: self.input_names(),
+                });
+            }
+            if inputs[..i].iter().any(|other| other.name == given.name) {
+                return Err(InputError::DuplicateInput {
+                    name: given.name.clone(),
+                });
+            }
+        }
+        let mut ordered = Vec::with_capacity(self.inputs.len());
+        let mut batch: Option<(&str, usize)> = None;
+        for spec in &self.inputs {
+            let given = inputs.iter().find(|t| t.name == spec.name).ok_or_else(|| {
+                InputError::MissingInput {
+                    name: spec.name.clone(),
+                    expected: self.input_names(),
+                }
+            })?;
+            let t = &given.tensor;
+            if t.dtype() != spec.datatype {
+                return Err(InputError::WrongDataType {
+                    name: spec.name.clone(),
+                    expected: spec.datatype,
+                    got: t.dtype(),
+                });
+            }
+            if t.shape().len() != spec.shape.len() {
+                return Err(InputError::WrongRank {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            for (axis, (&want, &got)) in spec.shape.iter().zip(t.shape()).enumerate() {
+                if want >= 0 && want as usize != got {
+                    return Err(InputError::WrongDims {
+                        name: spec.name.clone(),
+                        expected: spec.shape.clone(),
+                        got: t.shape().to_vec(),
+                        axis,
+                        want,
+                    });
+                }
+            }
+            if spec.is_batched() {
+                let n = t.batch_size();
+                match batch {
+                    None => batch = Some((&spec.name, n)),
+                    Some((first, first_batch)) if first_batch != n => {
+                        return Err(InputError::BatchMismatch {
+                            first: first.to_string(),
+                            first_batch,
+                            name: spec.name.clone(),
+                            batch: n,
+                        })
+                    }
+                    Some(_) => {}
+                }
+            }
+            ordered.push(t);
+        }
+        let batch = match batch {
+            Some((_, n)) if n > max_batch => {
+                return Err(InputError::BatchTooLarge {
+                    got: n,
+                    max: max_batch,
+                })
+            }
+            Some((_, n)) => n,
+            None => 1,
+        };
+        Ok((ordered, batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ModelMetadata {
+        ModelMetadata {
+            inputs: vec![
+                TensorSpec {
+                    name: "ids".into(),
+                    datatype: DataType::Int64,
+                    shape: vec![-1, 4],
+                },
+                TensorSpec {
+                    name: "weights".into(),
+                    datatype: DataType::Fp64,
+                    shape: vec![-1, 4],
+                },
+            ],
+            outputs: vec![TensorSpec {
+                name: "out".into(),
+                datatype: DataType::Fp64,
+                shape: vec![-1, 4],
+            }],
+        }
+    }
+
+    fn ids(shape: Vec<usize>) -> NamedTensor {
+        let n = shape.iter().product();
+        NamedTensor::new(
+            "ids",
+            Tensor::from_vec(shape, vec![1i64; n]).expect("valid"),
+        )
+    }
+
+    fn weights(shape: Vec<usize>) -> NamedTensor {
+        let n = shape.iter().product();
+        NamedTensor::new(
+            "weights",
+            Tensor::from_vec(shape, vec![0.5f64; n]).expect("valid"),
+        )
+    }
+
+    #[test]
+    fn validation_table() {
+        let wrong_dtype = NamedTensor::new(
+            "ids",
+            Tensor::from_vec(vec![2, 4], vec![1i32; 8]).expect("valid"),
+        );
+        let extra = NamedTensor::new(
+            "bogus",
+            Tensor::from_vec(vec![1], vec![1i32]).expect("valid"),
+        );
+        let cases: Vec<(&str, Vec<NamedTensor>, Result<usize, &str>)> = vec![
+            ("ok", vec![ids(vec![2, 4]), weights(vec![2, 4])], Ok(2)),
+            (
+                "any order",
+                vec![weights(vec![3, 4]), ids(vec![3, 4])],
+                Ok(3),
+            ),
+            (
+                "unknown",
+                vec![ids(vec![2, 4]), weights(vec![2, 4]), extra],
+                Err("unknown input 'bogus': the model's inputs are 'ids', 'weights'"),
+            ),
+            (
+                "missing",
+                vec![ids(vec![2, 4])],
+                Err("missing input 'weights'"),
+            ),
+            (
+                "duplicate",
+                vec![ids(vec![2, 4]), ids(vec![2, 4])],
+                Err("input 'ids' is given more than once"),
+            ),
+            (
+                "dtype",
+                vec![wrong_dtype, weights(vec![2, 4])],
+                Err("input 'ids' has datatype INT32, the model expects INT64"),
+            ),
+            (
+                "rank",
+                vec![ids(vec![8]), weights(vec![2, 4])],
+                Err("input 'ids' has shape [8] (rank 1), the model expects [-1, 4] (rank 2)"),
+            ),
+            (
+                "dims",
+                vec![ids(vec![2, 5]), weights(vec![2, 4])],
+                Err("dimension 1 must be 4"),
+            ),
+            (
+                "batch mismatch",
+                vec![ids(vec![2, 4]), weights(vec![3, 4])],
+                Err("'ids' has 2, 'weights' has 3"),
+            ),
+            (
+                "too large",
+                vec![ids(vec![9, 4]), weights(vec![9, 4])],
+                Err("batch of 9 exceeds this model's maximum batch size of 8"),
+            ),
+        ];
+        let m = meta();
+        for (label, inputs, want) in cases {
+            let got = m.validate(&inputs, 8).map(|(ordered, b)| {
+                assert_eq!(ordered.len(), 2);
+                assert_eq!(ordered[0].dtype(), DataType::Int64, "{label}: graph order");
+                b
+            });
+            match (got, want) {
+                (Ok(b), Ok(w)) => assert_eq!(b, w, "{label}"),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{label}: {e}"),
+                (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Generate the fabric's test models and their reference outputs.
+
+Writes, under OUT (default build/):
+  models/<name>/1/model.onnx      a model repository in Triton's layout (what edge-node serves)
+  reference/<name>/<case>/        inputs and onnxruntime's own outputs for each case:
+                                  manifest.json + one little-endian raw file per tensor
+  bad-models/<name>/model.onnx    models for the error tests (corrupt, op tract lacks)
+
+Every number the Rust tests compare against comes from here: onnxruntime (Python, CPU provider)
+computes the reference outputs, scikit-learn its own predictions for the trained classifier.
+Deterministic: fixed seeds, so a re-run writes the same files.
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+KSERVE_DTYPE = {
+    np.dtype("float32"): "FP32",
+    np.dtype("float64"): "FP64",
+    np.dtype("int64"): "INT64",
+    np.dtype("int32"): "INT32",
+    np.dtype("uint8"): "UINT8",
+    np.dtype("bool"): "BOOL",
+}
+
+
+def save_model(model, path):
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    onnx.save(model, path)
+
+
+def write_case(case_dir, inputs, outputs, extras=None):
+    """Write named tensors as raw little-endian files plus a manifest describing them."""
+    os.makedirs(case_dir, exist_ok=True)
+
+    def entries(tensors, prefix):
+        out = []
+        for name, arr in tensors.items():
+            arr = np.ascontiguousarray(arr)
+            fname = f"{prefix}-{name}.bin"
+            arr.astype(arr.dtype.newbyteorder("<")).tofile(os.path.join(case_dir, fname))
+            out.append({
+                "name": name,
+                "datatype": KSERVE_DTYPE[arr.dtype],
+                "shape": list(arr.shape),
+                "file": fname,
+            })
+        return out
+
+    manifest = {
+        "inputs": entries(inputs, "in"),
+        "outputs": entries(outputs, "out"),
+        "extras": entries(extras or {}, "extra"),
+    }
+    with open(os.path.join(case_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def ort_run(path, inputs):
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, inputs)))
+
+
+def reference_cases(out, name, path, cases):
+    for case, inputs in cases.items():
+        write_case(os.path.join(out, "reference", name, case), inputs, ort_run(path, inputs))
+
+
+def make_mlp(rng):
+    """float32 [N,784] -> Gemm 512 -> Relu -> Gemm 10 -> [N,10]."""
+    w1 = (rng.standard_normal((784, 512)) * np.sqrt(2.0 / 784)).astype(np.float32)
+    b1 = (rng.standard_normal(512) * 0.01).astype(np.float32)
+    w2 = (rng.standard_normal((512, 10)) * np.sqrt(1.0 / 512)).astype(np.float32)
+    b2 = (rng.standard_normal(10) * 0.01).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["input", "w1", "b1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 784])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def make_cnn(rng):
+    """float32 [N,3,64,64] -> 3 x (Conv 3x3 / Relu / MaxPool 2) -> Flatten -> Gemm 10 -> [N,10]."""
+    nodes, inits = [], []
+    channels = [3, 16, 32, 64]
+    x = "input"
+    for i in range(3):
+        cin, cout = channels[i], channels[i + 1]
+        w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
+        b = (rng.standard_normal(cout) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"conv{i}.w"), numpy_helper.from_array(b, f"conv{i}.b")]
+        nodes += [
+            helper.make_node("Conv", [x, f"conv{i}.w", f"conv{i}.b"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
+            helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]),
+        ]
+        x = f"p{i}"
+    wf = (rng.standard_normal((64 * 8 * 8, 10)) * np.sqrt(1.0 / 4096)).astype(np.float32)
+    bf = (rng.standard_normal(10) * 0.01).astype(np.float32)
+    inits += [numpy_helper.from_array(wf, "fc.w"), numpy_helper.from_array(bf, "fc.b")]
+    nodes += [
+        helper.make_node("Flatten", [x], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def make_mixed():
+    """Two inputs, two outputs, none of them float32.
+
+    ids int64 [N,4], weights float64 [N,4]
+    -> scaled float64 [N,4] = double(ids) * weights
+    -> positive uint8 [N,4] = uint8(weights > 0)
+    """
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids_f64"], to=TensorProto.DOUBLE),
+        helper.make_node("Mul", ["ids_f64", "weights"], ["scaled"]),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float64))),
+        helper.make_node("Greater", ["weights", "zero"], ["gt"]),
+        helper.make_node("Cast", ["gt"], ["positive"], to=TensorProto.UINT8),
+    ]
+    graph = helper.make_graph(
+        nodes, "mixed",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4]),
+            helper.make_tensor_value_info("weights", TensorProto.DOUBLE, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("scaled", TensorProto.DOUBLE, ["N", 4]),
+            helper.make_tensor_value_info("positive", TensorProto.UINT8, ["N", 4]),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def make_unsupported():
+    """A valid model (onnxruntime runs it) built on an op tract-onnx does not implement: Det."""
+    graph = helper.make_graph(
+        [helper.make_node("Det", ["input"], ["det"])], "unsupported",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 3])],
+        [helper.make_tensor_value_info("det", TensorProto.FLOAT, ["N"])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def make_digits(out):
+    """Train an MLP classifier on scikit-learn's bundled digits, export it, save the held-out split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0)
+    clf.fit(x_train, y_train)
+    sk_label = clf.predict(x_test).astype(np.int64)
+    accuracy = float((sk_label == y_test).mean())
+
+    model = convert_sklearn(
+        clf, "digits",
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={type(clf): {"zipmap": False}},
+        target_opset={"": OPSET, "ai.onnx.ml": 3},
+    )
+    # skl2onnx cannot take a named batch dim; name it afterwards so tract sees a symbol, not an unknown.
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) > 0 and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "N"
+    path = os.path.join(out, "models", "digits", "1", "model.onnx")
+    save_model(model, path)
+    ort_out = ort_run(path, {"input": x_test})
+    write_case(
+        os.path.join(out, "reference", "digits", "test"),
+        {"input": x_test},
+        ort_out,
+        extras={"y_true": y_test, "sklearn_label": sk_label},
+    )
+    return accuracy, len(y_test)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="build", help="output folder (default: build)")
+    args = parser.parse_args()
+    out = args.out
+    for sub in ("models", "reference", "bad-models"):
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+
+    rng = np.random.default_rng(20261123)
+
+    mlp_path = os.path.join(out, "models", "mlp", "1", "model.onnx")
+    save_model(make_mlp(rng), mlp_path)
+    reference_cases(out, "mlp", mlp_path, {
+        "batch1": {"input": rng.random((1, 784), dtype=np.float32)},
+        "batch7": {"input": rng.random((7, 784), dtype=np.float32)},
+    })
+
+    cnn_path = os.path.join(out, "models", "cnn", "1", "model.onnx")
+    save_model(make_cnn(rng), cnn_path)
+    reference_cases(out, "cnn", cnn_path, {
+        "batch1": {"input": rng.random((1, 3, 64, 64), dtype=np.float32)},
+        "batch3": {"input": rng.random((3, 3, 64, 64), dtype=np.float32)},
+    })
+
+    mixed_path = os.path.join(out, "models", "mixed", "1", "model.onnx")
+    save_model(make_mixed(), mixed_path)
+    reference_cases(out, "mixed", mixed_path, {
+        "batch5": {
+            "ids": rng.integers(-1000, 1000, (5, 4), dtype=np.int64),
+            "weights": rng.standard_normal((5, 4)),
+        },
+    })
+
+    accuracy, n_test = make_digits(out)
+
+    bad = os.path.join(out, "bad-models")
+    save_model(make_unsupported(), os.path.join(bad, "unsupported", "model.onnx"))
+    os.makedirs(os.path.join(bad, "corrupt"), exist_ok=True)
+    with open(mlp_path, "rb") as f:
+        head = f.read(4096)
+    # A truncated protobuf: the first 4 KiB of a real model, then garbage.
+    with open(os.path.join(bad, "corrupt", "model.onnx"), "wb") as f:
+        f.write(head[:3000] + bytes(range(256)) * 4)
+
+    print(f"models written to {out}/models; digits: sklearn accuracy {accuracy:.4f} on {n_test} held-out samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, idempotently, and generates the test models.
+#
+#   .venv/                      Python venv with scripts/requirements.txt (onnxruntime 1.31, scikit-learn, ...)
+#   build/models, reference/    models and reference outputs (scripts/gen_models.py)
+#   build/ort-old/              an old ONNX Runtime (1.20) for the "library too old" error test
+#   build/ort-dylib-path        full path of the ONNX Runtime library the fabric should load
+#
+# Re-running does only what changed: the venv is rebuilt when requirements.txt changes, the models
+# when gen_models.py or the requirements change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+mkdir -p build
+
+step() { printf '==> %s\n' "$*"; }
+
+if [ ! -x .venv/bin/python ]; then
+  step "creating Python venv in .venv"
+  "$PYTHON" -m venv .venv
+fi
+
+req_hash=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ "$(cat .venv/.requirements.sha256 2>/dev/null || true)" != "$req_hash" ]; then
+  step "installing Python packages (scripts/requirements.txt)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+  echo "$req_hash" > .venv/.requirements.sha256
+fi
+
+if [ ! -f build/ort-old/libonnxruntime.so.1.20.1 ]; then
+  step "fetching onnxruntime 1.20.1 (for the version-mismatch test)"
+  rm -rf build/ort-old && mkdir -p build/ort-old/wheel
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    -d build/ort-old/wheel onnxruntime==1.20.1
+  .venv/bin/python - <<'PY'
+import glob, zipfile
+whl = glob.glob("build/ort-old/wheel/onnxruntime-1.20.1-*.whl")[0]
+with zipfile.ZipFile(whl) as z:
+    name = next(n for n in z.namelist() if n.endswith("capi/libonnxruntime.so.1.20.1"))
+    with open("build/ort-old/libonnxruntime.so.1.20.1", "wb") as f:
+        f.write(z.read(name))
+PY
+  rm -rf build/ort-old/wheel
+fi
+
+.venv/bin/python - > build/ort-dylib-path <<'PY'
+import glob, os, onnxruntime
+capi = os.path.join(os.path.dirname(onnxruntime.__file__), "capi")
+print(sorted(glob.glob(os.path.join(capi, "libonnxruntime.so.1.*")))[-1])
+PY
+
+models_hash=$(cat scripts/gen_models.py scripts/requirements.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat build/.models.sha256 2>/dev/null || true)" != "$models_hash" ] || [ ! -d build/reference ]; then
+  step "generating test models into build/"
+  .venv/bin/python scripts/gen_models.py --out build
+  echo "$models_hash" > build/.models.sha256
+fi
+step "setup done; ONNX Runtime: $(cat build/ort-dylib-path)"

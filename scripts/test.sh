@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test from a fresh machine: installs what the tests need (scripts/setup.sh), builds,
+# then runs the Rust test suite and the Python (tritonclient) tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export ORT_DYLIB_PATH="$(cat build/ort-dylib-path)"
+export RUST_LOG=${RUST_LOG:-warn}
+
+echo "==> cargo test --workspace"
+cargo test --workspace --locked
+
+if compgen -G "tests/python/test_*.py" > /dev/null; then
+  echo "==> pytest tests/python"
+  .venv/bin/python -m pytest -q tests/python
+fi
