@@ -1,1 +1,63 @@
-fn main() {}
+//! The `edge-node` binary: parse the config, start the server.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use edge_node::EdgeConfig;
+use fabric_core::EngineKind;
+
+/// Edge inference daemon: serves ONNX models from a model repository over the Open Inference
+/// Protocol (KServe v2 REST, binary tensor extension included) on the local device.
+///
+/// Every setting has a default; a config file (TOML) overrides them, and flags override the file.
+/// `edge-node --print-config` shows every key with its default value.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Config file (TOML). Without one, defaults apply.
+    #[arg(long, short, env = "EDGE_NODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP listen address, e.g. 127.0.0.1:8000 (port 0 picks a free one) [default: 127.0.0.1:8000]
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Model repository folder: <repo>/<model>/<version>/model.onnx [default: models]
+    #[arg(long)]
+    model_repository: Option<PathBuf>,
+    /// Engine for models without their own setting: tract (pure Rust, CPU) or ort (ONNX Runtime) [default: tract]
+    #[arg(long)]
+    engine: Option<EngineKind>,
+    /// Print the effective configuration (defaults, file and flags merged) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config: EdgeConfig = match &cli.config {
+        Some(path) => fabric_core::config::load_toml(path)?,
+        None => EdgeConfig::default(),
+    };
+    if let Some(addr) = cli.http_addr {
+        config.serving.http.addr = addr;
+    }
+    if let Some(repo) = cli.model_repository {
+        config.serving.models.path = repo;
+    }
+    if let Some(engine) = cli.engine {
+        config.serving.models.engine = engine;
+    }
+    if cli.print_config {
+        print!("{}", toml::to_string(&config)?);
+        return Ok(());
+    }
+    actix_web::rt::System::new().block_on(edge_node::run(config, |addr| {
+        // A line on stdout that scripts and tests wait for.
+        println!("edge-node listening on http://{addr}");
+    }))
+}

@@ -1,0 +1,165 @@
+//! Configuration shared by the serving roles (edge-node, cloud-hub): HTTP, model repository, per-model
+//! serving settings, ONNX Runtime. Every key has a default, so an empty file is a valid config.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{EngineKind, EngineOptions, OrtOptions};
+use crate::pool::PoolConfig;
+
+/// HTTP (KServe v2) server settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub addr: String,
+    /// Largest request body accepted, in bytes; larger bodies get 413 before being read.
+    pub max_body_bytes: usize,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Seconds to finish in-flight requests after SIGTERM.
+    pub shutdown_timeout_s: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { addr: "127.0.0.1:8000".into(), max_body_bytes: 64 << 20, workers: 0, shutdown_timeout_s: 10 }
+    }
+}
+
+/// Serving settings of one model; defaults for all, overridable in `<repo>/<model>/config.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Most rows per batch (also the largest batch one request may carry).
+    pub max_batch_size: usize,
+    /// Microseconds the oldest request may wait for a batch to fill while replicas are busy.
+    pub max_queue_delay_us: u64,
+    /// Most requests waiting in the queue before new ones get 503.
+    pub queue_capacity: usize,
+    /// Engine instances (one thread each).
+    pub replicas: usize,
+    /// Deadline of a request that sets none (`timeout` parameter), in milliseconds.
+    pub default_timeout_ms: u64,
+    /// Engine for this model; the repository's engine when unset.
+    pub engine: Option<EngineKind>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            max_batch_size: 32,
+            max_queue_delay_us: 500,
+            queue_capacity: 1024,
+            replicas: 1,
+            default_timeout_ms: 1000,
+            engine: None,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The pool settings these describe.
+    pub fn pool(&self) -> PoolConfig {
+        PoolConfig {
+            max_batch_size: self.max_batch_size.max(1),
+            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
+            queue_capacity: self.queue_capacity.max(1),
+            replicas: self.replicas.max(1),
+        }
+    }
+
+    /// The default request deadline.
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_millis(self.default_timeout_ms)
+    }
+}
+
+/// Where models come from and which engine runs them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// Folder in Triton's layout: `<path>/<model>/<version>/model.onnx`.
+    pub path: PathBuf,
+    /// Engine for every model without its own `engine` setting.
+    pub engine: EngineKind,
+}
+
+impl Default for RepositoryConfig {
+    fn default() -> Self {
+        RepositoryConfig { path: PathBuf::from("models"), engine: EngineKind::Tract }
+    }
+}
+
+/// Everything a serving role needs to serve models over HTTP.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServingConfig {
+    /// HTTP server.
+    pub http: HttpConfig,
+    /// Model repository.
+    pub models: RepositoryConfig,
+    /// Defaults for every model.
+    pub model_defaults: ModelConfig,
+    /// ONNX Runtime (used by models served with the `ort` engine).
+    pub ort: OrtOptions,
+}
+
+impl ServingConfig {
+    /// The engine options for a model with these settings.
+    pub fn engine_options(&self, model: &ModelConfig) -> EngineOptions {
+        EngineOptions { max_batch_size: model.max_batch_size.max(1), ort: self.ort.clone() }
+    }
+}
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// The file is not valid TOML for this config.
+    #[error("invalid config {path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+}
+
+/// Reads a TOML file into `T`; every missing key takes its default.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+}
+
+/// Applies a per-model TOML file on top of the defaults (keys it sets win).
+pub fn model_config_with_overrides(defaults: &ModelConfig, path: &Path) -> Result<ModelConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let parse = |source| ConfigError::Parse { path: path.display().to_string(), source };
+    let overrides: toml::Table = toml::from_str(&text).map_err(parse)?;
+    let mut merged = toml::Table::try_from(defaults).unwrap_or_default();
+    merged.extend(overrides);
+    merged.try_into().map_err(parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults_and_overrides_merge() -> Result<(), Box<dyn std::error::Error>> {
+        let cfg: ServingConfig = toml::from_str("")?;
+        assert_eq!(cfg.http.max_body_bytes, 64 << 20);
+        assert_eq!(cfg.model_defaults, ModelConfig::default());
+        let dir = std::env::temp_dir().join(format!("fabric-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("config.toml");
+        std::fs::write(&file, "max_batch_size = 8\nengine = \"ort\"\n")?;
+        let merged = model_config_with_overrides(&ModelConfig::default(), &file)?;
+        assert_eq!((merged.max_batch_size, merged.engine, merged.replicas), (8, Some(EngineKind::Ort), 1));
+        std::fs::write(&file, "max_batch = 8\n")?;
+        let err = model_config_with_overrides(&ModelConfig::default(), &file).map(|_| ()).expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field `max_batch`"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

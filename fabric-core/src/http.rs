@@ -1,0 +1,307 @@
+//! The KServe v2 HTTP API over a [`ModelSet`]: a thin actix-web layer that decodes, routes to a
+//! model's pool, and encodes. Shared by edge-node and cloud-hub; the binaries own the listener.
+//!
+//! Errors follow the protocol: a JSON body `{"error": "..."}` with 400 (bad request), 404 (unknown
+//! model or version), 413 (body too large), 503 (overloaded, not ready, deadline), 500 (a replica
+//! failed).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+
+use crate::config::HttpConfig;
+use crate::kserve::{self, CodecError};
+use crate::metrics::Metrics;
+use crate::models::{ModelSet, RouteError, ServedModel};
+use crate::pool::PoolError;
+use crate::tensor::NamedTensor;
+
+/// What the HTTP handlers share.
+pub struct HttpState {
+    /// Server name for `GET /v2` (e.g. `edge-node`).
+    pub server_name: String,
+    /// Served models.
+    pub models: Arc<ModelSet>,
+    /// Metrics rendered at `/metrics`.
+    pub metrics: Metrics,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Set once every model is loaded.
+    pub ready: AtomicBool,
+}
+
+/// An error answered as `{"error": message}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), kind }
+    }
+
+    fn response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(json!({ "error": self.message }))
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+    }
+}
+
+impl From<CodecError> for ApiError {
+    fn from(e: CodecError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string())
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        let status = match e {
+            PoolError::Input(_) => StatusCode::BAD_REQUEST,
+            PoolError::QueueFull { .. }
+            | PoolError::WouldMissDeadline { .. }
+            | PoolError::DeadlineExceeded { .. }
+            | PoolError::NotReady
+            | PoolError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            PoolError::ReplicaFailed(_) | PoolError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.kind(), e.to_string())
+    }
+}
+
+/// Registers every route of the API; needs `web::Data<HttpState>` in the app.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v2/health/live", web::get().to(live))
+        .route("/v2/health/ready", web::get().to(ready))
+        .route("/v2", web::get().to(server_metadata))
+        .route("/v2/models/{model}", web::get().to(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", web::get().to(model_metadata))
+        .route("/v2/models/{model}/ready", web::get().to(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", web::get().to(model_ready))
+        .route("/v2/models/{model}/config", web::get().to(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
+        .route("/v2/models/{model}/infer", web::post().to(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", web::post().to(infer))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// The JSON error body for requests that match no route.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", req.method(), req.path())).response()
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "live": true }))
+}
+
+async fn ready(state: web::Data<HttpState>) -> HttpResponse {
+    if state.ready.load(Ordering::Acquire) {
+        HttpResponse::Ok().json(json!({ "ready": true }))
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "server is loading models").response()
+    }
+}
+
+async fn server_metadata(state: web::Data<HttpState>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "name": state.server_name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_configuration", "metrics"],
+    }))
+}
+
+fn path_model<'a>(req: &'a HttpRequest) -> (&'a str, Option<&'a str>) {
+    (req.match_info().get("model").unwrap_or(""), req.match_info().get("version"))
+}
+
+fn platform(model: &ServedModel) -> &'static str {
+    match model.engine {
+        crate::EngineKind::Tract => "tract_onnx",
+        crate::EngineKind::Ort => "onnxruntime_onnx",
+    }
+}
+
+async fn model_metadata(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
+    let (name, version) = path_model(&req);
+    let model = match state.models.route(name, version) {
+        Ok(m) => m,
+        Err(e) => return ApiError::from(e).response(),
+    };
+    let meta = model.pool.metadata();
+    let versions: Vec<String> = state.models.versions(name).iter().map(|m| m.version_str()).collect();
+    HttpResponse::Ok().json(json!({
+        "name": model.name,
+        "versions": versions,
+        "platform": platform(&model),
+        "inputs": meta.inputs,
+        "outputs": meta.outputs,
+    }))
+}
+
+async fn model_ready(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
+    let (name, version) = path_model(&req);
+    let model = match state.models.route(name, version) {
+        Ok(m) => m,
+        Err(e) => return ApiError::from(e).response(),
+    };
+    match model.pool.status().await {
+        Ok(s) if s.replicas > 0 => HttpResponse::Ok().json(json!({ "name": model.name, "ready": true })),
+        _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("model '{}' has no replica loaded", model.name)).response(),
+    }
+}
+
+/// The model's configuration in the form Triton's client tools read.
+async fn model_config(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
+    let (name, version) = path_model(&req);
+    let model = match state.models.route(name, version) {
+        Ok(m) => m,
+        Err(e) => return ApiError::from(e).response(),
+    };
+    let meta = model.pool.metadata();
+    let batched = meta.is_batched();
+    let tensors = |specs: &[crate::TensorSpec]| -> Vec<Value> {
+        specs
+            .iter()
+            .map(|s| {
+                let dims = if batched { &s.shape[1..] } else { &s.shape[..] };
+                json!({ "name": s.name, "data_type": format!("TYPE_{}", s.datatype), "dims": dims })
+            })
+            .collect()
+    };
+    HttpResponse::Ok().json(json!({
+        "name": model.name,
+        "platform": platform(&model),
+        "backend": model.engine,
+        "max_batch_size": if batched { model.pool.max_batch_size() } else { 0 },
+        "input": tensors(&meta.inputs),
+        "output": tensors(&meta.outputs),
+        "dynamic_batching": { "max_queue_delay_microseconds": model.config.max_queue_delay_us },
+        "instance_group": [{ "count": model.config.replicas, "kind": "KIND_CPU" }],
+        "parameters": { "queue_capacity": model.config.queue_capacity, "default_timeout_ms": model.config.default_timeout_ms },
+    }))
+}
+
+async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+/// Reads the body, refusing anything over the limit before buffering it.
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let too_large = |n: String| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body of {n} bytes exceeds the limit of {limit} bytes"))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = declared.filter(|&n| n > limit) {
+        return Err(too_large(n.to_string()));
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("reading the body failed: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large(format!("more than {limit}")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The served result of one request, encoded.
+struct Served {
+    response: kserve::EncodedResponse,
+}
+
+async fn serve(state: &HttpState, req: &HttpRequest, payload: web::Payload, model: &ServedModel, arrived: Instant) -> Result<Served, ApiError> {
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let header_length = match req.headers().get(kserve::HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", "Inference-Header-Content-Length is not a byte count")
+        })?),
+    };
+    let request = kserve::decode_request(&body, header_length)?;
+    drop(body);
+    let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
+    let reply = model.pool.infer(request.inputs, deadline).await?;
+    let outputs: Vec<NamedTensor> = model
+        .pool
+        .metadata()
+        .outputs
+        .iter()
+        .zip(reply.outputs)
+        .map(|(spec, t)| NamedTensor::new(spec.name.clone(), t))
+        .collect();
+    let mut parameters: Map<String, Value> = Map::new();
+    parameters.insert("served_by".into(), Value::from(state.server_name.as_str()));
+    parameters.insert("batch_rows".into(), Value::from(reply.batch_rows));
+    let response =
+        kserve::encode_response(&model.name, &model.version_str(), request.id.as_deref(), &parameters, &outputs, &request.outputs)?;
+    Ok(Served { response })
+}
+
+async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let arrived = Instant::now();
+    let (name, version) = path_model(&req);
+    let model = match state.models.route(name, version) {
+        Ok(m) => m,
+        Err(e) => return ApiError::from(e).response(),
+    };
+    let labels = [model.name.as_str(), &model.version_str()];
+    let result = serve(&state, &req, payload, &model, arrived).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.kind,
+    };
+    state.metrics.requests.with_label_values(&[labels[0], labels[1], outcome]).inc();
+    state.metrics.request_duration.with_label_values(&labels).observe(arrived.elapsed().as_secs_f64());
+    match result {
+        Ok(Served { response }) => match response.header_length {
+            None => HttpResponse::Ok().content_type("application/json").body(response.body),
+            Some(n) => HttpResponse::Ok()
+                .content_type("application/octet-stream")
+                .insert_header((kserve::HEADER_LENGTH, n.to_string()))
+                .body(response.body),
+        },
+        Err(e) => {
+            if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(model = %model.name, "{}", e.message);
+            }
+            e.response()
+        }
+    }
+}
+
+/// Binds the API on the configured address; returns the server (to run) and the bound addresses.
+pub fn bind(state: web::Data<HttpState>, config: &HttpConfig) -> std::io::Result<(actix_web::dev::Server, Vec<SocketAddr>)> {
+    let max_body = config.max_body_bytes;
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            // Our own reader enforces the limit; this only lifts actix's smaller default for extractors.
+            .app_data(web::PayloadConfig::new(max_body))
+            .configure(routes)
+            .default_service(web::to(not_found))
+    })
+    .shutdown_timeout(config.shutdown_timeout_s)
+    .bind(&config.addr)?;
+    if config.workers > 0 {
+        server = server.workers(config.workers);
+    }
+    let addrs = server.addrs();
+    Ok((server.run(), addrs))
+}

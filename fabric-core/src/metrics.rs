@@ -1,0 +1,70 @@
+//! Prometheus metrics of a serving process, per model and version, in a registry of its own
+//! (so several servers in one test process never collide).
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Every metric a serving process exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Inference requests received, by model, version and outcome (ok, or the error kind).
+    pub requests: IntCounterVec,
+    /// Requests waiting in a model's queue.
+    pub queue_depth: IntGaugeVec,
+    /// Replicas serving a model.
+    pub replicas: IntGaugeVec,
+    /// Rows per batch handed to a replica.
+    pub batch_size: HistogramVec,
+    /// Time from arrival to answer, in seconds.
+    pub request_duration: HistogramVec,
+    /// Time a request waited in the queue, in seconds.
+    pub queue_duration: HistogramVec,
+    /// Time a replica took per batch, in seconds.
+    pub compute_duration: HistogramVec,
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+impl Metrics {
+    /// Creates the metrics in a fresh registry; metric names start with `prefix` (e.g. `fabric`).
+    pub fn new(prefix: &str) -> Metrics {
+        let registry = Registry::new();
+        let mv = &["model", "version"];
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(format!("{prefix}_{name}"), help), mv).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let opts = HistogramOpts::new(format!("{prefix}_{name}"), help).buckets(buckets.to_vec());
+            let h = HistogramVec::new(opts, mv).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        Metrics {
+            requests: counter("requests_total", "Inference requests by model, version and outcome", &["model", "version", "outcome"]),
+            queue_depth: gauge("queue_depth", "Requests waiting in the model's queue"),
+            replicas: gauge("replicas", "Replicas serving the model"),
+            batch_size: histogram("batch_size", "Rows per batch run by a replica", BATCH_BUCKETS),
+            request_duration: histogram("request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS),
+            queue_duration: histogram("queue_duration_seconds", "Time waiting in the queue", LATENCY_BUCKETS),
+            compute_duration: histogram("compute_duration_seconds", "Time a replica took per batch", LATENCY_BUCKETS),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

@@ -1,0 +1,6 @@
+//! Pure policies: decisions as plain functions of plain inputs, no I/O, no clocks of their own.
+//! Callers pass `now`; tests drive them with tables of cases.
+
+pub mod admission;
+pub mod batching;
+pub mod service_time;

@@ -1,0 +1,714 @@
+//! The model actors: one [`ModelPool`] per loaded model version, and its [`Replica`]s.
+//!
+//! The pool is an actix actor owning a bounded queue. A request is admitted or refused at the door
+//! ([`policy::admission`]), queued oldest first, and batched ([`policy::batching`]) onto an idle
+//! replica. Each replica is a sync actor on its own thread that owns one engine; it joins the batch,
+//! runs it and splits the outputs back, so the pool's own thread only moves requests around.
+//!
+//! Every request is answered exactly once: with outputs, with a refusal at admission, with "deadline
+//! exceeded" when it can no longer make it, or with an error when its replica fails. A replica that
+//! panics is replaced; its batch gets an error, never silence.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::engine::{Engine, EngineError};
+use crate::metrics::Metrics;
+use crate::model::{InputError, ModelMetadata};
+use crate::policy::admission::{self, Admission, AdmissionInput, PoolLoad, Rejection};
+use crate::policy::batching::{self, BatchConfig, BatchDecision, Queued};
+use crate::policy::service_time::ServiceTimes;
+use crate::tensor::{NamedTensor, Tensor, TensorError};
+
+/// Builds a fresh engine for a new replica (called on a blocking thread).
+pub type EngineFactory = Arc<dyn Fn() -> Result<Box<dyn Engine>, EngineError> + Send + Sync>;
+
+/// Serving settings of one model version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Most rows per batch.
+    pub max_batch_size: usize,
+    /// Longest the oldest request waits for a batch to fill while other replicas are busy.
+    pub max_queue_delay: Duration,
+    /// Most requests waiting in the queue.
+    pub queue_capacity: usize,
+    /// Replicas (engine instances, one thread each).
+    pub replicas: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { max_batch_size: 32, max_queue_delay: Duration::from_micros(500), queue_capacity: 1024, replicas: 1 }
+    }
+}
+
+/// A served request's result.
+#[derive(Debug)]
+pub struct PoolReply {
+    /// Outputs in graph order.
+    pub outputs: Vec<Tensor>,
+    /// Rows in the batch this request ran in.
+    pub batch_rows: usize,
+}
+
+/// Why a request got no outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The inputs do not fit the model.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// The queue is full.
+    #[error("queue full: {capacity} requests are already waiting for this model; retry later or add replicas")]
+    QueueFull { capacity: usize },
+    /// Admission expects the request to finish after its deadline.
+    #[error("deadline cannot be met: expected {:.1} ms in queue and compute, {:.1} ms left", expected.as_secs_f64() * 1e3, budget.as_secs_f64() * 1e3)]
+    WouldMissDeadline { expected: Duration, budget: Duration },
+    /// The deadline passed before the request could run.
+    #[error("deadline exceeded after {:.1} ms (timeout {:.1} ms)", waited.as_secs_f64() * 1e3, timeout.as_secs_f64() * 1e3)]
+    DeadlineExceeded { waited: Duration, timeout: Duration },
+    /// No replica is loaded.
+    #[error("model is not ready: no replica is loaded")]
+    NotReady,
+    /// The replica running the batch failed.
+    #[error("replica failed while running the batch: {0}")]
+    ReplicaFailed(String),
+    /// The engine refused the batch.
+    #[error("engine error: {0}")]
+    Engine(String),
+    /// The pool has stopped (server shutting down).
+    #[error("model pool stopped (server shutting down)")]
+    Stopped,
+}
+
+impl PoolError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PoolError::Input(_) => "invalid_input",
+            PoolError::QueueFull { .. } => "queue_full",
+            PoolError::WouldMissDeadline { .. } => "would_miss_deadline",
+            PoolError::DeadlineExceeded { .. } => "deadline_exceeded",
+            PoolError::NotReady => "not_ready",
+            PoolError::ReplicaFailed(_) => "replica_failed",
+            PoolError::Engine(_) => "engine_error",
+            PoolError::Stopped => "stopped",
+        }
+    }
+}
+
+type ReplyTx = oneshot::Sender<Result<PoolReply, PoolError>>;
+
+/// A request for the pool: inputs already validated and in graph order.
+struct Submit {
+    inputs: Vec<Tensor>,
+    rows: usize,
+    shape_key: u64,
+    arrived: Instant,
+    deadline: Instant,
+    reply: ReplyTx,
+}
+
+impl Message for Submit {
+    type Result = ();
+}
+
+/// Changes the number of replicas; in-flight batches finish on the replicas being retired.
+pub struct SetReplicas(pub usize);
+
+impl Message for SetReplicas {
+    type Result = ();
+}
+
+/// Asks the pool for its current state.
+pub struct GetStatus;
+
+impl Message for GetStatus {
+    type Result = PoolStatus;
+}
+
+/// A snapshot of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Replicas able to take work.
+    pub replicas: usize,
+    /// Replicas running a batch.
+    pub busy: usize,
+    /// Replicas being loaded.
+    pub loading: usize,
+    /// Requests in the queue.
+    pub queued: usize,
+    /// Replicas replaced after a failure, since start.
+    pub restarts: u64,
+}
+
+struct Pending {
+    inputs: Vec<Tensor>,
+    rows: usize,
+    shape_key: u64,
+    arrived: Instant,
+    deadline: Instant,
+    reply: ReplyTx,
+}
+
+impl Pending {
+    fn queued(&self) -> Queued {
+        Queued { rows: self.rows, enqueued: self.arrived, deadline: self.deadline, shape_key: self.shape_key }
+    }
+
+    fn answer(self, result: Result<PoolReply, PoolError>) {
+        // The caller may have given up (its own timeout); nothing to do then.
+        let _ = self.reply.send(result);
+    }
+
+    fn expire(self, now: Instant) {
+        let waited = now.saturating_duration_since(self.arrived);
+        let timeout = self.deadline.saturating_duration_since(self.arrived);
+        self.answer(Err(PoolError::DeadlineExceeded { waited, timeout }));
+    }
+}
+
+struct Slot {
+    id: u64,
+    addr: Addr<Replica>,
+    busy: bool,
+    retiring: bool,
+}
+
+/// The actor that queues and batches requests for one model version.
+pub struct ModelPool {
+    label: (String, String),
+    config: PoolConfig,
+    batched: bool,
+    factory: EngineFactory,
+    warmup: Vec<Vec<Tensor>>,
+    metrics: Metrics,
+    queue: VecDeque<Pending>,
+    queued_rows: usize,
+    slots: Vec<Slot>,
+    target_replicas: usize,
+    loading: usize,
+    restarts: u64,
+    next_slot: u64,
+    service: ServiceTimes,
+    timer: Option<(Instant, SpawnHandle)>,
+}
+
+/// What callers hold: the pool's address and what is needed to validate requests before queueing.
+#[derive(Clone)]
+pub struct PoolHandle {
+    addr: Addr<ModelPool>,
+    metadata: Arc<ModelMetadata>,
+    max_batch_size: usize,
+}
+
+impl PoolHandle {
+    /// The model's declared inputs and outputs.
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    /// Largest batch a request may carry.
+    pub fn max_batch_size(&self) -> usize {
+        self.max_batch_size
+    }
+
+    /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
+    pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
+        let arrived = Instant::now();
+        let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size)?;
+        let mut hasher = DefaultHasher::new();
+        for t in &inputs {
+            t.shape().get(1..).hash(&mut hasher);
+        }
+        let (reply, rx) = oneshot::channel();
+        let submit = Submit { inputs, rows, shape_key: hasher.finish(), arrived, deadline, reply };
+        self.addr.try_send(submit).map_err(|_| PoolError::Stopped)?;
+        // The pool answers expired requests itself; this bound only guards against a pool that stopped.
+        let guard = tokio::time::Instant::from_std(deadline + Duration::from_millis(50));
+        match tokio::time::timeout_at(guard, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PoolError::Stopped),
+            Err(_) => Err(PoolError::DeadlineExceeded {
+                waited: arrived.elapsed(),
+                timeout: deadline.saturating_duration_since(arrived),
+            }),
+        }
+    }
+
+    /// Changes the replica count.
+    pub fn set_replicas(&self, n: usize) {
+        self.addr.do_send(SetReplicas(n));
+    }
+
+    /// The pool's current state.
+    pub async fn status(&self) -> Result<PoolStatus, PoolError> {
+        self.addr.send(GetStatus).await.map_err(|_| PoolError::Stopped)
+    }
+}
+
+/// Zero-filled inputs of batch size `rows` (dynamic dims other than the batch set to 1), for warm-up.
+fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, TensorError> {
+    metadata
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, &d)| if d >= 0 { d as usize } else if axis == 0 { rows } else { 1 })
+                .collect();
+            let bytes = shape.iter().product::<usize>() * spec.datatype.size().unwrap_or(1);
+            Tensor::from_bytes(spec.datatype, shape, vec![0; bytes])
+        })
+        .collect()
+}
+
+/// Runs the warm-up batches on a fresh engine; returns it with the measured (rows, time) pairs.
+fn warm(mut engine: Box<dyn Engine>, warmup: &[Vec<Tensor>]) -> (Box<dyn Engine>, Vec<(usize, Duration)>) {
+    let mut timings = Vec::new();
+    for inputs in warmup {
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let rows = inputs.first().map(Tensor::batch_size).unwrap_or(1);
+        // The first run pays one-off allocation costs; time the second.
+        if engine.run_ordered(&refs).is_err() {
+            continue;
+        }
+        let start = Instant::now();
+        if engine.run_ordered(&refs).is_ok() {
+            timings.push((rows, start.elapsed()));
+        }
+    }
+    (engine, timings)
+}
+
+impl ModelPool {
+    /// Loads the first replica (so load errors surface here), warms it, and starts the pool.
+    ///
+    /// Further replicas load in the background; the pool serves as soon as one is up.
+    pub async fn start(
+        model: &str,
+        version: &str,
+        factory: EngineFactory,
+        config: PoolConfig,
+        metrics: Metrics,
+    ) -> Result<PoolHandle, EngineError> {
+        let first = {
+            let factory = factory.clone();
+            actix_rt::task::spawn_blocking(move || factory())
+                .await
+                .map_err(|e| EngineError::Run { engine: crate::EngineKind::Tract, reason: format!("loader thread failed: {e}") })??
+        };
+        let metadata = Arc::new(first.metadata().clone());
+        let batched = metadata.is_batched();
+        let max_batch_size = if batched { config.max_batch_size.max(1) } else { 1 };
+        let mut warmup = Vec::new();
+        for rows in [1, max_batch_size] {
+            if let Ok(t) = warmup_inputs(&metadata, rows) {
+                warmup.push(t);
+            }
+        }
+        warmup.dedup();
+        let config = PoolConfig { max_batch_size, ..config };
+        let target = config.replicas.max(1);
+        let pool = ModelPool {
+            label: (model.to_string(), version.to_string()),
+            service: ServiceTimes::new(max_batch_size),
+            config,
+            batched,
+            factory,
+            warmup,
+            metrics,
+            queue: VecDeque::new(),
+            queued_rows: 0,
+            slots: Vec::new(),
+            target_replicas: target,
+            loading: 0,
+            restarts: 0,
+            next_slot: 0,
+            timer: None,
+        };
+        // The first replica is warmed before the pool takes requests, so "ready" means ready.
+        let warmup = pool.warmup.clone();
+        let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup))
+            .await
+            .map_err(|e| EngineError::Run { engine: crate::EngineKind::Tract, reason: format!("warm-up thread failed: {e}") })?;
+        let addr = ModelPool::create(move |ctx| {
+            let mut pool = pool;
+            for (rows, took) in timings {
+                pool.service.record(rows, took);
+            }
+            pool.add_replica(first, ctx);
+            pool.converge(ctx);
+            pool
+        });
+        Ok(PoolHandle { addr, metadata, max_batch_size })
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [&self.label.0, &self.label.1]
+    }
+
+    /// Runs the warm-up batches on a fresh engine (seeding the service-time table), then adds it.
+    fn warm_and_add(&mut self, engine: Box<dyn Engine>, ctx: &mut Context<Self>) {
+        let warmup = self.warmup.clone();
+        self.loading += 1;
+        let fut = actix_rt::task::spawn_blocking(move || warm(engine, &warmup));
+        ctx.spawn(fut.into_actor(self).map(|result, pool, ctx| {
+            pool.loading -= 1;
+            match result {
+                Ok((engine, timings)) => {
+                    for (rows, took) in timings {
+                        pool.service.record(rows, took);
+                    }
+                    pool.add_replica(engine, ctx);
+                }
+                Err(e) => tracing::error!(model = %pool.label.0, version = %pool.label.1, "warm-up thread failed: {e}"),
+            }
+            pool.converge(ctx);
+        }));
+    }
+
+    fn add_replica(&mut self, engine: Box<dyn Engine>, ctx: &mut Context<Self>) {
+        if self.slots.iter().filter(|s| !s.retiring).count() >= self.target_replicas {
+            return; // scaled down while this one loaded
+        }
+        let cell = Mutex::new(Some(engine));
+        let addr = SyncArbiter::start(1, move || Replica { engine: cell.lock().ok().and_then(|mut e| e.take()) });
+        self.next_slot += 1;
+        self.slots.push(Slot { id: self.next_slot, addr, busy: false, retiring: false });
+        self.publish_gauges();
+        tracing::info!(model = %self.label.0, version = %self.label.1, replicas = self.active_replicas(), "replica ready");
+        self.schedule(ctx);
+    }
+
+    fn active_replicas(&self) -> usize {
+        self.slots.iter().filter(|s| !s.retiring).count()
+    }
+
+    /// Starts loads or retires replicas until the count matches the target.
+    fn converge(&mut self, ctx: &mut Context<Self>) {
+        let active = self.active_replicas();
+        if active + self.loading < self.target_replicas {
+            for _ in 0..(self.target_replicas - active - self.loading) {
+                let factory = self.factory.clone();
+                self.loading += 1;
+                let fut = actix_rt::task::spawn_blocking(move || factory());
+                ctx.spawn(fut.into_actor(self).map(|result, pool, ctx| {
+                    pool.loading -= 1;
+                    match result {
+                        Ok(Ok(engine)) => pool.warm_and_add(engine, ctx),
+                        Ok(Err(e)) => tracing::error!(model = %pool.label.0, version = %pool.label.1, "replica failed to load: {e}"),
+                        Err(e) => tracing::error!(model = %pool.label.0, version = %pool.label.1, "replica loader failed: {e}"),
+                    }
+                }));
+            }
+        } else if active > self.target_replicas {
+            let mut surplus = active - self.target_replicas;
+            // Idle ones go first; busy ones finish their batch and then go.
+            for idle_first in [true, false] {
+                for slot in self.slots.iter_mut().filter(|s| !s.retiring && s.busy != idle_first) {
+                    if surplus == 0 {
+                        break;
+                    }
+                    slot.retiring = true;
+                    surplus -= 1;
+                }
+            }
+            self.slots.retain(|s| !(s.retiring && !s.busy));
+        }
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics.replicas.with_label_values(&self.labels()).set(self.active_replicas() as i64);
+        self.metrics.queue_depth.with_label_values(&self.labels()).set(self.queue.len() as i64);
+    }
+
+    fn expected_run(&self, rows: usize) -> Option<Duration> {
+        self.service.estimate(rows)
+    }
+
+    /// Answers queued requests that can no longer make their deadline, or whose caller left.
+    fn expire(&mut self, now: Instant) {
+        if self.queue.iter().all(|p| !p.reply.is_closed() && !batching::is_hopeless(&p.queued(), now, None)) {
+            return;
+        }
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for p in self.queue.drain(..) {
+            if p.reply.is_closed() {
+                self.queued_rows -= p.rows;
+            } else if batching::is_hopeless(&p.queued(), now, None) {
+                self.queued_rows -= p.rows;
+                self.metrics.requests.with_label_values(&[&self.label.0, &self.label.1, "deadline_exceeded"]).inc();
+                p.expire(now);
+            } else {
+                kept.push_back(p);
+            }
+        }
+        self.queue = kept;
+    }
+
+    /// Hands batches to idle replicas while the batching policy says so.
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            let now = Instant::now();
+            self.expire(now);
+            let idle = self.slots.iter().filter(|s| !s.busy && !s.retiring).count();
+            let busy = self.slots.iter().filter(|s| s.busy).count();
+            let head: Vec<Queued> = self.queue.iter().take(self.config.max_batch_size + 1).map(Pending::queued).collect();
+            let config = BatchConfig { max_batch_size: self.config.max_batch_size, max_queue_delay: self.config.max_queue_delay };
+            match batching::decide(&head, now, &config, idle, busy, |rows| self.expected_run(rows)) {
+                BatchDecision::Dispatch { requests, rows } => self.dispatch(requests, rows, ctx),
+                BatchDecision::WaitUntil(at) => {
+                    if self.timer.is_none_or(|(t, _)| at < t) {
+                        if let Some((_, handle)) = self.timer.take() {
+                            ctx.cancel_future(handle);
+                        }
+                        let handle = ctx.run_later(at.saturating_duration_since(now), |pool, ctx| {
+                            pool.timer = None;
+                            pool.schedule(ctx);
+                        });
+                        self.timer = Some((at, handle));
+                    }
+                    break;
+                }
+                BatchDecision::Idle => break,
+            }
+        }
+        self.publish_gauges();
+    }
+
+    fn dispatch(&mut self, requests: usize, rows: usize, ctx: &mut Context<Self>) {
+        let Some(slot) = self.slots.iter_mut().find(|s| !s.busy && !s.retiring) else { return };
+        slot.busy = true;
+        let (slot_id, addr) = (slot.id, slot.addr.clone());
+        let batch: Vec<Pending> = self.queue.drain(..requests).collect();
+        self.queued_rows -= rows;
+        let now = Instant::now();
+        for p in &batch {
+            self.metrics.queue_duration.with_label_values(&self.labels()).observe((now - p.arrived).as_secs_f64());
+        }
+        self.metrics.batch_size.with_label_values(&self.labels()).observe(rows as f64);
+        let (inputs, replies): (Vec<Vec<Tensor>>, Vec<Pending>) = batch
+            .into_iter()
+            .map(|mut p| (std::mem::take(&mut p.inputs), p))
+            .unzip();
+        let fut = addr.send(RunBatch { requests: inputs });
+        ctx.spawn(fut.into_actor(self).map(move |result, pool, ctx| {
+            let result = result.unwrap_or_else(|e| Err(ReplicaFailure::Panicked(format!("replica thread is gone: {e}"))));
+            pool.finish(slot_id, rows, replies, result, ctx);
+        }));
+    }
+
+    fn finish(
+        &mut self,
+        slot_id: u64,
+        rows: usize,
+        replies: Vec<Pending>,
+        result: Result<BatchOutput, ReplicaFailure>,
+        ctx: &mut Context<Self>,
+    ) {
+        let mut replace = false;
+        match result {
+            Ok(BatchOutput { per_request, took }) => {
+                self.service.record(rows, took);
+                self.metrics.compute_duration.with_label_values(&self.labels()).observe(took.as_secs_f64());
+                for (p, outputs) in replies.into_iter().zip(per_request) {
+                    p.answer(Ok(PoolReply { outputs, batch_rows: rows }));
+                }
+            }
+            Err(failure) => {
+                let error = |f: &ReplicaFailure| match f {
+                    ReplicaFailure::Engine(msg) => PoolError::Engine(msg.clone()),
+                    ReplicaFailure::Panicked(msg) => PoolError::ReplicaFailed(msg.clone()),
+                };
+                if let ReplicaFailure::Panicked(msg) = &failure {
+                    tracing::error!(model = %self.label.0, version = %self.label.1, "replica panicked, replacing it: {msg}");
+                    replace = true;
+                }
+                for p in replies {
+                    p.answer(Err(error(&failure)));
+                }
+            }
+        }
+        if let Some(i) = self.slots.iter().position(|s| s.id == slot_id) {
+            if replace || self.slots[i].retiring {
+                self.slots.remove(i);
+            } else {
+                self.slots[i].busy = false;
+            }
+        }
+        if replace {
+            self.restarts += 1;
+            self.converge(ctx);
+        }
+        self.schedule(ctx);
+    }
+}
+
+impl Actor for ModelPool {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Requests wait in our own queue; the mailbox only needs to absorb bursts between turns.
+        ctx.set_mailbox_capacity(self.config.queue_capacity.max(16) * 4);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for p in self.queue.drain(..) {
+            p.answer(Err(PoolError::Stopped));
+        }
+    }
+}
+
+impl Handler<Submit> for ModelPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let input = AdmissionInput {
+            rows: msg.rows,
+            budget: msg.deadline.saturating_duration_since(now),
+            queue_capacity: self.config.queue_capacity,
+            max_batch_size: self.config.max_batch_size,
+            load: PoolLoad {
+                queued_requests: self.queue.len(),
+                queued_rows: self.queued_rows,
+                // While a replacement loads, queue rather than refuse: it will serve them.
+                replicas: self.active_replicas().max(usize::from(self.loading > 0)),
+                busy_replicas: self.slots.iter().filter(|s| s.busy).count(),
+            },
+        };
+        match admission::admit(&input, |rows| self.expected_run(rows)) {
+            Admission::Local => {
+                self.queued_rows += msg.rows;
+                self.queue.push_back(Pending {
+                    inputs: msg.inputs,
+                    rows: if self.batched { msg.rows } else { 1 },
+                    shape_key: msg.shape_key,
+                    arrived: msg.arrived,
+                    deadline: msg.deadline,
+                    reply: msg.reply,
+                });
+                self.schedule(ctx);
+            }
+            Admission::Reject(why) => {
+                let error = match why {
+                    Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
+                    Rejection::WouldMissDeadline { expected, budget } => PoolError::WouldMissDeadline { expected, budget },
+                    Rejection::NoReplicas => PoolError::NotReady,
+                };
+                let _ = msg.reply.send(Err(error));
+            }
+        }
+    }
+}
+
+impl Handler<SetReplicas> for ModelPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetReplicas, ctx: &mut Context<Self>) {
+        self.target_replicas = msg.0;
+        self.converge(ctx);
+        self.schedule(ctx);
+    }
+}
+
+impl Handler<GetStatus> for ModelPool {
+    type Result = MessageResult<GetStatus>;
+
+    fn handle(&mut self, _msg: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(PoolStatus {
+            replicas: self.active_replicas(),
+            busy: self.slots.iter().filter(|s| s.busy).count(),
+            loading: self.loading,
+            queued: self.queue.len(),
+            restarts: self.restarts,
+        })
+    }
+}
+
+/// One engine on its own thread.
+pub struct Replica {
+    engine: Option<Box<dyn Engine>>,
+}
+
+impl Actor for Replica {
+    type Context = SyncContext<Self>;
+}
+
+/// Requests of one batch, each with its inputs in graph order.
+struct RunBatch {
+    requests: Vec<Vec<Tensor>>,
+}
+
+/// Outputs per request, and how long the engine took.
+struct BatchOutput {
+    per_request: Vec<Vec<Tensor>>,
+    took: Duration,
+}
+
+/// How a batch failed.
+enum ReplicaFailure {
+    /// The engine returned an error (the replica is fine).
+    Engine(String),
+    /// The engine panicked (the replica is replaced).
+    Panicked(String),
+}
+
+impl Message for RunBatch {
+    type Result = Result<BatchOutput, ReplicaFailure>;
+}
+
+/// Joins the requests into one batch, runs it, and splits the outputs back per request.
+fn run_batch(engine: &mut dyn Engine, requests: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>, EngineError> {
+    if let [single] = requests {
+        let refs: Vec<&Tensor> = single.iter().collect();
+        return Ok(vec![engine.run_ordered(&refs)?]);
+    }
+    let inputs = requests.first().map(Vec::len).unwrap_or(0);
+    let joined = (0..inputs)
+        .map(|i| Tensor::concat_batch(&requests.iter().map(|r| &r[i]).collect::<Vec<_>>()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rows: Vec<usize> = requests.iter().map(|r| r.first().map(Tensor::batch_size).unwrap_or(1)).collect();
+    let outputs = engine.run_ordered(&joined.iter().collect::<Vec<_>>())?;
+    let mut per_request: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outputs.len()); requests.len()];
+    for output in outputs {
+        for (slot, part) in per_request.iter_mut().zip(output.split_batch(&rows)?) {
+            slot.push(part);
+        }
+    }
+    Ok(per_request)
+}
+
+impl Handler<RunBatch> for Replica {
+    type Result = Result<BatchOutput, ReplicaFailure>;
+
+    fn handle(&mut self, msg: RunBatch, _ctx: &mut SyncContext<Self>) -> Self::Result {
+        let Some(engine) = self.engine.as_mut() else {
+            return Err(ReplicaFailure::Panicked("replica has no engine".into()));
+        };
+        let start = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| run_batch(engine.as_mut(), &msg.requests))) {
+            Ok(Ok(per_request)) => Ok(BatchOutput { per_request, took: start.elapsed() }),
+            Ok(Err(e)) => Err(ReplicaFailure::Engine(e.to_string())),
+            Err(panic) => {
+                self.engine = None;
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                Err(ReplicaFailure::Panicked(msg))
+            }
+        }
+    }
+}
