@@ -24,7 +24,10 @@ pub struct EdgeConfig {
 /// Loads the repository, binds the HTTP API and serves until SIGTERM/SIGINT (then drains in-flight work).
 ///
 /// `on_ready` gets the bound address once every model is loaded and the server accepts requests.
-pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
+pub async fn run(
+    config: EdgeConfig,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let metrics = Metrics::new("fabric");
     let models = Arc::new(ModelSet::default());
@@ -45,7 +48,10 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
     });
     let (server, addrs) = http::bind(state.clone(), &config.serving.http)?;
     state.ready.store(true, Ordering::Release);
-    let addr = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no address"))?;
+    let addr = addrs
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
     tracing::info!(%addr, models = loaded, failed = failed.len(), ms = started.elapsed().as_millis() as u64, "edge-node ready");
     on_ready(addr);
     server.await?;

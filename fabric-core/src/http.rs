@@ -5,9 +5,9 @@
 //! model or version), 413 (body too large), 503 (overloaded, not ready, deadline), 500 (a replica
 //! failed).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
@@ -46,7 +46,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind }
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+        }
     }
 
     fn response(&self) -> HttpResponse {
@@ -87,19 +91,36 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/health/ready", web::get().to(ready))
         .route("/v2", web::get().to(server_metadata))
         .route("/v2/models/{model}", web::get().to(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", web::get().to(model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            web::get().to(model_metadata),
+        )
         .route("/v2/models/{model}/ready", web::get().to(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", web::get().to(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            web::get().to(model_ready),
+        )
         .route("/v2/models/{model}/config", web::get().to(model_config))
-        .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            web::get().to(model_config),
+        )
         .route("/v2/models/{model}/infer", web::post().to(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", web::post().to(infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            web::post().to(infer),
+        )
         .route("/metrics", web::get().to(metrics));
 }
 
 /// The JSON error body for requests that match no route.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", req.method(), req.path())).response()
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {} {}", req.method(), req.path()),
+    )
+    .response()
 }
 
 async fn live() -> HttpResponse {
@@ -110,7 +131,12 @@ async fn ready(state: web::Data<HttpState>) -> HttpResponse {
     if state.ready.load(Ordering::Acquire) {
         HttpResponse::Ok().json(json!({ "ready": true }))
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "server is loading models").response()
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "server is loading models",
+        )
+        .response()
     }
 }
 
@@ -123,7 +149,10 @@ async fn server_metadata(state: web::Data<HttpState>) -> HttpResponse {
 }
 
 fn path_model<'a>(req: &'a HttpRequest) -> (&'a str, Option<&'a str>) {
-    (req.match_info().get("model").unwrap_or(""), req.match_info().get("version"))
+    (
+        req.match_info().get("model").unwrap_or(""),
+        req.match_info().get("version"),
+    )
 }
 
 fn platform(model: &ServedModel) -> &'static str {
@@ -140,7 +169,12 @@ async fn model_metadata(state: web::Data<HttpState>, req: HttpRequest) -> HttpRe
         Err(e) => return ApiError::from(e).response(),
     };
     let meta = model.pool.metadata();
-    let versions: Vec<String> = state.models.versions(name).iter().map(|m| m.version_str()).collect();
+    let versions: Vec<String> = state
+        .models
+        .versions(name)
+        .iter()
+        .map(|m| m.version_str())
+        .collect();
     HttpResponse::Ok().json(json!({
         "name": model.name,
         "versions": versions,
@@ -157,8 +191,15 @@ async fn model_ready(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespo
         Err(e) => return ApiError::from(e).response(),
     };
     match model.pool.status().await {
-        Ok(s) if s.replicas > 0 => HttpResponse::Ok().json(json!({ "name": model.name, "ready": true })),
-        _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("model '{}' has no replica loaded", model.name)).response(),
+        Ok(s) if s.replicas > 0 => {
+            HttpResponse::Ok().json(json!({ "name": model.name, "ready": true }))
+        }
+        _ => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("model '{}' has no replica loaded", model.name),
+        )
+        .response(),
     }
 }
 
@@ -194,13 +235,23 @@ async fn model_config(state: web::Data<HttpState>, req: HttpRequest) -> HttpResp
 }
 
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }
 
 /// Reads the body, refusing anything over the limit before buffering it.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
     let too_large = |n: String| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body of {n} bytes exceeds the limit of {limit} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body of {n} bytes exceeds the limit of {limit} bytes"),
+        )
     };
     let declared = req
         .headers()
@@ -212,7 +263,13 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("reading the body failed: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("reading the body failed: {e}"),
+            )
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(too_large(format!("more than {limit}")));
         }
@@ -226,17 +283,35 @@ struct Served {
     response: kserve::EncodedResponse,
 }
 
-async fn serve(state: &HttpState, req: &HttpRequest, payload: web::Payload, model: &ServedModel, arrived: Instant) -> Result<Served, ApiError> {
+async fn serve(
+    state: &HttpState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    model: &ServedModel,
+    arrived: Instant,
+) -> Result<Served, ApiError> {
     let body = read_body(req, payload, state.max_body_bytes).await?;
     let header_length = match req.headers().get(kserve::HEADER_LENGTH) {
         None => None,
-        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", "Inference-Header-Content-Length is not a byte count")
-        })?),
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_input",
+                        "Inference-Header-Content-Length is not a byte count",
+                    )
+                })?,
+        ),
     };
     let request = kserve::decode_request(&body, header_length)?;
     drop(body);
-    let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
+    let deadline = arrived
+        + request
+            .timeout
+            .unwrap_or_else(|| model.config.default_timeout());
     let reply = model.pool.infer(request.inputs, deadline).await?;
     let outputs: Vec<NamedTensor> = model
         .pool
@@ -249,12 +324,22 @@ async fn serve(state: &HttpState, req: &HttpRequest, payload: web::Payload, mode
     let mut parameters: Map<String, Value> = Map::new();
     parameters.insert("served_by".into(), Value::from(state.server_name.as_str()));
     parameters.insert("batch_rows".into(), Value::from(reply.batch_rows));
-    let response =
-        kserve::encode_response(&model.name, &model.version_str(), request.id.as_deref(), &parameters, &outputs, &request.outputs)?;
+    let response = kserve::encode_response(
+        &model.name,
+        &model.version_str(),
+        request.id.as_deref(),
+        &parameters,
+        &outputs,
+        &request.outputs,
+    )?;
     Ok(Served { response })
 }
 
-async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+async fn infer(
+    state: web::Data<HttpState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
     let arrived = Instant::now();
     let (name, version) = path_model(&req);
     let model = match state.models.route(name, version) {
@@ -267,11 +352,21 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
         Ok(_) => "ok",
         Err(e) => e.kind,
     };
-    state.metrics.requests.with_label_values(&[labels[0], labels[1], outcome]).inc();
-    state.metrics.request_duration.with_label_values(&labels).observe(arrived.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .with_label_values(&[labels[0], labels[1], outcome])
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&labels)
+        .observe(arrived.elapsed().as_secs_f64());
     match result {
         Ok(Served { response }) => match response.header_length {
-            None => HttpResponse::Ok().content_type("application/json").body(response.body),
+            None => HttpResponse::Ok()
+                .content_type("application/json")
+                .body(response.body),
             Some(n) => HttpResponse::Ok()
                 .content_type("application/octet-stream")
                 .insert_header((kserve::HEADER_LENGTH, n.to_string()))
@@ -287,7 +382,10 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
 }
 
 /// Binds the API on the configured address; returns the server (to run) and the bound addresses.
-pub fn bind(state: web::Data<HttpState>, config: &HttpConfig) -> std::io::Result<(actix_web::dev::Server, Vec<SocketAddr>)> {
+pub fn bind(
+    state: web::Data<HttpState>,
+    config: &HttpConfig,
+) -> std::io::Result<(actix_web::dev::Server, Vec<SocketAddr>)> {
     let max_body = config.max_body_bytes;
     let mut server = HttpServer::new(move || {
         App::new()

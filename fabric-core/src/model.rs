@@ -252,26 +252,49 @@ impl ModelMetadata {
     /// Checks named tensors against the declared inputs and returns them in graph order with the batch size.
     ///
     /// `max_batch` is enforced only for batched models (dynamic leading dimension).
-    pub fn validate<'a>(&self, inputs: &'a [NamedTensor], max_batch: usize) -> Result<(Vec<&'a Tensor>, usize), InputError> {
+    pub fn validate<'a>(
+        &self,
+        inputs: &'a [NamedTensor],
+        max_batch: usize,
+    ) -> Result<(Vec<&'a Tensor>, usize), InputError> {
         let (order, batch) = self.check(inputs, max_batch)?;
-        Ok((order.into_iter().map(|i| &inputs[i].tensor).collect(), batch))
+        Ok((
+            order.into_iter().map(|i| &inputs[i].tensor).collect(),
+            batch,
+        ))
     }
 
     /// Like [`validate`](Self::validate), but takes the tensors and returns them in graph order without copying.
-    pub fn into_ordered(&self, inputs: Vec<NamedTensor>, max_batch: usize) -> Result<(Vec<Tensor>, usize), InputError> {
+    pub fn into_ordered(
+        &self,
+        inputs: Vec<NamedTensor>,
+        max_batch: usize,
+    ) -> Result<(Vec<Tensor>, usize), InputError> {
         let (order, batch) = self.check(&inputs, max_batch)?;
         let mut slots: Vec<Option<Tensor>> = inputs.into_iter().map(|t| Some(t.tensor)).collect();
-        Ok((order.into_iter().filter_map(|i| slots[i].take()).collect(), batch))
+        Ok((
+            order.into_iter().filter_map(|i| slots[i].take()).collect(),
+            batch,
+        ))
     }
 
     /// Validates and returns, for each declared input in graph order, the index of its tensor in `inputs`.
-    fn check(&self, inputs: &[NamedTensor], max_batch: usize) -> Result<(Vec<usize>, usize), InputError> {
+    fn check(
+        &self,
+        inputs: &[NamedTensor],
+        max_batch: usize,
+    ) -> Result<(Vec<usize>, usize), InputError> {
         for (i, given) in inputs.iter().enumerate() {
             if !self.inputs.iter().any(|s| s.name == given.name) {
-                return Err(InputError::UnknownInput { name: given.name.clone(), expected: self.input_names() });
+                return Err(InputError::UnknownInput {
+                    name: given.name.clone(),
+                    expected: self.input_names(),
+                });
             }
             if inputs[..i].iter().any(|other| other.name == given.name) {
-                return Err(InputError::DuplicateInput { name: given.name.clone() });
+                return Err(InputError::DuplicateInput {
+                    name: given.name.clone(),
+                });
             }
         }
         let mut order = Vec::with_capacity(self.inputs.len());
@@ -280,13 +303,24 @@ impl ModelMetadata {
             let index = inputs
                 .iter()
                 .position(|t| t.name == spec.name)
-                .ok_or_else(|| InputError::MissingInput { name: spec.name.clone(), expected: self.input_names() })?;
+                .ok_or_else(|| InputError::MissingInput {
+                    name: spec.name.clone(),
+                    expected: self.input_names(),
+                })?;
             let t = &inputs[index].tensor;
             if t.dtype() != spec.datatype {
-                return Err(InputError::WrongDataType { name: spec.name.clone(), expected: spec.datatype, got: t.dtype() });
+                return Err(InputError::WrongDataType {
+                    name: spec.name.clone(),
+                    expected: spec.datatype,
+                    got: t.dtype(),
+                });
             }
             if t.shape().len() != spec.shape.len() {
-                return Err(InputError::WrongRank { name: spec.name.clone(), expected: spec.shape.clone(), got: t.shape().to_vec() });
+                return Err(InputError::WrongRank {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    got: t.shape().to_vec(),
+                });
             }
             for (axis, (&want, &got)) in spec.shape.iter().zip(t.shape()).enumerate() {
                 if want >= 0 && want as usize != got {
@@ -317,7 +351,12 @@ impl ModelMetadata {
             order.push(index);
         }
         let batch = match batch {
-            Some((_, n)) if n > max_batch => return Err(InputError::BatchTooLarge { got: n, max: max_batch }),
+            Some((_, n)) if n > max_batch => {
+                return Err(InputError::BatchTooLarge {
+                    got: n,
+                    max: max_batch,
+                })
+            }
             Some((_, n)) => n,
             None => 1,
         };

@@ -45,7 +45,12 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { max_batch_size: 32, max_queue_delay: Duration::from_micros(500), queue_capacity: 1024, replicas: 1 }
+        PoolConfig {
+            max_batch_size: 32,
+            max_queue_delay: Duration::from_micros(500),
+            queue_capacity: 1024,
+            replicas: 1,
+        }
     }
 }
 
@@ -69,7 +74,10 @@ pub enum PoolError {
     QueueFull { capacity: usize },
     /// Admission expects the request to finish after its deadline.
     #[error("deadline cannot be met: expected {:.1} ms in queue and compute, {:.1} ms left", expected.as_secs_f64() * 1e3, budget.as_secs_f64() * 1e3)]
-    WouldMissDeadline { expected: Duration, budget: Duration },
+    WouldMissDeadline {
+        expected: Duration,
+        budget: Duration,
+    },
     /// The deadline passed before the request could run.
     #[error("deadline exceeded after {:.1} ms (timeout {:.1} ms)", waited.as_secs_f64() * 1e3, timeout.as_secs_f64() * 1e3)]
     DeadlineExceeded { waited: Duration, timeout: Duration },
@@ -159,7 +167,12 @@ struct Pending {
 
 impl Pending {
     fn queued(&self) -> Queued {
-        Queued { rows: self.rows, enqueued: self.arrived, deadline: self.deadline, shape_key: self.shape_key }
+        Queued {
+            rows: self.rows,
+            enqueued: self.arrived,
+            deadline: self.deadline,
+            shape_key: self.shape_key,
+        }
     }
 
     fn answer(self, result: Result<PoolReply, PoolError>) {
@@ -220,7 +233,11 @@ impl PoolHandle {
     }
 
     /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
-    pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
+    pub async fn infer(
+        &self,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+    ) -> Result<PoolReply, PoolError> {
         let arrived = Instant::now();
         let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size)?;
         let mut hasher = DefaultHasher::new();
@@ -228,7 +245,14 @@ impl PoolHandle {
             t.shape().get(1..).hash(&mut hasher);
         }
         let (reply, rx) = oneshot::channel();
-        let submit = Submit { inputs, rows, shape_key: hasher.finish(), arrived, deadline, reply };
+        let submit = Submit {
+            inputs,
+            rows,
+            shape_key: hasher.finish(),
+            arrived,
+            deadline,
+            reply,
+        };
         self.addr.try_send(submit).map_err(|_| PoolError::Stopped)?;
         // The pool answers expired requests itself; this bound only guards against a pool that stopped.
         let guard = tokio::time::Instant::from_std(deadline + Duration::from_millis(50));
@@ -249,7 +273,10 @@ impl PoolHandle {
 
     /// The pool's current state.
     pub async fn status(&self) -> Result<PoolStatus, PoolError> {
-        self.addr.send(GetStatus).await.map_err(|_| PoolError::Stopped)
+        self.addr
+            .send(GetStatus)
+            .await
+            .map_err(|_| PoolError::Stopped)
     }
 }
 
@@ -263,7 +290,15 @@ fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, T
                 .shape
                 .iter()
                 .enumerate()
-                .map(|(axis, &d)| if d >= 0 { d as usize } else if axis == 0 { rows } else { 1 })
+                .map(|(axis, &d)| {
+                    if d >= 0 {
+                        d as usize
+                    } else if axis == 0 {
+                        rows
+                    } else {
+                        1
+                    }
+                })
                 .collect();
             let bytes = shape.iter().product::<usize>() * spec.datatype.size().unwrap_or(1);
             Tensor::from_bytes(spec.datatype, shape, vec![0; bytes])
@@ -272,7 +307,10 @@ fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, T
 }
 
 /// Runs the warm-up batches on a fresh engine; returns it with the measured (rows, time) pairs.
-fn warm(mut engine: Box<dyn Engine>, warmup: &[Vec<Tensor>]) -> (Box<dyn Engine>, Vec<(usize, Duration)>) {
+fn warm(
+    mut engine: Box<dyn Engine>,
+    warmup: &[Vec<Tensor>],
+) -> (Box<dyn Engine>, Vec<(usize, Duration)>) {
     let mut timings = Vec::new();
     for inputs in warmup {
         let refs: Vec<&Tensor> = inputs.iter().collect();
@@ -304,11 +342,18 @@ impl ModelPool {
             let factory = factory.clone();
             actix_rt::task::spawn_blocking(move || factory())
                 .await
-                .map_err(|e| EngineError::Run { engine: crate::EngineKind::Tract, reason: format!("loader thread failed: {e}") })??
+                .map_err(|e| EngineError::Run {
+                    engine: crate::EngineKind::Tract,
+                    reason: format!("loader thread failed: {e}"),
+                })??
         };
         let metadata = Arc::new(first.metadata().clone());
         let batched = metadata.is_batched();
-        let max_batch_size = if batched { config.max_batch_size.max(1) } else { 1 };
+        let max_batch_size = if batched {
+            config.max_batch_size.max(1)
+        } else {
+            1
+        };
         let mut warmup = Vec::new();
         for rows in [1, max_batch_size] {
             if let Ok(t) = warmup_inputs(&metadata, rows) {
@@ -316,7 +361,10 @@ impl ModelPool {
             }
         }
         warmup.dedup();
-        let config = PoolConfig { max_batch_size, ..config };
+        let config = PoolConfig {
+            max_batch_size,
+            ..config
+        };
         let target = config.replicas.max(1);
         let pool = ModelPool {
             label: (model.to_string(), version.to_string()),
@@ -339,7 +387,10 @@ impl ModelPool {
         let warmup = pool.warmup.clone();
         let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup))
             .await
-            .map_err(|e| EngineError::Run { engine: crate::EngineKind::Tract, reason: format!("warm-up thread failed: {e}") })?;
+            .map_err(|e| EngineError::Run {
+                engine: crate::EngineKind::Tract,
+                reason: format!("warm-up thread failed: {e}"),
+            })?;
         let addr = ModelPool::create(move |ctx| {
             let mut pool = pool;
             for (rows, took) in timings {
@@ -349,7 +400,11 @@ impl ModelPool {
             pool.converge(ctx);
             pool
         });
-        Ok(PoolHandle { addr, metadata, max_batch_size })
+        Ok(PoolHandle {
+            addr,
+            metadata,
+            max_batch_size,
+        })
     }
 
     fn labels(&self) -> [&str; 2] {
@@ -381,9 +436,16 @@ impl ModelPool {
             return; // scaled down while this one loaded
         }
         let cell = Mutex::new(Some(engine));
-        let addr = SyncArbiter::start(1, move || Replica { engine: cell.lock().ok().and_then(|mut e| e.take()) });
+        let addr = SyncArbiter::start(1, move || Replica {
+            engine: cell.lock().ok().and_then(|mut e| e.take()),
+        });
         self.next_slot += 1;
-        self.slots.push(Slot { id: self.next_slot, addr, busy: false, retiring: false });
+        self.slots.push(Slot {
+            id: self.next_slot,
+            addr,
+            busy: false,
+            retiring: false,
+        });
         self.publish_gauges();
         tracing::info!(model = %self.label.0, version = %self.label.1, replicas = self.active_replicas(), "replica ready");
         self.schedule(ctx);
@@ -414,7 +476,11 @@ impl ModelPool {
             let mut surplus = active - self.target_replicas;
             // Idle ones go first; busy ones finish their batch and then go.
             for idle_first in [true, false] {
-                for slot in self.slots.iter_mut().filter(|s| !s.retiring && s.busy != idle_first) {
+                for slot in self
+                    .slots
+                    .iter_mut()
+                    .filter(|s| !s.retiring && s.busy != idle_first)
+                {
                     if surplus == 0 {
                         break;
                     }
@@ -428,8 +494,14 @@ impl ModelPool {
     }
 
     fn publish_gauges(&self) {
-        self.metrics.replicas.with_label_values(&self.labels()).set(self.active_replicas() as i64);
-        self.metrics.queue_depth.with_label_values(&self.labels()).set(self.queue.len() as i64);
+        self.metrics
+            .replicas
+            .with_label_values(&self.labels())
+            .set(self.active_replicas() as i64);
+        self.metrics
+            .queue_depth
+            .with_label_values(&self.labels())
+            .set(self.queue.len() as i64);
     }
 
     fn expected_run(&self, rows: usize) -> Option<Duration> {
@@ -438,7 +510,11 @@ impl ModelPool {
 
     /// Answers queued requests that can no longer make their deadline, or whose caller left.
     fn expire(&mut self, now: Instant) {
-        if self.queue.iter().all(|p| !p.reply.is_closed() && !batching::is_hopeless(&p.queued(), now, None)) {
+        if self
+            .queue
+            .iter()
+            .all(|p| !p.reply.is_closed() && !batching::is_hopeless(&p.queued(), now, None))
+        {
             return;
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());
@@ -447,7 +523,10 @@ impl ModelPool {
                 self.queued_rows -= p.rows;
             } else if batching::is_hopeless(&p.queued(), now, None) {
                 self.queued_rows -= p.rows;
-                self.metrics.requests.with_label_values(&[&self.label.0, &self.label.1, "deadline_exceeded"]).inc();
+                self.metrics
+                    .requests
+                    .with_label_values(&[&self.label.0, &self.label.1, "deadline_exceeded"])
+                    .inc();
                 p.expire(now);
             } else {
                 kept.push_back(p);
@@ -463,19 +542,30 @@ impl ModelPool {
             self.expire(now);
             let idle = self.slots.iter().filter(|s| !s.busy && !s.retiring).count();
             let busy = self.slots.iter().filter(|s| s.busy).count();
-            let head: Vec<Queued> = self.queue.iter().take(self.config.max_batch_size + 1).map(Pending::queued).collect();
-            let config = BatchConfig { max_batch_size: self.config.max_batch_size, max_queue_delay: self.config.max_queue_delay };
-            match batching::decide(&head, now, &config, idle, busy, |rows| self.expected_run(rows)) {
+            let head: Vec<Queued> = self
+                .queue
+                .iter()
+                .take(self.config.max_batch_size + 1)
+                .map(Pending::queued)
+                .collect();
+            let config = BatchConfig {
+                max_batch_size: self.config.max_batch_size,
+                max_queue_delay: self.config.max_queue_delay,
+            };
+            match batching::decide(&head, now, &config, idle, busy, |rows| {
+                self.expected_run(rows)
+            }) {
                 BatchDecision::Dispatch { requests, rows } => self.dispatch(requests, rows, ctx),
                 BatchDecision::WaitUntil(at) => {
                     if self.timer.is_none_or(|(t, _)| at < t) {
                         if let Some((_, handle)) = self.timer.take() {
                             ctx.cancel_future(handle);
                         }
-                        let handle = ctx.run_later(at.saturating_duration_since(now), |pool, ctx| {
-                            pool.timer = None;
-                            pool.schedule(ctx);
-                        });
+                        let handle =
+                            ctx.run_later(at.saturating_duration_since(now), |pool, ctx| {
+                                pool.timer = None;
+                                pool.schedule(ctx);
+                            });
                         self.timer = Some((at, handle));
                     }
                     break;
@@ -487,23 +577,35 @@ impl ModelPool {
     }
 
     fn dispatch(&mut self, requests: usize, rows: usize, ctx: &mut Context<Self>) {
-        let Some(slot) = self.slots.iter_mut().find(|s| !s.busy && !s.retiring) else { return };
+        let Some(slot) = self.slots.iter_mut().find(|s| !s.busy && !s.retiring) else {
+            return;
+        };
         slot.busy = true;
         let (slot_id, addr) = (slot.id, slot.addr.clone());
         let batch: Vec<Pending> = self.queue.drain(..requests).collect();
         self.queued_rows -= rows;
         let now = Instant::now();
         for p in &batch {
-            self.metrics.queue_duration.with_label_values(&self.labels()).observe((now - p.arrived).as_secs_f64());
+            self.metrics
+                .queue_duration
+                .with_label_values(&self.labels())
+                .observe((now - p.arrived).as_secs_f64());
         }
-        self.metrics.batch_size.with_label_values(&self.labels()).observe(rows as f64);
+        self.metrics
+            .batch_size
+            .with_label_values(&self.labels())
+            .observe(rows as f64);
         let (inputs, replies): (Vec<Vec<Tensor>>, Vec<Pending>) = batch
             .into_iter()
             .map(|mut p| (std::mem::take(&mut p.inputs), p))
             .unzip();
         let fut = addr.send(RunBatch { requests: inputs });
         ctx.spawn(fut.into_actor(self).map(move |result, pool, ctx| {
-            let result = result.unwrap_or_else(|e| Err(ReplicaFailure::Panicked(format!("replica thread is gone: {e}"))));
+            let result = result.unwrap_or_else(|e| {
+                Err(ReplicaFailure::Panicked(format!(
+                    "replica thread is gone: {e}"
+                )))
+            });
             pool.finish(slot_id, rows, replies, result, ctx);
         }));
     }
@@ -520,9 +622,15 @@ impl ModelPool {
         match result {
             Ok(BatchOutput { per_request, took }) => {
                 self.service.record(rows, took);
-                self.metrics.compute_duration.with_label_values(&self.labels()).observe(took.as_secs_f64());
+                self.metrics
+                    .compute_duration
+                    .with_label_values(&self.labels())
+                    .observe(took.as_secs_f64());
                 for (p, outputs) in replies.into_iter().zip(per_request) {
-                    p.answer(Ok(PoolReply { outputs, batch_rows: rows }));
+                    p.answer(Ok(PoolReply {
+                        outputs,
+                        batch_rows: rows,
+                    }));
                 }
             }
             Err(failure) => {
@@ -603,7 +711,9 @@ impl Handler<Submit> for ModelPool {
             Admission::Reject(why) => {
                 let error = match why {
                     Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
-                    Rejection::WouldMissDeadline { expected, budget } => PoolError::WouldMissDeadline { expected, budget },
+                    Rejection::WouldMissDeadline { expected, budget } => {
+                        PoolError::WouldMissDeadline { expected, budget }
+                    }
                     Rejection::NoReplicas => PoolError::NotReady,
                 };
                 let _ = msg.reply.send(Err(error));
@@ -669,7 +779,10 @@ impl Message for RunBatch {
 }
 
 /// Joins the requests into one batch, runs it, and splits the outputs back per request.
-fn run_batch(engine: &mut dyn Engine, requests: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>, EngineError> {
+fn run_batch(
+    engine: &mut dyn Engine,
+    requests: &[Vec<Tensor>],
+) -> Result<Vec<Vec<Tensor>>, EngineError> {
     if let [single] = requests {
         let refs: Vec<&Tensor> = single.iter().collect();
         return Ok(vec![engine.run_ordered(&refs)?]);
@@ -678,7 +791,10 @@ fn run_batch(engine: &mut dyn Engine, requests: &[Vec<Tensor>]) -> Result<Vec<Ve
     let joined = (0..inputs)
         .map(|i| Tensor::concat_batch(&requests.iter().map(|r| &r[i]).collect::<Vec<_>>()))
         .collect::<Result<Vec<_>, _>>()?;
-    let rows: Vec<usize> = requests.iter().map(|r| r.first().map(Tensor::batch_size).unwrap_or(1)).collect();
+    let rows: Vec<usize> = requests
+        .iter()
+        .map(|r| r.first().map(Tensor::batch_size).unwrap_or(1))
+        .collect();
     let outputs = engine.run_ordered(&joined.iter().collect::<Vec<_>>())?;
     let mut per_request: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outputs.len()); requests.len()];
     for output in outputs {
@@ -697,8 +813,13 @@ impl Handler<RunBatch> for Replica {
             return Err(ReplicaFailure::Panicked("replica has no engine".into()));
         };
         let start = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| run_batch(engine.as_mut(), &msg.requests))) {
-            Ok(Ok(per_request)) => Ok(BatchOutput { per_request, took: start.elapsed() }),
+        match catch_unwind(AssertUnwindSafe(|| {
+            run_batch(engine.as_mut(), &msg.requests)
+        })) {
+            Ok(Ok(per_request)) => Ok(BatchOutput {
+                per_request,
+                took: start.elapsed(),
+            }),
             Ok(Err(e)) => Err(ReplicaFailure::Engine(e.to_string())),
             Err(panic) => {
                 self.engine = None;

@@ -38,7 +38,10 @@ pub enum Rejection {
     /// The queue holds `capacity` requests already.
     QueueFull { capacity: usize },
     /// The expected wait plus run exceeds the time left.
-    WouldMissDeadline { expected: Duration, budget: Duration },
+    WouldMissDeadline {
+        expected: Duration,
+        budget: Duration,
+    },
     /// The model has no replica.
     NoReplicas,
 }
@@ -56,7 +59,10 @@ pub enum Admission {
 ///
 /// Queued rows ahead are served in full batches spread over the replicas; when every replica is busy
 /// the first round also waits for a running batch. `batch_time(n)` is the measured time of n rows.
-pub fn expected_completion(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Duration>) -> Option<Duration> {
+pub fn expected_completion(
+    input: &AdmissionInput,
+    batch_time: impl Fn(usize) -> Option<Duration>,
+) -> Option<Duration> {
     let max = input.max_batch_size.max(1);
     let replicas = input.load.replicas.max(1);
     let ahead = input.load.queued_rows + input.rows;
@@ -74,11 +80,16 @@ pub fn admit(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Durati
         return Admission::Reject(Rejection::NoReplicas);
     }
     if input.load.queued_requests >= input.queue_capacity {
-        return Admission::Reject(Rejection::QueueFull { capacity: input.queue_capacity });
+        return Admission::Reject(Rejection::QueueFull {
+            capacity: input.queue_capacity,
+        });
     }
     match expected_completion(input, batch_time) {
         Some(expected) if expected > input.budget => {
-            Admission::Reject(Rejection::WouldMissDeadline { expected, budget: input.budget })
+            Admission::Reject(Rejection::WouldMissDeadline {
+                expected,
+                budget: input.budget,
+            })
         }
         _ => Admission::Local,
     }
@@ -90,13 +101,25 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn input(rows: usize, budget_ms: u32, queued_requests: usize, queued_rows: usize, replicas: usize, busy: usize) -> AdmissionInput {
+    fn input(
+        rows: usize,
+        budget_ms: u32,
+        queued_requests: usize,
+        queued_rows: usize,
+        replicas: usize,
+        busy: usize,
+    ) -> AdmissionInput {
         AdmissionInput {
             rows,
             budget: MS * budget_ms,
             queue_capacity: 100,
             max_batch_size: 8,
-            load: PoolLoad { queued_requests, queued_rows, replicas, busy_replicas: busy },
+            load: PoolLoad {
+                queued_requests,
+                queued_rows,
+                replicas,
+                busy_replicas: busy,
+            },
         }
     }
 
@@ -121,6 +144,10 @@ mod tests {
         for (label, inp, want) in cases {
             assert_eq!(admit(&inp, time), want, "{label}");
         }
-        assert_eq!(admit(&input(1, 0, 10, 10, 1, 1), |_| None), Admission::Local, "no measurement yet");
+        assert_eq!(
+            admit(&input(1, 0, 10, 10, 1, 1), |_| None),
+            Admission::Local,
+            "no measurement yet"
+        );
     }
 }

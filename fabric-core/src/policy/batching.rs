@@ -56,7 +56,9 @@ pub fn decide(
     busy_replicas: usize,
     expected_run: impl Fn(usize) -> Option<Duration>,
 ) -> BatchDecision {
-    let Some(front) = queue.first() else { return BatchDecision::Idle };
+    let Some(front) = queue.first() else {
+        return BatchDecision::Idle;
+    };
     if idle_replicas == 0 {
         return BatchDecision::Idle;
     }
@@ -73,7 +75,10 @@ pub fn decide(
     }
     if requests == 0 {
         // A single request larger than the batch limit: validation refuses these, but never stall on one.
-        return BatchDecision::Dispatch { requests: 1, rows: front.rows };
+        return BatchDecision::Dispatch {
+            requests: 1,
+            rows: front.rows,
+        };
     }
     let dispatch = BatchDecision::Dispatch { requests, rows };
     if rows >= max || !can_grow || busy_replicas == 0 {
@@ -83,7 +88,11 @@ pub fn decide(
     if now >= fill_by {
         return dispatch;
     }
-    let earliest_deadline = queue[..requests].iter().map(|q| q.deadline).min().unwrap_or(front.deadline);
+    let earliest_deadline = queue[..requests]
+        .iter()
+        .map(|q| q.deadline)
+        .min()
+        .unwrap_or(front.deadline);
     if fill_by + expected_run(rows).unwrap_or_default() > earliest_deadline {
         return dispatch;
     }
@@ -97,13 +106,21 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn q(base: Instant, rows: usize, enqueued_ms: u64, deadline_ms: u64, key: u64) -> Queued {
-        Queued { rows, enqueued: base + MS * enqueued_ms as u32, deadline: base + MS * deadline_ms as u32, shape_key: key }
+        Queued {
+            rows,
+            enqueued: base + MS * enqueued_ms as u32,
+            deadline: base + MS * deadline_ms as u32,
+            shape_key: key,
+        }
     }
 
     #[test]
     fn decision_table() {
         let base = Instant::now();
-        let cfg = BatchConfig { max_batch_size: 8, max_queue_delay: 2 * MS };
+        let cfg = BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: 2 * MS,
+        };
         let at = |ms: u64| base + MS * ms as u32;
         let run = |_rows: usize| Some(MS);
         #[rustfmt::skip]
@@ -120,7 +137,11 @@ mod tests {
             ("oversized single request", vec![q(base, 9, 0, 100, 0)], 0, 1, 1, BatchDecision::Dispatch { requests: 1, rows: 9 }),
         ];
         for (label, queue, now_ms, idle, busy, want) in cases {
-            assert_eq!(decide(&queue, at(now_ms), &cfg, idle, busy, run), want, "{label}");
+            assert_eq!(
+                decide(&queue, at(now_ms), &cfg, idle, busy, run),
+                want,
+                "{label}"
+            );
         }
     }
 

@@ -1,0 +1,142 @@
+//! Test support: a real edge-node process on 127.0.0.1 with an ephemeral port, over a temporary
+//! model repository built from the generated models, and an HTTP client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use fabric_core::reference;
+
+/// A running edge-node, killed on drop.
+pub struct Edge {
+    pub child: Child,
+    pub url: String,
+    pub dir: PathBuf,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts edge-node serving `models` (name, per-model config.toml text) with extra config TOML.
+pub fn start_edge(models: &[(&str, &str)], config: &str) -> Edge {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("edge-test-{}-{n}", std::process::id()));
+    let repo = dir.join("models");
+    for (name, model_config) in models {
+        let version = repo.join(name).join("1");
+        std::fs::create_dir_all(&version).expect("temp repo");
+        std::fs::copy(reference::model_path(name), version.join("model.onnx")).expect("copy model");
+        std::fs::write(repo.join(name).join("config.toml"), model_config).expect("model config");
+    }
+    let config_file = dir.join("edge.toml");
+    std::fs::write(&config_file, config).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--model-repository")
+        .arg(&repo)
+        .arg("--http-addr")
+        .arg("127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn edge-node");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("edge-node listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("edge-node did not become ready within 60 s");
+    Edge { child, url, dir }
+}
+
+/// An HTTP client that returns error statuses as responses and never waits unbounded.
+pub fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent()
+}
+
+/// A response's status and body.
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub header_length: Option<usize>,
+}
+
+impl Reply {
+    /// The body as JSON (the JSON part, for binary responses).
+    pub fn json(&self) -> serde_json::Value {
+        let end = self.header_length.unwrap_or(self.body.len());
+        serde_json::from_slice(&self.body[..end])
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `error` message of an error body.
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+fn reply(resp: ureq::http::Response<ureq::Body>) -> Reply {
+    let status = resp.status().as_u16();
+    let header_length = resp
+        .headers()
+        .get("inference-header-content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = resp
+        .into_body()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_vec()
+        .expect("body");
+    Reply {
+        status,
+        body,
+        header_length,
+    }
+}
+
+/// GET a path.
+pub fn get(agent: &ureq::Agent, url: &str) -> Reply {
+    reply(agent.get(url).call().expect("GET"))
+}
+
+/// POST a body, with an optional Inference-Header-Content-Length.
+pub fn post(agent: &ureq::Agent, url: &str, body: &[u8], header_length: Option<usize>) -> Reply {
+    let mut req = agent.post(url).header(
+        "content-type",
+        if header_length.is_some() {
+            "application/octet-stream"
+        } else {
+            "application/json"
+        },
+    );
+    if let Some(n) = header_length {
+        req = req.header("inference-header-content-length", &n.to_string());
+    }
+    reply(req.send(body).expect("POST"))
+}
