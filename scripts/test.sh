@@ -11,6 +11,7 @@ echo "==> cargo test --workspace"
 cargo test --workspace --locked
 
 if compgen -G "tests/python/test_*.py" > /dev/null; then
-  echo "==> pytest tests/python"
+  cargo build -p edge-node --locked   # the binary the Python tests start (already built by cargo test)
+  echo "==> pytest tests/python (tritonclient against edge-node)"
   .venv/bin/python -m pytest -q tests/python
 fi

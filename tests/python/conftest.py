@@ -1,0 +1,71 @@
+"""Starts a real edge-node (built by `cargo test`/`cargo build`) on an ephemeral port for tritonclient."""
+
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BUILD = ROOT / "build"
+
+
+def edge_binary():
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    path = target / "debug" / "edge-node"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `cargo build -p edge-node` first (scripts/test.sh does)")
+    return path
+
+
+def load_case(model, case):
+    """Reads a reference case written by scripts/gen_models.py as numpy arrays."""
+    import numpy as np
+
+    folder = BUILD / "reference" / model / case
+    manifest = json.loads((folder / "manifest.json").read_text())
+    dtypes = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "UINT8": "u1"}
+
+    def read(entries):
+        return {
+            e["name"]: np.fromfile(folder / e["file"], dtype=dtypes[e["datatype"]]).reshape(e["shape"])
+            for e in entries
+        }
+
+    return read(manifest["inputs"]), read(manifest["outputs"]), read(manifest.get("extras", []))
+
+
+@pytest.fixture(scope="session")
+def edge_url():
+    repo = tempfile.mkdtemp(prefix="edge-py-")
+    for name in ("mlp", "cnn", "mixed", "digits"):
+        version = pathlib.Path(repo, name, "1")
+        version.mkdir(parents=True)
+        (version / "model.onnx").symlink_to(BUILD / "models" / name / "1" / "model.onnx")
+    pathlib.Path(repo, "digits", "config.toml").write_text("max_batch_size = 512\n")
+    proc = subprocess.Popen(
+        [edge_binary(), "--model-repository", repo, "--http-addr", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RUST_LOG": "warn"},
+    )
+    found = {}
+
+    def wait_for_ready():
+        for line in proc.stdout:
+            if line.startswith("edge-node listening on http://"):
+                found["url"] = line.strip().removeprefix("edge-node listening on http://")
+                return
+
+    reader = threading.Thread(target=wait_for_ready, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    if "url" not in found:
+        proc.kill()
+        pytest.fail("edge-node did not become ready within 60 s")
+    yield found["url"]
+    proc.terminate()
+    proc.wait(timeout=20)
