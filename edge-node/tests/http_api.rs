@@ -427,7 +427,26 @@ fn sigterm_answers_in_flight_requests_then_exits() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(50));
+    // Wait until every request is inside the server (one running, eleven queued), so each must be answered.
+    let metrics_url = format!("{}/metrics", edge.url);
+    let waiting = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = String::from_utf8(get(&client(), &metrics_url).body).expect("utf8");
+        let queued = metrics
+            .lines()
+            .find(|l| l.starts_with("fabric_queue_depth{model=\"cnn\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        if queued >= 11 {
+            break;
+        }
+        assert!(
+            Instant::now() < waiting,
+            "requests never queued up (queue depth {queued})"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let pid = edge.child.id().to_string();
     let killed = Instant::now();
     assert!(std::process::Command::new("kill")

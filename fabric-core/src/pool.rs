@@ -354,13 +354,15 @@ impl ModelPool {
         } else {
             1
         };
-        let mut warmup = Vec::new();
-        for rows in [1, max_batch_size] {
-            if let Ok(t) = warmup_inputs(&metadata, rows) {
-                warmup.push(t);
-            }
-        }
-        warmup.dedup();
+        // Powers of two up to the limit, so the pool learns which batch size serves rows fastest.
+        let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
+            .take_while(|&n| n < max_batch_size)
+            .collect();
+        sizes.push(max_batch_size);
+        let warmup: Vec<Vec<Tensor>> = sizes
+            .into_iter()
+            .filter_map(|rows| warmup_inputs(&metadata, rows).ok())
+            .collect();
         let config = PoolConfig {
             max_batch_size,
             ..config
@@ -504,6 +506,13 @@ impl ModelPool {
             .set(self.queue.len() as i64);
     }
 
+    /// Rows per batch: the measured most efficient size, within the configured limit.
+    fn batch_limit(&self) -> usize {
+        self.service
+            .preferred_batch()
+            .min(self.config.max_batch_size)
+    }
+
     fn expected_run(&self, rows: usize) -> Option<Duration> {
         self.service.estimate(rows)
     }
@@ -542,14 +551,15 @@ impl ModelPool {
             self.expire(now);
             let idle = self.slots.iter().filter(|s| !s.busy && !s.retiring).count();
             let busy = self.slots.iter().filter(|s| s.busy).count();
+            let batch = self.batch_limit();
             let head: Vec<Queued> = self
                 .queue
                 .iter()
-                .take(self.config.max_batch_size + 1)
+                .take(batch + 1)
                 .map(Pending::queued)
                 .collect();
             let config = BatchConfig {
-                max_batch_size: self.config.max_batch_size,
+                max_batch_size: batch,
                 max_queue_delay: self.config.max_queue_delay,
             };
             match batching::decide(&head, now, &config, idle, busy, |rows| {
@@ -686,7 +696,7 @@ impl Handler<Submit> for ModelPool {
             rows: msg.rows,
             budget: msg.deadline.saturating_duration_since(now),
             queue_capacity: self.config.queue_capacity,
-            max_batch_size: self.config.max_batch_size,
+            max_batch_size: self.batch_limit(),
             load: PoolLoad {
                 queued_requests: self.queue.len(),
                 queued_rows: self.queued_rows,

@@ -53,6 +53,24 @@ impl ServiceTimes {
     }
 }
 
+impl ServiceTimes {
+    /// The measured batch size with the lowest time per row (the largest among equals), or the
+    /// largest size when nothing is measured. Engines differ: tract's convolutions, for one, get
+    /// slower per row in big batches, so filling batches to the limit is not always best.
+    pub fn preferred_batch(&self) -> usize {
+        let mut best: Option<(usize, f64)> = None;
+        for (n, s) in self.secs.iter().enumerate().skip(1) {
+            if let Some(s) = s {
+                let per_row = s / n as f64;
+                if best.is_none_or(|(_, b)| per_row <= b) {
+                    best = Some((n, per_row));
+                }
+            }
+        }
+        best.map(|(n, _)| n).unwrap_or(self.secs.len() - 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +103,13 @@ mod tests {
         t.record(1, ms(2.0));
         let avg = t.estimate(1).map(|d| d.as_secs_f64() * 1e3);
         assert!(avg.is_some_and(|a| (a - 1.2).abs() < 1e-9), "{avg:?}");
+        assert_eq!(t.preferred_batch(), 16, "4 ms for 16 rows beats 1 ms for 1");
+        let mut conv = ServiceTimes::new(32);
+        assert_eq!(conv.preferred_batch(), 32, "nothing measured: fill batches");
+        for (n, ms_total) in [(1, 1.0), (4, 3.0), (32, 64.0)] {
+            conv.record(n, ms(ms_total));
+        }
+        assert_eq!(conv.preferred_batch(), 4, "per row: 1.0, 0.75, 2.0 ms");
         let mut only_big = ServiceTimes::new(8);
         only_big.record(8, ms(5.0));
         assert_eq!(only_big.estimate(2), Some(ms(5.0)));

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Serving benchmark: edge-node vs the raw engine vs a Python peer, in one run on one machine.
+
+Load comes from wrk (C, closed loop), never from Python. For each model (MLP, CNN), body format
+(JSON, binary tensors) and concurrency (1, 4, 16, 64) it reports infer/s and p50/p90/p99; beside it
+the raw tract engine's single-thread batch-1 loop (from `cargo bench --bench engines`) and FastAPI +
+onnxruntime (2 uvicorn workers) on the same model files and JSON bodies. It also reports edge-node's
+start-to-ready time and resident memory with the MLP, CNN and digits models loaded.
+
+Run through scripts/bench/serving.sh, which builds and installs what this needs.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BUILD = ROOT / "build"
+DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
+CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,4,16,64").split(",")]
+MODELS = ["mlp", "cnn"]
+LUA = """
+wrk.method = "POST"
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+local n = os.getenv("BENCH_HEADER_LENGTH")
+if n ~= "" then wrk.headers["Inference-Header-Content-Length"] = n end
+"""
+
+
+def machine():
+    cpu = "unknown CPU"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def reference_input(model, case):
+    manifest = json.loads((BUILD / "reference" / model / case / "manifest.json").read_text())
+    entry = manifest["inputs"][0]
+    raw = (BUILD / "reference" / model / case / entry["file"]).read_bytes()
+    return entry, raw
+
+
+def bodies(model, workdir):
+    """Writes the JSON and binary request bodies for one batch-1 request; returns {format: (path, header_len)}."""
+    import numpy as np
+
+    entry, raw = reference_input(model, "batch1")
+    values = np.frombuffer(raw, dtype="<f4").tolist()
+    json_body = json.dumps({"inputs": [{"name": entry["name"], "shape": entry["shape"], "datatype": "FP32", "data": values}]})
+    head = json.dumps({
+        "inputs": [{"name": entry["name"], "shape": entry["shape"], "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}],
+        "parameters": {"binary_data_output": True},
+    }).encode()
+    paths = {}
+    (workdir / f"{model}.json").write_text(json_body)
+    paths["json"] = (workdir / f"{model}.json", "")
+    (workdir / f"{model}.bin").write_bytes(head + raw)
+    paths["binary"] = (workdir / f"{model}.bin", str(len(head)))
+    return paths
+
+
+def to_ms(text):
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def wrk(url, body, header_length, content_type, concurrency, script):
+    env = {**os.environ, "BENCH_BODY": str(body), "BENCH_HEADER_LENGTH": header_length, "BENCH_CONTENT_TYPE": content_type}
+    threads = 1 if concurrency == 1 else 2
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{DURATION}s", "--latency", "-s", str(script), url],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    pct = {p: to_ms(re.search(rf"^\s+{p}%\s+(\S+)", out, re.M).group(1)) for p in (50, 90, 99)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, **pct, "errors": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def wait_http(url, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer within {timeout} s")
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_edge(repo, port):
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [ROOT / "target/release/edge-node", "--model-repository", repo, "--http-addr", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"},
+    )
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        raise SystemExit(f"edge-node failed to start: {line!r}")
+    return proc, time.perf_counter() - started
+
+
+def raw_engine():
+    """The raw engine table from the engines bench: {(model, batch, engine): infer/s}."""
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "fabric-core", "--bench", "engines"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[1].isdigit():
+            rows[(cells[0], int(cells[1]), cells[2])] = float(cells[3])
+    return out, rows
+
+
+def main():
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="fabric-bench-"))
+    script = workdir / "post.lua"
+    script.write_text(LUA)
+    repo = workdir / "models"
+    for name in ("mlp", "cnn", "digits"):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.onnx").symlink_to(BUILD / "models" / name / "1" / "model.onnx")
+
+    print(f"machine: {machine()}", flush=True)
+    print("raw engines (cargo bench --bench engines) ...", flush=True)
+    engine_table, raw = raw_engine()
+
+    starts, rss_idle = [], []
+    for i in range(3):
+        proc, took = start_edge(repo, 18000 + i)
+        starts.append(took)
+        time.sleep(0.5)
+        rss_idle.append(rss_mib(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+    results = []
+    edge, _ = start_edge(repo, 18010)
+    for model in MODELS:
+        paths = bodies(model, workdir)
+        for fmt, (body, header_length) in paths.items():
+            ctype = "application/json" if fmt == "json" else "application/octet-stream"
+            for c in CONCURRENCY:
+                r = wrk(f"http://127.0.0.1:18010/v2/models/{model}/infer", body, header_length, ctype, c, script)
+                results.append({"server": "edge-node", "model": model, "format": fmt, "c": c, **r})
+                print(results[-1], flush=True)
+    rss_loaded = rss_mib(edge.pid)
+    edge.send_signal(signal.SIGTERM)
+    edge.wait(timeout=30)
+
+    peer = subprocess.Popen(
+        [ROOT / ".venv/bin/uvicorn", "peer_fastapi:app", "--workers", "2", "--port", "18020", "--log-level", "warning"],
+        cwd=ROOT / "scripts/bench", env={**os.environ, "PEER_REPO": str(repo)},
+    )
+    try:
+        wait_http("http://127.0.0.1:18020/v2/health/ready")
+        for model in MODELS:
+            body, _ = bodies(model, workdir)["json"]
+            for c in CONCURRENCY:
+                r = wrk(f"http://127.0.0.1:18020/v2/models/{model}/infer", body, "", "application/json", c, script)
+                results.append({"server": "fastapi+onnxruntime", "model": model, "format": "json", "c": c, **r})
+                print(results[-1], flush=True)
+    finally:
+        peer.terminate()
+        peer.wait(timeout=30)
+
+    date = datetime.date.today().isoformat()
+    lines = [
+        f"Serving benchmark, {date}, on {machine()}; wrk closed loop, {DURATION} s per row, client on the same cores.",
+        "Raw = the tract engine's own single-thread batch-1 loop in the same run; peer = FastAPI + onnxruntime, 2 uvicorn workers, JSON.",
+        "",
+        "| model | body | concurrency | edge-node infer/s | p50 ms | p90 ms | p99 ms | errors | served/raw | peer infer/s | peer p50 ms | edge/peer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in [r for r in results if r["server"] == "edge-node"]:
+        base = raw.get((r["model"], 1, "tract"))
+        peer_row = next((p for p in results if p["server"] != "edge-node" and p["model"] == r["model"] and p["c"] == r["c"]), None)
+        peer_cells = f"{peer_row['rps']:.0f} | {peer_row[50]:.2f} | {r['rps'] / peer_row['rps']:.1f}x" if peer_row and r["format"] == "json" else "| |"
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['c']} | {r['rps']:.0f} | {r[50]:.2f} | {r[90]:.2f} | {r[99]:.2f} | "
+            f"{r['errors']} | {r['rps'] / base:.2f} | {peer_cells} |"
+        )
+    lines += [
+        "",
+        f"Raw tract engine, single thread, batch 1: MLP {raw.get(('mlp', 1, 'tract'), 0):.0f} infer/s, CNN {raw.get(('cnn', 1, 'tract'), 0):.0f} infer/s; "
+        f"onnxruntime: MLP {raw.get(('mlp', 1, 'onnxruntime'), 0):.0f}, CNN {raw.get(('cnn', 1, 'onnxruntime'), 0):.0f}.",
+        f"edge-node with MLP, CNN and digits loaded: start to ready {statistics.median(starts) * 1e3:.0f} ms (median of 3), "
+        f"resident memory {statistics.median(rss_idle):.0f} MiB idle, {rss_loaded:.0f} MiB after the load above.",
+        "",
+        "Raw engines (same run):",
+        "",
+        engine_table.strip(),
+    ]
+    report = "\n".join(lines)
+    out = BUILD / "bench" / f"serving-{date}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report + "\n")
+    print("\n" + report)
+    print(f"\nwritten to {out}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
