@@ -1,1 +1,162 @@
-//! placeholder
+//! `cloud-hub`: the GPU server. Serves the same KServe v2 HTTP API as edge-node (shared code in
+//! `fabric_core::http`) and the QUIC infer service that edge-nodes offload their overflow to.
+
+pub mod quic;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+use fabric_core::config::{HttpConfig, ModelConfig, RepositoryConfig, ServingConfig};
+use fabric_core::engine::{EngineKind, OrtOptions};
+use fabric_core::http::{self, HttpState};
+use fabric_core::metrics::Metrics;
+use fabric_core::models::ModelSet;
+use fabric_core::repository;
+use fabric_core::tls::{self, TlsFiles};
+use fabric_core::wire::WireLimits;
+use serde::{Deserialize, Serialize};
+
+/// The QUIC infer service's settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// UDP address to listen on; port 0 picks one (printed at start).
+    pub addr: String,
+    /// CA, certificate and key (PEM). Required: every peer must present a fabric certificate.
+    pub tls: Option<TlsFiles>,
+    /// Frame size limits.
+    pub limits: WireLimits,
+    /// Milliseconds a peer may take to send a whole request.
+    pub read_timeout_ms: u64,
+    /// Requests in progress before new ones are refused as busy.
+    pub max_in_flight: u32,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            addr: "127.0.0.1:4433".into(),
+            tls: None,
+            limits: WireLimits::default(),
+            read_timeout_ms: 5000,
+            max_in_flight: 4096,
+        }
+    }
+}
+
+/// The cloud-hub configuration file (`hub.toml`); every key has a default.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// HTTP (KServe v2) server.
+    pub http: HttpConfig,
+    /// Model repository; the engine defaults to ONNX Runtime on hubs.
+    pub models: RepositoryConfig,
+    /// Defaults for every model.
+    pub model_defaults: ModelConfig,
+    /// ONNX Runtime: library path, execution providers (TensorRT > CUDA > CPU), threads.
+    pub ort: OrtOptions,
+    /// The QUIC infer service for edges.
+    pub quic: QuicConfig,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            http: HttpConfig {
+                addr: "127.0.0.1:8100".into(),
+                ..HttpConfig::default()
+            },
+            models: RepositoryConfig {
+                engine: EngineKind::Ort,
+                ..RepositoryConfig::default()
+            },
+            model_defaults: ModelConfig::default(),
+            ort: OrtOptions::default(),
+            quic: QuicConfig::default(),
+        }
+    }
+}
+
+impl HubConfig {
+    /// The serving part of the config.
+    pub fn serving(&self) -> ServingConfig {
+        ServingConfig {
+            http: self.http.clone(),
+            models: self.models.clone(),
+            model_defaults: self.model_defaults.clone(),
+            ort: self.ort.clone(),
+        }
+    }
+}
+
+/// Where a started hub listens.
+#[derive(Clone, Copy, Debug)]
+pub struct HubAddrs {
+    /// KServe v2 HTTP.
+    pub http: SocketAddr,
+    /// QUIC infer service.
+    pub quic: SocketAddr,
+}
+
+/// Loads the models, starts the QUIC service and the HTTP API, and serves until SIGTERM/SIGINT.
+pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::Result<()> {
+    let files = config.quic.tls.clone().ok_or_else(|| {
+        anyhow::anyhow!("quic.tls is not set: the hub needs the fabric CA and its own certificate (create development ones with `fabric certs --out certs --node hub-1:hub --node edge-1:edge`)")
+    })?;
+    let server_config = tls::server_config(&files)?;
+    let serving = config.serving();
+    let metrics = Metrics::new("fabric");
+    let models = Arc::new(ModelSet::default());
+    let (loaded, failed) = repository::load_all(&serving, &models, &metrics).await?;
+    if loaded == 0 {
+        anyhow::bail!(
+            "no model could be loaded from {} ({} failed)",
+            serving.models.path.display(),
+            failed.len()
+        );
+    }
+    let quic_addr: SocketAddr = config
+        .quic
+        .addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("quic.addr '{}': {e}", config.quic.addr))?;
+    let endpoint = quinn::Endpoint::server(server_config, quic_addr)?;
+    let quic_bound = endpoint.local_addr()?;
+    let service = Arc::new(quic::QuicService {
+        models: models.clone(),
+        limits: config.quic.limits,
+        read_timeout: Duration::from_millis(config.quic.read_timeout_ms),
+        in_flight: 0.into(),
+        capacity: config.quic.max_in_flight,
+    });
+    tokio::spawn(quic::serve(endpoint.clone(), service));
+    let state = web::Data::new(HttpState {
+        server_name: "cloud-hub".into(),
+        models,
+        metrics,
+        max_body_bytes: config.http.max_body_bytes,
+        ready: false.into(),
+    });
+    let (server, addrs) = http::bind(state.clone(), &config.http)?;
+    state.ready.store(true, Ordering::Release);
+    let http_bound = addrs
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
+    tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded, "cloud-hub ready");
+    on_ready(HubAddrs {
+        http: http_bound,
+        quic: quic_bound,
+    });
+    server.await?;
+    endpoint.close(
+        fabric_core::wire::codes::SHUTDOWN.into(),
+        b"hub shutting down",
+    );
+    tracing::info!("cloud-hub stopped");
+    Ok(())
+}

@@ -23,3 +23,5 @@ pub mod models;
 pub mod policy;
 pub mod pool;
 pub mod repository;
+pub mod tls;
+pub mod wire;
