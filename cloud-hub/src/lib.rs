@@ -66,14 +66,8 @@ pub struct HubConfig {
 impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
-            http: HttpConfig {
-                addr: "127.0.0.1:8100".into(),
-                ..HttpConfig::default()
-            },
-            models: RepositoryConfig {
-                engine: EngineKind::Ort,
-                ..RepositoryConfig::default()
-            },
+            http: HttpConfig { addr: "127.0.0.1:8100".into(), ..HttpConfig::default() },
+            models: RepositoryConfig { engine: EngineKind::Ort, ..RepositoryConfig::default() },
             model_defaults: ModelConfig::default(),
             ort: OrtOptions::default(),
             quic: QuicConfig::default(),
@@ -113,17 +107,10 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     let models = Arc::new(ModelSet::default());
     let (loaded, failed) = repository::load_all(&serving, &models, &metrics).await?;
     if loaded == 0 {
-        anyhow::bail!(
-            "no model could be loaded from {} ({} failed)",
-            serving.models.path.display(),
-            failed.len()
-        );
+        anyhow::bail!("no model could be loaded from {} ({} failed)", serving.models.path.display(), failed.len());
     }
-    let quic_addr: SocketAddr = config
-        .quic
-        .addr
-        .parse()
-        .map_err(|e| anyhow::anyhow!("quic.addr '{}': {e}", config.quic.addr))?;
+    let quic_addr: SocketAddr =
+        config.quic.addr.parse().map_err(|e| anyhow::anyhow!("quic.addr '{}': {e}", config.quic.addr))?;
     let endpoint = quinn::Endpoint::server(server_config, quic_addr)?;
     let quic_bound = endpoint.local_addr()?;
     let service = Arc::new(quic::QuicService {
@@ -140,23 +127,15 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         metrics,
         max_body_bytes: config.http.max_body_bytes,
         ready: false.into(),
+        overflow: None,
     });
     let (server, addrs) = http::bind(state.clone(), &config.http)?;
     state.ready.store(true, Ordering::Release);
-    let http_bound = addrs
-        .first()
-        .copied()
-        .ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
+    let http_bound = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
     tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded, "cloud-hub ready");
-    on_ready(HubAddrs {
-        http: http_bound,
-        quic: quic_bound,
-    });
+    on_ready(HubAddrs { http: http_bound, quic: quic_bound });
     server.await?;
-    endpoint.close(
-        fabric_core::wire::codes::SHUTDOWN.into(),
-        b"hub shutting down",
-    );
+    endpoint.close(fabric_core::wire::codes::SHUTDOWN.into(), b"hub shutting down");
     tracing::info!("cloud-hub stopped");
     Ok(())
 }

@@ -40,8 +40,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ort=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -66,9 +65,6 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     actix_web::rt::System::new().block_on(cloud_hub::run(config, |addrs| {
-        println!(
-            "cloud-hub listening on http://{} quic://{}",
-            addrs.http, addrs.quic
-        );
+        println!("cloud-hub listening on http://{} quic://{}", addrs.http, addrs.quic);
     }))
 }

@@ -13,9 +13,7 @@ use fabric_core::models::{ModelSet, RouteError};
 use fabric_core::pool::PoolError;
 use fabric_core::tensor::{NamedTensor, Tensor};
 use fabric_core::tls::{self, Role};
-use fabric_core::wire::{
-    self, codes, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireError, WireLimits,
-};
+use fabric_core::wire::{self, codes, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireError, WireLimits};
 
 /// What every stream handler shares.
 pub struct QuicService {
@@ -33,10 +31,7 @@ pub struct QuicService {
 
 impl QuicService {
     fn load(&self) -> HubLoad {
-        HubLoad {
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            capacity: self.capacity,
-        }
+        HubLoad { in_flight: self.in_flight.load(Ordering::Relaxed), capacity: self.capacity }
     }
 }
 
@@ -57,10 +52,7 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<QuicService>) {
                 Ok(id) if matches!(id.role, Role::Edge | Role::Hub | Role::Operator) => id,
                 Ok(id) => {
                     tracing::warn!(%remote, node = %id.node_id, role = id.role.as_str(), "refused: role may not use the infer service");
-                    conn.close(
-                        codes::FORBIDDEN.into(),
-                        b"role may not use the infer service",
-                    );
+                    conn.close(codes::FORBIDDEN.into(), b"role may not use the infer service");
                     return;
                 }
                 Err(e) => {
@@ -87,12 +79,7 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<QuicService>) {
 }
 
 fn failure(code: ErrorCode, message: String, request_id: u64, load: HubLoad) -> ResponseHeader {
-    ResponseHeader {
-        protocol: wire::PROTOCOL_VERSION,
-        request_id,
-        result: Err((code, message)),
-        load,
-    }
+    ResponseHeader { protocol: wire::PROTOCOL_VERSION, request_id, result: Err((code, message)), load }
 }
 
 fn pool_error_code(e: &PoolError) -> ErrorCode {
@@ -107,11 +94,7 @@ fn pool_error_code(e: &PoolError) -> ErrorCode {
     }
 }
 
-async fn handle_stream(
-    service: &QuicService,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
+async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let arrived = Instant::now();
     let read = tokio::time::timeout(
         service.read_timeout,
@@ -121,33 +104,17 @@ async fn handle_stream(
     let (header, inputs) = match read {
         Ok(Ok(message)) => message,
         Ok(Err(e)) => {
-            let code = if matches!(e, WireError::Version(_)) {
-                ErrorCode::UnsupportedProtocol
-            } else {
-                ErrorCode::Malformed
-            };
+            let code =
+                if matches!(e, WireError::Version(_)) { ErrorCode::UnsupportedProtocol } else { ErrorCode::Malformed };
             tracing::warn!("bad request stream: {e}");
             let _ = recv.stop(e.code().into());
-            respond(
-                &mut send,
-                &failure(code, e.to_string(), 0, service.load()),
-                &[],
-            )
-            .await;
+            respond(&mut send, &failure(code, e.to_string(), 0, service.load()), &[]).await;
             return;
         }
         Err(_) => {
             let _ = recv.stop(codes::TIMEOUT.into());
-            let message = format!(
-                "request not received within {} ms",
-                service.read_timeout.as_millis()
-            );
-            respond(
-                &mut send,
-                &failure(ErrorCode::Malformed, message, 0, service.load()),
-                &[],
-            )
-            .await;
+            let message = format!("request not received within {} ms", service.read_timeout.as_millis());
+            respond(&mut send, &failure(ErrorCode::Malformed, message, 0, service.load()), &[]).await;
             return;
         }
     };
@@ -155,12 +122,7 @@ async fn handle_stream(
     if service.in_flight.load(Ordering::Relaxed) >= service.capacity {
         respond(
             &mut send,
-            &failure(
-                ErrorCode::Busy,
-                format!("hub at capacity ({} requests)", service.capacity),
-                id,
-                service.load(),
-            ),
+            &failure(ErrorCode::Busy, format!("hub at capacity ({} requests)", service.capacity), id, service.load()),
             &[],
         )
         .await;
@@ -200,9 +162,7 @@ async fn handle_stream(
             let tensors: Vec<&Tensor> = named.iter().map(|t| &t.tensor).collect();
             respond(&mut send, &head, &tensors).await;
         }
-        Err((code, message)) => {
-            respond(&mut send, &failure(code, message, id, service.load()), &[]).await
-        }
+        Err((code, message)) => respond(&mut send, &failure(code, message, id, service.load()), &[]).await,
     }
 }
 

@@ -47,11 +47,8 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 fn start_hub() -> Hub {
     let dir = temp_dir("hub");
-    tls::generate_dev_pki(
-        &dir.join("certs"),
-        &[("hub-1".into(), Role::Hub), ("edge-1".into(), Role::Edge)],
-    )
-    .expect("pki");
+    tls::generate_dev_pki(&dir.join("certs"), &[("hub-1".into(), Role::Hub), ("edge-1".into(), Role::Edge)])
+        .expect("pki");
     for model in ["mlp", "mixed"] {
         let v = dir.join("models").join(model).join("1");
         std::fs::create_dir_all(&v).expect("repo");
@@ -82,73 +79,49 @@ fn start_hub() -> Hub {
             }
         }
     });
-    let quic = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("hub ready within 60 s")
-        .parse()
-        .expect("quic addr");
+    let quic = rx.recv_timeout(Duration::from_secs(60)).expect("hub ready within 60 s").parse().expect("quic addr");
     Hub { child, quic, dir }
 }
 
-async fn connect(
-    hub: SocketAddr,
-    files: Option<&TlsFiles>,
-    trust: &Path,
-) -> Result<quinn::Connection, String> {
+async fn connect(hub: SocketAddr, files: Option<&TlsFiles>, trust: &Path) -> Result<quinn::Connection, String> {
     let crypto = match files {
         Some(files) => tls::client_config(files).map_err(|e| e.to_string())?,
         None => {
             // A client that trusts the fabric CA but presents no certificate of its own.
             let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls::pki_types::CertificateDer::pem_file_iter(trust)
-                .expect("ca")
-                .flatten()
-            {
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(trust).expect("ca").flatten() {
                 roots.add(cert).expect("root");
             }
-            let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            let mut tls =
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .expect("tls13")
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
             tls.alpn_protocols = vec![tls::ALPN.to_vec()];
             quinn::ClientConfig::new(Arc::new(
                 quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
             ))
         }
     };
-    let mut endpoint =
-        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).map_err(|e| e.to_string())?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).map_err(|e| e.to_string())?;
     endpoint.set_default_client_config(crypto);
-    endpoint
-        .connect(hub, "localhost")
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())
+    endpoint.connect(hub, "localhost").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())
 }
 
 /// Sends raw bytes on a new stream and reads the whole answer.
-async fn exchange(
-    conn: &quinn::Connection,
-    bytes: &[u8],
-) -> Result<(ResponseHeader, Vec<NamedTensor>), String> {
+async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<(ResponseHeader, Vec<NamedTensor>), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(bytes)
-        .await
-        .map_err(|e| format!("{e} (closed: {:?})", conn.close_reason()))?;
+    send.write_all(bytes).await.map_err(|e| format!("{e} (closed: {:?})", conn.close_reason()))?;
     let _ = send.finish();
     let answer = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(64 << 20))
         .await
         .map_err(|_| "no answer within 20 s".to_string())?
         .map_err(|e| format!("{e} (closed: {:?})", conn.close_reason()))?;
     let mut reader = answer.as_slice();
-    wire::read_message(&mut reader, &WireLimits::default(), |h: &ResponseHeader| {
-        h.result.as_deref().unwrap_or(&[])
-    })
-    .await
-    .map_err(|e| e.to_string())
+    wire::read_message(&mut reader, &WireLimits::default(), |h: &ResponseHeader| h.result.as_deref().unwrap_or(&[]))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn request(model: &str, inputs: &[NamedTensor]) -> Vec<u8> {
@@ -169,25 +142,15 @@ fn request(model: &str, inputs: &[NamedTensor]) -> Vec<u8> {
 async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
     let hub = start_hub();
     let certs = hub.dir.join("certs");
-    let conn = connect(
-        hub.quic,
-        Some(&TlsFiles::in_dir(&certs, "edge-1")),
-        &certs.join("ca.pem"),
-    )
-    .await
-    .expect("edge connects");
+    let conn = connect(hub.quic, Some(&TlsFiles::in_dir(&certs, "edge-1")), &certs.join("ca.pem"))
+        .await
+        .expect("edge connects");
 
     for model in ["mlp", "mixed"] {
-        let mut edge = engine::load(
-            EngineKind::Tract,
-            &reference::model_path(model),
-            &EngineOptions::default(),
-        )
-        .expect("tract");
+        let mut edge =
+            engine::load(EngineKind::Tract, &reference::model_path(model), &EngineOptions::default()).expect("tract");
         for case in reference::load_cases(model).expect("cases") {
-            let (head, outputs) = exchange(&conn, &request(model, &case.inputs))
-                .await
-                .expect("answer");
+            let (head, outputs) = exchange(&conn, &request(model, &case.inputs)).await.expect("answer");
             assert_eq!(head.request_id, 42);
             assert!(head.result.is_ok(), "{model}: {:?}", head.result);
             let local = edge.infer(&case.inputs).expect("edge engine");
@@ -205,22 +168,13 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
         }
     }
 
-    let good = request(
-        "mlp",
-        &reference::load_cases("mlp").expect("cases")[0].inputs,
-    );
+    let good = request("mlp", &reference::load_cases("mlp").expect("cases")[0].inputs);
     let mut garbage = Vec::new();
     wire::put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
-    let mut huge_tensor =
-        good[..4 + u32::from_be_bytes([good[0], good[1], good[2], good[3]]) as usize].to_vec();
+    let mut huge_tensor = good[..4 + u32::from_be_bytes([good[0], good[1], good[2], good[3]]) as usize].to_vec();
     huge_tensor.extend_from_slice(&(2u32 << 20).to_be_bytes());
-    let wrong_shape = request(
-        "mlp",
-        &[NamedTensor::new(
-            "input",
-            Tensor::from_vec(vec![1, 3], vec![0f32; 3]).expect("t"),
-        )],
-    );
+    let wrong_shape =
+        request("mlp", &[NamedTensor::new("input", Tensor::from_vec(vec![1, 3], vec![0f32; 3]).expect("t"))]);
     #[rustfmt::skip]
     let cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
         ("garbage header", garbage, ErrorCode::Malformed, "malformed message: header"),
@@ -231,9 +185,7 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
         ("wrong shape", wrong_shape, ErrorCode::BadRequest, "dimension 1 must be 784"),
     ];
     for (label, bytes, code, message) in cases {
-        let (head, _) = exchange(&conn, &bytes)
-            .await
-            .unwrap_or_else(|e| panic!("{label}: no error response: {e}"));
+        let (head, _) = exchange(&conn, &bytes).await.unwrap_or_else(|e| panic!("{label}: no error response: {e}"));
         match head.result {
             Err((got, text)) => {
                 assert_eq!(got, code, "{label}: {text}");
@@ -251,23 +203,14 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
 async fn peers_without_a_fabric_certificate_are_refused() {
     let hub = start_hub();
     let certs = hub.dir.join("certs");
-    let good = request(
-        "mlp",
-        &reference::load_cases("mlp").expect("cases")[0].inputs,
-    );
+    let good = request("mlp", &reference::load_cases("mlp").expect("cases")[0].inputs);
 
     // No client certificate at all.
     let refused = match connect(hub.quic, None, &certs.join("ca.pem")).await {
         Err(e) => e,
-        Ok(conn) => exchange(&conn, &good)
-            .await
-            .map(|_| ())
-            .expect_err("served a peer with no certificate"),
+        Ok(conn) => exchange(&conn, &good).await.map(|_| ()).expect_err("served a peer with no certificate"),
     };
-    assert!(
-        refused.to_lowercase().contains("certificate") || refused.contains("closed"),
-        "{refused}"
-    );
+    assert!(refused.to_lowercase().contains("certificate") || refused.contains("closed"), "{refused}");
 
     // A certificate from another CA: connect() may succeed (TLS 1.3), the first read must fail.
     let other = temp_dir("other-ca");
@@ -276,28 +219,16 @@ async fn peers_without_a_fabric_certificate_are_refused() {
     files.ca = certs.join("ca.pem"); // trusts the real hub, presents a foreign certificate
     let refused = match connect(hub.quic, Some(&files), &certs.join("ca.pem")).await {
         Err(e) => e,
-        Ok(conn) => exchange(&conn, &good)
-            .await
-            .map(|_| ())
-            .expect_err("served a peer from another CA"),
+        Ok(conn) => exchange(&conn, &good).await.map(|_| ()).expect_err("served a peer from another CA"),
     };
-    assert!(
-        refused.contains("UnknownIssuer") || refused.to_lowercase().contains("certificate"),
-        "{refused}"
-    );
+    assert!(refused.contains("UnknownIssuer") || refused.to_lowercase().contains("certificate"), "{refused}");
 
     // A hub certificate from another CA is refused by the edge side too.
-    let wrong_trust = TlsFiles {
-        ca: other.join("ca.pem"),
-        ..TlsFiles::in_dir(&certs, "edge-1")
-    };
+    let wrong_trust = TlsFiles { ca: other.join("ca.pem"), ..TlsFiles::in_dir(&certs, "edge-1") };
     let refused = connect(hub.quic, Some(&wrong_trust), &other.join("ca.pem"))
         .await
         .map(|_| ())
         .expect_err("trusted a foreign hub");
-    assert!(
-        refused.contains("UnknownIssuer") || refused.to_lowercase().contains("certificate"),
-        "{refused}"
-    );
+    assert!(refused.contains("UnknownIssuer") || refused.to_lowercase().contains("certificate"), "{refused}");
     let _ = std::fs::remove_dir_all(&other);
 }

@@ -1,12 +1,16 @@
 //! `edge-node`: the device daemon. Serves local apps over the Open Inference Protocol (KServe v2
-//! REST) from a model repository, with per-model actor pools that batch and enforce deadlines.
+//! REST) from a model repository, with per-model actor pools that batch and enforce deadlines, and
+//! offloads what it cannot serve in time to cloud hubs over QUIC ([`offload`]).
+
+pub mod offload;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix_web::web;
-use fabric_core::config::ServingConfig;
-use fabric_core::http::{self, HttpState};
+use fabric_core::config::{HttpConfig, ModelConfig, RepositoryConfig, ServingConfig};
+use fabric_core::engine::OrtOptions;
+use fabric_core::http::{self, HttpState, Overflow};
 use fabric_core::metrics::Metrics;
 use fabric_core::models::ModelSet;
 use fabric_core::repository;
@@ -16,26 +20,45 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
-    /// HTTP, model repository, model defaults, ONNX Runtime.
-    #[serde(flatten)]
-    pub serving: ServingConfig,
+    /// HTTP (KServe v2) server.
+    pub http: HttpConfig,
+    /// Model repository (engine: tract by default).
+    pub models: RepositoryConfig,
+    /// Defaults for every model.
+    pub model_defaults: ModelConfig,
+    /// ONNX Runtime, for models served with the `ort` engine.
+    pub ort: OrtOptions,
+    /// Hubs to offload overflow to.
+    pub offload: offload::OffloadConfig,
 }
 
-/// Loads the repository, binds the HTTP API and serves until SIGTERM/SIGINT (then drains in-flight work).
+impl EdgeConfig {
+    /// The serving part of the config.
+    pub fn serving(&self) -> ServingConfig {
+        ServingConfig {
+            http: self.http.clone(),
+            models: self.models.clone(),
+            model_defaults: self.model_defaults.clone(),
+            ort: self.ort.clone(),
+        }
+    }
+}
+
+/// Loads the repository, connects to hubs, binds the HTTP API and serves until SIGTERM/SIGINT
+/// (then drains in-flight work).
 ///
 /// `on_ready` gets the bound address once every model is loaded and the server accepts requests.
-pub async fn run(
-    config: EdgeConfig,
-    on_ready: impl FnOnce(std::net::SocketAddr),
-) -> anyhow::Result<()> {
+pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let serving = config.serving();
     let metrics = Metrics::new("fabric");
     let models = Arc::new(ModelSet::default());
-    let (loaded, failed) = repository::load_all(&config.serving, &models, &metrics).await?;
+    let offloader = offload::Offloader::start(&config.offload)?;
+    let (loaded, failed) = repository::load_all(&serving, &models, &metrics).await?;
     if loaded == 0 {
         anyhow::bail!(
             "no model could be loaded from {} ({} failed): put models in <repo>/<name>/<version>/model.onnx",
-            config.serving.models.path.display(),
+            serving.models.path.display(),
             failed.len()
         );
     }
@@ -43,16 +66,15 @@ pub async fn run(
         server_name: "edge-node".into(),
         models,
         metrics,
-        max_body_bytes: config.serving.http.max_body_bytes,
+        max_body_bytes: config.http.max_body_bytes,
         ready: false.into(),
+        overflow: offloader.clone().map(|o| o as Arc<dyn Overflow>),
     });
-    let (server, addrs) = http::bind(state.clone(), &config.serving.http)?;
+    let (server, addrs) = http::bind(state.clone(), &config.http)?;
     state.ready.store(true, Ordering::Release);
-    let addr = addrs
-        .first()
-        .copied()
-        .ok_or_else(|| anyhow::anyhow!("bound no address"))?;
-    tracing::info!(%addr, models = loaded, failed = failed.len(), ms = started.elapsed().as_millis() as u64, "edge-node ready");
+    let addr = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no address"))?;
+    tracing::info!(%addr, models = loaded, failed = failed.len(), hubs = config.offload.hubs.len(),
+        ms = started.elapsed().as_millis() as u64, "edge-node ready");
     on_ready(addr);
     server.await?;
     tracing::info!("edge-node stopped");

@@ -26,6 +26,15 @@ struct Cli {
     /// Engine for models without their own setting: tract (pure Rust, CPU) or ort (ONNX Runtime) [default: tract]
     #[arg(long)]
     engine: Option<EngineKind>,
+    /// A hub to offload overflow to, as host:port of its QUIC service. Repeatable.
+    #[arg(long = "hub")]
+    hubs: Vec<String>,
+    /// Folder with ca.pem, <node-id>.pem and <node-id>.key.pem (as `fabric certs` writes them)
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// This node's id, naming its certificate in --certs [default: edge-1]
+    #[arg(long, default_value = "edge-1")]
+    node_id: String,
     /// Print the effective configuration (defaults, file and flags merged) as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -35,8 +44,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ort=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -45,13 +53,19 @@ fn main() -> anyhow::Result<()> {
         None => EdgeConfig::default(),
     };
     if let Some(addr) = cli.http_addr {
-        config.serving.http.addr = addr;
+        config.http.addr = addr;
     }
     if let Some(repo) = cli.model_repository {
-        config.serving.models.path = repo;
+        config.models.path = repo;
     }
     if let Some(engine) = cli.engine {
-        config.serving.models.engine = engine;
+        config.models.engine = engine;
+    }
+    for hub in cli.hubs {
+        config.offload.hubs.push(edge_node::offload::HubEndpoint { addr: hub, server_name: "localhost".into() });
+    }
+    if let Some(dir) = cli.certs {
+        config.offload.tls = Some(fabric_core::tls::TlsFiles::in_dir(&dir, &cli.node_id));
     }
     if cli.print_config {
         print!("{}", toml::to_string(&config)?);

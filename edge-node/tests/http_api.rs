@@ -12,12 +12,7 @@ use serde_json::{json, Value};
 use support::{client, get, post, start_edge, Reply};
 
 // The digits reference case is the whole held-out split (450 rows) in one request.
-const ALL: &[(&str, &str)] = &[
-    ("mlp", ""),
-    ("cnn", ""),
-    ("mixed", ""),
-    ("digits", "max_batch_size = 512\n"),
-];
+const ALL: &[(&str, &str)] = &[("mlp", ""), ("cnn", ""), ("mixed", ""), ("digits", "max_batch_size = 512\n")];
 
 fn tensor_json(t: &NamedTensor) -> Value {
     let x = &t.tensor;
@@ -42,8 +37,10 @@ fn json_body(inputs: &[NamedTensor], extra: Value) -> Vec<u8> {
 fn binary_body(inputs: &[NamedTensor], extra: Value) -> (Vec<u8>, usize) {
     let decls: Vec<Value> = inputs
         .iter()
-        .map(|t| json!({ "name": t.name, "shape": t.tensor.shape(), "datatype": t.tensor.dtype().as_str(),
-                         "parameters": { "binary_data_size": t.tensor.bytes().len() } }))
+        .map(|t| {
+            json!({ "name": t.name, "shape": t.tensor.shape(), "datatype": t.tensor.dtype().as_str(),
+                         "parameters": { "binary_data_size": t.tensor.bytes().len() } })
+        })
         .collect();
     let mut head = json!({ "inputs": decls });
     if let (Some(obj), Some(more)) = (head.as_object_mut(), extra.as_object()) {
@@ -59,12 +56,7 @@ fn binary_body(inputs: &[NamedTensor], extra: Value) -> (Vec<u8>, usize) {
 
 /// The outputs of a response, JSON or binary, as tensors.
 fn outputs(reply: &Reply) -> Vec<NamedTensor> {
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
     let head = reply.json();
     let mut offset = reply.header_length.unwrap_or(0);
     head["outputs"]
@@ -72,17 +64,9 @@ fn outputs(reply: &Reply) -> Vec<NamedTensor> {
         .expect("outputs")
         .iter()
         .map(|o| {
-            let dtype: DataType = o["datatype"]
-                .as_str()
-                .expect("datatype")
-                .parse()
-                .expect("known dtype");
-            let shape: Vec<usize> = o["shape"]
-                .as_array()
-                .expect("shape")
-                .iter()
-                .map(|d| d.as_u64().expect("dim") as usize)
-                .collect();
+            let dtype: DataType = o["datatype"].as_str().expect("datatype").parse().expect("known dtype");
+            let shape: Vec<usize> =
+                o["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
             let tensor = match o["parameters"]["binary_data_size"].as_u64() {
                 Some(n) => {
                     let bytes = reply.body[offset..offset + n as usize].to_vec();
@@ -92,26 +76,18 @@ fn outputs(reply: &Reply) -> Vec<NamedTensor> {
                 None => {
                     let data = o["data"].as_array().expect("data");
                     match dtype {
-                        DataType::Fp32 => Tensor::from_vec(
-                            shape,
-                            data.iter()
-                                .map(|v| v.as_f64().expect("num") as f32)
-                                .collect(),
-                        ),
-                        DataType::Fp64 => Tensor::from_vec(
-                            shape,
-                            data.iter().map(|v| v.as_f64().expect("num")).collect(),
-                        ),
-                        DataType::Int64 => Tensor::from_vec(
-                            shape,
-                            data.iter().map(|v| v.as_i64().expect("int")).collect(),
-                        ),
-                        DataType::Uint8 => Tensor::from_vec(
-                            shape,
-                            data.iter()
-                                .map(|v| v.as_u64().expect("int") as u8)
-                                .collect(),
-                        ),
+                        DataType::Fp32 => {
+                            Tensor::from_vec(shape, data.iter().map(|v| v.as_f64().expect("num") as f32).collect())
+                        }
+                        DataType::Fp64 => {
+                            Tensor::from_vec(shape, data.iter().map(|v| v.as_f64().expect("num")).collect())
+                        }
+                        DataType::Int64 => {
+                            Tensor::from_vec(shape, data.iter().map(|v| v.as_i64().expect("int")).collect())
+                        }
+                        DataType::Uint8 => {
+                            Tensor::from_vec(shape, data.iter().map(|v| v.as_u64().expect("int") as u8).collect())
+                        }
                         other => panic!("unexpected {other}"),
                     }
                     .expect("json tensor")
@@ -126,8 +102,7 @@ fn assert_matches(got: &[NamedTensor], want: &[NamedTensor], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: output count");
     for (g, w) in got.iter().zip(want) {
         assert_eq!(g.name, w.name, "{what}");
-        let diff =
-            max_abs_diff(&g.tensor, &w.tensor).unwrap_or_else(|e| panic!("{what} {}: {e}", g.name));
+        let diff = max_abs_diff(&g.tensor, &w.tensor).unwrap_or_else(|e| panic!("{what} {}: {e}", g.name));
         assert!(diff <= 1e-4, "{what} {}: max diff {diff}", g.name);
     }
 }
@@ -136,57 +111,25 @@ fn assert_matches(got: &[NamedTensor], want: &[NamedTensor], what: &str) {
 fn health_and_metadata() {
     let edge = start_edge(ALL, "");
     let agent = client();
-    assert_eq!(
-        get(&agent, &format!("{}/v2/health/live", edge.url)).status,
-        200
-    );
-    assert_eq!(
-        get(&agent, &format!("{}/v2/health/ready", edge.url)).status,
-        200
-    );
+    assert_eq!(get(&agent, &format!("{}/v2/health/live", edge.url)).status, 200);
+    assert_eq!(get(&agent, &format!("{}/v2/health/ready", edge.url)).status, 200);
     let server = get(&agent, &format!("{}/v2", edge.url)).json();
     assert_eq!(server["name"], "edge-node");
-    assert!(server["extensions"]
-        .as_array()
-        .expect("list")
-        .contains(&json!("binary_tensor_data")));
+    assert!(server["extensions"].as_array().expect("list").contains(&json!("binary_tensor_data")));
     let meta = get(&agent, &format!("{}/v2/models/mixed", edge.url)).json();
     assert_eq!(
         meta["inputs"],
         json!([{"name":"ids","datatype":"INT64","shape":[-1,4]},{"name":"weights","datatype":"FP64","shape":[-1,4]}])
     );
-    assert_eq!(
-        meta["outputs"][1],
-        json!({"name":"positive","datatype":"UINT8","shape":[-1,4]})
-    );
-    assert_eq!(
-        get(&agent, &format!("{}/v2/models/mlp/versions/1", edge.url)).json()["versions"],
-        json!(["1"])
-    );
-    assert_eq!(
-        get(&agent, &format!("{}/v2/models/mlp/ready", edge.url)).status,
-        200
-    );
-    assert_eq!(
-        get(
-            &agent,
-            &format!("{}/v2/models/mlp/versions/1/ready", edge.url)
-        )
-        .status,
-        200
-    );
+    assert_eq!(meta["outputs"][1], json!({"name":"positive","datatype":"UINT8","shape":[-1,4]}));
+    assert_eq!(get(&agent, &format!("{}/v2/models/mlp/versions/1", edge.url)).json()["versions"], json!(["1"]));
+    assert_eq!(get(&agent, &format!("{}/v2/models/mlp/ready", edge.url)).status, 200);
+    assert_eq!(get(&agent, &format!("{}/v2/models/mlp/versions/1/ready", edge.url)).status, 200);
     let config = get(&agent, &format!("{}/v2/models/mlp/config", edge.url)).json();
     assert_eq!(config["max_batch_size"], 32);
-    assert_eq!(
-        config["input"],
-        json!([{"name":"input","data_type":"TYPE_FP32","dims":[784]}])
-    );
-    let metrics =
-        String::from_utf8(get(&agent, &format!("{}/metrics", edge.url)).body).expect("utf8");
-    assert!(
-        metrics.contains("fabric_replicas{model=\"cnn\",version=\"1\"} 1"),
-        "{metrics}"
-    );
+    assert_eq!(config["input"], json!([{"name":"input","data_type":"TYPE_FP32","dims":[784]}]));
+    let metrics = String::from_utf8(get(&agent, &format!("{}/metrics", edge.url)).body).expect("utf8");
+    assert!(metrics.contains("fabric_replicas{model=\"cnn\",version=\"1\"} 1"), "{metrics}");
 }
 
 #[test]
@@ -197,58 +140,24 @@ fn json_and_binary_inference_match_the_reference() {
         for case in reference::load_cases(model).expect("cases") {
             let url = format!("{}/v2/models/{model}/infer", edge.url);
             let what = format!("{model}/{}", case.name);
-            let json_reply = post(
-                &agent,
-                &url,
-                &json_body(&case.inputs, json!({ "id": what })),
-                None,
-            );
+            let json_reply = post(&agent, &url, &json_body(&case.inputs, json!({ "id": what })), None);
             assert_eq!(json_reply.json()["id"], what.as_str());
             assert_eq!(json_reply.json()["model_version"], "1");
-            assert_matches(
-                &outputs(&json_reply),
-                &case.outputs,
-                &format!("{what} json"),
-            );
-            let (body, n) = binary_body(
-                &case.inputs,
-                json!({ "parameters": { "binary_data_output": true } }),
-            );
-            let bin_reply = post(
-                &agent,
-                &format!("{}/v2/models/{model}/versions/1/infer", edge.url),
-                &body,
-                Some(n),
-            );
-            assert!(
-                bin_reply.header_length.is_some(),
-                "{what}: binary outputs expected"
-            );
-            assert_matches(
-                &outputs(&bin_reply),
-                &case.outputs,
-                &format!("{what} binary"),
-            );
+            assert_matches(&outputs(&json_reply), &case.outputs, &format!("{what} json"));
+            let (body, n) = binary_body(&case.inputs, json!({ "parameters": { "binary_data_output": true } }));
+            let bin_reply = post(&agent, &format!("{}/v2/models/{model}/versions/1/infer", edge.url), &body, Some(n));
+            assert!(bin_reply.header_length.is_some(), "{what}: binary outputs expected");
+            assert_matches(&outputs(&bin_reply), &case.outputs, &format!("{what} binary"));
         }
     }
     // Nested JSON data, and a subset of outputs, one binary and one not.
     let case = reference::load_cases("digits").expect("cases").remove(0);
-    let rows: Vec<Vec<f32>> = case.inputs[0]
-        .tensor
-        .as_slice::<f32>()
-        .expect("f32")
-        .chunks(64)
-        .take(3)
-        .map(<[f32]>::to_vec)
-        .collect();
+    let rows: Vec<Vec<f32>> =
+        case.inputs[0].tensor.as_slice::<f32>().expect("f32").chunks(64).take(3).map(<[f32]>::to_vec).collect();
     let body = json!({ "inputs": [{ "name": "input", "shape": [3, 64], "datatype": "FP32", "data": rows }],
                        "outputs": [{ "name": "label", "parameters": { "binary_data": true } }] });
-    let reply = post(
-        &agent,
-        &format!("{}/v2/models/digits/infer", edge.url),
-        &serde_json::to_vec(&body).expect("json"),
-        None,
-    );
+    let reply =
+        post(&agent, &format!("{}/v2/models/digits/infer", edge.url), &serde_json::to_vec(&body).expect("json"), None);
     let got = outputs(&reply);
     assert_eq!(got.len(), 1);
     assert_eq!(
@@ -263,15 +172,10 @@ fn errors_have_the_protocol_status_and_a_precise_message() {
     let agent = client();
     let infer = |model: &str| format!("{}/v2/models/{model}/infer", edge.url);
     let mlp = |shape: &str, dtype: &str, data: &str| {
-        format!(
-            r#"{{"inputs":[{{"name":"input","shape":{shape},"datatype":"{dtype}","data":{data}}}]}}"#
-        )
+        format!(r#"{{"inputs":[{{"name":"input","shape":{shape},"datatype":"{dtype}","data":{data}}}]}}"#)
     };
     let row = format!("[{}]", vec!["0.5"; 784].join(","));
-    let (bin, n) = binary_body(
-        &reference::load_cases("mlp").expect("cases")[0].inputs,
-        json!({}),
-    );
+    let (bin, n) = binary_body(&reference::load_cases("mlp").expect("cases")[0].inputs, json!({}));
     #[rustfmt::skip]
     let cases: Vec<(&str, String, Vec<u8>, Option<usize>, u16, &str)> = vec![
         ("malformed JSON", infer("mlp"), b"{\"inputs\": [".to_vec(), None, 400, "malformed infer request"),
@@ -291,42 +195,24 @@ fn errors_have_the_protocol_status_and_a_precise_message() {
     ];
     for (label, url, body, header_length, status, message) in cases {
         let reply = post(&agent, &url, &body, header_length);
-        assert_eq!(
-            reply.status,
-            status,
-            "{label}: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        assert!(
-            reply.error().contains(message),
-            "{label}: {}",
-            reply.error()
-        );
+        assert_eq!(reply.status, status, "{label}: {}", String::from_utf8_lossy(&reply.body));
+        assert!(reply.error().contains(message), "{label}: {}", reply.error());
     }
-    assert_eq!(
-        get(&agent, &format!("{}/v2/models/nope", edge.url)).status,
-        404
-    );
-    assert_eq!(
-        get(&agent, &format!("{}/v2/nothing-here", edge.url)).status,
-        404
-    );
+    assert_eq!(get(&agent, &format!("{}/v2/models/nope", edge.url)).status, 404);
+    assert_eq!(get(&agent, &format!("{}/v2/nothing-here", edge.url)).status, 404);
     // None of that hurt the server.
     assert_eq!(post(&agent, &infer("mlp"), &bin, Some(n)).status, 200);
-    assert_eq!(
-        get(&agent, &format!("{}/v2/health/ready", edge.url)).status,
-        200
-    );
+    assert_eq!(get(&agent, &format!("{}/v2/health/ready", edge.url)).status, 200);
 }
 
 #[test]
 fn overload_gets_503_queue_full_never_a_hang() {
     // One replica, batches of one, a queue of two: a burst of CNN batches must overflow.
-    let edge = start_edge(&[("cnn", "max_batch_size = 8\nqueue_capacity = 2\nmax_queue_delay_us = 0\ndefault_timeout_ms = 20000\n")], "");
-    let case = reference::load_cases("cnn")
-        .expect("cases")
-        .pop()
-        .expect("case");
+    let edge = start_edge(
+        &[("cnn", "max_batch_size = 8\nqueue_capacity = 2\nmax_queue_delay_us = 0\ndefault_timeout_ms = 20000\n")],
+        "",
+    );
+    let case = reference::load_cases("cnn").expect("cases").pop().expect("case");
     let (body, n) = binary_body(&case.inputs, json!({}));
     let url = format!("{}/v2/models/cnn/infer", edge.url);
     let handles: Vec<_> = (0..24)
@@ -335,24 +221,10 @@ fn overload_gets_503_queue_full_never_a_hang() {
             std::thread::spawn(move || post(&client(), &url, &body, Some(n)))
         })
         .collect();
-    let replies: Vec<Reply> = handles
-        .into_iter()
-        .map(|h| h.join().expect("thread"))
-        .collect();
-    let full = replies
-        .iter()
-        .filter(|r| r.status == 503 && r.error().contains("queue full"))
-        .count();
+    let replies: Vec<Reply> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+    let full = replies.iter().filter(|r| r.status == 503 && r.error().contains("queue full")).count();
     let ok = replies.iter().filter(|r| r.status == 200).count();
-    assert_eq!(
-        full + ok,
-        24,
-        "statuses: {:?}",
-        replies
-            .iter()
-            .map(|r| (r.status, r.error()))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(full + ok, 24, "statuses: {:?}", replies.iter().map(|r| (r.status, r.error())).collect::<Vec<_>>());
     assert!(full > 0 && ok > 0, "full {full}, ok {ok}");
 }
 
@@ -360,15 +232,8 @@ fn overload_gets_503_queue_full_never_a_hang() {
 fn two_hundred_concurrent_requests_are_all_answered_and_batched() {
     let edge = start_edge(&[("mlp", "replicas = 1\n")], "");
     let cases = reference::load_cases("mlp").expect("cases");
-    let case = cases
-        .iter()
-        .find(|c| c.name == "batch1")
-        .expect("batch1 case")
-        .clone();
-    let (body, n) = binary_body(
-        &case.inputs,
-        json!({ "parameters": { "binary_data_output": true } }),
-    );
+    let case = cases.iter().find(|c| c.name == "batch1").expect("batch1 case").clone();
+    let (body, n) = binary_body(&case.inputs, json!({ "parameters": { "binary_data_output": true } }));
     let url = format!("{}/v2/models/mlp/infer", edge.url);
     let start = Instant::now();
     let handles: Vec<_> = (0..200)
@@ -382,8 +247,7 @@ fn two_hundred_concurrent_requests_are_all_answered_and_batched() {
         assert_matches(&outputs(&reply), &case.outputs, "concurrent");
     }
     assert!(start.elapsed() < Duration::from_secs(30));
-    let metrics =
-        String::from_utf8(get(&client(), &format!("{}/metrics", edge.url)).body).expect("utf8");
+    let metrics = String::from_utf8(get(&client(), &format!("{}/metrics", edge.url)).body).expect("utf8");
     let value = |prefix: &str| -> f64 {
         metrics
             .lines()
@@ -394,10 +258,7 @@ fn two_hundred_concurrent_requests_are_all_answered_and_batched() {
     };
     let batches = value("fabric_batch_size_count{model=\"mlp\"");
     let singles = value("fabric_batch_size_bucket{model=\"mlp\",version=\"1\",le=\"1\"}");
-    assert!(
-        batches > singles,
-        "no batch larger than 1: {batches} batches, {singles} of size 1"
-    );
+    assert!(batches > singles, "no batch larger than 1: {batches} batches, {singles} of size 1");
     assert!(
         value("fabric_requests_total{model=\"mlp\",outcome=\"ok\"") >= 200.0
             || metrics.contains("outcome=\"ok\",version=\"1\"} 200")
@@ -406,25 +267,15 @@ fn two_hundred_concurrent_requests_are_all_answered_and_batched() {
 
 #[test]
 fn sigterm_answers_in_flight_requests_then_exits() {
-    let mut edge = start_edge(
-        &[("cnn", "max_batch_size = 32\nmax_queue_delay_us = 0\n")],
-        "",
-    );
-    let big: Vec<f32> = (0..32 * 3 * 64 * 64)
-        .map(|i| (i % 13) as f32 / 13.0)
-        .collect();
-    let input = vec![NamedTensor::new(
-        "input",
-        Tensor::from_vec(vec![32, 3, 64, 64], big).expect("tensor"),
-    )];
+    let mut edge = start_edge(&[("cnn", "max_batch_size = 32\nmax_queue_delay_us = 0\n")], "");
+    let big: Vec<f32> = (0..32 * 3 * 64 * 64).map(|i| (i % 13) as f32 / 13.0).collect();
+    let input = vec![NamedTensor::new("input", Tensor::from_vec(vec![32, 3, 64, 64], big).expect("tensor"))];
     let (body, n) = binary_body(&input, json!({ "parameters": { "timeout": 30000000 } }));
     let url = format!("{}/v2/models/cnn/infer", edge.url);
     let handles: Vec<_> = (0..12)
         .map(|_| {
             let (url, body) = (url.clone(), body.clone());
-            std::thread::spawn(move || {
-                (post(&client(), &url, &body, Some(n)).status, Instant::now())
-            })
+            std::thread::spawn(move || (post(&client(), &url, &body, Some(n)).status, Instant::now()))
         })
         .collect();
     // Wait until every request is inside the server (one running, eleven queued), so each must be answered.
@@ -441,39 +292,26 @@ fn sigterm_answers_in_flight_requests_then_exits() {
         if queued >= 11 {
             break;
         }
-        assert!(
-            Instant::now() < waiting,
-            "requests never queued up (queue depth {queued})"
-        );
+        assert!(Instant::now() < waiting, "requests never queued up (queue depth {queued})");
         std::thread::sleep(Duration::from_millis(2));
     }
     let pid = edge.child.id().to_string();
     let killed = Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     let mut after_kill = 0;
     for h in handles {
         let (status, done) = h.join().expect("thread");
         assert_eq!(status, 200, "an in-flight request was dropped at shutdown");
         after_kill += usize::from(done > killed);
     }
-    assert!(
-        after_kill > 0,
-        "every request finished before SIGTERM: the test proved nothing"
-    );
+    assert!(after_kill > 0, "every request finished before SIGTERM: the test proved nothing");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = edge.child.try_wait().expect("wait") {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "edge-node did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "edge-node did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -20,9 +20,7 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     format!("{cpu}, {cores} cores")
 }
 
@@ -31,25 +29,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let ort_library = std::env::var_os("ORT_DYLIB_PATH")
-        .map(Into::into)
-        .or_else(|| {
-            std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
-                .ok()
-                .map(|s| s.trim().into())
-        });
+    let ort_library = std::env::var_os("ORT_DYLIB_PATH").map(Into::into).or_else(|| {
+        std::fs::read_to_string(reference::build_dir().join("ort-dylib-path")).ok().map(|s| s.trim().into())
+    });
     let options = EngineOptions {
         max_batch_size: 64,
-        ort: OrtOptions {
-            library: ort_library,
-            intra_threads: 1,
-            ..OrtOptions::default()
-        },
+        ort: OrtOptions { library: ort_library, intra_threads: 1, ..OrtOptions::default() },
     };
-    println!(
-        "raw engine benchmark, one thread per engine, {}s per row",
-        RUN_FOR.as_secs()
-    );
+    println!("raw engine benchmark, one thread per engine, {}s per row", RUN_FOR.as_secs());
     println!("machine: {}", machine());
     println!();
     println!("| model | batch | engine | infer/s | batches/s | p50 ms | p99 ms |");
@@ -60,10 +47,7 @@ fn main() {
             shape.extend(&row_shape);
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n).map(|i| (i % 97) as f32 / 97.0).collect();
-            let inputs = vec![NamedTensor::new(
-                "input",
-                Tensor::from_vec(shape, data).expect("tensor"),
-            )];
+            let inputs = vec![NamedTensor::new("input", Tensor::from_vec(shape, data).expect("tensor"))];
             for kind in [EngineKind::Tract, EngineKind::Ort] {
                 let mut engine = match engine::load(kind, &reference::model_path(model), &options) {
                     Ok(e) => e,

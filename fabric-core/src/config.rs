@@ -25,12 +25,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            addr: "127.0.0.1:8000".into(),
-            max_body_bytes: 64 << 20,
-            workers: 0,
-            shutdown_timeout_s: 10,
-        }
+        HttpConfig { addr: "127.0.0.1:8000".into(), max_body_bytes: 64 << 20, workers: 0, shutdown_timeout_s: 10 }
     }
 }
 
@@ -94,10 +89,7 @@ pub struct RepositoryConfig {
 
 impl Default for RepositoryConfig {
     fn default() -> Self {
-        RepositoryConfig {
-            path: PathBuf::from("models"),
-            engine: EngineKind::Tract,
-        }
+        RepositoryConfig { path: PathBuf::from("models"), engine: EngineKind::Tract }
     }
 }
 
@@ -118,10 +110,7 @@ pub struct ServingConfig {
 impl ServingConfig {
     /// The engine options for a model with these settings.
     pub fn engine_options(&self, model: &ModelConfig) -> EngineOptions {
-        EngineOptions {
-            max_batch_size: model.max_batch_size.max(1),
-            ort: self.ort.clone(),
-        }
+        EngineOptions { max_batch_size: model.max_batch_size.max(1), ort: self.ort.clone() }
     }
 }
 
@@ -130,43 +119,24 @@ impl ServingConfig {
 pub enum ConfigError {
     /// The file cannot be read.
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     /// The file is not valid TOML for this config.
     #[error("invalid config {path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
 }
 
 /// Reads a TOML file into `T`; every missing key takes its default.
 pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.display().to_string(),
-        source,
-    })
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
 }
 
 /// Applies a per-model TOML file on top of the defaults (keys it sets win).
-pub fn model_config_with_overrides(
-    defaults: &ModelConfig,
-    path: &Path,
-) -> Result<ModelConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let parse = |source| ConfigError::Parse {
-        path: path.display().to_string(),
-        source,
-    };
+pub fn model_config_with_overrides(defaults: &ModelConfig, path: &Path) -> Result<ModelConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let parse = |source| ConfigError::Parse { path: path.display().to_string(), source };
     let overrides: toml::Table = toml::from_str(&text).map_err(parse)?;
     let mut merged = toml::Table::try_from(defaults).unwrap_or_default();
     merged.extend(overrides);
@@ -187,18 +157,10 @@ mod tests {
         let file = dir.join("config.toml");
         std::fs::write(&file, "max_batch_size = 8\nengine = \"ort\"\n")?;
         let merged = model_config_with_overrides(&ModelConfig::default(), &file)?;
-        assert_eq!(
-            (merged.max_batch_size, merged.engine, merged.replicas),
-            (8, Some(EngineKind::Ort), 1)
-        );
+        assert_eq!((merged.max_batch_size, merged.engine, merged.replicas), (8, Some(EngineKind::Ort), 1));
         std::fs::write(&file, "max_batch = 8\n")?;
-        let err = model_config_with_overrides(&ModelConfig::default(), &file)
-            .map(|_| ())
-            .expect_err("unknown key");
-        assert!(
-            err.to_string().contains("unknown field `max_batch`"),
-            "{err}"
-        );
+        let err = model_config_with_overrides(&ModelConfig::default(), &file).map(|_| ()).expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field `max_batch`"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

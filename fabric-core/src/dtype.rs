@@ -126,11 +126,7 @@ impl FromStr for DataType {
     type Err = UnknownDataType;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ALL_DATA_TYPES
-            .iter()
-            .copied()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| UnknownDataType(s.to_string()))
+        ALL_DATA_TYPES.iter().copied().find(|d| d.as_str() == s).ok_or_else(|| UnknownDataType(s.to_string()))
     }
 }
 
@@ -154,10 +150,7 @@ mod tests {
     fn names_round_trip() {
         for d in ALL_DATA_TYPES {
             assert_eq!(d.as_str().parse::<DataType>().ok(), Some(d));
-            assert_eq!(
-                serde_json::to_string(&d).ok(),
-                Some(format!("\"{}\"", d.as_str()))
-            );
+            assert_eq!(serde_json::to_string(&d).ok(), Some(format!("\"{}\"", d.as_str())));
         }
         let err = "FLOAT".parse::<DataType>().map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("unknown datatype 'FLOAT'"));
@@ -178,10 +171,6 @@ mod tests {
             assert_eq!(dtype.size(), size);
         }
         assert_eq!(DataType::from_onnx(16), None); // bfloat16
-        assert!(
-            !DataType::Fp16.is_served()
-                && !DataType::Bytes.is_served()
-                && DataType::Bool.is_served()
-        );
+        assert!(!DataType::Fp16.is_served() && !DataType::Bytes.is_served() && DataType::Bool.is_served());
     }
 }

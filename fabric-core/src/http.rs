@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
@@ -19,8 +20,42 @@ use crate::config::HttpConfig;
 use crate::kserve::{self, CodecError};
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, RouteError, ServedModel};
+use crate::policy::admission::{Admission, OffloadView, Rejection};
 use crate::pool::PoolError;
 use crate::tensor::NamedTensor;
+
+/// Why a request could not be served elsewhere.
+#[derive(Debug, thiserror::Error)]
+pub enum OverflowError {
+    /// No hub could take it in time (busy, down, vanished mid-request): serve locally if time allows.
+    #[error("offload failed: {0}")]
+    Unavailable(String),
+    /// The hub refused the request itself (it does not fit the model): final.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Outputs served elsewhere, and by whom.
+pub struct Offloaded {
+    /// Outputs in graph order.
+    pub outputs: Vec<NamedTensor>,
+    /// Which hub served them.
+    pub served_by: String,
+}
+
+/// Somewhere else to serve requests this node cannot serve in time (a hub, for an edge-node).
+pub trait Overflow: Send + Sync {
+    /// The best hub's expected answer time, or `None` when no hub is usable now.
+    fn view(&self) -> Option<OffloadView>;
+    /// Serves one request elsewhere, answering by the deadline.
+    fn infer<'a>(
+        &'a self,
+        model: &'a str,
+        version: u64,
+        inputs: &'a [NamedTensor],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Offloaded, OverflowError>>;
+}
 
 /// What the HTTP handlers share.
 pub struct HttpState {
@@ -34,6 +69,8 @@ pub struct HttpState {
     pub max_body_bytes: usize,
     /// Set once every model is loaded.
     pub ready: AtomicBool,
+    /// Where overflow goes, if anywhere.
+    pub overflow: Option<Arc<dyn Overflow>>,
 }
 
 /// An error answered as `{"error": message}` with a status.
@@ -46,11 +83,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            kind,
-        }
+        ApiError { status, message: message.into(), kind }
     }
 
     fn response(&self) -> HttpResponse {
@@ -91,36 +124,20 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/health/ready", web::get().to(ready))
         .route("/v2", web::get().to(server_metadata))
         .route("/v2/models/{model}", web::get().to(model_metadata))
-        .route(
-            "/v2/models/{model}/versions/{version}",
-            web::get().to(model_metadata),
-        )
+        .route("/v2/models/{model}/versions/{version}", web::get().to(model_metadata))
         .route("/v2/models/{model}/ready", web::get().to(model_ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            web::get().to(model_ready),
-        )
+        .route("/v2/models/{model}/versions/{version}/ready", web::get().to(model_ready))
         .route("/v2/models/{model}/config", web::get().to(model_config))
-        .route(
-            "/v2/models/{model}/versions/{version}/config",
-            web::get().to(model_config),
-        )
+        .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
         .route("/v2/models/{model}/infer", web::post().to(infer))
-        .route(
-            "/v2/models/{model}/versions/{version}/infer",
-            web::post().to(infer),
-        )
+        .route("/v2/models/{model}/versions/{version}/infer", web::post().to(infer))
         .route("/metrics", web::get().to(metrics));
 }
 
 /// The JSON error body for requests that match no route.
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("no route for {} {}", req.method(), req.path()),
-    )
-    .response()
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", req.method(), req.path()))
+        .response()
 }
 
 async fn live() -> HttpResponse {
@@ -131,12 +148,7 @@ async fn ready(state: web::Data<HttpState>) -> HttpResponse {
     if state.ready.load(Ordering::Acquire) {
         HttpResponse::Ok().json(json!({ "ready": true }))
     } else {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "server is loading models",
-        )
-        .response()
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "server is loading models").response()
     }
 }
 
@@ -149,10 +161,7 @@ async fn server_metadata(state: web::Data<HttpState>) -> HttpResponse {
 }
 
 fn path_model<'a>(req: &'a HttpRequest) -> (&'a str, Option<&'a str>) {
-    (
-        req.match_info().get("model").unwrap_or(""),
-        req.match_info().get("version"),
-    )
+    (req.match_info().get("model").unwrap_or(""), req.match_info().get("version"))
 }
 
 fn platform(model: &ServedModel) -> &'static str {
@@ -169,12 +178,7 @@ async fn model_metadata(state: web::Data<HttpState>, req: HttpRequest) -> HttpRe
         Err(e) => return ApiError::from(e).response(),
     };
     let meta = model.pool.metadata();
-    let versions: Vec<String> = state
-        .models
-        .versions(name)
-        .iter()
-        .map(|m| m.version_str())
-        .collect();
+    let versions: Vec<String> = state.models.versions(name).iter().map(|m| m.version_str()).collect();
     HttpResponse::Ok().json(json!({
         "name": model.name,
         "versions": versions,
@@ -191,9 +195,7 @@ async fn model_ready(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespo
         Err(e) => return ApiError::from(e).response(),
     };
     match model.pool.status().await {
-        Ok(s) if s.replicas > 0 => {
-            HttpResponse::Ok().json(json!({ "name": model.name, "ready": true }))
-        }
+        Ok(s) if s.replicas > 0 => HttpResponse::Ok().json(json!({ "name": model.name, "ready": true })),
         _ => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
@@ -235,17 +237,11 @@ async fn model_config(state: web::Data<HttpState>, req: HttpRequest) -> HttpResp
 }
 
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
 /// Reads the body, refusing anything over the limit before buffering it.
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<web::BytesMut, ApiError> {
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     let too_large = |n: String| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -253,22 +249,15 @@ async fn read_body(
             format!("request body of {n} bytes exceeds the limit of {limit} bytes"),
         )
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if let Some(n) = declared.filter(|&n| n > limit) {
         return Err(too_large(n.to_string()));
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
-                format!("reading the body failed: {e}"),
-            )
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("reading the body failed: {e}"))
         })?;
         if body.len() + chunk.len() > limit {
             return Err(too_large(format!("more than {limit}")));
@@ -293,37 +282,73 @@ async fn serve(
     let body = read_body(req, payload, state.max_body_bytes).await?;
     let header_length = match req.headers().get(kserve::HEADER_LENGTH) {
         None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_input",
-                        "Inference-Header-Content-Length is not a byte count",
-                    )
-                })?,
-        ),
+        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "Inference-Header-Content-Length is not a byte count",
+            )
+        })?),
     };
     let request = kserve::decode_request(&body, header_length)?;
     drop(body);
-    let deadline = arrived
-        + request
-            .timeout
-            .unwrap_or_else(|| model.config.default_timeout());
-    let reply = model.pool.infer(request.inputs, deadline).await?;
-    let outputs: Vec<NamedTensor> = model
-        .pool
-        .metadata()
-        .outputs
-        .iter()
-        .zip(reply.outputs)
-        .map(|(spec, t)| NamedTensor::new(spec.name.clone(), t))
-        .collect();
+    let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
+    let labels = [model.name.as_str(), &model.version_str()];
+    let route = match &state.overflow {
+        Some(overflow) => model.pool.admission(&request.inputs, deadline, overflow.view()),
+        None => Admission::Local,
+    };
+    let mut served_by = state.server_name.clone();
+    let mut batch_rows = None;
+    let offloaded = match (route, &state.overflow) {
+        (Admission::Offload, Some(overflow)) => {
+            state.metrics.routes.with_label_values(&[labels[0], labels[1], "offload"]).inc();
+            match overflow.infer(&model.name, model.version, &request.inputs, deadline).await {
+                Ok(done) => {
+                    served_by = done.served_by;
+                    Some(done.outputs)
+                }
+                Err(OverflowError::Invalid(msg)) => {
+                    return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", msg))
+                }
+                Err(OverflowError::Unavailable(msg)) => {
+                    // Serve here after all if the deadline still allows; the pool decides.
+                    tracing::debug!(model = %model.name, "offload failed, trying locally: {msg}");
+                    None
+                }
+            }
+        }
+        (Admission::Reject(why), _) => {
+            state.metrics.routes.with_label_values(&[labels[0], labels[1], "rejected"]).inc();
+            return Err(ApiError::from(match why {
+                Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
+                Rejection::WouldMissDeadline { expected, budget } => PoolError::WouldMissDeadline { expected, budget },
+                Rejection::NoReplicas => PoolError::NotReady,
+            }));
+        }
+        _ => None,
+    };
+    let outputs: Vec<NamedTensor> = match offloaded {
+        Some(outputs) => outputs,
+        None => {
+            state.metrics.routes.with_label_values(&[labels[0], labels[1], "local"]).inc();
+            let reply = model.pool.infer(request.inputs, deadline).await?;
+            batch_rows = Some(reply.batch_rows);
+            model
+                .pool
+                .metadata()
+                .outputs
+                .iter()
+                .zip(reply.outputs)
+                .map(|(spec, t)| NamedTensor::new(spec.name.clone(), t))
+                .collect()
+        }
+    };
     let mut parameters: Map<String, Value> = Map::new();
-    parameters.insert("served_by".into(), Value::from(state.server_name.as_str()));
-    parameters.insert("batch_rows".into(), Value::from(reply.batch_rows));
+    parameters.insert("served_by".into(), Value::from(served_by));
+    if let Some(rows) = batch_rows {
+        parameters.insert("batch_rows".into(), Value::from(rows));
+    }
     let response = kserve::encode_response(
         &model.name,
         &model.version_str(),
@@ -335,11 +360,7 @@ async fn serve(
     Ok(Served { response })
 }
 
-async fn infer(
-    state: web::Data<HttpState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> HttpResponse {
+async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let arrived = Instant::now();
     let (name, version) = path_model(&req);
     let model = match state.models.route(name, version) {
@@ -352,21 +373,11 @@ async fn infer(
         Ok(_) => "ok",
         Err(e) => e.kind,
     };
-    state
-        .metrics
-        .requests
-        .with_label_values(&[labels[0], labels[1], outcome])
-        .inc();
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&labels)
-        .observe(arrived.elapsed().as_secs_f64());
+    state.metrics.requests.with_label_values(&[labels[0], labels[1], outcome]).inc();
+    state.metrics.request_duration.with_label_values(&labels).observe(arrived.elapsed().as_secs_f64());
     match result {
         Ok(Served { response }) => match response.header_length {
-            None => HttpResponse::Ok()
-                .content_type("application/json")
-                .body(response.body),
+            None => HttpResponse::Ok().content_type("application/json").body(response.body),
             Some(n) => HttpResponse::Ok()
                 .content_type("application/octet-stream")
                 .insert_header((kserve::HEADER_LENGTH, n.to_string()))

@@ -92,10 +92,7 @@ pub struct DecodedRequest {
 }
 
 fn param_bool(params: &Option<Map<String, Value>>, key: &str) -> Option<bool> {
-    params
-        .as_ref()
-        .and_then(|p| p.get(key))
-        .and_then(Value::as_bool)
+    params.as_ref().and_then(|p| p.get(key)).and_then(Value::as_bool)
 }
 
 fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
@@ -126,9 +123,7 @@ fn json_to_bytes(dtype: DataType, values: &[&Value]) -> Result<Vec<u8>, String> 
         }
         match dtype {
             DataType::Bool => out.push(u8::from(v.as_bool().ok_or_else(bad)?)),
-            DataType::Fp32 => {
-                out.extend_from_slice(&(v.as_f64().ok_or_else(bad)? as f32).to_le_bytes())
-            }
+            DataType::Fp32 => out.extend_from_slice(&(v.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
             DataType::Fp64 => out.extend_from_slice(&v.as_f64().ok_or_else(bad)?.to_le_bytes()),
             DataType::Int8 => int!(i8),
             DataType::Int16 => int!(i16),
@@ -138,19 +133,14 @@ fn json_to_bytes(dtype: DataType, values: &[&Value]) -> Result<Vec<u8>, String> 
             DataType::Uint16 => int!(u16),
             DataType::Uint32 => int!(u32),
             DataType::Uint64 => int!(u64),
-            DataType::Fp16 | DataType::Bytes => {
-                return Err(format!("datatype {dtype} is not supported"))
-            }
+            DataType::Fp16 | DataType::Bytes => return Err(format!("datatype {dtype} is not supported")),
         }
     }
     Ok(out)
 }
 
 /// Decodes a request body; `header_length` is the `Inference-Header-Content-Length` value if present.
-pub fn decode_request(
-    body: &[u8],
-    header_length: Option<usize>,
-) -> Result<DecodedRequest, CodecError> {
+pub fn decode_request(body: &[u8], header_length: Option<usize>) -> Result<DecodedRequest, CodecError> {
     let (json, mut binary) = match header_length {
         Some(n) if n > body.len() => {
             return Err(CodecError::Binary(format!(
@@ -161,33 +151,20 @@ pub fn decode_request(
         Some(n) => body.split_at(n),
         None => (body, &[][..]),
     };
-    let request: RequestBody =
-        serde_json::from_slice(json).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let request: RequestBody = serde_json::from_slice(json).map_err(|e| CodecError::Malformed(e.to_string()))?;
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
-        let err = |reason: String| CodecError::Input {
-            name: input.name.clone(),
-            reason,
-        };
-        let dtype: DataType = input
-            .datatype
-            .parse()
-            .map_err(|e: crate::dtype::UnknownDataType| err(e.to_string()))?;
+        let err = |reason: String| CodecError::Input { name: input.name.clone(), reason };
+        let dtype: DataType = input.datatype.parse().map_err(|e: crate::dtype::UnknownDataType| err(e.to_string()))?;
         if !dtype.is_served() {
             return Err(err(TensorError::UnsupportedDataType(dtype).to_string()));
         }
         let shape: Vec<usize> = input
             .shape
             .iter()
-            .map(|&d| {
-                usize::try_from(d)
-                    .map_err(|_| err(format!("shape {:?} has a negative dimension", input.shape)))
-            })
+            .map(|&d| usize::try_from(d).map_err(|_| err(format!("shape {:?} has a negative dimension", input.shape))))
             .collect::<Result<_, _>>()?;
-        let binary_size = input
-            .parameters
-            .as_ref()
-            .and_then(|p| p.get("binary_data_size"));
+        let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size"));
         let bytes = match (binary_size, &input.data) {
             (Some(size), None) => {
                 let size = size
@@ -195,7 +172,9 @@ pub fn decode_request(
                     .and_then(|s| usize::try_from(s).ok())
                     .ok_or_else(|| err(format!("binary_data_size {size} is not a byte count")))?;
                 if header_length.is_none() {
-                    return Err(err("binary_data_size is set but the request has no Inference-Header-Content-Length header".into()));
+                    return Err(err(
+                        "binary_data_size is set but the request has no Inference-Header-Content-Length header".into(),
+                    ));
                 }
                 if size > binary.len() {
                     return Err(CodecError::Binary(format!(
@@ -216,11 +195,7 @@ pub fn decode_request(
                     .try_fold(1usize, |a, &d| a.checked_mul(d))
                     .ok_or_else(|| err("shape is too large".into()))?;
                 if flat.len() != want {
-                    return Err(err(format!(
-                        "shape {:?} needs {want} elements, data has {}",
-                        input.shape,
-                        flat.len()
-                    )));
+                    return Err(err(format!("shape {:?} needs {want} elements, data has {}", input.shape, flat.len())));
                 }
                 json_to_bytes(dtype, &flat).map_err(err)?
             }
@@ -237,15 +212,13 @@ pub fn decode_request(
         )));
     }
     let mut parameters = request.parameters.unwrap_or_default();
-    let binary_default = parameters
-        .remove("binary_data_output")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    let binary_default = parameters.remove("binary_data_output").and_then(|v| v.as_bool()).unwrap_or(false);
     let timeout = match parameters.remove("timeout") {
         None => None,
-        Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
-            CodecError::Malformed(format!("parameter timeout must be microseconds, got {v}"))
-        })?)),
+        Some(v) => Some(Duration::from_micros(
+            v.as_u64()
+                .ok_or_else(|| CodecError::Malformed(format!("parameter timeout must be microseconds, got {v}")))?,
+        )),
     };
     let requested = request.outputs.map(|outs| {
         outs.into_iter()
@@ -258,10 +231,7 @@ pub fn decode_request(
     Ok(DecodedRequest {
         id: request.id,
         inputs,
-        outputs: OutputSelection {
-            requested,
-            binary_default,
-        },
+        outputs: OutputSelection { requested, binary_default },
         timeout,
         parameters,
     })
@@ -341,25 +311,16 @@ pub fn encode_response(
     selection: &OutputSelection,
 ) -> Result<EncodedResponse, CodecError> {
     let chosen: Vec<(&NamedTensor, bool)> = match &selection.requested {
-        None => outputs
-            .iter()
-            .map(|o| (o, selection.binary_default))
-            .collect(),
+        None => outputs.iter().map(|o| (o, selection.binary_default)).collect(),
         Some(requested) => requested
             .iter()
             .map(|(name, binary)| {
-                outputs
-                    .iter()
-                    .find(|o| &o.name == name)
-                    .map(|o| (o, *binary))
-                    .ok_or_else(|| CodecError::UnknownOutput {
+                outputs.iter().find(|o| &o.name == name).map(|o| (o, *binary)).ok_or_else(|| {
+                    CodecError::UnknownOutput {
                         name: name.clone(),
-                        expected: outputs
-                            .iter()
-                            .map(|o| format!("'{}'", o.name))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
+                        expected: outputs.iter().map(|o| format!("'{}'", o.name)).collect::<Vec<_>>().join(", "),
+                    }
+                })
             })
             .collect::<Result<_, _>>()?,
     };
@@ -369,15 +330,9 @@ pub fn encode_response(
         let t = &output.tensor;
         let (parameters, data) = if *binary {
             binary_parts.push(t.bytes());
-            (
-                Some(serde_json::json!({ "binary_data_size": t.bytes().len() })),
-                None,
-            )
+            (Some(serde_json::json!({ "binary_data_size": t.bytes().len() })), None)
         } else {
-            (
-                None,
-                Some(json_data(t).map_err(|e| CodecError::Malformed(e.to_string()))?),
-            )
+            (None, Some(json_data(t).map_err(|e| CodecError::Malformed(e.to_string()))?))
         };
         body_outputs.push(ResponseOutput {
             name: &output.name,
@@ -387,29 +342,17 @@ pub fn encode_response(
             data,
         });
     }
-    let body = ResponseBody {
-        model_name: model,
-        model_version: version,
-        id,
-        parameters,
-        outputs: body_outputs,
-    };
+    let body = ResponseBody { model_name: model, model_version: version, id, parameters, outputs: body_outputs };
     let mut bytes = serde_json::to_vec(&body).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if binary_parts.is_empty() {
-        return Ok(EncodedResponse {
-            body: bytes,
-            header_length: None,
-        });
+        return Ok(EncodedResponse { body: bytes, header_length: None });
     }
     let header_length = bytes.len();
     bytes.reserve(binary_parts.iter().map(|p| p.len()).sum());
     for part in binary_parts {
         bytes.extend_from_slice(part);
     }
-    Ok(EncodedResponse {
-        body: bytes,
-        header_length: Some(header_length),
-    })
+    Ok(EncodedResponse { body: bytes, header_length: Some(header_length) })
 }
 
 #[cfg(test)]
@@ -425,36 +368,14 @@ mod tests {
     #[test]
     fn json_flat_and_nested_data() {
         let flat = r#"{"id":"7","inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4.5]}]}"#;
-        let nested =
-            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
+        let nested = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
         for body in [flat, nested] {
             let req = decode_request(body.as_bytes(), None).expect("valid");
-            assert_eq!(
-                req.inputs[0]
-                    .tensor
-                    .as_slice::<f32>()
-                    .expect("f32")
-                    .to_vec(),
-                vec![1.0, 2.0, 3.0, 4.5]
-            );
+            assert_eq!(req.inputs[0].tensor.as_slice::<f32>().expect("f32").to_vec(), vec![1.0, 2.0, 3.0, 4.5]);
         }
-        assert_eq!(
-            decode_request(flat.as_bytes(), None)
-                .expect("valid")
-                .id
-                .as_deref(),
-            Some("7")
-        );
-        let bools =
-            r#"{"inputs":[{"name":"b","shape":[2],"datatype":"BOOL","data":[true,false]}]}"#;
-        assert_eq!(
-            decode_request(bools.as_bytes(), None)
-                .expect("valid")
-                .inputs[0]
-                .tensor
-                .bytes(),
-            &[1, 0]
-        );
+        assert_eq!(decode_request(flat.as_bytes(), None).expect("valid").id.as_deref(), Some("7"));
+        let bools = r#"{"inputs":[{"name":"b","shape":[2],"datatype":"BOOL","data":[true,false]}]}"#;
+        assert_eq!(decode_request(bools.as_bytes(), None).expect("valid").inputs[0].tensor.bytes(), &[1, 0]);
     }
 
     #[test]
@@ -468,27 +389,10 @@ mod tests {
         tail.extend_from_slice(&(-6i32).to_le_bytes());
         let (body, len) = body_with_binary(json, &tail);
         let req = decode_request(&body, len).expect("valid");
-        assert_eq!(
-            req.inputs[0]
-                .tensor
-                .as_slice::<i32>()
-                .expect("i32")
-                .to_vec(),
-            vec![5, -6]
-        );
-        assert_eq!(
-            req.inputs[1]
-                .tensor
-                .as_slice::<f64>()
-                .expect("f64")
-                .to_vec(),
-            vec![0.25]
-        );
+        assert_eq!(req.inputs[0].tensor.as_slice::<i32>().expect("i32").to_vec(), vec![5, -6]);
+        assert_eq!(req.inputs[1].tensor.as_slice::<f64>().expect("f64").to_vec(), vec![0.25]);
         assert_eq!(req.timeout, Some(Duration::from_micros(2500)));
-        assert_eq!(
-            req.outputs.requested,
-            Some(vec![("y".into(), false), ("z".into(), true)])
-        );
+        assert_eq!(req.outputs.requested, Some(vec![("y".into(), false), ("z".into(), true)]));
         assert!(req.parameters.contains_key("custom") && !req.parameters.contains_key("timeout"));
     }
 
@@ -513,10 +417,7 @@ mod tests {
             ("bad timeout", br#"{"inputs":[],"parameters":{"timeout":"soon"}}"#.to_vec(), None, "parameter timeout must be microseconds"),
         ];
         for (label, body, len, want) in cases {
-            let err = decode_request(&body, len)
-                .map(|_| ())
-                .expect_err(label)
-                .to_string();
+            let err = decode_request(&body, len).map(|_| ()).expect_err(label).to_string();
             assert!(err.contains(want), "{label}: {err}");
         }
     }
@@ -524,35 +425,19 @@ mod tests {
     #[test]
     fn responses_json_and_binary() {
         let outputs = vec![
-            NamedTensor::new(
-                "p",
-                Tensor::from_vec(vec![1, 2], vec![0.1f32, 0.9]).expect("t"),
-            ),
+            NamedTensor::new("p", Tensor::from_vec(vec![1, 2], vec![0.1f32, 0.9]).expect("t")),
             NamedTensor::new("label", Tensor::from_vec(vec![1], vec![1i64]).expect("t")),
         ];
         let params = Map::new();
-        let all_json = encode_response(
-            "m",
-            "1",
-            Some("r1"),
-            &params,
-            &outputs,
-            &OutputSelection::default(),
-        )
-        .expect("encode");
+        let all_json =
+            encode_response("m", "1", Some("r1"), &params, &outputs, &OutputSelection::default()).expect("encode");
         assert_eq!(all_json.header_length, None);
         let v: Value = serde_json::from_slice(&all_json.body).expect("json");
         assert_eq!(v["id"], "r1");
-        assert_eq!(
-            v["outputs"][0]["data"][0].as_f64().map(|x| x as f32),
-            Some(0.1f32)
-        );
+        assert_eq!(v["outputs"][0]["data"][0].as_f64().map(|x| x as f32), Some(0.1f32));
         assert_eq!(v["outputs"][1]["datatype"], "INT64");
 
-        let sel = OutputSelection {
-            requested: Some(vec![("label".into(), true)]),
-            binary_default: false,
-        };
+        let sel = OutputSelection { requested: Some(vec![("label".into(), true)]), binary_default: false };
         let bin = encode_response("m", "1", None, &params, &outputs, &sel).expect("encode");
         let n = bin.header_length.expect("binary");
         let head: Value = serde_json::from_slice(&bin.body[..n]).expect("json");
@@ -560,16 +445,8 @@ mod tests {
         assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
         assert_eq!(&bin.body[n..], &1i64.to_le_bytes());
 
-        let unknown = OutputSelection {
-            requested: Some(vec![("nope".into(), false)]),
-            binary_default: false,
-        };
-        let err = encode_response("m", "1", None, &params, &outputs, &unknown)
-            .map(|_| ())
-            .expect_err("unknown");
-        assert_eq!(
-            err.to_string(),
-            "unknown output 'nope': the model's outputs are 'p', 'label'"
-        );
+        let unknown = OutputSelection { requested: Some(vec![("nope".into(), false)]), binary_default: false };
+        let err = encode_response("m", "1", None, &params, &outputs, &unknown).map(|_| ()).expect_err("unknown");
+        assert_eq!(err.to_string(), "unknown output 'nope': the model's outputs are 'p', 'label'");
     }
 }

@@ -1,9 +1,7 @@
 //! Prometheus metrics of a serving process, per model and version, in a registry of its own
 //! (so several servers in one test process never collide).
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Every metric a serving process exports.
 #[derive(Clone)]
@@ -11,6 +9,8 @@ pub struct Metrics {
     registry: Registry,
     /// Inference requests received, by model, version and outcome (ok, or the error kind).
     pub requests: IntCounterVec,
+    /// Where requests went: local, offload or rejected (admission's decision).
+    pub routes: IntCounterVec,
     /// Requests waiting in a model's queue.
     pub queue_depth: IntGaugeVec,
     /// Replicas serving a model.
@@ -25,9 +25,8 @@ pub struct Metrics {
     pub compute_duration: HistogramVec,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 impl Metrics {
@@ -36,28 +35,19 @@ impl Metrics {
         let registry = Registry::new();
         let mv = &["model", "version"];
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels)
-                .expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            let c = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(format!("{prefix}_{name}"), help), mv)
-                .expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            let g = IntGaugeVec::new(Opts::new(format!("{prefix}_{name}"), help), mv).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            let opts =
-                HistogramOpts::new(format!("{prefix}_{name}"), help).buckets(buckets.to_vec());
+            let opts = HistogramOpts::new(format!("{prefix}_{name}"), help).buckets(buckets.to_vec());
             let h = HistogramVec::new(opts, mv).expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
         Metrics {
@@ -66,28 +56,17 @@ impl Metrics {
                 "Inference requests by model, version and outcome",
                 &["model", "version", "outcome"],
             ),
+            routes: counter(
+                "routed_total",
+                "Admission decisions by model, version and route",
+                &["model", "version", "route"],
+            ),
             queue_depth: gauge("queue_depth", "Requests waiting in the model's queue"),
             replicas: gauge("replicas", "Replicas serving the model"),
-            batch_size: histogram(
-                "batch_size",
-                "Rows per batch run by a replica",
-                BATCH_BUCKETS,
-            ),
-            request_duration: histogram(
-                "request_duration_seconds",
-                "Time from arrival to answer",
-                LATENCY_BUCKETS,
-            ),
-            queue_duration: histogram(
-                "queue_duration_seconds",
-                "Time waiting in the queue",
-                LATENCY_BUCKETS,
-            ),
-            compute_duration: histogram(
-                "compute_duration_seconds",
-                "Time a replica took per batch",
-                LATENCY_BUCKETS,
-            ),
+            batch_size: histogram("batch_size", "Rows per batch run by a replica", BATCH_BUCKETS),
+            request_duration: histogram("request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS),
+            queue_duration: histogram("queue_duration_seconds", "Time waiting in the queue", LATENCY_BUCKETS),
+            compute_duration: histogram("compute_duration_seconds", "Time a replica took per batch", LATENCY_BUCKETS),
             registry,
         }
     }

@@ -54,12 +54,7 @@ pub enum ModelFileError {
     Corrupt { path: String, reason: String },
     /// A declared input or output uses a data type the fabric does not serve.
     #[error("model file {path}: {kind} '{name}' has datatype {datatype}, which this fabric does not serve (use FP32, FP64, BOOL or an integer type)")]
-    UnservedType {
-        path: String,
-        kind: &'static str,
-        name: String,
-        datatype: String,
-    },
+    UnservedType { path: String, kind: &'static str, name: String, datatype: String },
 }
 
 /// Why a request's tensors do not fit the model.
@@ -76,40 +71,19 @@ pub enum InputError {
     DuplicateInput { name: String },
     /// Wrong element type.
     #[error("input '{name}' has datatype {got}, the model expects {expected}")]
-    WrongDataType {
-        name: String,
-        expected: DataType,
-        got: DataType,
-    },
+    WrongDataType { name: String, expected: DataType, got: DataType },
     /// Wrong number of dimensions.
     #[error("input '{name}' has shape {got:?} (rank {}), the model expects {} (rank {})", got.len(), ShapeDisplay(expected), expected.len())]
-    WrongRank {
-        name: String,
-        expected: Vec<i64>,
-        got: Vec<usize>,
-    },
+    WrongRank { name: String, expected: Vec<i64>, got: Vec<usize> },
     /// A fixed dimension with the wrong size.
     #[error(
         "input '{name}' has shape {got:?}, the model expects {} (dimension {axis} must be {want})",
         ShapeDisplay(expected)
     )]
-    WrongDims {
-        name: String,
-        expected: Vec<i64>,
-        got: Vec<usize>,
-        axis: usize,
-        want: i64,
-    },
+    WrongDims { name: String, expected: Vec<i64>, got: Vec<usize>, axis: usize, want: i64 },
     /// Inputs disagree on the batch size.
-    #[error(
-        "inputs disagree on the batch size: '{first}' has {first_batch}, '{name}' has {batch}"
-    )]
-    BatchMismatch {
-        first: String,
-        first_batch: usize,
-        name: String,
-        batch: usize,
-    },
+    #[error("inputs disagree on the batch size: '{first}' has {first_batch}, '{name}' has {batch}")]
+    BatchMismatch { first: String, first_batch: usize, name: String, batch: usize },
     /// A batch larger than the model accepts.
     #[error("batch of {got} exceeds this model's maximum batch size of {max}")]
     BatchTooLarge { got: usize, max: usize },
@@ -131,51 +105,29 @@ impl fmt::Display for ShapeDisplay<'_> {
 pub fn read_onnx(path: &Path) -> Result<(Vec<u8>, pb::ModelProto), ModelFileError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ModelFileError::Missing {
-            path: shown.clone(),
-        },
-        _ => ModelFileError::Unreadable {
-            path: shown.clone(),
-            reason: e.to_string(),
-        },
+        std::io::ErrorKind::NotFound => ModelFileError::Missing { path: shown.clone() },
+        _ => ModelFileError::Unreadable { path: shown.clone(), reason: e.to_string() },
     })?;
     let proto = tract_onnx::onnx()
         .proto_model_for_read(&mut bytes.as_slice())
-        .map_err(|e| ModelFileError::Corrupt {
-            path: shown.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        .map_err(|e| ModelFileError::Corrupt { path: shown.clone(), reason: format!("{e:#}") })?;
     if proto.graph.as_ref().is_none_or(|g| g.output.is_empty()) {
-        return Err(ModelFileError::Corrupt {
-            path: shown,
-            reason: "the file holds no graph with outputs".into(),
-        });
+        return Err(ModelFileError::Corrupt { path: shown, reason: "the file holds no graph with outputs".into() });
     }
     Ok((bytes, proto))
 }
 
 impl ModelMetadata {
     /// Reads the declared inputs and outputs from a parsed ONNX model.
-    pub fn from_proto(
-        proto: &pb::ModelProto,
-        path: &Path,
-    ) -> Result<ModelMetadata, ModelFileError> {
+    pub fn from_proto(proto: &pb::ModelProto, path: &Path) -> Result<ModelMetadata, ModelFileError> {
         let shown = path.display().to_string();
         let graph = proto
             .graph
             .as_ref()
-            .ok_or_else(|| ModelFileError::Corrupt {
-                path: shown.clone(),
-                reason: "no graph".into(),
-            })?;
-        let initializers: std::collections::HashSet<&str> =
-            graph.initializer.iter().map(|t| t.name.as_str()).collect();
-        let spec = |v: &pb::ValueInfoProto,
-                    kind: &'static str|
-         -> Result<TensorSpec, ModelFileError> {
-            let Some(pb::type_proto::Value::TensorType(t)) =
-                v.r#type.as_ref().and_then(|t| t.value.as_ref())
-            else {
+            .ok_or_else(|| ModelFileError::Corrupt { path: shown.clone(), reason: "no graph".into() })?;
+        let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let spec = |v: &pb::ValueInfoProto, kind: &'static str| -> Result<TensorSpec, ModelFileError> {
+            let Some(pb::type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
                 return Err(ModelFileError::UnservedType {
                     path: shown.clone(),
                     kind,
@@ -183,13 +135,12 @@ impl ModelMetadata {
                     datatype: "a non-tensor type (sequence or map)".into(),
                 });
             };
-            let datatype =
-                DataType::from_onnx(t.elem_type).ok_or_else(|| ModelFileError::UnservedType {
-                    path: shown.clone(),
-                    kind,
-                    name: v.name.clone(),
-                    datatype: format!("ONNX type code {}", t.elem_type),
-                })?;
+            let datatype = DataType::from_onnx(t.elem_type).ok_or_else(|| ModelFileError::UnservedType {
+                path: shown.clone(),
+                kind,
+                name: v.name.clone(),
+                datatype: format!("ONNX type code {}", t.elem_type),
+            })?;
             if !datatype.is_served() {
                 return Err(ModelFileError::UnservedType {
                     path: shown.clone(),
@@ -205,21 +156,13 @@ impl ModelMetadata {
                     s.dim
                         .iter()
                         .map(|d| match d.value {
-                            Some(pb::tensor_shape_proto::dimension::Value::DimValue(n))
-                                if n >= 0 =>
-                            {
-                                n
-                            }
+                            Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n >= 0 => n,
                             _ => -1,
                         })
                         .collect()
                 })
                 .unwrap_or_default();
-            Ok(TensorSpec {
-                name: v.name.clone(),
-                datatype,
-                shape,
-            })
+            Ok(TensorSpec { name: v.name.clone(), datatype, shape })
         };
         let inputs = graph
             .input
@@ -227,11 +170,7 @@ impl ModelMetadata {
             .filter(|v| !initializers.contains(v.name.as_str()))
             .map(|v| spec(v, "input"))
             .collect::<Result<_, _>>()?;
-        let outputs = graph
-            .output
-            .iter()
-            .map(|v| spec(v, "output"))
-            .collect::<Result<_, _>>()?;
+        let outputs = graph.output.iter().map(|v| spec(v, "output")).collect::<Result<_, _>>()?;
         Ok(ModelMetadata { inputs, outputs })
     }
 
@@ -241,11 +180,7 @@ impl ModelMetadata {
     }
 
     fn input_names(&self) -> String {
-        let names: Vec<String> = self
-            .inputs
-            .iter()
-            .map(|s| format!("'{}'", s.name))
-            .collect();
+        let names: Vec<String> = self.inputs.iter().map(|s| format!("'{}'", s.name)).collect();
         names.join(", ")
     }
 
@@ -258,43 +193,24 @@ impl ModelMetadata {
         max_batch: usize,
     ) -> Result<(Vec<&'a Tensor>, usize), InputError> {
         let (order, batch) = self.check(inputs, max_batch)?;
-        Ok((
-            order.into_iter().map(|i| &inputs[i].tensor).collect(),
-            batch,
-        ))
+        Ok((order.into_iter().map(|i| &inputs[i].tensor).collect(), batch))
     }
 
     /// Like [`validate`](Self::validate), but takes the tensors and returns them in graph order without copying.
-    pub fn into_ordered(
-        &self,
-        inputs: Vec<NamedTensor>,
-        max_batch: usize,
-    ) -> Result<(Vec<Tensor>, usize), InputError> {
+    pub fn into_ordered(&self, inputs: Vec<NamedTensor>, max_batch: usize) -> Result<(Vec<Tensor>, usize), InputError> {
         let (order, batch) = self.check(&inputs, max_batch)?;
         let mut slots: Vec<Option<Tensor>> = inputs.into_iter().map(|t| Some(t.tensor)).collect();
-        Ok((
-            order.into_iter().filter_map(|i| slots[i].take()).collect(),
-            batch,
-        ))
+        Ok((order.into_iter().filter_map(|i| slots[i].take()).collect(), batch))
     }
 
     /// Validates and returns, for each declared input in graph order, the index of its tensor in `inputs`.
-    fn check(
-        &self,
-        inputs: &[NamedTensor],
-        max_batch: usize,
-    ) -> Result<(Vec<usize>, usize), InputError> {
+    fn check(&self, inputs: &[NamedTensor], max_batch: usize) -> Result<(Vec<usize>, usize), InputError> {
         for (i, given) in inputs.iter().enumerate() {
             if !self.inputs.iter().any(|s| s.name == given.name) {
-                return Err(InputError::UnknownInput {
-                    name: given.name.clone(),
-                    expected: self.input_names(),
-                });
+                return Err(InputError::UnknownInput { name: given.name.clone(), expected: self.input_names() });
             }
             if inputs[..i].iter().any(|other| other.name == given.name) {
-                return Err(InputError::DuplicateInput {
-                    name: given.name.clone(),
-                });
+                return Err(InputError::DuplicateInput { name: given.name.clone() });
             }
         }
         let mut order = Vec::with_capacity(self.inputs.len());
@@ -303,10 +219,7 @@ impl ModelMetadata {
             let index = inputs
                 .iter()
                 .position(|t| t.name == spec.name)
-                .ok_or_else(|| InputError::MissingInput {
-                    name: spec.name.clone(),
-                    expected: self.input_names(),
-                })?;
+                .ok_or_else(|| InputError::MissingInput { name: spec.name.clone(), expected: self.input_names() })?;
             let t = &inputs[index].tensor;
             if t.dtype() != spec.datatype {
                 return Err(InputError::WrongDataType {
@@ -351,12 +264,7 @@ impl ModelMetadata {
             order.push(index);
         }
         let batch = match batch {
-            Some((_, n)) if n > max_batch => {
-                return Err(InputError::BatchTooLarge {
-                    got: n,
-                    max: max_batch,
-                })
-            }
+            Some((_, n)) if n > max_batch => return Err(InputError::BatchTooLarge { got: n, max: max_batch }),
             Some((_, n)) => n,
             None => 1,
         };
@@ -371,73 +279,37 @@ mod tests {
     fn meta() -> ModelMetadata {
         ModelMetadata {
             inputs: vec![
-                TensorSpec {
-                    name: "ids".into(),
-                    datatype: DataType::Int64,
-                    shape: vec![-1, 4],
-                },
-                TensorSpec {
-                    name: "weights".into(),
-                    datatype: DataType::Fp64,
-                    shape: vec![-1, 4],
-                },
+                TensorSpec { name: "ids".into(), datatype: DataType::Int64, shape: vec![-1, 4] },
+                TensorSpec { name: "weights".into(), datatype: DataType::Fp64, shape: vec![-1, 4] },
             ],
-            outputs: vec![TensorSpec {
-                name: "out".into(),
-                datatype: DataType::Fp64,
-                shape: vec![-1, 4],
-            }],
+            outputs: vec![TensorSpec { name: "out".into(), datatype: DataType::Fp64, shape: vec![-1, 4] }],
         }
     }
 
     fn ids(shape: Vec<usize>) -> NamedTensor {
         let n = shape.iter().product();
-        NamedTensor::new(
-            "ids",
-            Tensor::from_vec(shape, vec![1i64; n]).expect("valid"),
-        )
+        NamedTensor::new("ids", Tensor::from_vec(shape, vec![1i64; n]).expect("valid"))
     }
 
     fn weights(shape: Vec<usize>) -> NamedTensor {
         let n = shape.iter().product();
-        NamedTensor::new(
-            "weights",
-            Tensor::from_vec(shape, vec![0.5f64; n]).expect("valid"),
-        )
+        NamedTensor::new("weights", Tensor::from_vec(shape, vec![0.5f64; n]).expect("valid"))
     }
 
     #[test]
     fn validation_table() {
-        let wrong_dtype = NamedTensor::new(
-            "ids",
-            Tensor::from_vec(vec![2, 4], vec![1i32; 8]).expect("valid"),
-        );
-        let extra = NamedTensor::new(
-            "bogus",
-            Tensor::from_vec(vec![1], vec![1i32]).expect("valid"),
-        );
+        let wrong_dtype = NamedTensor::new("ids", Tensor::from_vec(vec![2, 4], vec![1i32; 8]).expect("valid"));
+        let extra = NamedTensor::new("bogus", Tensor::from_vec(vec![1], vec![1i32]).expect("valid"));
         let cases: Vec<(&str, Vec<NamedTensor>, Result<usize, &str>)> = vec![
             ("ok", vec![ids(vec![2, 4]), weights(vec![2, 4])], Ok(2)),
-            (
-                "any order",
-                vec![weights(vec![3, 4]), ids(vec![3, 4])],
-                Ok(3),
-            ),
+            ("any order", vec![weights(vec![3, 4]), ids(vec![3, 4])], Ok(3)),
             (
                 "unknown",
                 vec![ids(vec![2, 4]), weights(vec![2, 4]), extra],
                 Err("unknown input 'bogus': the model's inputs are 'ids', 'weights'"),
             ),
-            (
-                "missing",
-                vec![ids(vec![2, 4])],
-                Err("missing input 'weights'"),
-            ),
-            (
-                "duplicate",
-                vec![ids(vec![2, 4]), ids(vec![2, 4])],
-                Err("input 'ids' is given more than once"),
-            ),
+            ("missing", vec![ids(vec![2, 4])], Err("missing input 'weights'")),
+            ("duplicate", vec![ids(vec![2, 4]), ids(vec![2, 4])], Err("input 'ids' is given more than once")),
             (
                 "dtype",
                 vec![wrong_dtype, weights(vec![2, 4])],
@@ -448,16 +320,8 @@ mod tests {
                 vec![ids(vec![8]), weights(vec![2, 4])],
                 Err("input 'ids' has shape [8] (rank 1), the model expects [-1, 4] (rank 2)"),
             ),
-            (
-                "dims",
-                vec![ids(vec![2, 5]), weights(vec![2, 4])],
-                Err("dimension 1 must be 4"),
-            ),
-            (
-                "batch mismatch",
-                vec![ids(vec![2, 4]), weights(vec![3, 4])],
-                Err("'ids' has 2, 'weights' has 3"),
-            ),
+            ("dims", vec![ids(vec![2, 5]), weights(vec![2, 4])], Err("dimension 1 must be 4")),
+            ("batch mismatch", vec![ids(vec![2, 4]), weights(vec![3, 4])], Err("'ids' has 2, 'weights' has 3")),
             (
                 "too large",
                 vec![ids(vec![9, 4]), weights(vec![9, 4])],

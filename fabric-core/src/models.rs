@@ -38,11 +38,7 @@ pub enum RouteError {
     UnknownModel { name: String, served: String },
     /// The model exists but not in that version.
     #[error("model '{name}' has no version '{version}' (versions: {available})")]
-    UnknownVersion {
-        name: String,
-        version: String,
-        available: String,
-    },
+    UnknownVersion { name: String, version: String, available: String },
 }
 
 /// Every served model, by name and version.
@@ -54,10 +50,7 @@ pub struct ModelSet {
 impl ModelSet {
     /// Adds (or replaces) a model version.
     pub fn insert(&self, model: ServedModel) {
-        self.models
-            .entry(model.name.clone())
-            .or_default()
-            .insert(model.version, Arc::new(model));
+        self.models.entry(model.name.clone()).or_default().insert(model.version, Arc::new(model));
     }
 
     /// Names of all models, sorted.
@@ -69,10 +62,7 @@ impl ModelSet {
 
     /// All versions of a model, oldest first.
     pub fn versions(&self, name: &str) -> Vec<Arc<ServedModel>> {
-        self.models
-            .get(name)
-            .map(|v| v.values().cloned().collect())
-            .unwrap_or_default()
+        self.models.get(name).map(|v| v.values().cloned().collect()).unwrap_or_default()
     }
 
     /// The version a request goes to: the one named, else the newest.
@@ -80,25 +70,15 @@ impl ModelSet {
         let versions = self
             .models
             .get(name)
-            .ok_or_else(|| RouteError::UnknownModel {
-                name: name.to_string(),
-                served: self.names().join(", "),
-            })?;
+            .ok_or_else(|| RouteError::UnknownModel { name: name.to_string(), served: self.names().join(", ") })?;
         let found = match version {
             None => versions.values().next_back().cloned(),
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| versions.get(&n).cloned()),
+            Some(v) => v.parse::<u64>().ok().and_then(|n| versions.get(&n).cloned()),
         };
         found.ok_or_else(|| RouteError::UnknownVersion {
             name: name.to_string(),
             version: version.unwrap_or("latest").to_string(),
-            available: versions
-                .keys()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
+            available: versions.keys().map(u64::to_string).collect::<Vec<_>>().join(", "),
         })
     }
 }

@@ -13,6 +13,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use tokio::sync::oneshot;
 use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
 use crate::model::{InputError, ModelMetadata};
-use crate::policy::admission::{self, Admission, AdmissionInput, PoolLoad, Rejection};
+use crate::policy::admission::{self, Admission, AdmissionInput, OffloadView, PoolLoad, Rejection};
 use crate::policy::batching::{self, BatchConfig, BatchDecision, Queued};
 use crate::policy::service_time::ServiceTimes;
 use crate::tensor::{NamedTensor, Tensor, TensorError};
@@ -74,10 +75,7 @@ pub enum PoolError {
     QueueFull { capacity: usize },
     /// Admission expects the request to finish after its deadline.
     #[error("deadline cannot be met: expected {:.1} ms in queue and compute, {:.1} ms left", expected.as_secs_f64() * 1e3, budget.as_secs_f64() * 1e3)]
-    WouldMissDeadline {
-        expected: Duration,
-        budget: Duration,
-    },
+    WouldMissDeadline { expected: Duration, budget: Duration },
     /// The deadline passed before the request could run.
     #[error("deadline exceeded after {:.1} ms (timeout {:.1} ms)", waited.as_secs_f64() * 1e3, timeout.as_secs_f64() * 1e3)]
     DeadlineExceeded { waited: Duration, timeout: Duration },
@@ -167,12 +165,7 @@ struct Pending {
 
 impl Pending {
     fn queued(&self) -> Queued {
-        Queued {
-            rows: self.rows,
-            enqueued: self.arrived,
-            deadline: self.deadline,
-            shape_key: self.shape_key,
-        }
+        Queued { rows: self.rows, enqueued: self.arrived, deadline: self.deadline, shape_key: self.shape_key }
     }
 
     fn answer(self, result: Result<PoolReply, PoolError>) {
@@ -194,6 +187,18 @@ struct Slot {
     retiring: bool,
 }
 
+/// The pool's state as callers see it, published after every change, for admission decisions
+/// taken before a request reaches the pool (local, offload or refuse).
+#[derive(Default)]
+struct SharedView {
+    queued_requests: AtomicUsize,
+    queued_rows: AtomicUsize,
+    replicas: AtomicUsize,
+    busy: AtomicUsize,
+    batch_limit: AtomicUsize,
+    service: Mutex<Option<ServiceTimes>>,
+}
+
 /// The actor that queues and batches requests for one model version.
 pub struct ModelPool {
     label: (String, String),
@@ -211,6 +216,7 @@ pub struct ModelPool {
     next_slot: u64,
     service: ServiceTimes,
     timer: Option<(Instant, SpawnHandle)>,
+    view: Arc<SharedView>,
 }
 
 /// What callers hold: the pool's address and what is needed to validate requests before queueing.
@@ -219,6 +225,8 @@ pub struct PoolHandle {
     addr: Addr<ModelPool>,
     metadata: Arc<ModelMetadata>,
     max_batch_size: usize,
+    queue_capacity: usize,
+    view: Arc<SharedView>,
 }
 
 impl PoolHandle {
@@ -233,11 +241,7 @@ impl PoolHandle {
     }
 
     /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
-    pub async fn infer(
-        &self,
-        inputs: Vec<NamedTensor>,
-        deadline: Instant,
-    ) -> Result<PoolReply, PoolError> {
+    pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
         let arrived = Instant::now();
         let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size)?;
         let mut hasher = DefaultHasher::new();
@@ -245,14 +249,7 @@ impl PoolHandle {
             t.shape().get(1..).hash(&mut hasher);
         }
         let (reply, rx) = oneshot::channel();
-        let submit = Submit {
-            inputs,
-            rows,
-            shape_key: hasher.finish(),
-            arrived,
-            deadline,
-            reply,
-        };
+        let submit = Submit { inputs, rows, shape_key: hasher.finish(), arrived, deadline, reply };
         self.addr.try_send(submit).map_err(|_| PoolError::Stopped)?;
         // The pool answers expired requests itself; this bound only guards against a pool that stopped.
         let guard = tokio::time::Instant::from_std(deadline + Duration::from_millis(50));
@@ -266,6 +263,26 @@ impl PoolHandle {
         }
     }
 
+    /// Where a request should go now: here, to a hub (when `hub` says one could answer in time), or nowhere.
+    pub fn admission(&self, inputs: &[NamedTensor], deadline: Instant, hub: Option<OffloadView>) -> Admission {
+        let v = &self.view;
+        let replicas = v.replicas.load(Ordering::Relaxed);
+        let input = AdmissionInput {
+            rows: inputs.first().map(|t| t.tensor.batch_size()).unwrap_or(1),
+            budget: deadline.saturating_duration_since(Instant::now()),
+            queue_capacity: self.queue_capacity,
+            max_batch_size: v.batch_limit.load(Ordering::Relaxed).max(1),
+            load: PoolLoad {
+                queued_requests: v.queued_requests.load(Ordering::Relaxed),
+                queued_rows: v.queued_rows.load(Ordering::Relaxed),
+                replicas,
+                busy_replicas: v.busy.load(Ordering::Relaxed),
+            },
+        };
+        let service = v.service.lock().ok().and_then(|s| s.clone());
+        admission::admit_or_offload(&input, |rows| service.as_ref().and_then(|s| s.estimate(rows)), hub)
+    }
+
     /// Changes the replica count.
     pub fn set_replicas(&self, n: usize) {
         self.addr.do_send(SetReplicas(n));
@@ -273,10 +290,7 @@ impl PoolHandle {
 
     /// The pool's current state.
     pub async fn status(&self) -> Result<PoolStatus, PoolError> {
-        self.addr
-            .send(GetStatus)
-            .await
-            .map_err(|_| PoolError::Stopped)
+        self.addr.send(GetStatus).await.map_err(|_| PoolError::Stopped)
     }
 }
 
@@ -307,10 +321,7 @@ fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, T
 }
 
 /// Runs the warm-up batches on a fresh engine; returns it with the measured (rows, time) pairs.
-fn warm(
-    mut engine: Box<dyn Engine>,
-    warmup: &[Vec<Tensor>],
-) -> (Box<dyn Engine>, Vec<(usize, Duration)>) {
+fn warm(mut engine: Box<dyn Engine>, warmup: &[Vec<Tensor>]) -> (Box<dyn Engine>, Vec<(usize, Duration)>) {
     let mut timings = Vec::new();
     for inputs in warmup {
         let refs: Vec<&Tensor> = inputs.iter().collect();
@@ -340,33 +351,23 @@ impl ModelPool {
     ) -> Result<PoolHandle, EngineError> {
         let first = {
             let factory = factory.clone();
-            actix_rt::task::spawn_blocking(move || factory())
-                .await
-                .map_err(|e| EngineError::Run {
-                    engine: crate::EngineKind::Tract,
-                    reason: format!("loader thread failed: {e}"),
-                })??
+            actix_rt::task::spawn_blocking(move || factory()).await.map_err(|e| EngineError::Run {
+                engine: crate::EngineKind::Tract,
+                reason: format!("loader thread failed: {e}"),
+            })??
         };
         let metadata = Arc::new(first.metadata().clone());
         let batched = metadata.is_batched();
-        let max_batch_size = if batched {
-            config.max_batch_size.max(1)
-        } else {
-            1
-        };
+        let max_batch_size = if batched { config.max_batch_size.max(1) } else { 1 };
         // Powers of two up to the limit, so the pool learns which batch size serves rows fastest.
-        let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
-            .take_while(|&n| n < max_batch_size)
-            .collect();
+        let mut sizes: Vec<usize> =
+            std::iter::successors(Some(1usize), |n| Some(n * 2)).take_while(|&n| n < max_batch_size).collect();
         sizes.push(max_batch_size);
-        let warmup: Vec<Vec<Tensor>> = sizes
-            .into_iter()
-            .filter_map(|rows| warmup_inputs(&metadata, rows).ok())
-            .collect();
-        let config = PoolConfig {
-            max_batch_size,
-            ..config
-        };
+        let warmup: Vec<Vec<Tensor>> =
+            sizes.into_iter().filter_map(|rows| warmup_inputs(&metadata, rows).ok()).collect();
+        let config = PoolConfig { max_batch_size, ..config };
+        let view = Arc::new(SharedView::default());
+        let queue_capacity = config.queue_capacity;
         let target = config.replicas.max(1);
         let pool = ModelPool {
             label: (model.to_string(), version.to_string()),
@@ -384,29 +385,23 @@ impl ModelPool {
             restarts: 0,
             next_slot: 0,
             timer: None,
+            view: view.clone(),
         };
         // The first replica is warmed before the pool takes requests, so "ready" means ready.
         let warmup = pool.warmup.clone();
-        let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup))
-            .await
-            .map_err(|e| EngineError::Run {
-                engine: crate::EngineKind::Tract,
-                reason: format!("warm-up thread failed: {e}"),
-            })?;
+        let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup)).await.map_err(|e| {
+            EngineError::Run { engine: crate::EngineKind::Tract, reason: format!("warm-up thread failed: {e}") }
+        })?;
         let addr = ModelPool::create(move |ctx| {
             let mut pool = pool;
             for (rows, took) in timings {
-                pool.service.record(rows, took);
+                pool.record_service(rows, took);
             }
             pool.add_replica(first, ctx);
             pool.converge(ctx);
             pool
         });
-        Ok(PoolHandle {
-            addr,
-            metadata,
-            max_batch_size,
-        })
+        Ok(PoolHandle { addr, metadata, max_batch_size, queue_capacity, view })
     }
 
     fn labels(&self) -> [&str; 2] {
@@ -423,7 +418,7 @@ impl ModelPool {
             match result {
                 Ok((engine, timings)) => {
                     for (rows, took) in timings {
-                        pool.service.record(rows, took);
+                        pool.record_service(rows, took);
                     }
                     pool.add_replica(engine, ctx);
                 }
@@ -438,16 +433,9 @@ impl ModelPool {
             return; // scaled down while this one loaded
         }
         let cell = Mutex::new(Some(engine));
-        let addr = SyncArbiter::start(1, move || Replica {
-            engine: cell.lock().ok().and_then(|mut e| e.take()),
-        });
+        let addr = SyncArbiter::start(1, move || Replica { engine: cell.lock().ok().and_then(|mut e| e.take()) });
         self.next_slot += 1;
-        self.slots.push(Slot {
-            id: self.next_slot,
-            addr,
-            busy: false,
-            retiring: false,
-        });
+        self.slots.push(Slot { id: self.next_slot, addr, busy: false, retiring: false });
         self.publish_gauges();
         tracing::info!(model = %self.label.0, version = %self.label.1, replicas = self.active_replicas(), "replica ready");
         self.schedule(ctx);
@@ -478,11 +466,7 @@ impl ModelPool {
             let mut surplus = active - self.target_replicas;
             // Idle ones go first; busy ones finish their batch and then go.
             for idle_first in [true, false] {
-                for slot in self
-                    .slots
-                    .iter_mut()
-                    .filter(|s| !s.retiring && s.busy != idle_first)
-                {
+                for slot in self.slots.iter_mut().filter(|s| !s.retiring && s.busy != idle_first) {
                     if surplus == 0 {
                         break;
                     }
@@ -496,21 +480,27 @@ impl ModelPool {
     }
 
     fn publish_gauges(&self) {
-        self.metrics
-            .replicas
-            .with_label_values(&self.labels())
-            .set(self.active_replicas() as i64);
-        self.metrics
-            .queue_depth
-            .with_label_values(&self.labels())
-            .set(self.queue.len() as i64);
+        self.metrics.replicas.with_label_values(&self.labels()).set(self.active_replicas() as i64);
+        self.metrics.queue_depth.with_label_values(&self.labels()).set(self.queue.len() as i64);
+        let v = &self.view;
+        v.queued_requests.store(self.queue.len(), Ordering::Relaxed);
+        v.queued_rows.store(self.queued_rows, Ordering::Relaxed);
+        v.replicas.store(self.active_replicas().max(usize::from(self.loading > 0)), Ordering::Relaxed);
+        v.busy.store(self.slots.iter().filter(|s| s.busy).count(), Ordering::Relaxed);
+        v.batch_limit.store(self.batch_limit(), Ordering::Relaxed);
+    }
+
+    /// Records a batch time and shares the updated table with callers.
+    fn record_service(&mut self, rows: usize, took: Duration) {
+        self.service.record(rows, took);
+        if let Ok(mut shared) = self.view.service.lock() {
+            *shared = Some(self.service.clone());
+        }
     }
 
     /// Rows per batch: the measured most efficient size, within the configured limit.
     fn batch_limit(&self) -> usize {
-        self.service
-            .preferred_batch()
-            .min(self.config.max_batch_size)
+        self.service.preferred_batch().min(self.config.max_batch_size)
     }
 
     fn expected_run(&self, rows: usize) -> Option<Duration> {
@@ -519,11 +509,7 @@ impl ModelPool {
 
     /// Answers queued requests that can no longer make their deadline, or whose caller left.
     fn expire(&mut self, now: Instant) {
-        if self
-            .queue
-            .iter()
-            .all(|p| !p.reply.is_closed() && !batching::is_hopeless(&p.queued(), now, None))
-        {
+        if self.queue.iter().all(|p| !p.reply.is_closed() && !batching::is_hopeless(&p.queued(), now, None)) {
             return;
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());
@@ -532,10 +518,7 @@ impl ModelPool {
                 self.queued_rows -= p.rows;
             } else if batching::is_hopeless(&p.queued(), now, None) {
                 self.queued_rows -= p.rows;
-                self.metrics
-                    .requests
-                    .with_label_values(&[&self.label.0, &self.label.1, "deadline_exceeded"])
-                    .inc();
+                self.metrics.requests.with_label_values(&[&self.label.0, &self.label.1, "deadline_exceeded"]).inc();
                 p.expire(now);
             } else {
                 kept.push_back(p);
@@ -552,30 +535,19 @@ impl ModelPool {
             let idle = self.slots.iter().filter(|s| !s.busy && !s.retiring).count();
             let busy = self.slots.iter().filter(|s| s.busy).count();
             let batch = self.batch_limit();
-            let head: Vec<Queued> = self
-                .queue
-                .iter()
-                .take(batch + 1)
-                .map(Pending::queued)
-                .collect();
-            let config = BatchConfig {
-                max_batch_size: batch,
-                max_queue_delay: self.config.max_queue_delay,
-            };
-            match batching::decide(&head, now, &config, idle, busy, |rows| {
-                self.expected_run(rows)
-            }) {
+            let head: Vec<Queued> = self.queue.iter().take(batch + 1).map(Pending::queued).collect();
+            let config = BatchConfig { max_batch_size: batch, max_queue_delay: self.config.max_queue_delay };
+            match batching::decide(&head, now, &config, idle, busy, |rows| self.expected_run(rows)) {
                 BatchDecision::Dispatch { requests, rows } => self.dispatch(requests, rows, ctx),
                 BatchDecision::WaitUntil(at) => {
                     if self.timer.is_none_or(|(t, _)| at < t) {
                         if let Some((_, handle)) = self.timer.take() {
                             ctx.cancel_future(handle);
                         }
-                        let handle =
-                            ctx.run_later(at.saturating_duration_since(now), |pool, ctx| {
-                                pool.timer = None;
-                                pool.schedule(ctx);
-                            });
+                        let handle = ctx.run_later(at.saturating_duration_since(now), |pool, ctx| {
+                            pool.timer = None;
+                            pool.schedule(ctx);
+                        });
                         self.timer = Some((at, handle));
                     }
                     break;
@@ -596,26 +568,15 @@ impl ModelPool {
         self.queued_rows -= rows;
         let now = Instant::now();
         for p in &batch {
-            self.metrics
-                .queue_duration
-                .with_label_values(&self.labels())
-                .observe((now - p.arrived).as_secs_f64());
+            self.metrics.queue_duration.with_label_values(&self.labels()).observe((now - p.arrived).as_secs_f64());
         }
-        self.metrics
-            .batch_size
-            .with_label_values(&self.labels())
-            .observe(rows as f64);
-        let (inputs, replies): (Vec<Vec<Tensor>>, Vec<Pending>) = batch
-            .into_iter()
-            .map(|mut p| (std::mem::take(&mut p.inputs), p))
-            .unzip();
+        self.metrics.batch_size.with_label_values(&self.labels()).observe(rows as f64);
+        let (inputs, replies): (Vec<Vec<Tensor>>, Vec<Pending>) =
+            batch.into_iter().map(|mut p| (std::mem::take(&mut p.inputs), p)).unzip();
         let fut = addr.send(RunBatch { requests: inputs });
         ctx.spawn(fut.into_actor(self).map(move |result, pool, ctx| {
-            let result = result.unwrap_or_else(|e| {
-                Err(ReplicaFailure::Panicked(format!(
-                    "replica thread is gone: {e}"
-                )))
-            });
+            let result =
+                result.unwrap_or_else(|e| Err(ReplicaFailure::Panicked(format!("replica thread is gone: {e}"))));
             pool.finish(slot_id, rows, replies, result, ctx);
         }));
     }
@@ -631,16 +592,10 @@ impl ModelPool {
         let mut replace = false;
         match result {
             Ok(BatchOutput { per_request, took }) => {
-                self.service.record(rows, took);
-                self.metrics
-                    .compute_duration
-                    .with_label_values(&self.labels())
-                    .observe(took.as_secs_f64());
+                self.record_service(rows, took);
+                self.metrics.compute_duration.with_label_values(&self.labels()).observe(took.as_secs_f64());
                 for (p, outputs) in replies.into_iter().zip(per_request) {
-                    p.answer(Ok(PoolReply {
-                        outputs,
-                        batch_rows: rows,
-                    }));
+                    p.answer(Ok(PoolReply { outputs, batch_rows: rows }));
                 }
             }
             Err(failure) => {
@@ -718,6 +673,10 @@ impl Handler<Submit> for ModelPool {
                 });
                 self.schedule(ctx);
             }
+            // Offload is decided before the pool, by the caller; here it can only mean refusal.
+            Admission::Offload => {
+                let _ = msg.reply.send(Err(PoolError::NotReady));
+            }
             Admission::Reject(why) => {
                 let error = match why {
                     Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
@@ -789,10 +748,7 @@ impl Message for RunBatch {
 }
 
 /// Joins the requests into one batch, runs it, and splits the outputs back per request.
-fn run_batch(
-    engine: &mut dyn Engine,
-    requests: &[Vec<Tensor>],
-) -> Result<Vec<Vec<Tensor>>, EngineError> {
+fn run_batch(engine: &mut dyn Engine, requests: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>, EngineError> {
     if let [single] = requests {
         let refs: Vec<&Tensor> = single.iter().collect();
         return Ok(vec![engine.run_ordered(&refs)?]);
@@ -801,10 +757,7 @@ fn run_batch(
     let joined = (0..inputs)
         .map(|i| Tensor::concat_batch(&requests.iter().map(|r| &r[i]).collect::<Vec<_>>()))
         .collect::<Result<Vec<_>, _>>()?;
-    let rows: Vec<usize> = requests
-        .iter()
-        .map(|r| r.first().map(Tensor::batch_size).unwrap_or(1))
-        .collect();
+    let rows: Vec<usize> = requests.iter().map(|r| r.first().map(Tensor::batch_size).unwrap_or(1)).collect();
     let outputs = engine.run_ordered(&joined.iter().collect::<Vec<_>>())?;
     let mut per_request: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outputs.len()); requests.len()];
     for output in outputs {
@@ -823,13 +776,8 @@ impl Handler<RunBatch> for Replica {
             return Err(ReplicaFailure::Panicked("replica has no engine".into()));
         };
         let start = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| {
-            run_batch(engine.as_mut(), &msg.requests)
-        })) {
-            Ok(Ok(per_request)) => Ok(BatchOutput {
-                per_request,
-                took: start.elapsed(),
-            }),
+        match catch_unwind(AssertUnwindSafe(|| run_batch(engine.as_mut(), &msg.requests))) {
+            Ok(Ok(per_request)) => Ok(BatchOutput { per_request, took: start.elapsed() }),
             Ok(Err(e)) => Err(ReplicaFailure::Engine(e.to_string())),
             Err(panic) => {
                 self.engine = None;

@@ -15,16 +15,10 @@ use crate::tensor::{NamedTensor, Tensor, TensorError};
 pub enum ReferenceError {
     /// A file could not be read.
     #[error("cannot read {path}: {source} (run `bash scripts/setup.sh` to generate the models)")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     /// The manifest is not valid.
     #[error("bad manifest {path}: {source}")]
-    Manifest {
-        path: String,
-        source: serde_json::Error,
-    },
+    Manifest { path: String, source: serde_json::Error },
     /// A tensor file does not match its manifest entry.
     #[error("bad tensor {path}: {source}")]
     Tensor { path: String, source: TensorError },
@@ -62,10 +56,7 @@ pub struct ReferenceCase {
 impl ReferenceCase {
     /// An extra tensor by name.
     pub fn extra(&self, name: &str) -> Option<&Tensor> {
-        self.extras
-            .iter()
-            .find(|t| t.name == name)
-            .map(|t| &t.tensor)
+        self.extras.iter().find(|t| t.name == name).map(|t| &t.tensor)
     }
 }
 
@@ -73,11 +64,7 @@ impl ReferenceCase {
 pub fn build_dir() -> PathBuf {
     std::env::var_os("FABRIC_BUILD_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("build")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("build"))
 }
 
 /// The generated model repository (Triton layout).
@@ -95,16 +82,10 @@ fn read_entries(dir: &Path, entries: Vec<Entry>) -> Result<Vec<NamedTensor>, Ref
         .into_iter()
         .map(|e| {
             let path = dir.join(&e.file);
-            let bytes = std::fs::read(&path).map_err(|source| ReferenceError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let tensor = Tensor::from_bytes(e.datatype, e.shape, bytes).map_err(|source| {
-                ReferenceError::Tensor {
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?;
+            let bytes = std::fs::read(&path)
+                .map_err(|source| ReferenceError::Io { path: path.display().to_string(), source })?;
+            let tensor = Tensor::from_bytes(e.datatype, e.shape, bytes)
+                .map_err(|source| ReferenceError::Tensor { path: path.display().to_string(), source })?;
             Ok(NamedTensor::new(e.name, tensor))
         })
         .collect()
@@ -113,20 +94,12 @@ fn read_entries(dir: &Path, entries: Vec<Entry>) -> Result<Vec<NamedTensor>, Ref
 /// Reads one case folder.
 pub fn load_case(dir: &Path) -> Result<ReferenceCase, ReferenceError> {
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| ReferenceError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|source| ReferenceError::Manifest {
-            path: path.display().to_string(),
-            source,
-        })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| ReferenceError::Io { path: path.display().to_string(), source })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|source| ReferenceError::Manifest { path: path.display().to_string(), source })?;
     Ok(ReferenceCase {
-        name: dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         inputs: read_entries(dir, manifest.inputs)?,
         outputs: read_entries(dir, manifest.outputs)?,
         extras: read_entries(dir, manifest.extras)?,
@@ -136,15 +109,9 @@ pub fn load_case(dir: &Path) -> Result<ReferenceCase, ReferenceError> {
 /// Reads every case of a model, sorted by name.
 pub fn load_cases(model: &str) -> Result<Vec<ReferenceCase>, ReferenceError> {
     let root = build_dir().join("reference").join(model);
-    let listing = std::fs::read_dir(&root).map_err(|source| ReferenceError::Io {
-        path: root.display().to_string(),
-        source,
-    })?;
-    let mut dirs: Vec<PathBuf> = listing
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let listing =
+        std::fs::read_dir(&root).map_err(|source| ReferenceError::Io { path: root.display().to_string(), source })?;
+    let mut dirs: Vec<PathBuf> = listing.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     dirs.iter().map(|d| load_case(d)).collect()
 }
@@ -152,13 +119,7 @@ pub fn load_cases(model: &str) -> Result<Vec<ReferenceCase>, ReferenceError> {
 /// Largest absolute difference between two tensors, after checking they agree in type and shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64, String> {
     if a.dtype() != b.dtype() || a.shape() != b.shape() {
-        return Err(format!(
-            "{} {:?} vs {} {:?}",
-            a.dtype(),
-            a.shape(),
-            b.dtype(),
-            b.shape()
-        ));
+        return Err(format!("{} {:?} vs {} {:?}", a.dtype(), a.shape(), b.dtype(), b.shape()));
     }
     let as_f64 = |t: &Tensor| -> Result<Vec<f64>, TensorError> {
         Ok(match t.dtype() {
@@ -169,12 +130,6 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64, String> {
             _ => t.bytes().iter().map(|&v| f64::from(v)).collect(),
         })
     };
-    let (x, y) = (
-        as_f64(a).map_err(|e| e.to_string())?,
-        as_f64(b).map_err(|e| e.to_string())?,
-    );
-    Ok(x.iter()
-        .zip(&y)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f64::max))
+    let (x, y) = (as_f64(a).map_err(|e| e.to_string())?, as_f64(b).map_err(|e| e.to_string())?);
+    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max))
 }

@@ -35,25 +35,16 @@ pub enum RepositoryError {
     Missing { path: String },
     /// A folder cannot be listed.
     #[error("cannot list {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     /// A model's config.toml is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
 
 fn list_dirs(path: &Path) -> Result<Vec<PathBuf>, RepositoryError> {
-    let entries = std::fs::read_dir(path).map_err(|source| RepositoryError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mut dirs: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let entries =
+        std::fs::read_dir(path).map_err(|source| RepositoryError::Io { path: path.display().to_string(), source })?;
+    let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     Ok(dirs)
 }
@@ -61,38 +52,22 @@ fn list_dirs(path: &Path) -> Result<Vec<PathBuf>, RepositoryError> {
 /// Lists every model version in the repository.
 pub fn scan(repo: &Path, defaults: &ModelConfig) -> Result<Vec<RepoEntry>, RepositoryError> {
     if !repo.is_dir() {
-        return Err(RepositoryError::Missing {
-            path: repo.display().to_string(),
-        });
+        return Err(RepositoryError::Missing { path: repo.display().to_string() });
     }
     let mut found = Vec::new();
     for model_dir in list_dirs(repo)? {
-        let Some(name) = model_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-        else {
+        let Some(name) = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             continue;
         };
         let config_file = model_dir.join("config.toml");
-        let config = if config_file.is_file() {
-            model_config_with_overrides(defaults, &config_file)?
-        } else {
-            defaults.clone()
-        };
+        let config =
+            if config_file.is_file() { model_config_with_overrides(defaults, &config_file)? } else { defaults.clone() };
         let mut versions = 0;
         for version_dir in list_dirs(&model_dir)? {
-            let version = version_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.parse::<u64>().ok());
+            let version = version_dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
             let path = version_dir.join("model.onnx");
             if let (Some(version), true) = (version, path.is_file()) {
-                found.push(RepoEntry {
-                    name: name.clone(),
-                    version,
-                    path,
-                    config: config.clone(),
-                });
+                found.push(RepoEntry { name: name.clone(), version, path, config: config.clone() });
                 versions += 1;
             }
         }
@@ -115,14 +90,7 @@ pub async fn load_entry(
     let path = entry.path.clone();
     let factory: EngineFactory = Arc::new(move || engine::load(kind, &path, &options));
     let version = entry.version.to_string();
-    let pool = ModelPool::start(
-        &entry.name,
-        &version,
-        factory,
-        entry.config.pool(),
-        metrics.clone(),
-    )
-    .await?;
+    let pool = ModelPool::start(&entry.name, &version, factory, entry.config.pool(), metrics.clone()).await?;
     models.insert(ServedModel {
         name: entry.name.clone(),
         version: entry.version,

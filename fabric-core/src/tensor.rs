@@ -16,12 +16,7 @@ pub enum TensorError {
     UnsupportedDataType(DataType),
     /// The number of bytes does not match shape x element size.
     #[error("{dtype} tensor of shape {shape:?} needs {expected} bytes, got {got}")]
-    ByteLength {
-        dtype: DataType,
-        shape: Vec<usize>,
-        expected: usize,
-        got: usize,
-    },
+    ByteLength { dtype: DataType, shape: Vec<usize>, expected: usize, got: usize },
     /// The shape's element count overflows.
     #[error("tensor shape {shape:?} is too large")]
     TooLarge { shape: Vec<usize> },
@@ -30,10 +25,7 @@ pub enum TensorError {
     InvalidBool { index: usize, value: u8 },
     /// Typed access with the wrong Rust type.
     #[error("tensor is {actual}, not {requested}")]
-    WrongType {
-        actual: DataType,
-        requested: DataType,
-    },
+    WrongType { actual: DataType, requested: DataType },
     /// Tensors to join along the batch axis do not agree.
     #[error("cannot join tensors along the batch axis: {0}")]
     Join(String),
@@ -59,37 +51,20 @@ pub struct NamedTensor {
 impl NamedTensor {
     /// Pairs a name with a tensor.
     pub fn new(name: impl Into<String>, tensor: Tensor) -> Self {
-        NamedTensor {
-            name: name.into(),
-            tensor,
-        }
+        NamedTensor { name: name.into(), tensor }
     }
 }
 
 impl Tensor {
     /// Builds a tensor from raw little-endian bytes, checking length (and BOOL values).
-    pub fn from_bytes(
-        dtype: DataType,
-        shape: Vec<usize>,
-        data: Vec<u8>,
-    ) -> Result<Tensor, TensorError> {
-        let size = dtype
-            .size()
-            .filter(|_| dtype.is_served())
-            .ok_or(TensorError::UnsupportedDataType(dtype))?;
+    pub fn from_bytes(dtype: DataType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor, TensorError> {
+        let size = dtype.size().filter(|_| dtype.is_served()).ok_or(TensorError::UnsupportedDataType(dtype))?;
         let expected = shape
             .iter()
             .try_fold(size, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| TensorError::TooLarge {
-                shape: shape.clone(),
-            })?;
+            .ok_or_else(|| TensorError::TooLarge { shape: shape.clone() })?;
         if data.len() != expected {
-            return Err(TensorError::ByteLength {
-                dtype,
-                shape,
-                expected,
-                got: data.len(),
-            });
+            return Err(TensorError::ByteLength { dtype, shape, expected, got: data.len() });
         }
         if dtype == DataType::Bool {
             if let Some((index, &value)) = data.iter().enumerate().find(|(_, b)| **b > 1) {
@@ -106,11 +81,7 @@ impl Tensor {
 
     /// Builds a BOOL tensor.
     pub fn from_bools(shape: Vec<usize>, values: &[bool]) -> Result<Tensor, TensorError> {
-        Tensor::from_bytes(
-            DataType::Bool,
-            shape,
-            values.iter().map(|b| u8::from(*b)).collect(),
-        )
+        Tensor::from_bytes(DataType::Bool, shape, values.iter().map(|b| u8::from(*b)).collect())
     }
 
     /// The element type.
@@ -147,13 +118,9 @@ impl Tensor {
     pub fn as_slice<T: Element>(&self) -> Result<Cow<'_, [T]>, TensorError> {
         let requested = T::DTYPE;
         // BOOL is stored as u8 and may be read as such.
-        let compatible = self.dtype == requested
-            || (self.dtype == DataType::Bool && requested == DataType::Uint8);
+        let compatible = self.dtype == requested || (self.dtype == DataType::Bool && requested == DataType::Uint8);
         if !compatible {
-            return Err(TensorError::WrongType {
-                actual: self.dtype,
-                requested,
-            });
+            return Err(TensorError::WrongType { actual: self.dtype, requested });
         }
         Ok(match bytemuck::try_cast_slice(&self.data) {
             Ok(slice) => Cow::Borrowed(slice),
@@ -168,9 +135,7 @@ impl Tensor {
 
     /// Joins tensors of the same type and per-row shape along axis 0.
     pub fn concat_batch(parts: &[&Tensor]) -> Result<Tensor, TensorError> {
-        let first = parts
-            .first()
-            .ok_or_else(|| TensorError::Join("no tensors".into()))?;
+        let first = parts.first().ok_or_else(|| TensorError::Join("no tensors".into()))?;
         if first.shape.is_empty() {
             return Err(TensorError::Join("scalars have no batch axis".into()));
         }
@@ -188,27 +153,16 @@ impl Tensor {
         }
         let mut shape = first.shape.clone();
         shape[0] = rows;
-        Ok(Tensor {
-            dtype: first.dtype,
-            shape,
-            data,
-        })
+        Ok(Tensor { dtype: first.dtype, shape, data })
     }
 
     /// Splits along axis 0 into consecutive pieces of the given row counts.
     pub fn split_batch(&self, rows: &[usize]) -> Result<Vec<Tensor>, TensorError> {
         let total: usize = rows.iter().sum();
         if self.shape.first() != Some(&total) {
-            return Err(TensorError::Join(format!(
-                "cannot split {:?} into rows {rows:?}",
-                self.shape
-            )));
+            return Err(TensorError::Join(format!("cannot split {:?} into rows {rows:?}", self.shape)));
         }
-        let row_bytes = if total == 0 {
-            0
-        } else {
-            self.data.len() / total
-        };
+        let row_bytes = if total == 0 { 0 } else { self.data.len() / total };
         let mut offset = 0;
         Ok(rows
             .iter()
@@ -217,11 +171,7 @@ impl Tensor {
                 shape[0] = n;
                 let data = self.data[offset..offset + n * row_bytes].to_vec();
                 offset += n * row_bytes;
-                Tensor {
-                    dtype: self.dtype,
-                    shape,
-                    data,
-                }
+                Tensor { dtype: self.dtype, shape, data }
             })
             .collect())
     }
@@ -235,37 +185,12 @@ mod tests {
     fn construction_checks_length_type_and_bools() {
         let cases: Vec<(DataType, Vec<usize>, Vec<u8>, Option<&str>)> = vec![
             (DataType::Fp32, vec![2, 2], vec![0; 16], None),
-            (
-                DataType::Fp32,
-                vec![2, 2],
-                vec![0; 15],
-                Some("needs 16 bytes, got 15"),
-            ),
+            (DataType::Fp32, vec![2, 2], vec![0; 15], Some("needs 16 bytes, got 15")),
             (DataType::Int64, vec![0, 3], vec![], None),
-            (
-                DataType::Bool,
-                vec![3],
-                vec![0, 1, 2],
-                Some("byte 2 at element 2"),
-            ),
-            (
-                DataType::Fp16,
-                vec![1],
-                vec![0; 2],
-                Some("FP16 is not supported"),
-            ),
-            (
-                DataType::Bytes,
-                vec![1],
-                vec![0; 2],
-                Some("BYTES is not supported"),
-            ),
-            (
-                DataType::Fp64,
-                vec![usize::MAX, 2],
-                vec![],
-                Some("is too large"),
-            ),
+            (DataType::Bool, vec![3], vec![0, 1, 2], Some("byte 2 at element 2")),
+            (DataType::Fp16, vec![1], vec![0; 2], Some("FP16 is not supported")),
+            (DataType::Bytes, vec![1], vec![0; 2], Some("BYTES is not supported")),
+            (DataType::Fp64, vec![usize::MAX, 2], vec![], Some("is too large")),
         ];
         for (dtype, shape, data, err) in cases {
             let got = Tensor::from_bytes(dtype, shape.clone(), data);

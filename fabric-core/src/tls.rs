@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -57,9 +57,7 @@ impl std::str::FromStr for Role {
             "hub" => Ok(Role::Hub),
             "registry" => Ok(Role::Registry),
             "operator" => Ok(Role::Operator),
-            other => Err(format!(
-                "unknown role '{other}': use edge, hub, registry or operator"
-            )),
+            other => Err(format!("unknown role '{other}': use edge, hub, registry or operator")),
         }
     }
 }
@@ -118,10 +116,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |reason: String| TlsError::File {
-        path: path.display().to_string(),
-        reason,
-    };
+    let err = |reason: String| TlsError::File { path: path.display().to_string(), reason };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -133,29 +128,23 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| TlsError::File { path: path.display().to_string(), reason: e.to_string() })
 }
 
 fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for cert in read_certs(ca)? {
-        store.add(cert).map_err(|e| TlsError::File {
-            path: ca.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        store.add(cert).map_err(|e| TlsError::File { path: ca.display().to_string(), reason: e.to_string() })?;
     }
     Ok(Arc::new(store))
 }
 
 /// A QUIC server config that requires a client certificate from the fabric CA.
 pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -163,8 +152,7 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
         .with_single_cert(read_certs(&files.cert)?, read_key(&files.key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 
@@ -177,27 +165,28 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
         .with_client_auth_cert(read_certs(&files.cert)?, read_key(&files.key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    // Keep-alives let a client notice a peer that vanished (killed, unplugged) within a second or
+    // two instead of quinn's default 30 s idle timeout.
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_millis(250)));
+    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(1500).into()));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
 /// Reads node id and role from a DER certificate.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| TlsError::Peer(e.to_string()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| TlsError::Peer(e.to_string()))?;
     let subject = parsed.subject();
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
         it.next().and_then(|a| a.as_str().ok()).map(str::to_string)
     };
-    let node_id = first(&mut subject.iter_common_name())
-        .ok_or_else(|| TlsError::Peer("no common name (node id)".into()))?;
+    let node_id =
+        first(&mut subject.iter_common_name()).ok_or_else(|| TlsError::Peer("no common name (node id)".into()))?;
     let role = first(&mut subject.iter_organizational_unit())
-        .ok_or_else(|| {
-            TlsError::Peer(format!(
-                "certificate of '{node_id}' names no role (organizational unit)"
-            ))
-        })?
+        .ok_or_else(|| TlsError::Peer(format!("certificate of '{node_id}' names no role (organizational unit)")))?
         .parse()
         .map_err(TlsError::Peer)?;
     Ok(Identity { node_id, role })
@@ -209,9 +198,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| TlsError::Peer("peer presented no certificate".into()))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| TlsError::Peer("empty certificate chain".into()))?;
+    let leaf = certs.first().ok_or_else(|| TlsError::Peer("empty certificate chain".into()))?;
     identity_of(leaf)
 }
 
@@ -219,56 +206,35 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
 /// `<id>.key.pem` into `dir`. Reuses an existing CA in `dir`, so nodes can be added later.
 pub fn generate_dev_pki(dir: &Path, nodes: &[(String, Role)]) -> Result<Vec<PathBuf>, TlsError> {
     let gen = |e: rcgen::Error| TlsError::Generate(e.to_string());
-    let io = |path: &Path, e: std::io::Error| TlsError::File {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
+    let io =
+        |path: &Path, e: std::io::Error| TlsError::File { path: path.display().to_string(), reason: e.to_string() };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let (ca_pem, ca_key_pem) = (dir.join("ca.pem"), dir.join("ca.key.pem"));
     let mut written = Vec::new();
     let ca_key = if ca_key_pem.is_file() && ca_pem.is_file() {
-        KeyPair::from_pem(&std::fs::read_to_string(&ca_key_pem).map_err(|e| io(&ca_key_pem, e))?)
-            .map_err(gen)?
+        KeyPair::from_pem(&std::fs::read_to_string(&ca_key_pem).map_err(|e| io(&ca_key_pem, e))?).map_err(gen)?
     } else {
         let key = KeyPair::generate().map_err(gen)?;
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "fabric development CA");
+        params.distinguished_name.push(DnType::CommonName, "fabric development CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).map_err(gen)?;
         std::fs::write(&ca_pem, cert.pem()).map_err(|e| io(&ca_pem, e))?;
         std::fs::write(&ca_key_pem, key.serialize_pem()).map_err(|e| io(&ca_key_pem, e))?;
         written.extend([ca_pem.clone(), ca_key_pem.clone()]);
         key
     };
-    let issuer = Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(&ca_pem).map_err(|e| io(&ca_pem, e))?,
-        ca_key,
-    )
-    .map_err(gen)?;
+    let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(&ca_pem).map_err(|e| io(&ca_pem, e))?, ca_key)
+        .map_err(gen)?;
     for (node, role) in nodes {
         let key = KeyPair::generate().map_err(gen)?;
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), node.clone()]).map_err(gen)?;
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, node.as_str());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, role.as_str());
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        let mut params = CertificateParams::new(vec!["localhost".to_string(), node.clone()]).map_err(gen)?;
+        params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        params.distinguished_name.push(DnType::CommonName, node.as_str());
+        params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &issuer).map_err(gen)?;
         let files = TlsFiles::in_dir(dir, node);
         std::fs::write(&files.cert, cert.pem()).map_err(|e| io(&files.cert, e))?;

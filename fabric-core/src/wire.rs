@@ -43,10 +43,7 @@ pub struct WireLimits {
 
 impl Default for WireLimits {
     fn default() -> Self {
-        WireLimits {
-            max_header_bytes: 64 << 10,
-            max_tensor_bytes: 64 << 20,
-        }
+        WireLimits { max_header_bytes: 64 << 10, max_tensor_bytes: 64 << 20 }
     }
 }
 
@@ -126,11 +123,7 @@ pub struct ResponseHeader {
 pub enum WireError {
     /// A frame exceeded its limit.
     #[error("{what} frame of {len} bytes exceeds the limit of {limit} bytes")]
-    TooLarge {
-        what: &'static str,
-        len: usize,
-        limit: usize,
-    },
+    TooLarge { what: &'static str, len: usize, limit: usize },
     /// The stream ended inside a frame, or before a required frame.
     #[error("stream ended early: {0}")]
     Truncated(String),
@@ -164,9 +157,7 @@ pub fn put_frame(out: &mut Vec<u8>, payload: &[u8]) {
 /// Encodes a header and the tensors that follow it as one message.
 pub fn encode_message<H: Serialize>(header: &H, tensors: &[&Tensor]) -> Result<Vec<u8>, WireError> {
     let head = postcard::to_allocvec(header).map_err(|e| WireError::Malformed(e.to_string()))?;
-    let mut out = Vec::with_capacity(
-        4 + head.len() + tensors.iter().map(|t| 4 + t.bytes().len()).sum::<usize>(),
-    );
+    let mut out = Vec::with_capacity(4 + head.len() + tensors.iter().map(|t| 4 + t.bytes().len()).sum::<usize>());
     put_frame(&mut out, &head);
     for t in tensors {
         put_frame(&mut out, t.bytes());
@@ -183,17 +174,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
-        match reader
-            .read(&mut len[got..])
-            .await
-            .map_err(|e| WireError::Io(e.to_string()))?
-        {
+        match reader.read(&mut len[got..]).await.map_err(|e| WireError::Io(e.to_string()))? {
             0 if got == 0 => return Ok(None),
-            0 => {
-                return Err(WireError::Truncated(format!(
-                    "inside the length of a {what} frame"
-                )))
-            }
+            0 => return Err(WireError::Truncated(format!("inside the length of a {what} frame"))),
             n => got += n,
         }
     }
@@ -202,18 +185,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         return Err(WireError::TooLarge { what, len, limit });
     }
     let mut buf = vec![0u8; len];
-    reader
-        .read_exact(&mut buf)
-        .await
-        .map_err(|e| WireError::Truncated(format!("{what} frame of {len} bytes: {e}")))?;
+    reader.read_exact(&mut buf).await.map_err(|e| WireError::Truncated(format!("{what} frame of {len} bytes: {e}")))?;
     Ok(Some(buf))
 }
 
 /// Decodes a header frame, refusing other protocol versions first.
 pub fn decode_header<H: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<H, WireError> {
     // The version is the first field of every header: postcard writes a u16 as a varint.
-    let (version, _) = postcard::take_from_bytes::<u16>(frame)
-        .map_err(|e| WireError::Malformed(format!("header: {e}")))?;
+    let (version, _) =
+        postcard::take_from_bytes::<u16>(frame).map_err(|e| WireError::Malformed(format!("header: {e}")))?;
     if version != PROTOCOL_VERSION {
         return Err(WireError::Version(version));
     }
@@ -264,10 +244,7 @@ mod tests {
     use super::*;
 
     fn request() -> (RequestHeader, Vec<NamedTensor>) {
-        let t = NamedTensor::new(
-            "input",
-            Tensor::from_vec(vec![2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).expect("tensor"),
-        );
+        let t = NamedTensor::new("input", Tensor::from_vec(vec![2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).expect("tensor"));
         let header = RequestHeader {
             protocol: PROTOCOL_VERSION,
             request_id: 9,
@@ -280,10 +257,7 @@ mod tests {
         (header, vec![t])
     }
 
-    async fn read(
-        bytes: &[u8],
-        limits: WireLimits,
-    ) -> Result<(RequestHeader, Vec<NamedTensor>), WireError> {
+    async fn read(bytes: &[u8], limits: WireLimits) -> Result<(RequestHeader, Vec<NamedTensor>), WireError> {
         let mut reader = bytes;
         read_message(&mut reader, &limits, |h: &RequestHeader| &h.inputs).await
     }
@@ -303,10 +277,7 @@ mod tests {
         let mismatch = encode_message(&wrong_size, &[&tensors[0].tensor]).expect("encode");
         let mut garbage = Vec::new();
         put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff]);
-        let tight = WireLimits {
-            max_header_bytes: 8,
-            max_tensor_bytes: 64 << 20,
-        };
+        let tight = WireLimits { max_header_bytes: 8, max_tensor_bytes: 64 << 20 };
         #[rustfmt::skip]
         let cases: Vec<(&str, Vec<u8>, WireLimits, &str)> = vec![
             ("empty stream", vec![], WireLimits::default(), "stream ended early: no header"),
@@ -321,11 +292,7 @@ mod tests {
             ("size mismatch", mismatch, WireLimits::default(), "tensor 'input'"),
         ];
         for (label, bytes, limits, want) in cases {
-            let err = read(&bytes, limits)
-                .await
-                .map(|_| ())
-                .expect_err(label)
-                .to_string();
+            let err = read(&bytes, limits).await.map(|_| ()).expect_err(label).to_string();
             assert!(err.contains(want), "{label}: {err}");
         }
     }

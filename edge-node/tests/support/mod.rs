@@ -28,6 +28,11 @@ impl Drop for Edge {
 
 /// Starts edge-node serving `models` (name, per-model config.toml text) with extra config TOML.
 pub fn start_edge(models: &[(&str, &str)], config: &str) -> Edge {
+    start_edge_with_args(models, config, &[])
+}
+
+/// Like [`start_edge`], with extra command-line arguments.
+pub fn start_edge_with_args(models: &[(&str, &str)], config: &str, args: &[String]) -> Edge {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("edge-test-{}-{n}", std::process::id()));
@@ -47,6 +52,7 @@ pub fn start_edge(models: &[(&str, &str)], config: &str) -> Edge {
         .arg(&repo)
         .arg("--http-addr")
         .arg("127.0.0.1:0")
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -61,9 +67,7 @@ pub fn start_edge(models: &[(&str, &str)], config: &str) -> Edge {
             }
         }
     });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("edge-node did not become ready within 60 s");
+    let url = rx.recv_timeout(Duration::from_secs(60)).expect("edge-node did not become ready within 60 s");
     Edge { child, url, dir }
 }
 
@@ -93,10 +97,7 @@ impl Reply {
 
     /// The `error` message of an error body.
     pub fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.json()["error"].as_str().unwrap_or_default().to_string()
     }
 }
 
@@ -107,17 +108,8 @@ fn reply(resp: ureq::http::Response<ureq::Body>) -> Reply {
         .get("inference-header-content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let body = resp
-        .into_body()
-        .with_config()
-        .limit(256 << 20)
-        .read_to_vec()
-        .expect("body");
-    Reply {
-        status,
-        body,
-        header_length,
-    }
+    let body = resp.into_body().with_config().limit(256 << 20).read_to_vec().expect("body");
+    Reply { status, body, header_length }
 }
 
 /// GET a path.
@@ -127,14 +119,9 @@ pub fn get(agent: &ureq::Agent, url: &str) -> Reply {
 
 /// POST a body, with an optional Inference-Header-Content-Length.
 pub fn post(agent: &ureq::Agent, url: &str, body: &[u8], header_length: Option<usize>) -> Reply {
-    let mut req = agent.post(url).header(
-        "content-type",
-        if header_length.is_some() {
-            "application/octet-stream"
-        } else {
-            "application/json"
-        },
-    );
+    let mut req = agent
+        .post(url)
+        .header("content-type", if header_length.is_some() { "application/octet-stream" } else { "application/json" });
     if let Some(n) = header_length {
         req = req.header("inference-header-content-length", &n.to_string());
     }

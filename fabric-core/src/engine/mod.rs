@@ -25,18 +25,10 @@ pub enum EngineError {
     ModelFile(#[from] ModelFileError),
     /// The model uses operators this engine does not implement.
     #[error("model {path} uses operator(s) {} that the {engine} engine does not support; serve it with the other engine", ops.join(", "))]
-    UnsupportedOps {
-        engine: EngineKind,
-        path: String,
-        ops: Vec<String>,
-    },
+    UnsupportedOps { engine: EngineKind, path: String, ops: Vec<String> },
     /// The engine could not build the model for another reason.
     #[error("{engine} could not load model {path}: {reason}")]
-    Load {
-        engine: EngineKind,
-        path: String,
-        reason: String,
-    },
+    Load { engine: EngineKind, path: String, reason: String },
     /// The request's tensors do not fit the model.
     #[error(transparent)]
     Input(#[from] InputError),
@@ -51,11 +43,7 @@ pub enum EngineError {
     OrtLibraryUnset,
     /// The library is too old for this build.
     #[error("ONNX Runtime at {path} is version {found}, but this build needs 1.{required}.0 or newer: install onnxruntime>=1.{required} (`pip install onnxruntime==1.31.1`) and point ORT_DYLIB_PATH at its libonnxruntime.so")]
-    OrtLibraryVersion {
-        path: String,
-        found: String,
-        required: u32,
-    },
+    OrtLibraryVersion { path: String, found: String, required: u32 },
     /// The file exists but is not a usable ONNX Runtime library.
     #[error("cannot use {path} as the ONNX Runtime library: {reason}")]
     OrtLibraryInvalid { path: String, reason: String },
@@ -107,10 +95,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions {
-            max_batch_size: 64,
-            ort: OrtOptions::default(),
-        }
+        EngineOptions { max_batch_size: 64, ort: OrtOptions::default() }
     }
 }
 
@@ -140,11 +125,7 @@ pub trait Engine: Send {
 }
 
 /// Loads a model file with the chosen engine.
-pub fn load(
-    kind: EngineKind,
-    path: &Path,
-    options: &EngineOptions,
-) -> Result<Box<dyn Engine>, EngineError> {
+pub fn load(kind: EngineKind, path: &Path, options: &EngineOptions) -> Result<Box<dyn Engine>, EngineError> {
     Ok(match kind {
         EngineKind::Tract => Box::new(tract::TractEngine::load(path, options)?),
         EngineKind::Ort => Box::new(ort::OrtEngine::load(path, options)?),

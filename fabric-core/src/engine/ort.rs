@@ -57,11 +57,7 @@ impl Default for OrtOptions {
     fn default() -> Self {
         OrtOptions {
             library: None,
-            providers: vec![
-                ExecutionProvider::Tensorrt,
-                ExecutionProvider::Cuda,
-                ExecutionProvider::Cpu,
-            ],
+            providers: vec![ExecutionProvider::Tensorrt, ExecutionProvider::Cuda, ExecutionProvider::Cpu],
             intra_threads: 1,
         }
     }
@@ -77,19 +73,13 @@ pub fn environment(library: Option<&Path>) -> Result<Environment, EngineError> {
     if let Some(env) = ENVIRONMENT.get() {
         return Ok(env.clone());
     }
-    let _guard = INIT_LOCK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(env) = ENVIRONMENT.get() {
         return Ok(env.clone());
     }
     let path = library
         .map(Path::to_path_buf)
-        .or_else(|| {
-            std::env::var_os("ORT_DYLIB_PATH")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(PathBuf::from))
         .ok_or(EngineError::OrtLibraryUnset)?;
     let shown_path = path.display().to_string();
     if !path.is_file() {
@@ -101,18 +91,12 @@ pub fn environment(library: Option<&Path>) -> Result<Environment, EngineError> {
             found: version_str,
             required: ort::MINOR_VERSION,
         },
-        other => EngineError::OrtLibraryInvalid {
-            path: shown_path.clone(),
-            reason: other.to_string(),
-        },
+        other => EngineError::OrtLibraryInvalid { path: shown_path.clone(), reason: other.to_string() },
     })?;
     let env = builder
         .with_name("fabric")
         .build()
-        .map_err(|e| EngineError::OrtLibraryInvalid {
-            path: shown_path.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| EngineError::OrtLibraryInvalid { path: shown_path.clone(), reason: e.to_string() })?;
     tracing::info!(library = %shown_path, "ONNX Runtime loaded");
     Ok(ENVIRONMENT.get_or_init(|| env).clone())
 }
@@ -131,11 +115,7 @@ impl OrtEngine {
         let env = environment(options.ort.library.as_deref())?;
         let (bytes, proto) = read_onnx(path)?;
         let metadata = ModelMetadata::from_proto(&proto, path)?;
-        let load_err = |reason: String| EngineError::Load {
-            engine: EngineKind::Ort,
-            path: shown(path),
-            reason,
-        };
+        let load_err = |reason: String| EngineError::Load { engine: EngineKind::Ort, path: shown(path), reason };
         let mut skipped = Vec::new();
         for &provider in &options.ort.providers {
             let dispatch = match provider {
@@ -176,23 +156,13 @@ impl OrtEngine {
                         tracing::warn!(model = %path.display(), provider = provider.ort_name(), skipped = %skipped.join("; "),
                             "ONNX Runtime session ready on a fallback provider");
                     }
-                    return Ok(OrtEngine {
-                        metadata,
-                        max_batch_size: options.max_batch_size,
-                        session,
-                        provider,
-                    });
+                    return Ok(OrtEngine { metadata, max_batch_size: options.max_batch_size, session, provider });
                 }
-                Err(e) if provider == ExecutionProvider::Cpu => {
-                    return Err(load_err(e.to_string()))
-                }
+                Err(e) if provider == ExecutionProvider::Cpu => return Err(load_err(e.to_string())),
                 Err(e) => skipped.push(format!("{}: {e}", provider.ort_name())),
             }
         }
-        Err(load_err(format!(
-            "no configured execution provider could run it ({})",
-            skipped.join("; ")
-        )))
+        Err(load_err(format!("no configured execution provider could run it ({})", skipped.join("; "))))
     }
 
     /// The execution provider this session runs on.
@@ -205,8 +175,7 @@ fn to_ort(t: &Tensor) -> Result<DynValue, EngineError> {
     let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
     macro_rules! typed {
         ($ty:ty) => {
-            OrtTensor::<$ty>::from_array((shape, t.as_slice::<$ty>()?.into_owned()))
-                .map(|v| v.into_dyn())
+            OrtTensor::<$ty>::from_array((shape, t.as_slice::<$ty>()?.into_owned())).map(|v| v.into_dyn())
         };
     }
     let value = match t.dtype() {
@@ -225,22 +194,14 @@ fn to_ort(t: &Tensor) -> Result<DynValue, EngineError> {
             OrtTensor::<bool>::from_array((shape, bools)).map(|v| v.into_dyn())
         }
         other @ (DataType::Fp16 | DataType::Bytes) => {
-            return Err(EngineError::Output(
-                crate::tensor::TensorError::UnsupportedDataType(other),
-            ))
+            return Err(EngineError::Output(crate::tensor::TensorError::UnsupportedDataType(other)))
         }
     };
-    value.map_err(|e| EngineError::Run {
-        engine: EngineKind::Ort,
-        reason: e.to_string(),
-    })
+    value.map_err(|e| EngineError::Run { engine: EngineKind::Ort, reason: e.to_string() })
 }
 
 fn from_ort(value: &DynValue, dtype: DataType) -> Result<Tensor, EngineError> {
-    let run_err = |e: ort::Error| EngineError::Run {
-        engine: EngineKind::Ort,
-        reason: e.to_string(),
-    };
+    let run_err = |e: ort::Error| EngineError::Run { engine: EngineKind::Ort, reason: e.to_string() };
     macro_rules! typed {
         ($ty:ty) => {{
             let (shape, data) = value.try_extract_tensor::<$ty>().map_err(run_err)?;
@@ -263,9 +224,7 @@ fn from_ort(value: &DynValue, dtype: DataType) -> Result<Tensor, EngineError> {
             Tensor::from_bools(shape.iter().map(|&d| d as usize).collect(), data)?
         }
         other @ (DataType::Fp16 | DataType::Bytes) => {
-            return Err(EngineError::Output(
-                crate::tensor::TensorError::UnsupportedDataType(other),
-            ))
+            return Err(EngineError::Output(crate::tensor::TensorError::UnsupportedDataType(other)))
         }
     })
 }
@@ -291,10 +250,8 @@ impl Engine for OrtEngine {
             .zip(inputs)
             .map(|(spec, t)| Ok((spec.name.as_str(), SessionInputValue::from(to_ort(t)?))))
             .collect::<Result<Vec<_>, EngineError>>()?;
-        let outputs = self.session.run(feed).map_err(|e| EngineError::Run {
-            engine: EngineKind::Ort,
-            reason: e.to_string(),
-        })?;
+        let outputs =
+            self.session.run(feed).map_err(|e| EngineError::Run { engine: EngineKind::Ort, reason: e.to_string() })?;
         self.metadata
             .outputs
             .iter()

@@ -51,11 +51,7 @@ impl TractEngine {
         missing.sort();
         missing.dedup();
         if !missing.is_empty() {
-            return Err(EngineError::UnsupportedOps {
-                engine: EngineKind::Tract,
-                path: shown(path),
-                ops: missing,
-            });
+            return Err(EngineError::UnsupportedOps { engine: EngineKind::Tract, path: shown(path), ops: missing });
         }
         let load_err = |e: TractError| EngineError::Load {
             engine: EngineKind::Tract,
@@ -69,11 +65,7 @@ impl TractEngine {
             .map_err(load_err)?;
         let state = TypedSimpleState::new(&plan).map_err(load_err)?;
         tracing::debug!(model = %path.display(), "tract engine ready");
-        Ok(TractEngine {
-            metadata,
-            max_batch_size: options.max_batch_size,
-            state,
-        })
+        Ok(TractEngine { metadata, max_batch_size: options.max_batch_size, state })
     }
 }
 
@@ -91,17 +83,13 @@ impl Engine for TractEngine {
     }
 
     fn run_ordered(&mut self, inputs: &[&FabricTensor]) -> Result<Vec<FabricTensor>, EngineError> {
-        let run_err = |e: TractError| EngineError::Run {
-            engine: EngineKind::Tract,
-            reason: format!("{e:#}"),
-        };
+        let run_err = |e: TractError| EngineError::Run { engine: EngineKind::Tract, reason: format!("{e:#}") };
         let values = inputs
             .iter()
             .map(|t| {
                 // SAFETY: `FabricTensor` guarantees the byte length matches shape x element size and that
                 // BOOL bytes are 0 or 1, which is all tract's raw constructor requires of plain data types.
-                unsafe { Tensor::from_raw_dt(datum_type(t.dtype()), t.shape(), t.bytes()) }
-                    .map(|t| t.into_tvalue())
+                unsafe { Tensor::from_raw_dt(datum_type(t.dtype()), t.shape(), t.bytes()) }.map(|t| t.into_tvalue())
             })
             .collect::<TractResult<TVec<TValue>>>()
             .map_err(run_err)?;
@@ -113,14 +101,8 @@ impl Engine for TractEngine {
             .map(|(spec, value)| {
                 // tract may hand back symbolic dims (TDim) for integer outputs, or a wider type: cast to the declared one.
                 let tensor = value.into_tensor();
-                let cast = tensor
-                    .cast_to_dt(datum_type(spec.datatype))
-                    .map_err(run_err)?;
-                Ok(FabricTensor::from_bytes(
-                    spec.datatype,
-                    cast.shape().to_vec(),
-                    cast.as_bytes().to_vec(),
-                )?)
+                let cast = tensor.cast_to_dt(datum_type(spec.datatype)).map_err(run_err)?;
+                Ok(FabricTensor::from_bytes(spec.datatype, cast.shape().to_vec(), cast.as_bytes().to_vec())?)
             })
             .collect()
     }

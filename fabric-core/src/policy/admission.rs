@@ -1,6 +1,7 @@
-//! Whether a new request is taken into a model's queue, from the queue's state, the measured
-//! service time and the request's deadline. Refusing at the door is the point: a request that
-//! cannot be answered in time gets a precise error now instead of a timeout later.
+//! Where a new request goes: this node's queue, a hub (offload), or nowhere (a precise refusal),
+//! from the queue's state, the measured service time, the deadline, and the best hub's health and
+//! expected answer time. Refusing at the door is the point: a request that cannot be answered in
+//! time gets a precise error now instead of a timeout later.
 
 use std::time::Duration;
 
@@ -38,10 +39,7 @@ pub enum Rejection {
     /// The queue holds `capacity` requests already.
     QueueFull { capacity: usize },
     /// The expected wait plus run exceeds the time left.
-    WouldMissDeadline {
-        expected: Duration,
-        budget: Duration,
-    },
+    WouldMissDeadline { expected: Duration, budget: Duration },
     /// The model has no replica.
     NoReplicas,
 }
@@ -51,18 +49,24 @@ pub enum Rejection {
 pub enum Admission {
     /// Queue it here.
     Local,
+    /// Send it to a hub.
+    Offload,
     /// Refuse it, with the reason.
     Reject(Rejection),
+}
+
+/// What offload could do for the request: the best healthy hub with room, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffloadView {
+    /// Expected time until the hub's answer arrives (round trip plus the hub's own queue and compute).
+    pub expected: Duration,
 }
 
 /// Expected time until a request of `rows` rows, queued now, is answered.
 ///
 /// Queued rows ahead are served in full batches spread over the replicas; when every replica is busy
 /// the first round also waits for a running batch. `batch_time(n)` is the measured time of n rows.
-pub fn expected_completion(
-    input: &AdmissionInput,
-    batch_time: impl Fn(usize) -> Option<Duration>,
-) -> Option<Duration> {
+pub fn expected_completion(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Duration>) -> Option<Duration> {
     let max = input.max_batch_size.max(1);
     let replicas = input.load.replicas.max(1);
     let ahead = input.load.queued_rows + input.rows;
@@ -74,24 +78,39 @@ pub fn expected_completion(
     batch_time(ahead.min(max)).map(|t| t * rounds as u32)
 }
 
-/// Decides whether to take the request.
+/// Decides whether to take the request here, without a hub.
 pub fn admit(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Duration>) -> Admission {
-    if input.load.replicas == 0 {
-        return Admission::Reject(Rejection::NoReplicas);
-    }
-    if input.load.queued_requests >= input.queue_capacity {
-        return Admission::Reject(Rejection::QueueFull {
-            capacity: input.queue_capacity,
-        });
-    }
-    match expected_completion(input, batch_time) {
-        Some(expected) if expected > input.budget => {
-            Admission::Reject(Rejection::WouldMissDeadline {
-                expected,
-                budget: input.budget,
-            })
+    admit_or_offload(input, batch_time, None)
+}
+
+/// Decides between this node, a hub and refusal: here if it can be served in time, else on the hub
+/// if the hub's expected answer time fits the budget, else refused with the local reason.
+pub fn admit_or_offload(
+    input: &AdmissionInput,
+    batch_time: impl Fn(usize) -> Option<Duration>,
+    hub: Option<OffloadView>,
+) -> Admission {
+    let local = if input.load.replicas == 0 {
+        Err(Rejection::NoReplicas)
+    } else if input.load.queued_requests >= input.queue_capacity {
+        Err(Rejection::QueueFull { capacity: input.queue_capacity })
+    } else {
+        match expected_completion(input, batch_time) {
+            Some(expected) if expected > input.budget => {
+                Err(Rejection::WouldMissDeadline { expected, budget: input.budget })
+            }
+            // With a hub at hand, keep a tenth of the budget as margin: estimates are averages, and a
+            // request sent to the hub now beats one that misses its deadline here.
+            Some(expected) if hub.is_some() && expected + input.budget / 10 > input.budget => {
+                Err(Rejection::WouldMissDeadline { expected, budget: input.budget })
+            }
+            _ => Ok(()),
         }
-        _ => Admission::Local,
+    };
+    match (local, hub) {
+        (Ok(()), _) => Admission::Local,
+        (Err(_), Some(hub)) if hub.expected <= input.budget => Admission::Offload,
+        (Err(why), _) => Admission::Reject(why),
     }
 }
 
@@ -114,12 +133,7 @@ mod tests {
             budget: MS * budget_ms,
             queue_capacity: 100,
             max_batch_size: 8,
-            load: PoolLoad {
-                queued_requests,
-                queued_rows,
-                replicas,
-                busy_replicas: busy,
-            },
+            load: PoolLoad { queued_requests, queued_rows, replicas, busy_replicas: busy },
         }
     }
 
@@ -144,10 +158,28 @@ mod tests {
         for (label, inp, want) in cases {
             assert_eq!(admit(&inp, time), want, "{label}");
         }
-        assert_eq!(
-            admit(&input(1, 0, 10, 10, 1, 1), |_| None),
-            Admission::Local,
-            "no measurement yet"
-        );
+        assert_eq!(admit(&input(1, 0, 10, 10, 1, 1), |_| None), Admission::Local, "no measurement yet");
+    }
+
+    #[test]
+    fn offload_table() {
+        let time = |n: usize| Some(MS + MS * n as u32 / 4);
+        let hub = |ms: u32| Some(OffloadView { expected: MS * ms });
+        #[rustfmt::skip]
+        let cases: Vec<(&str, AdmissionInput, Option<OffloadView>, Admission)> = vec![
+            ("local fits: stay local even with a hub", input(1, 100, 0, 0, 1, 0), hub(1), Admission::Local),
+            ("local too slow, hub fits", input(1, 20, 40, 40, 1, 1), hub(5), Admission::Offload),
+            ("local within the hub margin", input(1, 22, 40, 40, 1, 1), hub(5), Admission::Offload),
+            ("local clear of the margin", input(1, 24, 40, 40, 1, 1), hub(5), Admission::Local),
+            ("local too slow, hub too slow", input(1, 20, 40, 40, 1, 1), hub(25),
+                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 20 })),
+            ("local too slow, no hub", input(1, 20, 40, 40, 1, 1), None,
+                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 20 })),
+            ("queue full, hub fits", input(1, 100, 100, 100, 1, 1), hub(5), Admission::Offload),
+            ("no replicas, hub fits", input(1, 100, 0, 0, 0, 0), hub(5), Admission::Offload),
+        ];
+        for (label, inp, view, want) in cases {
+            assert_eq!(admit_or_offload(&inp, time, view), want, "{label}");
+        }
     }
 }

@@ -75,10 +75,7 @@ pub fn decide(
     }
     if requests == 0 {
         // A single request larger than the batch limit: validation refuses these, but never stall on one.
-        return BatchDecision::Dispatch {
-            requests: 1,
-            rows: front.rows,
-        };
+        return BatchDecision::Dispatch { requests: 1, rows: front.rows };
     }
     let dispatch = BatchDecision::Dispatch { requests, rows };
     if rows >= max || !can_grow || busy_replicas == 0 {
@@ -88,11 +85,7 @@ pub fn decide(
     if now >= fill_by {
         return dispatch;
     }
-    let earliest_deadline = queue[..requests]
-        .iter()
-        .map(|q| q.deadline)
-        .min()
-        .unwrap_or(front.deadline);
+    let earliest_deadline = queue[..requests].iter().map(|q| q.deadline).min().unwrap_or(front.deadline);
     if fill_by + expected_run(rows).unwrap_or_default() > earliest_deadline {
         return dispatch;
     }
@@ -117,10 +110,7 @@ mod tests {
     #[test]
     fn decision_table() {
         let base = Instant::now();
-        let cfg = BatchConfig {
-            max_batch_size: 8,
-            max_queue_delay: 2 * MS,
-        };
+        let cfg = BatchConfig { max_batch_size: 8, max_queue_delay: 2 * MS };
         let at = |ms: u64| base + MS * ms as u32;
         let run = |_rows: usize| Some(MS);
         #[rustfmt::skip]
@@ -137,11 +127,7 @@ mod tests {
             ("oversized single request", vec![q(base, 9, 0, 100, 0)], 0, 1, 1, BatchDecision::Dispatch { requests: 1, rows: 9 }),
         ];
         for (label, queue, now_ms, idle, busy, want) in cases {
-            assert_eq!(
-                decide(&queue, at(now_ms), &cfg, idle, busy, run),
-                want,
-                "{label}"
-            );
+            assert_eq!(decide(&queue, at(now_ms), &cfg, idle, busy, run), want, "{label}");
         }
     }
 

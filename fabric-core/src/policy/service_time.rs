@@ -16,9 +16,7 @@ pub struct ServiceTimes {
 impl ServiceTimes {
     /// An empty table for batches of 1..=max_batch.
     pub fn new(max_batch: usize) -> Self {
-        ServiceTimes {
-            secs: vec![None; max_batch.max(1) + 1],
-        }
+        ServiceTimes { secs: vec![None; max_batch.max(1) + 1] }
     }
 
     /// Records one batch of `batch` rows that took `took`.
@@ -42,9 +40,7 @@ impl ServiceTimes {
         let below = (1..batch).rev().find_map(|n| self.secs[n].map(|s| (n, s)));
         let above = (batch + 1..self.secs.len()).find_map(|n| self.secs[n].map(|s| (n, s)));
         let secs = match (below, above) {
-            (Some((lo, ts)), Some((hi, th))) => {
-                ts + (th - ts) * (batch - lo) as f64 / (hi - lo) as f64
-            }
+            (Some((lo, ts)), Some((hi, th))) => ts + (th - ts) * (batch - lo) as f64 / (hi - lo) as f64,
             (Some((lo, ts)), None) => ts * batch as f64 / lo as f64,
             (None, Some((_, th))) => th,
             (None, None) => return None,
@@ -85,20 +81,10 @@ mod tests {
         assert_eq!(t.estimate(4), None);
         t.record(1, ms(1.0));
         t.record(16, ms(4.0));
-        let cases = [
-            (1, 1.0),
-            (16, 4.0),
-            (8, 1.0 + 3.0 * 7.0 / 15.0),
-            (32, 8.0),
-            (0, 1.0),
-            (100, 8.0),
-        ];
+        let cases = [(1, 1.0), (16, 4.0), (8, 1.0 + 3.0 * 7.0 / 15.0), (32, 8.0), (0, 1.0), (100, 8.0)];
         for (batch, want) in cases {
             let got = t.estimate(batch).map(|d| d.as_secs_f64() * 1e3);
-            assert!(
-                got.is_some_and(|g| (g - want).abs() < 1e-9),
-                "batch {batch}: {got:?} vs {want}"
-            );
+            assert!(got.is_some_and(|g| (g - want).abs() < 1e-9), "batch {batch}: {got:?} vs {want}");
         }
         t.record(1, ms(2.0));
         let avg = t.estimate(1).map(|d| d.as_secs_f64() * 1e3);

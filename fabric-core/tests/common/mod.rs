@@ -13,18 +13,7 @@ pub fn ort_library() -> PathBuf {
         .flatten()
         .filter_map(|e| e.ok())
         .map(|e| e.path().join("site-packages/onnxruntime/capi"))
-        .flat_map(|capi| {
-            std::fs::read_dir(capi)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-        })
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so.1."))
-        })
-        .unwrap_or_else(|| {
-            panic!("no ONNX Runtime library: run `bash scripts/setup.sh` or set ORT_DYLIB_PATH")
-        })
+        .flat_map(|capi| std::fs::read_dir(capi).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so.1.")))
+        .unwrap_or_else(|| panic!("no ONNX Runtime library: run `bash scripts/setup.sh` or set ORT_DYLIB_PATH"))
 }

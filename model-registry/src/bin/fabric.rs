@@ -32,9 +32,7 @@ enum Command {
 }
 
 fn parse_node(s: &str) -> Result<(String, Role), String> {
-    let (id, role) = s
-        .split_once(':')
-        .ok_or_else(|| format!("'{s}' is not <id>:<role>"))?;
+    let (id, role) = s.split_once(':').ok_or_else(|| format!("'{s}' is not <id>:<role>"))?;
     if id.is_empty() {
         return Err("node id is empty".into());
     }

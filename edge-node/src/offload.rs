@@ -1,0 +1,323 @@
+//! Offload to cloud hubs over QUIC (mutual TLS): one connection per configured hub, kept open and
+//! re-established with exponential backoff; one bidirectional stream per offloaded request.
+//!
+//! A hub that answers "busy" or vanishes mid-request is skipped for the next one while the deadline
+//! allows; past that the caller gets a precise error (or serves locally). Each hub's load report and
+//! measured answer time feed the admission decision ([`Overflow::view`]).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fabric_core::http::{Offloaded, Overflow, OverflowError};
+use fabric_core::policy::admission::OffloadView;
+use fabric_core::tensor::{NamedTensor, Tensor};
+use fabric_core::tls::{self, Role, TlsFiles};
+use fabric_core::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// One hub to offload to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubEndpoint {
+    /// The hub's QUIC address, e.g. `127.0.0.1:4433`.
+    pub addr: String,
+    /// Name in the hub's certificate (`localhost` works with `fabric certs` certificates).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// Offload settings (`[offload]` in edge.toml); no hubs means no offload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffloadConfig {
+    /// Hubs to offload to.
+    pub hubs: Vec<HubEndpoint>,
+    /// This node's CA, certificate and key (PEM); required when hubs are set.
+    pub tls: Option<TlsFiles>,
+    /// First reconnect delay after a hub is lost, in milliseconds (doubles up to the maximum).
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Frame size limits.
+    pub limits: WireLimits,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        OffloadConfig {
+            hubs: Vec::new(),
+            tls: None,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5000,
+            limits: WireLimits::default(),
+        }
+    }
+}
+
+/// Why offload cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadSetupError {
+    /// Hubs without certificates.
+    #[error("offload.hubs is set but offload.tls is not: hubs accept only peers with a fabric certificate (create development ones with `fabric certs --out certs --node edge-1:edge --node hub-1:hub`, then pass --certs certs)")]
+    NoTls,
+    /// A hub address does not parse.
+    #[error("offload hub address '{0}' is not host:port")]
+    Address(String),
+    /// TLS files unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The UDP socket cannot be opened.
+    #[error("cannot open a QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+}
+
+/// One hub's link: connection (when up), reported load, measured answer time.
+struct HubLink {
+    addr: SocketAddr,
+    server_name: String,
+    conn: Mutex<Option<quinn::Connection>>,
+    name: Mutex<String>,
+    in_flight: AtomicU32,
+    load: Mutex<HubLoad>,
+    /// Moving average of the answer time in microseconds; 0 before the first answer.
+    answer_us: AtomicU64,
+}
+
+impl HubLink {
+    fn connection(&self) -> Option<quinn::Connection> {
+        self.conn.lock().ok().and_then(|c| c.clone()).filter(|c| c.close_reason().is_none())
+    }
+
+    fn has_room(&self) -> bool {
+        let load = self.load.lock().map(|l| *l).unwrap_or_default();
+        load.capacity == 0 || load.in_flight < load.capacity
+    }
+
+    fn expected(&self, conn: &quinn::Connection) -> Duration {
+        match self.answer_us.load(Ordering::Relaxed) {
+            0 => conn.rtt() * 2,
+            us => Duration::from_micros(us),
+        }
+    }
+
+    fn record_answer(&self, took: Duration) {
+        let sample = took.as_micros() as u64;
+        let old = self.answer_us.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { old - old / 5 + sample / 5 };
+        self.answer_us.store(new.max(1), Ordering::Relaxed);
+    }
+}
+
+/// The offload client: hub links and the QUIC endpoint they share.
+pub struct Offloader {
+    hubs: Vec<Arc<HubLink>>,
+    limits: WireLimits,
+    next_id: AtomicU64,
+}
+
+/// How one attempt on one hub failed.
+enum Attempt {
+    /// Try another hub (busy, lost, deadline on that hub).
+    Next(String),
+    /// Final: the request itself is wrong.
+    Invalid(String),
+}
+
+impl Offloader {
+    /// Opens the endpoint and starts a connector task per hub (on the current tokio runtime).
+    pub fn start(config: &OffloadConfig) -> Result<Option<Arc<Offloader>>, OffloadSetupError> {
+        if config.hubs.is_empty() {
+            return Ok(None);
+        }
+        let files = config.tls.as_ref().ok_or(OffloadSetupError::NoTls)?;
+        let client = tls::client_config(files)?;
+        let mut endpoint =
+            quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(OffloadSetupError::Endpoint)?;
+        endpoint.set_default_client_config(client);
+        let hubs = config
+            .hubs
+            .iter()
+            .map(|h| {
+                let addr: SocketAddr = h.addr.parse().map_err(|_| OffloadSetupError::Address(h.addr.clone()))?;
+                Ok(Arc::new(HubLink {
+                    addr,
+                    server_name: h.server_name.clone(),
+                    conn: Mutex::new(None),
+                    name: Mutex::new(h.addr.clone()),
+                    in_flight: AtomicU32::new(0),
+                    load: Mutex::new(HubLoad::default()),
+                    answer_us: AtomicU64::new(0),
+                }))
+            })
+            .collect::<Result<Vec<_>, OffloadSetupError>>()?;
+        let (min, max) =
+            (Duration::from_millis(config.reconnect_min_ms.max(1)), Duration::from_millis(config.reconnect_max_ms));
+        for link in &hubs {
+            tokio::spawn(keep_connected(endpoint.clone(), link.clone(), min, max.max(min)));
+        }
+        Ok(Some(Arc::new(Offloader { hubs, limits: config.limits, next_id: AtomicU64::new(1) })))
+    }
+
+    /// Hubs that are connected and have room, least loaded first.
+    fn candidates(&self) -> Vec<(Arc<HubLink>, quinn::Connection)> {
+        let mut up: Vec<_> =
+            self.hubs.iter().filter(|h| h.has_room()).filter_map(|h| h.connection().map(|c| (h.clone(), c))).collect();
+        up.sort_by_key(|(h, _)| {
+            let reported = h.load.lock().map(|l| l.in_flight).unwrap_or(0);
+            reported + h.in_flight.load(Ordering::Relaxed)
+        });
+        up
+    }
+
+    /// Hubs connected right now.
+    pub fn connected(&self) -> usize {
+        self.hubs.iter().filter(|h| h.connection().is_some()).count()
+    }
+
+    async fn attempt(
+        &self,
+        link: &HubLink,
+        conn: &quinn::Connection,
+        model: &str,
+        version: u64,
+        inputs: &[NamedTensor],
+        deadline: Instant,
+    ) -> Result<Vec<NamedTensor>, Attempt> {
+        let started = Instant::now();
+        let header = RequestHeader {
+            protocol: wire::PROTOCOL_VERSION,
+            request_id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            trace_id: rand_trace(),
+            model: model.to_string(),
+            version: Some(version),
+            budget_us: deadline.saturating_duration_since(started).as_micros() as u64,
+            inputs: wire::tensor_headers(inputs),
+        };
+        let tensors: Vec<&Tensor> = inputs.iter().map(|t| &t.tensor).collect();
+        let bytes = wire::encode_message(&header, &tensors).map_err(|e| Attempt::Invalid(e.to_string()))?;
+        let limits = self.limits;
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("cannot open a stream: {e}"))?;
+            send.write_all(&bytes).await.map_err(|e| format!("hub lost while sending: {e}"))?;
+            let _ = send.finish();
+            wire::read_message(&mut recv, &limits, |h: &ResponseHeader| h.result.as_deref().unwrap_or(&[]))
+                .await
+                .map_err(|e| format!("hub lost while answering: {e}"))
+        };
+        let guard = tokio::time::Instant::from_std(deadline);
+        let (head, outputs) = match tokio::time::timeout_at(guard, exchange).await {
+            Err(_) => return Err(Attempt::Next("deadline passed waiting for the hub".into())),
+            Ok(Err(e)) => return Err(Attempt::Next(e)),
+            Ok(Ok(answer)) => answer,
+        };
+        if let Ok(mut load) = link.load.lock() {
+            *load = head.load;
+        }
+        match head.result {
+            Ok(_) => {
+                link.record_answer(started.elapsed());
+                Ok(outputs)
+            }
+            Err((ErrorCode::BadRequest | ErrorCode::Malformed, msg)) => Err(Attempt::Invalid(msg)),
+            Err((code, msg)) => Err(Attempt::Next(format!("{code:?}: {msg}"))),
+        }
+    }
+}
+
+fn rand_trace() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+/// Keeps one hub connected: connect, wait until the connection closes, back off, reconnect.
+async fn keep_connected(endpoint: quinn::Endpoint, link: Arc<HubLink>, min: Duration, max: Duration) {
+    let mut backoff = min;
+    let mut logged_down = false;
+    loop {
+        let attempt = match endpoint.connect(link.addr, &link.server_name) {
+            Ok(connecting) => connecting.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match attempt.and_then(|conn| match tls::peer_identity(&conn) {
+            Ok(id) if id.role == Role::Hub => Ok((conn, id)),
+            Ok(id) => Err(format!("peer '{}' is a {}, not a hub", id.node_id, id.role.as_str())),
+            Err(e) => Err(e.to_string()),
+        }) {
+            Ok((conn, id)) => {
+                tracing::info!(hub = %link.addr, node = %id.node_id, "connected to hub");
+                if let Ok(mut name) = link.name.lock() {
+                    *name = id.node_id.clone();
+                }
+                if let Ok(mut slot) = link.conn.lock() {
+                    *slot = Some(conn.clone());
+                }
+                backoff = min;
+                logged_down = false;
+                let reason = conn.closed().await;
+                if let Ok(mut slot) = link.conn.lock() {
+                    *slot = None;
+                }
+                tracing::warn!(hub = %link.addr, "hub connection lost: {reason}; reconnecting");
+            }
+            Err(e) => {
+                if !logged_down {
+                    tracing::warn!(hub = %link.addr, "cannot connect to hub: {e}; retrying with backoff up to {} ms", max.as_millis());
+                    logged_down = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+}
+
+impl Overflow for Offloader {
+    fn view(&self) -> Option<OffloadView> {
+        self.candidates().first().map(|(h, c)| OffloadView { expected: h.expected(c) })
+    }
+
+    fn infer<'a>(
+        &'a self,
+        model: &'a str,
+        version: u64,
+        inputs: &'a [NamedTensor],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Offloaded, OverflowError>> {
+        Box::pin(async move {
+            let mut failures = Vec::new();
+            for (link, conn) in self.candidates() {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                // A hub that answers in 10 ms and has not in 4x that is probably gone: give up on it
+                // early, so the rest of the budget can still be spent locally or on another hub.
+                let patience = (link.expected(&conn) * 4).max(Duration::from_millis(50));
+                let attempt_deadline = deadline.min(now + patience);
+                link.in_flight.fetch_add(1, Ordering::Relaxed);
+                let result = self.attempt(&link, &conn, model, version, inputs, attempt_deadline).await;
+                link.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let name = link.name.lock().map(|n| n.clone()).unwrap_or_default();
+                match result {
+                    Ok(outputs) => return Ok(Offloaded { outputs, served_by: format!("hub {name}") }),
+                    Err(Attempt::Invalid(msg)) => return Err(OverflowError::Invalid(msg)),
+                    Err(Attempt::Next(msg)) => {
+                        tracing::debug!(hub = %name, "offload attempt failed: {msg}");
+                        failures.push(format!("{name}: {msg}"));
+                    }
+                }
+            }
+            if failures.is_empty() {
+                failures.push("no hub connected".into());
+            }
+            Err(OverflowError::Unavailable(failures.join("; ")))
+        })
+    }
+}
