@@ -33,6 +33,17 @@ fn default_server_name() -> String {
     "localhost".into()
 }
 
+/// When requests go to a hub.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadMode {
+    /// Only what this node cannot serve by its deadline (the default).
+    #[default]
+    Overflow,
+    /// Everything, while a hub is usable (e.g. to spare a battery); local serving is the fallback.
+    Always,
+}
+
 /// Offload settings (`[offload]` in edge.toml); no hubs means no offload.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,6 +58,8 @@ pub struct OffloadConfig {
     pub reconnect_max_ms: u64,
     /// Frame size limits.
     pub limits: WireLimits,
+    /// `overflow` (default): only what cannot be served here in time; `always`: everything while a hub is up.
+    pub mode: OffloadMode,
 }
 
 impl Default for OffloadConfig {
@@ -57,6 +70,7 @@ impl Default for OffloadConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             limits: WireLimits::default(),
+            mode: OffloadMode::Overflow,
         }
     }
 }
@@ -120,6 +134,7 @@ pub struct Offloader {
     hubs: Vec<Arc<HubLink>>,
     limits: WireLimits,
     next_id: AtomicU64,
+    mode: OffloadMode,
 }
 
 /// How one attempt on one hub failed.
@@ -162,7 +177,7 @@ impl Offloader {
         for link in &hubs {
             tokio::spawn(keep_connected(endpoint.clone(), link.clone(), min, max.max(min)));
         }
-        Ok(Some(Arc::new(Offloader { hubs, limits: config.limits, next_id: AtomicU64::new(1) })))
+        Ok(Some(Arc::new(Offloader { hubs, limits: config.limits, next_id: AtomicU64::new(1), mode: config.mode })))
     }
 
     /// Hubs that are connected and have room, least loaded first.
@@ -281,6 +296,10 @@ async fn keep_connected(endpoint: quinn::Endpoint, link: Arc<HubLink>, min: Dura
 impl Overflow for Offloader {
     fn view(&self) -> Option<OffloadView> {
         self.candidates().first().map(|(h, c)| OffloadView { expected: h.expected(c) })
+    }
+
+    fn always(&self) -> bool {
+        self.mode == OffloadMode::Always
     }
 
     fn infer<'a>(

@@ -122,10 +122,10 @@ struct Outcome {
     error: String,
 }
 
-/// Closed loop with four clients for `secs` (enough to keep one replica busy): the edge's capacity in requests/s.
+/// Closed loop with sixteen clients for `secs` (enough to keep one replica busy with full batches): the edge's capacity in requests/s.
 fn capacity(url: &str, (body, n): &(Vec<u8>, usize), secs: f64) -> f64 {
     let until = Instant::now() + Duration::from_secs_f64(secs);
-    let handles: Vec<_> = (0..4)
+    let handles: Vec<_> = (0..16)
         .map(|_| {
             let (url, body, n) = (url.to_string(), body.to_vec(), *n);
             std::thread::spawn(move || {
@@ -147,7 +147,8 @@ fn open_loop(url: &str, (body, n): &(Vec<u8>, usize), rate: f64, secs: f64, duri
     let (tx, rx) = mpsc::channel::<(usize, Instant)>();
     let rx = Arc::new(Mutex::new(rx));
     let results = Arc::new(Mutex::new(Vec::with_capacity(total)));
-    let workers: Vec<_> = (0..64)
+    // Little: rate x latency in flight; at 600/s and 0.8 s that is 480 requests waiting at once.
+    let workers: Vec<_> = (0..512)
         .map(|_| {
             let (rx, results, url, body, n) = (rx.clone(), results.clone(), url.to_string(), body.to_vec(), *n);
             std::thread::spawn(move || {

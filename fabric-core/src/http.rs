@@ -47,6 +47,10 @@ pub struct Offloaded {
 pub trait Overflow: Send + Sync {
     /// The best hub's expected answer time, or `None` when no hub is usable now.
     fn view(&self) -> Option<OffloadView>;
+    /// Whether to send every request to a hub while one is usable (not only what overflows).
+    fn always(&self) -> bool {
+        false
+    }
     /// Serves one request elsewhere, answering by the deadline.
     fn infer<'a>(
         &'a self,
@@ -295,7 +299,10 @@ async fn serve(
     let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
     let labels = [model.name.as_str(), &model.version_str()];
     let route = match &state.overflow {
-        Some(overflow) => model.pool.admission(&request.inputs, deadline, overflow.view()),
+        Some(overflow) => match overflow.view() {
+            Some(_) if overflow.always() => Admission::Offload,
+            view => model.pool.admission(&request.inputs, deadline, view),
+        },
         None => Admission::Local,
     };
     let mut served_by = state.server_name.clone();
@@ -332,7 +339,29 @@ async fn serve(
         Some(outputs) => outputs,
         None => {
             state.metrics.routes.with_label_values(&[labels[0], labels[1], "local"]).inc();
-            let reply = model.pool.infer(request.inputs, deadline).await?;
+            // The admission snapshot can be a moment old: if the pool itself then refuses for
+            // overload, a hub may still take it. Keep a copy of the inputs for that (only with a hub).
+            let spare = match (&state.overflow, route) {
+                (Some(_), Admission::Local) => Some(request.inputs.clone()),
+                _ => None,
+            };
+            let reply = match (model.pool.infer(request.inputs, deadline).await, spare, &state.overflow) {
+                (Ok(reply), _, _) => reply,
+                (
+                    Err(e @ (PoolError::QueueFull { .. } | PoolError::WouldMissDeadline { .. })),
+                    Some(inputs),
+                    Some(overflow),
+                ) => {
+                    state.metrics.routes.with_label_values(&[labels[0], labels[1], "offload"]).inc();
+                    let done = overflow.infer(&model.name, model.version, &inputs, deadline).await.map_err(|o| {
+                        tracing::debug!(model = %model.name, "late offload failed: {o}");
+                        ApiError::from(e)
+                    })?;
+                    served_by = done.served_by;
+                    return finish(&model, &request.id, &request.outputs, served_by, None, done.outputs);
+                }
+                (Err(e), _, _) => return Err(e.into()),
+            };
             batch_rows = Some(reply.batch_rows);
             model
                 .pool
@@ -344,19 +373,25 @@ async fn serve(
                 .collect()
         }
     };
+    finish(&model, &request.id, &request.outputs, served_by, batch_rows, outputs)
+}
+
+/// Encodes outputs with the response parameters saying where they were served.
+fn finish(
+    model: &ServedModel,
+    id: &Option<String>,
+    selection: &kserve::OutputSelection,
+    served_by: String,
+    batch_rows: Option<usize>,
+    outputs: Vec<NamedTensor>,
+) -> Result<Served, ApiError> {
     let mut parameters: Map<String, Value> = Map::new();
     parameters.insert("served_by".into(), Value::from(served_by));
     if let Some(rows) = batch_rows {
         parameters.insert("batch_rows".into(), Value::from(rows));
     }
-    let response = kserve::encode_response(
-        &model.name,
-        &model.version_str(),
-        request.id.as_deref(),
-        &parameters,
-        &outputs,
-        &request.outputs,
-    )?;
+    let response =
+        kserve::encode_response(&model.name, &model.version_str(), id.as_deref(), &parameters, &outputs, selection)?;
     Ok(Served { response })
 }
 

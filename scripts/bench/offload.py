@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Offload benchmark (edge to hub over QUIC), in one run on one machine, load from compiled clients.
+
+1. What the QUIC round trip to a hub on loopback adds over serving locally: the MLP with binary
+   tensors at concurrency 1 (wrk), on an edge serving locally and on an edge that sends every request
+   to the hub (`offload.mode = "always"`; the hub runs the same tract engine, so only the transport
+   differs).
+2. Goodput (answers within the deadline per second) at 2x and 3x the edge's capacity, open loop
+   (edge-node's `openloop` example), for the CNN, with and without a hub (the hub on ONNX Runtime).
+
+Run through scripts/bench/offload.sh.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from serving import BUILD, ROOT, machine, to_ms  # noqa: E402
+
+REL = ROOT / "target" / "release"
+DEADLINE_MS = 500
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+
+
+def start(cmd, marker):
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "RUST_LOG": "error"})
+    line = proc.stdout.readline()
+    if marker not in line:
+        raise SystemExit(f"{cmd[0]} failed to start: {line!r}")
+    return proc, line.strip()
+
+
+def wrk(url, body, header_length, connections, secs, script):
+    env = {**os.environ, "BENCH_BODY": str(body), "BENCH_HEADER_LENGTH": str(header_length),
+           "BENCH_CONTENT_TYPE": "application/octet-stream"}
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{secs}s", "--latency", "-s", str(script), url],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+
+
+def binary_body(path, rows, width_shape):
+    import numpy as np
+
+    shape = [rows, *width_shape]
+    data = (np.arange(np.prod(shape)) % 17 / 17.0).astype("<f4").tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]}).encode()
+    path.write_bytes(head + data)
+    return len(head)
+
+
+def main():
+    work = pathlib.Path(tempfile.mkdtemp(prefix="fabric-offload-bench-"))
+    (work / "post.lua").write_text((pathlib.Path(__file__).parent / "serving.py").read_text().split('LUA = """')[1].split('"""')[0])
+    subprocess.run([REL / "fabric", "certs", "--out", work / "certs", "--node", "hub-1:hub", "--node", "edge-1:edge"],
+                   check=True, capture_output=True)
+    for repo in ("hub", "edge"):
+        for model in ("mlp", "cnn"):
+            (work / repo / model / "1").mkdir(parents=True)
+            (work / repo / model / "1" / "model.onnx").symlink_to(BUILD / "models" / model / "1" / "model.onnx")
+    (work / "hub" / "mlp" / "config.toml").write_text('engine = "tract"\n')
+    (work / "edge" / "cnn" / "config.toml").write_text(f"default_timeout_ms = {DEADLINE_MS}\nmax_batch_size = 8\n")
+    (work / "always.toml").write_text('[offload]\nmode = "always"\n')
+
+    hub, line = start([REL / "cloud-hub", "--model-repository", work / "hub", "--certs", work / "certs",
+                       "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"], "cloud-hub listening")
+    quic = line.split("quic://")[1]
+    common = ["--model-repository", work / "edge", "--http-addr", "127.0.0.1:0"]
+    via_hub = ["--hub", quic, "--certs", work / "certs"]
+    local, line_local = start([REL / "edge-node", *common], "listening")
+    always, line_always = start([REL / "edge-node", *common, *via_hub, "--config", work / "always.toml"], "listening")
+    overflow, line_overflow = start([REL / "edge-node", *common, *via_hub], "listening")
+    url = {name: l.split("listening on ")[1] for name, l in
+           [("local", line_local), ("always", line_always), ("overflow", line_overflow)]}
+    time.sleep(1.0)  # let the edges connect to the hub
+    rows = []
+    try:
+        mlp_n = binary_body(work / "mlp.bin", 1, [784])
+        for name in ("local", "always"):
+            rps, p50 = wrk(f"{url[name]}/v2/models/mlp/infer", work / "mlp.bin", mlp_n, 1, 8, work / "post.lua")
+            rows.append(("mlp", name, rps, p50))
+            print(rows[-1], flush=True)
+
+        cnn_n = binary_body(work / "cnn.bin", 4, [3, 64, 64])
+        capacity, _ = wrk(f"{url['local']}/v2/models/cnn/infer", work / "cnn.bin", cnn_n, 4, 5, work / "post.lua")
+        print(f"edge capacity, CNN 4 rows: {capacity:.0f} req/s", flush=True)
+        goodput = []
+        for mult in (2, 3):
+            for name in ("local", "overflow"):
+                out = subprocess.run([REL / "examples" / "openloop", f"{url[name]}/v2/models/cnn/infer", work / "cnn.bin",
+                                      str(cnn_n), str(capacity * mult), str(SECONDS), str(DEADLINE_MS)],
+                                     capture_output=True, text=True, check=True).stdout
+                result = json.loads(out)
+                goodput.append((mult, name, result))
+                print(goodput[-1], flush=True)
+    finally:
+        for p in (local, always, overflow, hub):
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+
+    local_p50 = next(r[3] for r in rows if r[1] == "local")
+    hub_p50 = next(r[3] for r in rows if r[1] == "always")
+    lines = [
+        f"Offload benchmark, {time.strftime('%Y-%m-%d')}, on {machine()}; edge-node, cloud-hub and clients on the same cores.",
+        "",
+        "| MLP, binary, concurrency 1 | infer/s | p50 ms |",
+        "|---|---:|---:|",
+        *[f"| {'served locally' if r[1] == 'local' else 'every request via the hub (QUIC, mTLS)'} | {r[2]:.0f} | {r[3]:.3f} |" for r in rows],
+        "",
+        f"QUIC round trip to the hub adds {hub_p50 - local_p50:.3f} ms at p50.",
+        "",
+        f"CNN, 4 rows per request, deadline {DEADLINE_MS} ms, edge capacity {capacity:.0f} req/s (1 tract replica), open loop {SECONDS} s:",
+        "",
+        "| offered | hub | sent | goodput/s | goodput / offered | offloaded | refused (503) | p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mult, name, r in goodput:
+        offered = capacity * mult
+        lines.append(f"| {mult}x ({offered:.0f}/s) | {'yes' if name == 'overflow' else 'no'} | {r['sent']} | {r['goodput']:.0f} | "
+                     f"{r['goodput'] / offered:.2f} | {r['offloaded']} | {r['refused']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    report = "\n".join(lines)
+    out = BUILD / "bench" / f"offload-{time.strftime('%Y-%m-%d')}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report + "\n")
+    print("\n" + report + f"\n\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
