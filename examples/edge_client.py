@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """An edge app: classifies scikit-learn's handwritten digits with the `digits` model served by a
-local edge-node, through Triton's own client. Start the node first (`bash scripts/run-edge.sh`), then:
+local edge-node, through Triton's own client. Start the node first (`bash scripts/run-fabric.sh`), then:
 
     .venv/bin/python examples/edge_client.py [--url 127.0.0.1:8000] [--count 20]
 """
