@@ -106,6 +106,9 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     let metrics = Metrics::new("fabric");
     let models = Arc::new(ModelSet::default());
     let (loaded, failed) = repository::load_all(&serving, &models, &metrics).await?;
+    if serving.models.strict && !failed.is_empty() {
+        anyhow::bail!("--strict-models: {} model version(s) failed to load: {}", failed.len(), failed.join("; "));
+    }
     if loaded == 0 {
         anyhow::bail!("no model could be loaded from {} ({} failed)", serving.models.path.display(), failed.len());
     }

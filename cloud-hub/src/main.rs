@@ -31,6 +31,10 @@ struct Cli {
     /// This hub's node id, naming its certificate in --certs [default: hub-1]
     #[arg(long, default_value = "hub-1")]
     node_id: String,
+    /// Refuse to start if any model fails to load (by default the others are served and the failure is
+    /// reported by the model's /ready, the repository index and the server's /v2/health/ready).
+    #[arg(long)]
+    strict_models: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(repo) = cli.model_repository {
         config.models.path = repo;
     }
+    config.models.strict |= cli.strict_models;
     if let Some(dir) = cli.certs {
         config.quic.tls = Some(fabric_core::tls::TlsFiles::in_dir(&dir, &cli.node_id));
     }

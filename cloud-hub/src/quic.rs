@@ -62,6 +62,7 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<QuicService>) {
                 }
             };
             tracing::info!(%remote, node = %peer.node_id, role = peer.role.as_str(), "peer connected");
+            tokio::spawn(report_load(conn.clone(), service.clone()));
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
@@ -78,6 +79,21 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<QuicService>) {
     }
 }
 
+/// Sends the hub's load to one peer every [`wire::LOAD_REPORT_INTERVAL`] until the connection closes.
+async fn report_load(conn: quinn::Connection, service: Arc<QuicService>) {
+    let mut tick = tokio::time::interval(wire::LOAD_REPORT_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(datagram) = wire::encode_load_report(service.load()) else { return };
+        if conn.send_datagram(datagram.into()).is_err() {
+            return; // closed, or the peer takes no datagrams: answers still carry the load
+        }
+    }
+}
+
 fn failure(code: ErrorCode, message: String, request_id: u64, load: HubLoad) -> ResponseHeader {
     ResponseHeader { protocol: wire::PROTOCOL_VERSION, request_id, result: Err((code, message)), load }
 }
@@ -88,6 +104,7 @@ fn pool_error_code(e: &PoolError) -> ErrorCode {
         PoolError::QueueFull { .. }
         | PoolError::WouldMissDeadline { .. }
         | PoolError::NotReady
+        | PoolError::Saturated
         | PoolError::Stopped => ErrorCode::Busy,
         PoolError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
         PoolError::ReplicaFailed(_) | PoolError::Engine(_) => ErrorCode::Internal,
@@ -134,6 +151,7 @@ async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut r
         Err(e @ (RouteError::UnknownModel { .. } | RouteError::UnknownVersion { .. })) => {
             Err((ErrorCode::UnknownModel, e.to_string()))
         }
+        Err(e @ RouteError::Unavailable { .. }) => Err((ErrorCode::Busy, e.to_string())),
         Ok(model) => {
             let deadline = arrived + Duration::from_micros(header.budget_us);
             match model.pool.infer(inputs, deadline).await {

@@ -55,6 +55,9 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
     let models = Arc::new(ModelSet::default());
     let offloader = offload::Offloader::start(&config.offload)?;
     let (loaded, failed) = repository::load_all(&serving, &models, &metrics).await?;
+    if serving.models.strict && !failed.is_empty() {
+        anyhow::bail!("--strict-models: {} model version(s) failed to load: {}", failed.len(), failed.join("; "));
+    }
     if loaded == 0 {
         anyhow::bail!(
             "no model could be loaded from {} ({} failed): put models in <repo>/<name>/<version>/model.onnx",

@@ -35,6 +35,10 @@ struct Cli {
     /// This node's id, naming its certificate in --certs [default: edge-1]
     #[arg(long, default_value = "edge-1")]
     node_id: String,
+    /// Refuse to start if any model fails to load (by default the others are served and the failure is
+    /// reported by the model's /ready, the repository index and the server's /v2/health/ready).
+    #[arg(long)]
+    strict_models: bool,
     /// Print the effective configuration (defaults, file and flags merged) as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -61,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(engine) = cli.engine {
         config.models.engine = engine;
     }
+    config.models.strict |= cli.strict_models;
     for hub in cli.hubs {
         config.offload.hubs.push(edge_node::offload::HubEndpoint { addr: hub, server_name: "localhost".into() });
     }

@@ -4,9 +4,15 @@
 //! A hub that answers "busy" or vanishes mid-request is skipped for the next one while the deadline
 //! allows; past that the caller gets a precise error (or serves locally). Each hub's load report and
 //! measured answer time feed the admission decision ([`Overflow::view`]).
+//!
+//! A hub's load comes with every answer and, unasked, as a datagram every
+//! [`wire::LOAD_REPORT_INTERVAL`]; a report older than [`LOAD_REPORT_STALE`] is ignored. A hub that
+//! said busy rests for a short backoff, then is tried again. A connection that closes before any good
+//! answer or load report (a hub refusing this node's certificate, say) counts as a failed connect: the
+//! reconnect backs off instead of looping.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,6 +98,30 @@ pub enum OffloadSetupError {
     Endpoint(std::io::Error),
 }
 
+/// A load report older than this says nothing about the hub now.
+pub const LOAD_REPORT_STALE: Duration = Duration::from_secs(1);
+/// First rest after a hub answered busy (doubles while it stays busy, up to [`BUSY_REST_MAX`]).
+const BUSY_REST_MIN: Duration = Duration::from_millis(50);
+/// Longest rest after busy answers.
+const BUSY_REST_MAX: Duration = Duration::from_millis(800);
+
+/// A hub's reported load and what this edge concluded from it.
+#[derive(Clone, Copy, Debug)]
+struct LoadState {
+    /// The last report and when it arrived.
+    report: Option<(HubLoad, Instant)>,
+    /// No requests to this hub before this instant (it said busy).
+    rest_until: Option<Instant>,
+    /// The next rest, should it say busy again.
+    next_rest: Duration,
+}
+
+impl Default for LoadState {
+    fn default() -> Self {
+        LoadState { report: None, rest_until: None, next_rest: BUSY_REST_MIN }
+    }
+}
+
 /// One hub's link: connection (when up), reported load, measured answer time.
 struct HubLink {
     addr: SocketAddr,
@@ -99,9 +129,13 @@ struct HubLink {
     conn: Mutex<Option<quinn::Connection>>,
     name: Mutex<String>,
     in_flight: AtomicU32,
-    load: Mutex<HubLoad>,
+    load: Mutex<LoadState>,
     /// Moving average of the answer time in microseconds; 0 before the first answer.
     answer_us: AtomicU64,
+    /// Whether the current connection has shown the hub accepted this node (an answer or a load report).
+    proven: AtomicBool,
+    /// Connection attempts since start.
+    attempts: AtomicU64,
 }
 
 impl HubLink {
@@ -109,9 +143,47 @@ impl HubLink {
         self.conn.lock().ok().and_then(|c| c.clone()).filter(|c| c.close_reason().is_none())
     }
 
-    fn has_room(&self) -> bool {
-        let load = self.load.lock().map(|l| *l).unwrap_or_default();
-        load.capacity == 0 || load.in_flight < load.capacity
+    fn has_room(&self, now: Instant) -> bool {
+        let state = self.load.lock().map(|l| *l).unwrap_or_default();
+        if state.rest_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        match state.report {
+            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => {
+                load.capacity == 0 || load.in_flight < load.capacity
+            }
+            _ => true,
+        }
+    }
+
+    /// The hub's reported in-flight count (0 when unknown or stale).
+    fn reported_in_flight(&self, now: Instant) -> u32 {
+        match self.load.lock().ok().and_then(|l| l.report) {
+            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => load.in_flight,
+            _ => 0,
+        }
+    }
+
+    fn record_load(&self, load: HubLoad) {
+        self.proven.store(true, Ordering::Relaxed);
+        if let Ok(mut state) = self.load.lock() {
+            state.report = Some((load, Instant::now()));
+        }
+    }
+
+    /// The hub said busy: rest it for a while, longer if it keeps saying so.
+    fn record_busy(&self) {
+        if let Ok(mut state) = self.load.lock() {
+            state.rest_until = Some(Instant::now() + state.next_rest);
+            state.next_rest = (state.next_rest * 2).min(BUSY_REST_MAX);
+        }
+    }
+
+    fn record_served(&self) {
+        if let Ok(mut state) = self.load.lock() {
+            state.rest_until = None;
+            state.next_rest = BUSY_REST_MIN;
+        }
     }
 
     fn expected(&self, conn: &quinn::Connection) -> Duration {
@@ -167,8 +239,10 @@ impl Offloader {
                     conn: Mutex::new(None),
                     name: Mutex::new(h.addr.clone()),
                     in_flight: AtomicU32::new(0),
-                    load: Mutex::new(HubLoad::default()),
+                    load: Mutex::new(LoadState::default()),
                     answer_us: AtomicU64::new(0),
+                    proven: AtomicBool::new(false),
+                    attempts: AtomicU64::new(0),
                 }))
             })
             .collect::<Result<Vec<_>, OffloadSetupError>>()?;
@@ -182,18 +256,25 @@ impl Offloader {
 
     /// Hubs that are connected and have room, least loaded first.
     fn candidates(&self) -> Vec<(Arc<HubLink>, quinn::Connection)> {
-        let mut up: Vec<_> =
-            self.hubs.iter().filter(|h| h.has_room()).filter_map(|h| h.connection().map(|c| (h.clone(), c))).collect();
-        up.sort_by_key(|(h, _)| {
-            let reported = h.load.lock().map(|l| l.in_flight).unwrap_or(0);
-            reported + h.in_flight.load(Ordering::Relaxed)
-        });
+        let now = Instant::now();
+        let mut up: Vec<_> = self
+            .hubs
+            .iter()
+            .filter(|h| h.has_room(now))
+            .filter_map(|h| h.connection().map(|c| (h.clone(), c)))
+            .collect();
+        up.sort_by_key(|(h, _)| h.reported_in_flight(now) + h.in_flight.load(Ordering::Relaxed));
         up
     }
 
     /// Hubs connected right now.
     pub fn connected(&self) -> usize {
         self.hubs.iter().filter(|h| h.connection().is_some()).count()
+    }
+
+    /// Connection attempts to all hubs since start (reconnects included).
+    pub fn connect_attempts(&self) -> u64 {
+        self.hubs.iter().map(|h| h.attempts.load(Ordering::Relaxed)).sum()
     }
 
     async fn attempt(
@@ -232,15 +313,18 @@ impl Offloader {
             Ok(Err(e)) => return Err(Attempt::Next(e)),
             Ok(Ok(answer)) => answer,
         };
-        if let Ok(mut load) = link.load.lock() {
-            *load = head.load;
-        }
+        link.record_load(head.load);
         match head.result {
             Ok(_) => {
                 link.record_answer(started.elapsed());
+                link.record_served();
                 Ok(outputs)
             }
             Err((ErrorCode::BadRequest | ErrorCode::Malformed, msg)) => Err(Attempt::Invalid(msg)),
+            Err((ErrorCode::Busy, msg)) => {
+                link.record_busy();
+                Err(Attempt::Next(format!("Busy: {msg}")))
+            }
             Err((code, msg)) => Err(Attempt::Next(format!("{code:?}: {msg}"))),
         }
     }
@@ -256,6 +340,8 @@ async fn keep_connected(endpoint: quinn::Endpoint, link: Arc<HubLink>, min: Dura
     let mut backoff = min;
     let mut logged_down = false;
     loop {
+        link.attempts.fetch_add(1, Ordering::Relaxed);
+        link.proven.store(false, Ordering::Relaxed);
         let attempt = match endpoint.connect(link.addr, &link.server_name) {
             Ok(connecting) => connecting.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -273,13 +359,25 @@ async fn keep_connected(endpoint: quinn::Endpoint, link: Arc<HubLink>, min: Dura
                 if let Ok(mut slot) = link.conn.lock() {
                     *slot = Some(conn.clone());
                 }
-                backoff = min;
-                logged_down = false;
+                tokio::spawn(read_load_reports(conn.clone(), link.clone()));
                 let reason = conn.closed().await;
                 if let Ok(mut slot) = link.conn.lock() {
                     *slot = None;
                 }
-                tracing::warn!(hub = %link.addr, "hub connection lost: {reason}; reconnecting");
+                if link.proven.load(Ordering::Relaxed) {
+                    tracing::warn!(hub = %link.addr, "hub connection lost: {reason}; reconnecting");
+                    backoff = min;
+                    logged_down = false;
+                } else {
+                    // Closed before the hub ever answered: it refused us (TLS 1.3 checks the client's
+                    // certificate after connect() returns) or is failing. Back off as for a failed connect.
+                    if !logged_down {
+                        tracing::warn!(hub = %link.addr, "hub closed the connection before any answer: {reason}; retrying with backoff up to {} ms", max.as_millis());
+                        logged_down = true;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(max);
+                }
             }
             Err(e) => {
                 if !logged_down {
@@ -289,6 +387,16 @@ async fn keep_connected(endpoint: quinn::Endpoint, link: Arc<HubLink>, min: Dura
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(max);
             }
+        }
+    }
+}
+
+/// Takes the hub's load reports (datagrams) until the connection closes.
+async fn read_load_reports(conn: quinn::Connection, link: Arc<HubLink>) {
+    while let Ok(datagram) = conn.read_datagram().await {
+        match wire::decode_load_report(&datagram) {
+            Ok(load) => link.record_load(load),
+            Err(e) => tracing::debug!(hub = %link.addr, "ignoring a bad load report: {e}"),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineKind, EngineOptions, OrtOptions};
+use crate::policy::admission::AdmissionSettings;
 use crate::pool::PoolConfig;
 
 /// HTTP (KServe v2) server settings.
@@ -45,6 +46,15 @@ pub struct ModelConfig {
     pub default_timeout_ms: u64,
     /// Engine for this model; the repository's engine when unset.
     pub engine: Option<EngineKind>,
+    /// Longest one engine call may run before its batch fails and the replica is replaced, in
+    /// milliseconds; 0: ten times the measured time of that batch size, at least one second.
+    pub watchdog_ms: u64,
+    /// With a hub: serve here only while the expected queueing delay stays under this share of the
+    /// request's deadline, in percent; beyond it, offload.
+    pub local_wait_pct: u32,
+    /// Admit a request only if its expected finish leaves this share of its deadline free, in percent
+    /// (headroom for a loaded machine's scheduling noise); beyond it, refuse at once (or offload).
+    pub deadline_margin_pct: u32,
 }
 
 impl Default for ModelConfig {
@@ -56,6 +66,9 @@ impl Default for ModelConfig {
             replicas: 1,
             default_timeout_ms: 1000,
             engine: None,
+            watchdog_ms: 0,
+            local_wait_pct: 25,
+            deadline_margin_pct: 25,
         }
     }
 }
@@ -68,6 +81,8 @@ impl ModelConfig {
             max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
             queue_capacity: self.queue_capacity.max(1),
             replicas: self.replicas.max(1),
+            watchdog: (self.watchdog_ms > 0).then(|| Duration::from_millis(self.watchdog_ms)),
+            admission: AdmissionSettings { local_wait_pct: self.local_wait_pct, margin_pct: self.deadline_margin_pct },
         }
     }
 
@@ -85,11 +100,14 @@ pub struct RepositoryConfig {
     pub path: PathBuf,
     /// Engine for every model without its own `engine` setting.
     pub engine: EngineKind,
+    /// Refuse to start when any model fails to load (Triton's `--exit-on-error`), instead of serving
+    /// the others and reporting the failure in the model's `/ready` and the repository index.
+    pub strict: bool,
 }
 
 impl Default for RepositoryConfig {
     fn default() -> Self {
-        RepositoryConfig { path: PathBuf::from("models"), engine: EngineKind::Tract }
+        RepositoryConfig { path: PathBuf::from("models"), engine: EngineKind::Tract, strict: false }
     }
 }
 

@@ -97,7 +97,10 @@ impl ApiError {
 
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+        match e {
+            RouteError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+            _ => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        }
     }
 }
 
@@ -115,6 +118,7 @@ impl From<PoolError> for ApiError {
             | PoolError::WouldMissDeadline { .. }
             | PoolError::DeadlineExceeded { .. }
             | PoolError::NotReady
+            | PoolError::Saturated
             | PoolError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             PoolError::ReplicaFailed(_) | PoolError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -137,6 +141,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/models/{model}/versions/{version}/ready", web::get().to(model_ready))
         .route("/v2/models/{model}/config", web::get().to(model_config))
         .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
+        .route("/v2/repository/index", web::post().to(repository_index))
         .route("/metrics", web::get().to(metrics));
 }
 
@@ -150,12 +155,36 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "live": true }))
 }
 
+/// Ready when every model in the repository serves (Triton's strict readiness): a model that failed
+/// to load, or has no replica now, makes the server not ready, with the reason.
 async fn ready(state: web::Data<HttpState>) -> HttpResponse {
-    if state.ready.load(Ordering::Acquire) {
+    if !state.ready.load(Ordering::Acquire) {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "server is loading models").response();
+    }
+    let unavailable: Vec<String> = state
+        .models
+        .index(not_ready)
+        .into_iter()
+        .filter(|e| e.state != "READY")
+        .map(|e| format!("{}/{}: {}", e.name, e.version, e.reason))
+        .collect();
+    if unavailable.is_empty() {
         HttpResponse::Ok().json(json!({ "ready": true }))
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "server is loading models").response()
+        let message = format!("not every model is ready: {}", unavailable.join("; "));
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).response()
     }
+}
+
+/// Why a served model version cannot take requests now, if it cannot.
+fn not_ready(model: &ServedModel) -> Option<String> {
+    (model.pool.ready_replicas() == 0).then(|| "no replica is loaded".to_string())
+}
+
+/// Triton's repository index: every model version in the repository, with its state and the reason
+/// when it is unavailable.
+async fn repository_index(state: web::Data<HttpState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.models.index(not_ready))
 }
 
 async fn server_metadata(state: web::Data<HttpState>) -> HttpResponse {
@@ -202,12 +231,16 @@ async fn model_ready(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespo
     };
     match model.pool.status().await {
         Ok(s) if s.replicas > 0 => HttpResponse::Ok().json(json!({ "name": model.name, "ready": true })),
-        _ => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("model '{}' has no replica loaded", model.name),
-        )
-        .response(),
+        Ok(s) => {
+            let why = match (s.loading, s.last_error) {
+                (_, Some(e)) => format!("the last replica load failed (retrying): {e}"),
+                (n, None) if n > 0 => "a replica is loading".to_string(),
+                _ => "no replica is loading".to_string(),
+            };
+            let message = format!("model '{}' version {} has no replica ready: {why}", model.name, model.version);
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).response()
+        }
+        Err(e) => ApiError::from(e).response(),
     }
 }
 
@@ -219,12 +252,12 @@ async fn model_config(state: web::Data<HttpState>, req: HttpRequest) -> HttpResp
         Err(e) => return ApiError::from(e).response(),
     };
     let meta = model.pool.metadata();
-    let batched = meta.is_batched();
+    let batched = model.pool.is_batched();
     let tensors = |specs: &[crate::TensorSpec]| -> Vec<Value> {
         specs
             .iter()
             .map(|s| {
-                let dims = if batched { &s.shape[1..] } else { &s.shape[..] };
+                let dims = if batched { s.inner_dims() } else { &s.shape[..] };
                 json!({ "name": s.name, "data_type": format!("TYPE_{}", s.datatype), "dims": dims })
             })
             .collect()
@@ -298,6 +331,9 @@ async fn serve(
     };
     let request = kserve::decode_request(&body, header_length)?;
     drop(body);
+    // Validate here, before any route is chosen: a request that does not fit the model gets its 400
+    // whether it would have been served locally or by a hub.
+    model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
     let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
     let labels = [model.name.as_str(), &model.version_str()];
     let route = match &state.overflow {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tract_onnx::pb;
-use tract_onnx::prelude::Framework;
+use tract_onnx::prelude::{Framework, InferenceModelExt};
 
 use crate::dtype::DataType;
 use crate::tensor::{NamedTensor, Tensor, TensorError};
@@ -20,16 +20,34 @@ pub struct TensorSpec {
     pub name: String,
     /// Element type.
     pub datatype: DataType,
-    /// Dimensions; -1 marks a dynamic one.
+    /// Dimensions; -1 marks a dynamic one (an output whose shape is unknown is `[-1]`).
     pub shape: Vec<i64>,
+    /// The symbol naming the leading dimension, when it is dynamic and known (e.g. `N`). Whether a
+    /// model can be batched is decided by these symbols, not by `-1`s (see [`ModelMetadata::is_batched`]).
+    #[serde(skip)]
+    pub leading: Option<String>,
 }
 
 impl TensorSpec {
-    /// Whether the leading dimension is dynamic, i.e. the model takes a batch of any size.
-    pub fn is_batched(&self) -> bool {
+    /// A spec without symbols: every dynamic leading dimension counts as the batch symbol `N`.
+    pub fn new(name: impl Into<String>, datatype: DataType, shape: Vec<i64>) -> TensorSpec {
+        let leading = (shape.first() == Some(&-1)).then(|| BATCH_SYMBOL.to_string());
+        TensorSpec { name: name.into(), datatype, shape, leading }
+    }
+
+    /// Whether the leading dimension is dynamic: a request's rows are counted along it.
+    pub fn has_dynamic_leading(&self) -> bool {
         self.shape.first() == Some(&-1)
     }
+
+    /// The dimensions after the leading one (empty for scalars).
+    pub fn inner_dims(&self) -> &[i64] {
+        self.shape.get(1..).unwrap_or(&[])
+    }
 }
+
+/// The name given to an unnamed dynamic leading input dimension when no input names its own.
+pub const BATCH_SYMBOL: &str = "N";
 
 /// The inputs and outputs of a model, in graph order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +102,9 @@ pub enum InputError {
     /// Inputs disagree on the batch size.
     #[error("inputs disagree on the batch size: '{first}' has {first_batch}, '{name}' has {batch}")]
     BatchMismatch { first: String, first_batch: usize, name: String, batch: usize },
+    /// A request with zero rows: nothing to infer.
+    #[error("input '{name}' has 0 rows: send at least one row")]
+    NoRows { name: String },
     /// A batch larger than the model accepts.
     #[error("batch of {got} exceeds this model's maximum batch size of {max}")]
     BatchTooLarge { got: usize, max: usize },
@@ -108,13 +129,104 @@ pub fn read_onnx(path: &Path) -> Result<(Vec<u8>, pb::ModelProto), ModelFileErro
         std::io::ErrorKind::NotFound => ModelFileError::Missing { path: shown.clone() },
         _ => ModelFileError::Unreadable { path: shown.clone(), reason: e.to_string() },
     })?;
-    let proto = tract_onnx::onnx()
+    let mut proto = tract_onnx::onnx()
         .proto_model_for_read(&mut bytes.as_slice())
         .map_err(|e| ModelFileError::Corrupt { path: shown.clone(), reason: format!("{e:#}") })?;
     if proto.graph.as_ref().is_none_or(|g| g.output.is_empty()) {
         return Err(ModelFileError::Corrupt { path: shown, reason: "the file holds no graph with outputs".into() });
     }
+    name_dynamic_dims(&mut proto);
     Ok((bytes, proto))
+}
+
+/// Gives every unnamed dynamic dimension of the graph inputs a symbol, as most exporters leave them
+/// unnamed (`None` in skl2onnx, torch's dynamic axes) and tract cannot load an input it knows nothing of.
+///
+/// An unnamed leading dimension becomes the batch symbol: the name the other inputs give their
+/// leading dimension, else [`BATCH_SYMBOL`] (or another free name if the model uses that one elsewhere).
+/// Other unnamed dimensions get names of their own. Returns the batch symbol.
+pub fn name_dynamic_dims(proto: &mut pb::ModelProto) -> String {
+    use pb::tensor_shape_proto::dimension::Value;
+    let Some(graph) = proto.graph.as_mut() else {
+        return BATCH_SYMBOL.to_string();
+    };
+    let initializers: std::collections::HashSet<String> = graph.initializer.iter().map(|t| t.name.clone()).collect();
+    let dims_of = |v: &pb::ValueInfoProto| -> Vec<Option<Value>> {
+        match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(pb::type_proto::Value::TensorType(t)) => {
+                t.shape.as_ref().map(|s| s.dim.iter().map(|d| d.value.clone()).collect()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    };
+    let used: std::collections::HashSet<String> = graph
+        .input
+        .iter()
+        .chain(graph.output.iter())
+        .flat_map(|v| dims_of(v))
+        .filter_map(|d| match d {
+            Some(Value::DimParam(p)) if !p.is_empty() => Some(p),
+            _ => None,
+        })
+        .collect();
+    let named_leading = graph.input.iter().filter(|v| !initializers.contains(&v.name)).find_map(|v| {
+        match dims_of(v).into_iter().next() {
+            Some(Some(Value::DimParam(p))) if !p.is_empty() => Some(p),
+            _ => None,
+        }
+    });
+    let batch = named_leading.unwrap_or_else(|| {
+        ["N", "batch", "fabric_batch"]
+            .into_iter()
+            .find(|n| !used.contains(*n))
+            .unwrap_or("fabric_batch")
+            .to_string()
+    });
+    let mut fresh = 0;
+    for input in graph.input.iter_mut().filter(|v| !initializers.contains(&v.name)) {
+        let Some(pb::type_proto::Value::TensorType(t)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) else {
+            continue;
+        };
+        let Some(shape) = t.shape.as_mut() else { continue };
+        for (axis, dim) in shape.dim.iter_mut().enumerate() {
+            let unnamed = match &dim.value {
+                None => true,
+                Some(Value::DimParam(p)) => p.is_empty() || p == "?" || p.starts_with("unk__"),
+                Some(Value::DimValue(n)) => *n < 0,
+            };
+            if unnamed {
+                let name = if axis == 0 {
+                    batch.clone()
+                } else {
+                    fresh += 1;
+                    format!("fabric_dim{fresh}")
+                };
+                dim.value = Some(Value::DimParam(name));
+            }
+        }
+    }
+    batch
+}
+
+/// The shapes tract infers for the graph outputs (`None` where it cannot tell), with the symbol of each
+/// output's leading dimension. `None` when tract cannot type the graph (an operator it lacks, say).
+fn inferred_outputs(proto: &pb::ModelProto) -> Option<Vec<Option<(Vec<i64>, Option<String>)>>> {
+    let typed = tract_onnx::onnx().model_for_proto_model(proto).ok()?.into_typed().ok()?;
+    let outlets = typed.output_outlets().ok()?.to_vec();
+    Some(
+        outlets
+            .iter()
+            .map(|outlet| {
+                let fact = typed.outlet_fact(*outlet).ok()?;
+                let dims: Vec<i64> = fact.shape.iter().map(|d| d.to_i64().unwrap_or(-1)).collect();
+                let leading = match fact.shape.iter().next() {
+                    Some(tract_onnx::prelude::TDim::Sym(s)) => Some(s.to_string()),
+                    _ => None,
+                };
+                Some((dims, leading))
+            })
+            .collect(),
+    )
 }
 
 impl ModelMetadata {
@@ -149,34 +261,60 @@ impl ModelMetadata {
                     datatype: datatype.to_string(),
                 });
             }
-            let shape = t
-                .shape
-                .as_ref()
-                .map(|s| {
-                    s.dim
-                        .iter()
-                        .map(|d| match d.value {
-                            Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n >= 0 => n,
-                            _ => -1,
-                        })
-                        .collect()
+            use pb::tensor_shape_proto::dimension::Value;
+            let Some(declared) = t.shape.as_ref() else {
+                // No shape at all: rank unknown, reported as one dynamic dimension.
+                return Ok(TensorSpec { name: v.name.clone(), datatype, shape: vec![-1], leading: None });
+            };
+            let shape = declared
+                .dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(Value::DimValue(n)) if n >= 0 => n,
+                    _ => -1,
                 })
-                .unwrap_or_default();
-            Ok(TensorSpec { name: v.name.clone(), datatype, shape })
+                .collect();
+            let leading = match declared.dim.first().and_then(|d| d.value.as_ref()) {
+                Some(Value::DimParam(p)) if !p.is_empty() && p != "?" && !p.starts_with("unk__") => Some(p.clone()),
+                _ => None,
+            };
+            Ok(TensorSpec { name: v.name.clone(), datatype, shape, leading })
         };
-        let inputs = graph
+        let inputs: Vec<TensorSpec> = graph
             .input
             .iter()
             .filter(|v| !initializers.contains(v.name.as_str()))
             .map(|v| spec(v, "input"))
             .collect::<Result<_, _>>()?;
-        let outputs = graph.output.iter().map(|v| spec(v, "output")).collect::<Result<_, _>>()?;
+        let mut outputs: Vec<TensorSpec> = graph.output.iter().map(|v| spec(v, "output")).collect::<Result<_, _>>()?;
+        // An output whose leading dimension the file leaves unnamed (or whose shape it omits) may still
+        // be batch-major: ask tract's shape inference, which follows the input symbols through the graph.
+        let unknown = |o: &TensorSpec| o.leading.is_none() && o.shape.first() == Some(&-1);
+        if outputs.iter().any(unknown) {
+            if let Some(inferred) = inferred_outputs(proto) {
+                for (spec, found) in outputs.iter_mut().zip(inferred) {
+                    if let (true, Some((dims, leading))) = (unknown(spec), found) {
+                        if spec.shape == [-1] && !dims.is_empty() {
+                            spec.shape = dims; // shapeless in the file: the inferred rank and sizes
+                        }
+                        spec.leading = leading;
+                    }
+                }
+            }
+        }
         Ok(ModelMetadata { inputs, outputs })
     }
 
-    /// Whether every input takes a dynamic leading batch dimension.
+    /// Whether requests can share a batch: every input and every output leads with the same dynamic
+    /// symbol. Anything else (a fixed or differently named first dimension, a scalar output, an output
+    /// of unknown shape, an input without a batch dimension) is served one request at a time, since
+    /// splitting its outputs by rows would hand rows to the wrong requests.
     pub fn is_batched(&self) -> bool {
-        !self.inputs.is_empty() && self.inputs.iter().all(TensorSpec::is_batched)
+        let Some(symbol) = self.inputs.first().and_then(|s| s.leading.as_deref()) else {
+            return false;
+        };
+        let leads = |s: &TensorSpec| s.leading.as_deref() == Some(symbol) && s.has_dynamic_leading();
+        self.inputs.iter().all(leads) && !self.outputs.is_empty() && self.outputs.iter().all(leads)
     }
 
     fn input_names(&self) -> String {
@@ -246,7 +384,7 @@ impl ModelMetadata {
                     });
                 }
             }
-            if spec.is_batched() {
+            if spec.has_dynamic_leading() {
                 let n = t.batch_size();
                 match batch {
                     None => batch = Some((&spec.name, n)),
@@ -264,6 +402,7 @@ impl ModelMetadata {
             order.push(index);
         }
         let batch = match batch {
+            Some((name, 0)) => return Err(InputError::NoRows { name: name.to_string() }),
             Some((_, n)) if n > max_batch => return Err(InputError::BatchTooLarge { got: n, max: max_batch }),
             Some((_, n)) => n,
             None => 1,
@@ -279,10 +418,10 @@ mod tests {
     fn meta() -> ModelMetadata {
         ModelMetadata {
             inputs: vec![
-                TensorSpec { name: "ids".into(), datatype: DataType::Int64, shape: vec![-1, 4] },
-                TensorSpec { name: "weights".into(), datatype: DataType::Fp64, shape: vec![-1, 4] },
+                TensorSpec::new("ids", DataType::Int64, vec![-1, 4]),
+                TensorSpec::new("weights", DataType::Fp64, vec![-1, 4]),
             ],
-            outputs: vec![TensorSpec { name: "out".into(), datatype: DataType::Fp64, shape: vec![-1, 4] }],
+            outputs: vec![TensorSpec::new("out", DataType::Fp64, vec![-1, 4])],
         }
     }
 
@@ -327,6 +466,7 @@ mod tests {
                 vec![ids(vec![9, 4]), weights(vec![9, 4])],
                 Err("batch of 9 exceeds this model's maximum batch size of 8"),
             ),
+            ("zero rows", vec![ids(vec![0, 4]), weights(vec![0, 4])], Err("input 'ids' has 0 rows")),
         ];
         let m = meta();
         for (label, inputs, want) in cases {
@@ -340,6 +480,33 @@ mod tests {
                 (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{label}: {e}"),
                 (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn batchability_table() {
+        let spec = |shape: Vec<i64>, leading: Option<&str>| TensorSpec {
+            name: "t".into(),
+            datatype: DataType::Fp32,
+            shape,
+            leading: leading.map(str::to_string),
+        };
+        let n = Some("N");
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<TensorSpec>, Vec<TensorSpec>, bool)> = vec![
+            ("batch-major in and out", vec![spec(vec![-1, 4], n)], vec![spec(vec![-1, 2], n)], true),
+            ("two inputs, same symbol", vec![spec(vec![-1, 4], n), spec(vec![-1], n)], vec![spec(vec![-1], n)], true),
+            ("inputs with other symbols", vec![spec(vec![-1, 4], n), spec(vec![-1, 4], Some("M"))], vec![spec(vec![-1], n)], false),
+            ("unbatched second input", vec![spec(vec![-1, 4], n), spec(vec![4], None)], vec![spec(vec![-1, 4], n)], false),
+            ("fixed first input dim", vec![spec(vec![1, 4], None)], vec![spec(vec![1, 4], None)], false),
+            ("scalar output", vec![spec(vec![-1, 4], n)], vec![spec(vec![], None)], false),
+            ("fixed first output dim", vec![spec(vec![-1, 4], n)], vec![spec(vec![-1, 2], n), spec(vec![1, 4], None)], false),
+            ("output led by another symbol", vec![spec(vec![-1, 4], n)], vec![spec(vec![-1], Some("M"))], false),
+            ("output of unknown shape", vec![spec(vec![-1, 4], n)], vec![spec(vec![-1], None)], false),
+            ("no inputs", vec![], vec![spec(vec![-1], n)], false),
+        ];
+        for (label, inputs, outputs, want) in cases {
+            assert_eq!(ModelMetadata { inputs, outputs }.is_batched(), want, "{label}");
         }
     }
 }

@@ -7,13 +7,18 @@
 //!
 //! Every request is answered exactly once: with outputs, with a refusal at admission, with "deadline
 //! exceeded" when it can no longer make it, or with an error when its replica fails. A replica that
-//! panics is replaced; its batch gets an error, never silence.
+//! panics, or whose engine call runs past the watchdog, is replaced; its batch gets an error, never
+//! silence. A replica that fails to load is retried with backoff, and the pool says so: its published
+//! view carries the target and ready counts and the last load error.
+//!
+//! A model whose outputs are not all batch-major ([`ModelMetadata::is_batched`]) is served one request
+//! per engine call: its outputs cannot be split by rows.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,7 @@ use tokio::sync::oneshot;
 use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
 use crate::model::{InputError, ModelMetadata};
-use crate::policy::admission::{self, Admission, AdmissionInput, OffloadView, PoolLoad, Rejection};
+use crate::policy::admission::{self, Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad, Rejection};
 use crate::policy::batching::{self, BatchConfig, BatchDecision, Queued};
 use crate::policy::service_time::ServiceTimes;
 use crate::tensor::{NamedTensor, Tensor, TensorError};
@@ -42,7 +47,20 @@ pub struct PoolConfig {
     pub queue_capacity: usize,
     /// Replicas (engine instances, one thread each).
     pub replicas: usize,
+    /// Longest one engine call may run before its batch is failed and the replica replaced; `None`:
+    /// 10x the measured time of that batch size, at least [`MIN_WATCHDOG`].
+    pub watchdog: Option<Duration>,
+    /// Latency-first admission settings.
+    pub admission: AdmissionSettings,
 }
+
+/// The shortest automatic watchdog: engine calls are timed on a shared machine, so tiny averages lie.
+pub const MIN_WATCHDOG: Duration = Duration::from_secs(1);
+
+/// First delay before retrying a replica that failed to load (doubles up to [`MAX_LOAD_RETRY`]).
+const MIN_LOAD_RETRY: Duration = Duration::from_millis(200);
+/// Longest delay between load retries.
+const MAX_LOAD_RETRY: Duration = Duration::from_secs(30);
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -51,6 +69,8 @@ impl Default for PoolConfig {
             max_queue_delay: Duration::from_micros(500),
             queue_capacity: 1024,
             replicas: 1,
+            watchdog: None,
+            admission: AdmissionSettings::default(),
         }
     }
 }
@@ -82,7 +102,10 @@ pub enum PoolError {
     /// No replica is loaded.
     #[error("model is not ready: no replica is loaded")]
     NotReady,
-    /// The replica running the batch failed.
+    /// The pool's mailbox is full for a moment (a burst beyond the queue's intake).
+    #[error("model pool is saturated: its intake is full; retry shortly")]
+    Saturated,
+    /// The replica running the batch failed (panicked, or ran past the watchdog).
     #[error("replica failed while running the batch: {0}")]
     ReplicaFailed(String),
     /// The engine refused the batch.
@@ -102,6 +125,7 @@ impl PoolError {
             PoolError::WouldMissDeadline { .. } => "would_miss_deadline",
             PoolError::DeadlineExceeded { .. } => "deadline_exceeded",
             PoolError::NotReady => "not_ready",
+            PoolError::Saturated => "saturated",
             PoolError::ReplicaFailed(_) => "replica_failed",
             PoolError::Engine(_) => "engine_error",
             PoolError::Stopped => "stopped",
@@ -140,8 +164,10 @@ impl Message for GetStatus {
 }
 
 /// A snapshot of a pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolStatus {
+    /// Replicas wanted.
+    pub target: usize,
     /// Replicas able to take work.
     pub replicas: usize,
     /// Replicas running a batch.
@@ -152,6 +178,8 @@ pub struct PoolStatus {
     pub queued: usize,
     /// Replicas replaced after a failure, since start.
     pub restarts: u64,
+    /// Why the last replica load failed, while the pool is short of its target.
+    pub last_error: Option<String>,
 }
 
 struct Pending {
@@ -194,9 +222,12 @@ struct SharedView {
     queued_requests: AtomicUsize,
     queued_rows: AtomicUsize,
     replicas: AtomicUsize,
+    loading: AtomicUsize,
     busy: AtomicUsize,
     batch_limit: AtomicUsize,
     service: Mutex<Option<ServiceTimes>>,
+    /// Hands out unique batch keys for requests of models that cannot share a batch.
+    next_solo_key: AtomicU64,
 }
 
 /// The actor that queues and batches requests for one model version.
@@ -204,6 +235,8 @@ pub struct ModelPool {
     label: (String, String),
     config: PoolConfig,
     batched: bool,
+    /// Rows of the largest warm-up batch (and the service-time table's size).
+    batch_cap: usize,
     factory: EngineFactory,
     warmup: Vec<Vec<Tensor>>,
     metrics: Metrics,
@@ -214,6 +247,10 @@ pub struct ModelPool {
     loading: usize,
     restarts: u64,
     next_slot: u64,
+    last_error: Option<String>,
+    /// Delay before the next load retry, and when it may start.
+    retry_backoff: Duration,
+    retry_at: Option<Instant>,
     service: ServiceTimes,
     timer: Option<(Instant, SpawnHandle)>,
     view: Arc<SharedView>,
@@ -224,8 +261,10 @@ pub struct ModelPool {
 pub struct PoolHandle {
     addr: Addr<ModelPool>,
     metadata: Arc<ModelMetadata>,
+    batched: bool,
     max_batch_size: usize,
     queue_capacity: usize,
+    admission: AdmissionSettings,
     view: Arc<SharedView>,
 }
 
@@ -235,22 +274,36 @@ impl PoolHandle {
         &self.metadata
     }
 
-    /// Largest batch a request may carry.
+    /// Most rows one request may carry.
     pub fn max_batch_size(&self) -> usize {
         self.max_batch_size
+    }
+
+    /// Whether requests share batches (see [`ModelMetadata::is_batched`]).
+    pub fn is_batched(&self) -> bool {
+        self.batched
     }
 
     /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
     pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
         let arrived = Instant::now();
         let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size)?;
-        let mut hasher = DefaultHasher::new();
-        for t in &inputs {
-            t.shape().get(1..).hash(&mut hasher);
-        }
+        let shape_key = if self.batched {
+            let mut hasher = DefaultHasher::new();
+            for t in &inputs {
+                t.shape().get(1..).hash(&mut hasher);
+            }
+            hasher.finish()
+        } else {
+            // A key of its own: the batcher never joins it with another request.
+            self.view.next_solo_key.fetch_add(1, Ordering::Relaxed)
+        };
         let (reply, rx) = oneshot::channel();
-        let submit = Submit { inputs, rows, shape_key: hasher.finish(), arrived, deadline, reply };
-        self.addr.try_send(submit).map_err(|_| PoolError::Stopped)?;
+        let submit = Submit { inputs, rows, shape_key, arrived, deadline, reply };
+        self.addr.try_send(submit).map_err(|e| match e {
+            SendError::Full(_) => PoolError::Saturated,
+            SendError::Closed(_) => PoolError::Stopped,
+        })?;
         // The pool answers expired requests itself; this bound only guards against a pool that stopped.
         let guard = tokio::time::Instant::from_std(deadline + Duration::from_millis(50));
         match tokio::time::timeout_at(guard, rx).await {
@@ -266,19 +319,30 @@ impl PoolHandle {
     /// Where a request should go now: here, to a hub (when `hub` says one could answer in time), or nowhere.
     pub fn admission(&self, inputs: &[NamedTensor], deadline: Instant, hub: Option<OffloadView>) -> Admission {
         let v = &self.view;
-        let replicas = v.replicas.load(Ordering::Relaxed);
-        let input = AdmissionInput {
-            rows: inputs.first().map(|t| t.tensor.batch_size()).unwrap_or(1),
-            budget: deadline.saturating_duration_since(Instant::now()),
-            queue_capacity: self.queue_capacity,
-            max_batch_size: v.batch_limit.load(Ordering::Relaxed).max(1),
-            load: PoolLoad {
-                queued_requests: v.queued_requests.load(Ordering::Relaxed),
-                queued_rows: v.queued_rows.load(Ordering::Relaxed),
-                replicas,
-                busy_replicas: v.busy.load(Ordering::Relaxed),
-            },
+        let load = PoolLoad {
+            queued_requests: v.queued_requests.load(Ordering::Relaxed),
+            queued_rows: v.queued_rows.load(Ordering::Relaxed),
+            replicas: v.replicas.load(Ordering::Relaxed),
+            busy_replicas: v.busy.load(Ordering::Relaxed),
+            loading: v.loading.load(Ordering::Relaxed),
         };
+        let rows = self
+            .metadata
+            .inputs
+            .iter()
+            .zip(inputs)
+            .find(|(spec, _)| spec.has_dynamic_leading())
+            .map(|(_, t)| t.tensor.batch_size())
+            .unwrap_or(1);
+        let input = admission_input(
+            self.batched,
+            rows,
+            deadline.saturating_duration_since(Instant::now()),
+            self.queue_capacity,
+            v.batch_limit.load(Ordering::Relaxed).max(1),
+            load,
+            self.admission,
+        );
         let service = v.service.lock().ok().and_then(|s| s.clone());
         admission::admit_or_offload(&input, |rows| service.as_ref().and_then(|s| s.estimate(rows)), hub)
     }
@@ -292,6 +356,29 @@ impl PoolHandle {
     pub async fn status(&self) -> Result<PoolStatus, PoolError> {
         self.addr.send(GetStatus).await.map_err(|_| PoolError::Stopped)
     }
+
+    /// Replicas ready to serve now (from the published view, without a round trip to the pool).
+    pub fn ready_replicas(&self) -> usize {
+        self.view.replicas.load(Ordering::Relaxed)
+    }
+}
+
+/// The admission input for a request. A model that cannot batch counts each request as one batch.
+fn admission_input(
+    batched: bool,
+    rows: usize,
+    budget: Duration,
+    queue_capacity: usize,
+    batch_limit: usize,
+    load: PoolLoad,
+    settings: AdmissionSettings,
+) -> AdmissionInput {
+    let (rows, max_batch_size, load) = if batched {
+        (rows, batch_limit, load)
+    } else {
+        (1, 1, PoolLoad { queued_rows: load.queued_requests, ..load })
+    };
+    AdmissionInput { rows, budget, queue_capacity, max_batch_size, load, settings }
 }
 
 /// Zero-filled inputs of batch size `rows` (dynamic dims other than the batch set to 1), for warm-up.
@@ -358,22 +445,25 @@ impl ModelPool {
         };
         let metadata = Arc::new(first.metadata().clone());
         let batched = metadata.is_batched();
-        let max_batch_size = if batched { config.max_batch_size.max(1) } else { 1 };
-        // Powers of two up to the limit, so the pool learns which batch size serves rows fastest.
+        let max_batch_size = config.max_batch_size.max(1);
+        // Powers of two up to the limit, so the pool learns which batch size serves rows fastest; one
+        // request at a time for a model that cannot batch.
+        let batch_cap = if batched { max_batch_size } else { 1 };
         let mut sizes: Vec<usize> =
-            std::iter::successors(Some(1usize), |n| Some(n * 2)).take_while(|&n| n < max_batch_size).collect();
-        sizes.push(max_batch_size);
+            std::iter::successors(Some(1usize), |n| Some(n * 2)).take_while(|&n| n < batch_cap).collect();
+        sizes.push(batch_cap);
         let warmup: Vec<Vec<Tensor>> =
             sizes.into_iter().filter_map(|rows| warmup_inputs(&metadata, rows).ok()).collect();
         let config = PoolConfig { max_batch_size, ..config };
         let view = Arc::new(SharedView::default());
-        let queue_capacity = config.queue_capacity;
+        let (queue_capacity, admission) = (config.queue_capacity, config.admission);
         let target = config.replicas.max(1);
         let pool = ModelPool {
             label: (model.to_string(), version.to_string()),
             service: ServiceTimes::new(max_batch_size),
             config,
             batched,
+            batch_cap,
             factory,
             warmup,
             metrics,
@@ -384,6 +474,9 @@ impl ModelPool {
             loading: 0,
             restarts: 0,
             next_slot: 0,
+            last_error: None,
+            retry_backoff: MIN_LOAD_RETRY,
+            retry_at: None,
             timer: None,
             view: view.clone(),
         };
@@ -401,7 +494,7 @@ impl ModelPool {
             pool.converge(ctx);
             pool
         });
-        Ok(PoolHandle { addr, metadata, max_batch_size, queue_capacity, view })
+        Ok(PoolHandle { addr, metadata, batched, max_batch_size, queue_capacity, admission, view })
     }
 
     fn labels(&self) -> [&str; 2] {
@@ -422,16 +515,19 @@ impl ModelPool {
                     }
                     pool.add_replica(engine, ctx);
                 }
-                Err(e) => tracing::error!(model = %pool.label.0, version = %pool.label.1, "warm-up thread failed: {e}"),
+                Err(e) => pool.load_failed(format!("the warm-up thread failed: {e}"), ctx),
             }
             pool.converge(ctx);
         }));
     }
 
     fn add_replica(&mut self, engine: Box<dyn Engine>, ctx: &mut Context<Self>) {
+        // A load worked: the next failure starts its backoff afresh.
+        self.retry_backoff = MIN_LOAD_RETRY;
         if self.slots.iter().filter(|s| !s.retiring).count() >= self.target_replicas {
             return; // scaled down while this one loaded
         }
+        self.last_error = None;
         let cell = Mutex::new(Some(engine));
         let addr = SyncArbiter::start(1, move || Replica { engine: cell.lock().ok().and_then(|mut e| e.take()) });
         self.next_slot += 1;
@@ -445,21 +541,37 @@ impl ModelPool {
         self.slots.iter().filter(|s| !s.retiring).count()
     }
 
-    /// Starts loads or retires replicas until the count matches the target.
+    /// Starts loads or retires replicas until the count matches the target. After a failed load, new
+    /// loads wait for the retry time (backoff doubling up to [`MAX_LOAD_RETRY`]).
     fn converge(&mut self, ctx: &mut Context<Self>) {
         let active = self.active_replicas();
         if active + self.loading < self.target_replicas {
+            if let Some(at) = self.retry_at {
+                let now = Instant::now();
+                if now < at {
+                    return; // a retry is scheduled for `at`
+                }
+                self.retry_at = None;
+            }
             for _ in 0..(self.target_replicas - active - self.loading) {
                 let factory = self.factory.clone();
                 self.loading += 1;
-                let fut = actix_rt::task::spawn_blocking(move || factory());
+                let fut = actix_rt::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(|| factory())));
                 ctx.spawn(fut.into_actor(self).map(|result, pool, ctx| {
                     pool.loading -= 1;
-                    match result {
-                        Ok(Ok(engine)) => pool.warm_and_add(engine, ctx),
-                        Ok(Err(e)) => tracing::error!(model = %pool.label.0, version = %pool.label.1, "replica failed to load: {e}"),
-                        Err(e) => tracing::error!(model = %pool.label.0, version = %pool.label.1, "replica loader failed: {e}"),
+                    let failure = match result {
+                        Ok(Ok(Ok(engine))) => {
+                            pool.warm_and_add(engine, ctx);
+                            None
+                        }
+                        Ok(Ok(Err(e))) => Some(e.to_string()),
+                        Ok(Err(panic)) => Some(format!("the loader panicked: {}", panic_message(&*panic))),
+                        Err(e) => Some(format!("the loader thread failed: {e}")),
+                    };
+                    if let Some(reason) = failure {
+                        pool.load_failed(reason, ctx);
                     }
+                    pool.publish_gauges();
                 }));
             }
         } else if active > self.target_replicas {
@@ -479,13 +591,29 @@ impl ModelPool {
         self.publish_gauges();
     }
 
+    /// Records a failed load and schedules the retry.
+    fn load_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
+        let delay = self.retry_backoff;
+        tracing::error!(model = %self.label.0, version = %self.label.1, retry_ms = delay.as_millis() as u64,
+            "replica failed to load, retrying: {reason}");
+        self.last_error = Some(reason);
+        self.retry_backoff = (delay * 2).min(MAX_LOAD_RETRY);
+        self.retry_at = Some(Instant::now() + delay);
+        ctx.run_later(delay, |pool, ctx| {
+            pool.retry_at = None;
+            pool.converge(ctx);
+            pool.schedule(ctx);
+        });
+    }
+
     fn publish_gauges(&self) {
         self.metrics.replicas.with_label_values(&self.labels()).set(self.active_replicas() as i64);
         self.metrics.queue_depth.with_label_values(&self.labels()).set(self.queue.len() as i64);
         let v = &self.view;
         v.queued_requests.store(self.queue.len(), Ordering::Relaxed);
         v.queued_rows.store(self.queued_rows, Ordering::Relaxed);
-        v.replicas.store(self.active_replicas().max(usize::from(self.loading > 0)), Ordering::Relaxed);
+        v.replicas.store(self.active_replicas(), Ordering::Relaxed);
+        v.loading.store(self.loading, Ordering::Relaxed);
         v.busy.store(self.slots.iter().filter(|s| s.busy).count(), Ordering::Relaxed);
         v.batch_limit.store(self.batch_limit(), Ordering::Relaxed);
     }
@@ -500,7 +628,7 @@ impl ModelPool {
 
     /// Rows per batch: the measured most efficient size, within the configured limit.
     fn batch_limit(&self) -> usize {
-        self.service.preferred_batch().min(self.config.max_batch_size)
+        self.service.preferred_batch().min(self.batch_cap.max(1))
     }
 
     fn expected_run(&self, rows: usize) -> Option<Duration> {
@@ -513,11 +641,11 @@ impl ModelPool {
             return;
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());
-        for p in self.queue.drain(..) {
+        for p in std::mem::take(&mut self.queue) {
             if p.reply.is_closed() {
-                self.queued_rows -= p.rows;
+                self.take_rows(p.rows);
             } else if batching::is_hopeless(&p.queued(), now, None) {
-                self.queued_rows -= p.rows;
+                self.take_rows(p.rows);
                 self.metrics.requests.with_label_values(&[&self.label.0, &self.label.1, "deadline_exceeded"]).inc();
                 p.expire(now);
             } else {
@@ -525,6 +653,17 @@ impl ModelPool {
             }
         }
         self.queue = kept;
+    }
+
+    /// Takes rows off the queued-rows counter; a mismatch is a bug, logged rather than wrapped around.
+    fn take_rows(&mut self, rows: usize) {
+        match self.queued_rows.checked_sub(rows) {
+            Some(left) => self.queued_rows = left,
+            None => {
+                tracing::error!(model = %self.label.0, queued = self.queued_rows, rows, "queued-rows counter underflow; reset");
+                self.queued_rows = 0;
+            }
+        }
     }
 
     /// Hands batches to idle replicas while the batching policy says so.
@@ -565,7 +704,7 @@ impl ModelPool {
         slot.busy = true;
         let (slot_id, addr) = (slot.id, slot.addr.clone());
         let batch: Vec<Pending> = self.queue.drain(..requests).collect();
-        self.queued_rows -= rows;
+        self.take_rows(rows);
         let now = Instant::now();
         for p in &batch {
             self.metrics.queue_duration.with_label_values(&self.labels()).observe((now - p.arrived).as_secs_f64());
@@ -573,12 +712,28 @@ impl ModelPool {
         self.metrics.batch_size.with_label_values(&self.labels()).observe(rows as f64);
         let (inputs, replies): (Vec<Vec<Tensor>>, Vec<Pending>) =
             batch.into_iter().map(|mut p| (std::mem::take(&mut p.inputs), p)).unzip();
-        let fut = addr.send(RunBatch { requests: inputs });
+        let watchdog = self.watchdog(rows);
+        let fut = tokio::time::timeout(watchdog, addr.send(RunBatch { requests: inputs }));
         ctx.spawn(fut.into_actor(self).map(move |result, pool, ctx| {
-            let result =
-                result.unwrap_or_else(|e| Err(ReplicaFailure::Panicked(format!("replica thread is gone: {e}"))));
+            let result = match result {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(e)) => Err(ReplicaFailure::Panicked(format!("replica thread is gone: {e}"))),
+                // The engine thread cannot be interrupted: it is abandoned (it exits when the call returns)
+                // and replaced, and its batch answered now.
+                Err(_) => Err(ReplicaFailure::Panicked(format!(
+                    "the engine call ran past the {} ms watchdog; replica replaced",
+                    watchdog.as_millis()
+                ))),
+            };
             pool.finish(slot_id, rows, replies, result, ctx);
         }));
+    }
+
+    /// How long an engine call on `rows` rows may run.
+    fn watchdog(&self, rows: usize) -> Duration {
+        self.config
+            .watchdog
+            .unwrap_or_else(|| self.expected_run(rows).map(|t| t.saturating_mul(10)).unwrap_or_default().max(MIN_WATCHDOG))
     }
 
     fn finish(
@@ -647,25 +802,29 @@ impl Handler<Submit> for ModelPool {
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let input = AdmissionInput {
-            rows: msg.rows,
-            budget: msg.deadline.saturating_duration_since(now),
-            queue_capacity: self.config.queue_capacity,
-            max_batch_size: self.batch_limit(),
-            load: PoolLoad {
-                queued_requests: self.queue.len(),
-                queued_rows: self.queued_rows,
-                // While a replacement loads, queue rather than refuse: it will serve them.
-                replicas: self.active_replicas().max(usize::from(self.loading > 0)),
-                busy_replicas: self.slots.iter().filter(|s| s.busy).count(),
-            },
+        let load = PoolLoad {
+            queued_requests: self.queue.len(),
+            queued_rows: self.queued_rows,
+            replicas: self.active_replicas(),
+            busy_replicas: self.slots.iter().filter(|s| s.busy).count(),
+            // While a replacement loads, queue rather than refuse: it will serve them (or they expire).
+            loading: self.loading + usize::from(self.retry_at.is_some()),
         };
+        let input = admission_input(
+            self.batched,
+            msg.rows,
+            msg.deadline.saturating_duration_since(now),
+            self.config.queue_capacity,
+            self.batch_limit(),
+            load,
+            self.config.admission,
+        );
         match admission::admit(&input, |rows| self.expected_run(rows)) {
             Admission::Local => {
                 self.queued_rows += msg.rows;
                 self.queue.push_back(Pending {
                     inputs: msg.inputs,
-                    rows: if self.batched { msg.rows } else { 1 },
+                    rows: msg.rows,
                     shape_key: msg.shape_key,
                     arrived: msg.arrived,
                     deadline: msg.deadline,
@@ -706,11 +865,13 @@ impl Handler<GetStatus> for ModelPool {
 
     fn handle(&mut self, _msg: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(PoolStatus {
+            target: self.target_replicas,
             replicas: self.active_replicas(),
             busy: self.slots.iter().filter(|s| s.busy).count(),
             loading: self.loading,
             queued: self.queue.len(),
             restarts: self.restarts,
+            last_error: self.last_error.clone(),
         })
     }
 }
@@ -781,13 +942,17 @@ impl Handler<RunBatch> for Replica {
             Ok(Err(e)) => Err(ReplicaFailure::Engine(e.to_string())),
             Err(panic) => {
                 self.engine = None;
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "panic".into());
-                Err(ReplicaFailure::Panicked(msg))
+                Err(ReplicaFailure::Panicked(panic_message(&*panic)))
             }
         }
     }
+}
+
+/// The message a panic carried.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }

@@ -121,7 +121,9 @@ pub async fn load_all(
                     max_batch = entry.config.max_batch_size, ms = started.elapsed().as_millis() as u64, "model loaded");
             }
             Err(e) => {
-                tracing::error!(model = %entry.name, version = entry.version, "model not loaded: {e}");
+                tracing::error!(model = %entry.name, version = entry.version,
+                    "model NOT loaded, skipped (its /ready and the repository index say why): {e}");
+                models.mark_unavailable(&entry.name, entry.version, e.to_string());
                 failed.push(format!("{}/{}: {e}", entry.name, entry.version));
             }
         }

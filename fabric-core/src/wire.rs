@@ -105,6 +105,27 @@ pub struct HubLoad {
     pub capacity: u32,
 }
 
+/// How often a hub sends its load to each connected edge (a QUIC datagram), so an edge that has
+/// stopped sending (because the hub said busy) learns when it has room again.
+pub const LOAD_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The unsolicited load report a hub sends as a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct LoadReport {
+    protocol: u16,
+    load: HubLoad,
+}
+
+/// Encodes a load report datagram.
+pub fn encode_load_report(load: HubLoad) -> Result<Vec<u8>, WireError> {
+    postcard::to_allocvec(&LoadReport { protocol: PROTOCOL_VERSION, load }).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Decodes a load report datagram, refusing other protocol versions.
+pub fn decode_load_report(datagram: &[u8]) -> Result<HubLoad, WireError> {
+    decode_header::<LoadReport>(datagram).map(|r| r.load)
+}
+
 /// The header of a response: outputs (whose bytes follow) or an error.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseHeader {

@@ -31,7 +31,7 @@ fn load_err(kind: EngineKind, path: &Path) -> String {
 
 #[test]
 fn both_engines_match_the_python_reference_on_every_model() {
-    for model in ["mlp", "cnn", "mixed", "digits"] {
+    for model in ["mlp", "cnn", "mixed", "digits", "digits_raw", "shape_use", "odd_outputs", "partly"] {
         let cases = reference::load_cases(model).expect("reference cases");
         assert!(!cases.is_empty(), "{model}: no reference cases");
         for kind in [EngineKind::Tract, EngineKind::Ort] {
@@ -49,6 +49,30 @@ fn both_engines_match_the_python_reference_on_every_model() {
             }
         }
     }
+}
+
+#[test]
+fn batchability_is_decided_from_inputs_and_outputs_alike_on_both_engines() {
+    // digits_raw is skl2onnx's default export: unnamed dynamic batch dims on the input and outputs.
+    // shape_use reads its own batch size at run time (Shape -> Reshape).
+    let cases = [
+        ("mlp", true),
+        ("digits", true),
+        ("digits_raw", true),
+        ("shape_use", true),
+        ("odd_outputs", false), // scalar, fixed-first, other-symbol and shapeless outputs
+        ("partly", false),      // one input has no batch dimension
+    ];
+    for kind in [EngineKind::Tract, EngineKind::Ort] {
+        for (model, batched) in cases {
+            let engine = load(kind, model);
+            assert_eq!(engine.metadata().is_batched(), batched, "{kind} {model}: {:?}", engine.metadata());
+        }
+    }
+    // The unknown output shape of odd_outputs is reported from shape inference, as Triton would.
+    let odd = load(EngineKind::Tract, "odd_outputs");
+    let shapes: Vec<(&str, &[i64])> = odd.metadata().outputs.iter().map(|o| (o.name.as_str(), &o.shape[..])).collect();
+    assert_eq!(shapes, [("total", &[][..]), ("colsum", &[1, 4][..]), ("flat", &[-1][..]), ("relu", &[-1, 4][..])]);
 }
 
 #[test]

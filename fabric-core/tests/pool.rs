@@ -1,14 +1,18 @@
 //! The model pool with real tract engines: batching, deadlines, queue limits, replica panics and
-//! resizing. Fault injection wraps a real engine (a delay, or a panic on a marked input).
+//! resizing, every test model answered under concurrency exactly as alone, and supervision (load
+//! retries, the watchdog). Fault injection wraps a real engine: a delay, a panic on a marked input, a
+//! hang, an error every N calls, loads that fail.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fabric_core::engine::{self, EngineError};
 use fabric_core::metrics::Metrics;
-use fabric_core::model::ModelMetadata;
+use fabric_core::model::{InputError, ModelMetadata};
+use fabric_core::policy::admission::{Admission, OffloadView};
 use fabric_core::pool::{EngineFactory, ModelPool, PoolConfig, PoolError, PoolHandle};
-use fabric_core::{reference, Engine, EngineKind, EngineOptions, NamedTensor, Tensor};
+use fabric_core::{reference, DataType, Engine, EngineKind, EngineOptions, NamedTensor, Tensor};
 
 /// A real engine with an optional delay per batch, that panics when an input starts with NaN.
 struct Faulty {
@@ -133,34 +137,42 @@ async fn a_panicking_replica_is_replaced_and_its_batch_answered() {
     assert_eq!((status.replicas, status.restarts), (1, 1), "{status:?}");
 }
 
+/// Polls the pool's status until `done` holds (bounded: 20 s, generous for a loaded machine).
+async fn wait_for(pool: &PoolHandle, what: &str, done: impl Fn(&fabric_core::pool::PoolStatus) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = pool.status().await.expect("status");
+        if done(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not reached, status {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[actix_rt::test]
 async fn replicas_resize_under_load_without_losing_requests() {
     let pool =
-        start(PoolConfig { replicas: 1, max_batch_size: 4, ..PoolConfig::default() }, Duration::from_millis(3)).await;
+        start(PoolConfig { replicas: 1, max_batch_size: 4, ..PoolConfig::default() }, Duration::from_millis(20)).await;
     pool.set_replicas(3);
+    wait_for(&pool, "three replicas up", |s| s.replicas == 3).await;
     let load: Vec<_> = (0..120)
         .map(|i| {
             let pool = pool.clone();
-            async move {
-                if i == 60 {
-                    pool.set_replicas(1);
-                }
-                pool.infer(row(i as f32), soon(20_000)).await
-            }
+            actix_rt::spawn(async move { pool.infer(row(i as f32), soon(60_000)).await })
         })
         .collect();
-    let results = futures::future::join_all(load).await;
-    let failed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
-    assert!(failed.is_empty(), "{failed:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = pool.status().await.expect("status");
-        if s.replicas == 1 && s.loading == 0 {
-            break;
+    // Shrink while replicas are busy, so retiring a busy replica (it finishes its batch first) is exercised.
+    wait_for(&pool, "replicas busy", |s| s.busy >= 2).await;
+    pool.set_replicas(1);
+    let mut failed = Vec::new();
+    for handle in load {
+        if let Err(e) = handle.await.expect("join") {
+            failed.push(e.to_string());
         }
-        assert!(Instant::now() < deadline, "did not settle at 1 replica: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(failed.is_empty(), "{failed:?}");
+    wait_for(&pool, "settled at 1 replica", |s| s.replicas == 1 && s.loading == 0 && s.busy == 0).await;
 }
 
 #[actix_rt::test]
@@ -173,4 +185,242 @@ async fn invalid_inputs_are_refused_before_queueing() {
         vec![NamedTensor::new("input", Tensor::from_vec(vec![33, 784], vec![0.0f32; 33 * 784]).expect("tensor"))];
     let err = pool.infer(too_big, soon(1_000)).await.expect_err("batch too large");
     assert_eq!(err.to_string(), "batch of 33 exceeds this model's maximum batch size of 32");
+}
+
+/// Deterministic inputs for a model: `rows` rows on the leading dynamic dimension, 1 on other dynamic ones.
+fn inputs_for(meta: &ModelMetadata, rows: usize, seed: u64) -> Vec<NamedTensor> {
+    meta.inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, &d)| if d >= 0 { d as usize } else if axis == 0 { rows } else { 1 })
+                .collect();
+            let n: usize = shape.iter().product();
+            let x = |i: usize| ((i as f64 + 1.0) * 0.731 + seed as f64 * 1.37).sin();
+            let tensor = match spec.datatype {
+                DataType::Fp32 => Tensor::from_vec(shape, (0..n).map(|i| x(i) as f32).collect::<Vec<_>>()),
+                DataType::Fp64 => Tensor::from_vec(shape, (0..n).map(x).collect::<Vec<_>>()),
+                DataType::Int64 => Tensor::from_vec(shape, (0..n).map(|i| (x(i) * 1000.0) as i64).collect::<Vec<_>>()),
+                other => panic!("no generator for {other}"),
+            };
+            NamedTensor::new(spec.name.clone(), tensor.expect("tensor"))
+        })
+        .collect()
+}
+
+/// A factory for any generated model on tract, with a delay per engine call so that batches form.
+fn model_factory(model: &str, delay: Duration) -> EngineFactory {
+    let path = reference::model_path(model);
+    Arc::new(move || {
+        let inner = engine::load(EngineKind::Tract, &path, &EngineOptions::default())?;
+        Ok(Box::new(Faulty { inner, delay }) as Box<dyn Engine>)
+    })
+}
+
+#[actix_rt::test]
+async fn every_model_answers_concurrent_mixed_requests_exactly_as_alone() {
+    for (model, batched) in [
+        ("mlp", true),
+        ("mixed", true),
+        ("digits", true),
+        ("digits_raw", true),
+        ("shape_use", true),
+        ("odd_outputs", false),
+        ("partly", false),
+        ("cnn", true),
+    ] {
+        let config = PoolConfig { replicas: 1, max_batch_size: 8, max_queue_delay: Duration::from_millis(5), ..PoolConfig::default() };
+        let pool = ModelPool::start(model, "1", model_factory(model, Duration::from_millis(3)), config, Metrics::new("t"))
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+        assert_eq!(pool.is_batched(), batched, "{model}");
+        let mut alone = engine::load(EngineKind::Tract, &reference::model_path(model), &EngineOptions::default())
+            .expect("engine");
+        let requests: Vec<Vec<NamedTensor>> =
+            (0..24).map(|i| inputs_for(pool.metadata(), 1 + i % 3, i as u64)).collect();
+        let want: Vec<Vec<NamedTensor>> = requests.iter().map(|r| alone.infer(r).expect("alone")).collect();
+        let futures: Vec<_> = requests
+            .iter()
+            .cloned()
+            .map(|r| {
+                let pool = pool.clone();
+                async move { pool.infer(r, soon(60_000)).await }
+            })
+            .collect();
+        let mut biggest = 0;
+        for (i, result) in futures::future::join_all(futures).await.into_iter().enumerate() {
+            let reply = result.unwrap_or_else(|e| panic!("{model} request {i}: {e}"));
+            let rows = 1 + i % 3;
+            if !batched {
+                assert_eq!(reply.batch_rows, rows, "{model}: request {i} shared an engine call");
+            }
+            biggest = biggest.max(reply.batch_rows);
+            assert_eq!(reply.outputs.len(), want[i].len(), "{model}");
+            for (got, want) in reply.outputs.iter().zip(&want[i]) {
+                assert_eq!(got.shape(), want.tensor.shape(), "{model} request {i} output {}", want.name);
+                // Integer outputs (labels) bit for bit. Float outputs within 1e-5: tract picks its matrix
+                // kernel by batch size, so the last bits can differ; another request's rows would not.
+                let diff = reference::max_abs_diff(got, &want.tensor).expect("comparable");
+                let exact = !matches!(got.dtype(), DataType::Fp32 | DataType::Fp64);
+                assert!(
+                    if exact { got.bytes() == want.tensor.bytes() } else { diff <= 1e-5 },
+                    "{model} request {i} output {}: not what it gets alone (max diff {diff})",
+                    want.name
+                );
+            }
+        }
+        if batched {
+            assert!(biggest > 3, "{model}: no batch joined requests (largest {biggest} rows)");
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn zero_rows_are_refused_and_partly_batched_models_keep_their_counts() {
+    let config = PoolConfig { replicas: 1, max_batch_size: 8, ..PoolConfig::default() };
+    let pool = ModelPool::start("partly", "1", model_factory("partly", Duration::from_millis(1)), config, Metrics::new("t"))
+        .await
+        .expect("pool");
+    let empty = inputs_for(pool.metadata(), 0, 0);
+    let err = pool.infer(empty, soon(5_000)).await.expect_err("0 rows");
+    assert!(matches!(err, PoolError::Input(InputError::NoRows { .. })), "{err}");
+    assert_eq!(err.to_string(), "input 'x' has 0 rows: send at least one row");
+    let futures: Vec<_> = (0..40)
+        .map(|i| {
+            let pool = pool.clone();
+            async move { pool.infer(inputs_for(pool.metadata(), 1 + i % 4, i as u64), soon(60_000)).await }
+        })
+        .collect();
+    for (i, r) in futures::future::join_all(futures).await.into_iter().enumerate() {
+        r.unwrap_or_else(|e| panic!("request {i}: {e}"));
+    }
+    wait_for(&pool, "queue drained", |s| s.queued == 0 && s.busy == 0).await;
+}
+
+/// What an injected engine does wrong.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// Loads numbered (from 1) in this range fail.
+    failing_loads: (usize, usize),
+    /// Calls numbered (from 1, warm-up included) that are multiples of this fail with an engine error.
+    fail_every: Option<usize>,
+    /// An input whose first value is this hangs the call for 5 s.
+    hang_marker: Option<f32>,
+}
+
+struct Injected {
+    inner: Box<dyn Engine>,
+    faults: Faults,
+    calls: usize,
+}
+
+impl Engine for Injected {
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+    fn metadata(&self) -> &ModelMetadata {
+        self.inner.metadata()
+    }
+    fn max_batch_size(&self) -> usize {
+        self.inner.max_batch_size()
+    }
+    fn run_ordered(&mut self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, EngineError> {
+        self.calls += 1;
+        if self.faults.fail_every.is_some_and(|n| self.calls % n == 0) {
+            return Err(EngineError::Run { engine: EngineKind::Tract, reason: format!("injected failure on call {}", self.calls) });
+        }
+        let first = inputs[0].as_slice::<f32>().ok().and_then(|v| v.first().copied());
+        if self.faults.hang_marker.is_some() && first == self.faults.hang_marker {
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        if first.is_some_and(f32::is_nan) {
+            panic!("injected fault: NaN input");
+        }
+        self.inner.run_ordered(inputs)
+    }
+}
+
+fn injected_factory(faults: Faults, loads: Arc<AtomicUsize>) -> EngineFactory {
+    Arc::new(move || {
+        let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
+        if (faults.failing_loads.0..=faults.failing_loads.1).contains(&n) {
+            return Err(EngineError::Load { engine: EngineKind::Tract, path: "mlp".into(), reason: format!("injected load failure #{n}") });
+        }
+        let inner = engine::load(EngineKind::Tract, &reference::model_path("mlp"), &EngineOptions::default())?;
+        Ok(Box::new(Injected { inner, faults, calls: 0 }) as Box<dyn Engine>)
+    })
+}
+
+fn marked(value: f32) -> Vec<NamedTensor> {
+    let mut r = row(0.0);
+    let mut data = r[0].tensor.as_slice::<f32>().expect("f32").into_owned();
+    data[0] = value;
+    r[0].tensor = Tensor::from_vec(vec![1, 784], data).expect("tensor");
+    r
+}
+
+#[actix_rt::test]
+async fn a_replica_that_fails_to_reload_is_retried_and_the_pool_says_why() {
+    let loads = Arc::new(AtomicUsize::new(0));
+    let faults = Faults { failing_loads: (2, 3), ..Faults::default() };
+    let pool = ModelPool::start("mlp", "1", injected_factory(faults, loads.clone()), PoolConfig::default(), Metrics::new("t"))
+        .await
+        .expect("first load works");
+    let err = pool.infer(marked(f32::NAN), soon(5_000)).await.expect_err("panics");
+    assert!(matches!(err, PoolError::ReplicaFailed(_)), "{err}");
+    // Reloads 2 and 3 fail: the pool has no replica and says why.
+    wait_for(&pool, "a failed reload reported", |s| {
+        s.replicas == 0 && s.last_error.as_deref().is_some_and(|e| e.contains("injected load failure"))
+    })
+    .await;
+    assert_eq!(pool.ready_replicas(), 0);
+    // With a hub at hand, admission sends requests there instead of queueing for a replica that may not come.
+    let hub = Some(OffloadView { expected: Duration::from_millis(5) });
+    assert_eq!(pool.admission(&row(1.0), soon(1_000), hub), Admission::Offload);
+    // Load 4 works: the pool recovers by itself and serves again.
+    wait_for(&pool, "recovered", |s| s.replicas == 1 && s.last_error.is_none()).await;
+    pool.infer(row(1.0), soon(10_000)).await.expect("served after the retry");
+    assert!(loads.load(Ordering::SeqCst) >= 4);
+}
+
+#[actix_rt::test]
+async fn a_hung_engine_call_is_cut_by_the_watchdog_and_the_replica_replaced() {
+    let faults = Faults { hang_marker: Some(1234.5), ..Faults::default() };
+    let config = PoolConfig { watchdog: Some(Duration::from_millis(300)), ..PoolConfig::default() };
+    let pool = ModelPool::start("mlp", "1", injected_factory(faults, Arc::new(AtomicUsize::new(0))), config, Metrics::new("t"))
+        .await
+        .expect("pool");
+    let started = Instant::now();
+    let err = pool.infer(marked(1234.5), soon(30_000)).await.expect_err("hangs");
+    assert!(matches!(err, PoolError::ReplicaFailed(ref m) if m.contains("watchdog")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(4), "answered only after the hang ended: {:?}", started.elapsed());
+    pool.infer(row(1.0), soon(20_000)).await.expect("served by the replacement");
+    let status = pool.status().await.expect("status");
+    assert_eq!((status.replicas, status.restarts), (1, 1), "{status:?}");
+}
+
+#[actix_rt::test]
+async fn an_engine_failing_every_third_call_fails_only_those_requests() {
+    // Warm-up makes 2 calls per batch size (1..32: 6 sizes), so count failures, not positions.
+    let faults = Faults { fail_every: Some(3), ..Faults::default() };
+    let pool = ModelPool::start("mlp", "1", injected_factory(faults, Arc::new(AtomicUsize::new(0))), PoolConfig::default(), Metrics::new("t"))
+        .await
+        .expect("pool");
+    let mut failed = 0;
+    for i in 0..9 {
+        match pool.infer(row(i as f32), soon(10_000)).await {
+            Ok(_) => {}
+            Err(PoolError::Engine(m)) => {
+                assert!(m.contains("injected failure"), "{m}");
+                failed += 1;
+            }
+            Err(e) => panic!("request {i}: {e}"),
+        }
+    }
+    assert_eq!(failed, 3, "one call in three fails");
+    let status = pool.status().await.expect("status");
+    assert_eq!((status.replicas, status.restarts), (1, 0), "an engine error does not replace the replica: {status:?}");
 }

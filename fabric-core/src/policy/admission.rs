@@ -1,21 +1,45 @@
 //! Where a new request goes: this node's queue, a hub (offload), or nowhere (a precise refusal),
-//! from the queue's state, the measured service time, the deadline, and the best hub's health and
-//! expected answer time. Refusing at the door is the point: a request that cannot be answered in
-//! time gets a precise error now instead of a timeout later.
+//! from the queue's state, the measured service time, the deadline, and the best hub's expected
+//! answer time. Refusing at the door is the point: a request that cannot be answered in time gets a
+//! precise error now instead of a timeout later.
+//!
+//! Latency first: with a hub at hand, a request is served here only while its expected wait in the
+//! queue stays under a share of its budget ([`AdmissionSettings::local_wait_pct`]); beyond that it
+//! goes to the hub. Without one (or when the hub could not answer in time), it is admitted only while
+//! its expected finish leaves a safety margin before the deadline ([`AdmissionSettings::margin_pct`]):
+//! estimates are averages, and on a loaded machine a batch can take longer than its average.
 
 use std::time::Duration;
 
 /// The state of one model pool when a request arrives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolLoad {
     /// Requests waiting in the queue.
     pub queued_requests: usize,
     /// Rows waiting in the queue.
     pub queued_rows: usize,
-    /// Replicas serving the model.
+    /// Replicas ready to serve the model.
     pub replicas: usize,
     /// Replicas running a batch right now.
     pub busy_replicas: usize,
+    /// Replicas being loaded (a replacement, or a retry after a failed load).
+    pub loading: usize,
+}
+
+/// How latency-first admission trades the local queue against a hub and the deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionSettings {
+    /// With a hub: the longest expected queueing delay served here, in percent of the request's budget.
+    pub local_wait_pct: u32,
+    /// The share of the budget kept free for scheduling noise, in percent: admitted only if the expected
+    /// finish comes before the deadline less this margin.
+    pub margin_pct: u32,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> Self {
+        AdmissionSettings { local_wait_pct: 25, margin_pct: 25 }
+    }
 }
 
 /// Everything admission looks at.
@@ -31,6 +55,8 @@ pub struct AdmissionInput {
     pub max_batch_size: usize,
     /// The pool's state.
     pub load: PoolLoad,
+    /// The trade-offs.
+    pub settings: AdmissionSettings,
 }
 
 /// Why a request is refused.
@@ -38,7 +64,7 @@ pub struct AdmissionInput {
 pub enum Rejection {
     /// The queue holds `capacity` requests already.
     QueueFull { capacity: usize },
-    /// The expected wait plus run exceeds the time left.
+    /// The expected wait plus run exceeds the time left (less the safety margin).
     WouldMissDeadline { expected: Duration, budget: Duration },
     /// The model has no replica.
     NoReplicas,
@@ -62,11 +88,14 @@ pub struct OffloadView {
     pub expected: Duration,
 }
 
-/// Expected time until a request of `rows` rows, queued now, is answered.
+/// Expected wait in the queue and expected finish of a request of `rows` rows, queued now.
 ///
 /// Queued rows ahead are served in full batches spread over the replicas; when every replica is busy
 /// the first round also waits for a running batch. `batch_time(n)` is the measured time of n rows.
-pub fn expected_completion(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Duration>) -> Option<Duration> {
+pub fn expected_times(
+    input: &AdmissionInput,
+    batch_time: impl Fn(usize) -> Option<Duration>,
+) -> Option<(Duration, Duration)> {
     let max = input.max_batch_size.max(1);
     let replicas = input.load.replicas.max(1);
     let ahead = input.load.queued_rows + input.rows;
@@ -75,7 +104,15 @@ pub fn expected_completion(input: &AdmissionInput, batch_time: impl Fn(usize) ->
     if input.load.busy_replicas >= replicas {
         rounds += 1;
     }
-    batch_time(ahead.min(max)).map(|t| t * rounds as u32)
+    let per_round = batch_time(ahead.min(max))?;
+    let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
+    let finish = per_round.saturating_mul(rounds);
+    Some((finish.saturating_sub(per_round), finish))
+}
+
+/// Expected time until a request of `rows` rows, queued now, is answered.
+pub fn expected_completion(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Duration>) -> Option<Duration> {
+    expected_times(input, batch_time).map(|(_, finish)| finish)
 }
 
 /// Decides whether to take the request here, without a hub.
@@ -83,34 +120,39 @@ pub fn admit(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Durati
     admit_or_offload(input, batch_time, None)
 }
 
-/// Decides between this node, a hub and refusal: here if it can be served in time, else on the hub
-/// if the hub's expected answer time fits the budget, else refused with the local reason.
+fn pct(d: Duration, pct: u32) -> Duration {
+    d.saturating_mul(pct.min(100)) / 100
+}
+
+/// Decides between this node, a hub and refusal (see the module doc for the rules).
 pub fn admit_or_offload(
     input: &AdmissionInput,
     batch_time: impl Fn(usize) -> Option<Duration>,
     hub: Option<OffloadView>,
 ) -> Admission {
-    let local = if input.load.replicas == 0 {
-        Err(Rejection::NoReplicas)
+    let hub = hub.filter(|h| h.expected <= input.budget);
+    let usable = input.budget.saturating_sub(pct(input.budget, input.settings.margin_pct));
+    // Can it be served here before the deadline, margin kept? And is its wait short enough to prefer here?
+    let local: Result<bool, Rejection> = if input.load.replicas == 0 {
+        // A replica is on its way: queue, unless a hub can take it now.
+        if input.load.loading > 0 && input.load.queued_requests < input.queue_capacity {
+            Ok(false)
+        } else {
+            Err(Rejection::NoReplicas)
+        }
     } else if input.load.queued_requests >= input.queue_capacity {
         Err(Rejection::QueueFull { capacity: input.queue_capacity })
     } else {
-        match expected_completion(input, batch_time) {
-            Some(expected) if expected > input.budget => {
-                Err(Rejection::WouldMissDeadline { expected, budget: input.budget })
-            }
-            // With a hub at hand, keep a tenth of the budget as margin: estimates are averages, and a
-            // request sent to the hub now beats one that misses its deadline here.
-            Some(expected) if hub.is_some() && expected + input.budget / 10 > input.budget => {
-                Err(Rejection::WouldMissDeadline { expected, budget: input.budget })
-            }
-            _ => Ok(()),
+        match expected_times(input, batch_time) {
+            None => Ok(true), // nothing measured yet
+            Some((_, finish)) if finish > usable => Err(Rejection::WouldMissDeadline { expected: finish, budget: usable }),
+            Some((wait, _)) => Ok(wait <= pct(input.budget, input.settings.local_wait_pct)),
         }
     };
     match (local, hub) {
-        (Ok(()), _) => Admission::Local,
-        (Err(_), Some(hub)) if hub.expected <= input.budget => Admission::Offload,
-        (Err(why), _) => Admission::Reject(why),
+        (Ok(true), _) | (Ok(false), None) => Admission::Local,
+        (Ok(false), Some(_)) | (Err(_), Some(_)) => Admission::Offload,
+        (Err(why), None) => Admission::Reject(why),
     }
 }
 
@@ -133,27 +175,34 @@ mod tests {
             budget: MS * budget_ms,
             queue_capacity: 100,
             max_batch_size: 8,
-            load: PoolLoad { queued_requests, queued_rows, replicas, busy_replicas: busy },
+            load: PoolLoad { queued_requests, queued_rows, replicas, busy_replicas: busy, loading: 0 },
+            settings: AdmissionSettings { local_wait_pct: 25, margin_pct: 20 },
         }
+    }
+
+    fn loading(mut i: AdmissionInput, n: usize) -> AdmissionInput {
+        i.load.loading = n;
+        i
     }
 
     #[test]
     fn admission_table() {
-        // One batch of n rows takes 1 ms + 0.25 ms per row.
+        // One batch of n rows takes 1 ms + 0.25 ms per row; a full batch of 8 takes 3 ms.
         let time = |n: usize| Some(MS + MS * n as u32 / 4);
         #[rustfmt::skip]
         let cases: Vec<(&str, AdmissionInput, Admission)> = vec![
             ("idle pool", input(1, 100, 0, 0, 1, 0), Admission::Local),
             ("queue full", input(1, 100, 100, 100, 1, 1), Admission::Reject(Rejection::QueueFull { capacity: 100 })),
             ("no replicas", input(1, 100, 0, 0, 0, 0), Admission::Reject(Rejection::NoReplicas)),
-            // 40 rows ahead + 1 = 6 batches of 8, one replica, busy: 7 rounds x 3 ms = 21 ms.
-            ("deep queue, tight deadline", input(1, 20, 40, 40, 1, 1),
+            ("no replicas, one loading: queue for it", loading(input(1, 100, 0, 0, 0, 0), 1), Admission::Local),
+            // 40 rows ahead + 1 = 6 batches of 8, one replica, busy: 7 rounds x 3 ms = 21 ms; 80% of 25 ms is 20 ms.
+            ("deep queue, finish inside the margin", input(1, 25, 40, 40, 1, 1),
                 Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 20 })),
-            ("deep queue, enough time", input(1, 21, 40, 40, 1, 1), Admission::Local),
+            ("deep queue, clear of the margin", input(1, 27, 40, 40, 1, 1), Admission::Local),
             // Two replicas halve the rounds: 3 + 1 = 4 rounds x 3 ms = 12 ms.
-            ("more replicas", input(1, 12, 40, 40, 2, 2), Admission::Local),
+            ("more replicas", input(1, 15, 40, 40, 2, 2), Admission::Local),
             ("deadline already too close", input(1, 1, 0, 0, 1, 0),
-                Admission::Reject(Rejection::WouldMissDeadline { expected: MS + MS / 4, budget: MS })),
+                Admission::Reject(Rejection::WouldMissDeadline { expected: MS + MS / 4, budget: MS * 4 / 5 })),
         ];
         for (label, inp, want) in cases {
             assert_eq!(admit(&inp, time), want, "{label}");
@@ -167,16 +216,18 @@ mod tests {
         let hub = |ms: u32| Some(OffloadView { expected: MS * ms });
         #[rustfmt::skip]
         let cases: Vec<(&str, AdmissionInput, Option<OffloadView>, Admission)> = vec![
-            ("local fits: stay local even with a hub", input(1, 100, 0, 0, 1, 0), hub(1), Admission::Local),
-            ("local too slow, hub fits", input(1, 20, 40, 40, 1, 1), hub(5), Admission::Offload),
-            ("local within the hub margin", input(1, 22, 40, 40, 1, 1), hub(5), Admission::Offload),
-            ("local clear of the margin", input(1, 24, 40, 40, 1, 1), hub(5), Admission::Local),
+            ("idle: stay local even with a hub", input(1, 100, 0, 0, 1, 0), hub(1), Admission::Local),
+            // 7 rounds x 3 ms: wait 18 ms, finish 21 ms.
+            ("wait over 25% of the budget: offload", input(1, 60, 40, 40, 1, 1), hub(5), Admission::Offload),
+            ("wait within 25% of the budget: local", input(1, 80, 40, 40, 1, 1), hub(5), Admission::Local),
+            ("wait too long, hub too slow, local still in time", input(1, 60, 40, 40, 1, 1), hub(70), Admission::Local),
             ("local too slow, hub too slow", input(1, 20, 40, 40, 1, 1), hub(25),
-                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 20 })),
+                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 16 })),
             ("local too slow, no hub", input(1, 20, 40, 40, 1, 1), None,
-                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 20 })),
+                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 16 })),
             ("queue full, hub fits", input(1, 100, 100, 100, 1, 1), hub(5), Admission::Offload),
             ("no replicas, hub fits", input(1, 100, 0, 0, 0, 0), hub(5), Admission::Offload),
+            ("replica loading, hub fits: offload now", loading(input(1, 100, 0, 0, 0, 0), 1), hub(5), Admission::Offload),
         ];
         for (label, inp, view, want) in cases {
             assert_eq!(admit_or_offload(&inp, time, view), want, "{label}");
