@@ -122,6 +122,46 @@ impl Default for LoadState {
     }
 }
 
+impl LoadState {
+    /// Whether the hub may take a request at `now`: not resting, and its fresh report (if any) shows room.
+    fn has_room(&self, now: Instant) -> bool {
+        if self.rest_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        match self.report {
+            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => {
+                load.capacity == 0 || load.in_flight < load.capacity
+            }
+            _ => true,
+        }
+    }
+
+    /// The reported in-flight count (0 when unknown or stale).
+    fn in_flight(&self, now: Instant) -> u32 {
+        match self.report {
+            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => load.in_flight,
+            _ => 0,
+        }
+    }
+
+    /// A load report arrived (with an answer, or unasked).
+    fn reported(&mut self, load: HubLoad, now: Instant) {
+        self.report = Some((load, now));
+    }
+
+    /// The hub said busy: rest it, longer while it keeps saying so.
+    fn busy(&mut self, now: Instant) {
+        self.rest_until = Some(now + self.next_rest);
+        self.next_rest = (self.next_rest * 2).min(BUSY_REST_MAX);
+    }
+
+    /// The hub served a request: no rest.
+    fn served(&mut self) {
+        self.rest_until = None;
+        self.next_rest = BUSY_REST_MIN;
+    }
+}
+
 /// One hub's link: connection (when up), reported load, measured answer time.
 struct HubLink {
     addr: SocketAddr,
@@ -144,45 +184,29 @@ impl HubLink {
     }
 
     fn has_room(&self, now: Instant) -> bool {
-        let state = self.load.lock().map(|l| *l).unwrap_or_default();
-        if state.rest_until.is_some_and(|t| now < t) {
-            return false;
-        }
-        match state.report {
-            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => {
-                load.capacity == 0 || load.in_flight < load.capacity
-            }
-            _ => true,
-        }
+        self.load.lock().map(|l| l.has_room(now)).unwrap_or(true)
     }
 
-    /// The hub's reported in-flight count (0 when unknown or stale).
     fn reported_in_flight(&self, now: Instant) -> u32 {
-        match self.load.lock().ok().and_then(|l| l.report) {
-            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => load.in_flight,
-            _ => 0,
-        }
+        self.load.lock().map(|l| l.in_flight(now)).unwrap_or(0)
     }
 
     fn record_load(&self, load: HubLoad) {
         self.proven.store(true, Ordering::Relaxed);
         if let Ok(mut state) = self.load.lock() {
-            state.report = Some((load, Instant::now()));
+            state.reported(load, Instant::now());
         }
     }
 
-    /// The hub said busy: rest it for a while, longer if it keeps saying so.
     fn record_busy(&self) {
         if let Ok(mut state) = self.load.lock() {
-            state.rest_until = Some(Instant::now() + state.next_rest);
-            state.next_rest = (state.next_rest * 2).min(BUSY_REST_MAX);
+            state.busy(Instant::now());
         }
     }
 
     fn record_served(&self) {
         if let Ok(mut state) = self.load.lock() {
-            state.rest_until = None;
-            state.next_rest = BUSY_REST_MIN;
+            state.served();
         }
     }
 
@@ -446,5 +470,44 @@ impl Overflow for Offloader {
             }
             Err(OverflowError::Unavailable(failures.join("; ")))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_hub_that_said_busy_rests_then_is_tried_again() {
+        let t0 = Instant::now();
+        let full = HubLoad { in_flight: 4, capacity: 4 };
+        let idle = HubLoad { in_flight: 0, capacity: 4 };
+        let mut s = LoadState::default();
+        assert!(s.has_room(t0), "no report yet: try it");
+        // The busy answer carries a full load, and nothing else arrives: the old edge never tried again.
+        s.reported(full, t0);
+        s.busy(t0);
+        #[rustfmt::skip]
+        let cases = [
+            ("resting", t0 + 10 * MS, false),
+            ("rest over, report still says full", t0 + 60 * MS, false),
+            ("report stale: try again", t0 + LOAD_REPORT_STALE, true),
+        ];
+        for (label, at, want) in cases {
+            assert_eq!(s.has_room(at), want, "{label}");
+        }
+        // A periodic report says it has room: tried again as soon as the rest is over.
+        s.reported(idle, t0 + 200 * MS);
+        assert!(s.has_room(t0 + 201 * MS));
+        // Busy again: the rest doubles; a served request resets it.
+        s.busy(t0 + 300 * MS);
+        assert!(!s.has_room(t0 + 390 * MS), "second rest is 100 ms");
+        assert!(s.has_room(t0 + 401 * MS));
+        s.served();
+        s.busy(t0 + 500 * MS);
+        assert!(s.has_room(t0 + 551 * MS), "rest back to 50 ms after a served request");
+        assert_eq!(s.in_flight(t0 + 551 * MS), 0);
     }
 }

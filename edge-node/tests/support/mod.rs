@@ -40,7 +40,12 @@ pub fn start_edge_with_args(models: &[(&str, &str)], config: &str, args: &[Strin
     for (name, model_config) in models {
         let version = repo.join(name).join("1");
         std::fs::create_dir_all(&version).expect("temp repo");
-        std::fs::copy(reference::model_path(name), version.join("model.onnx")).expect("copy model");
+        // Generated models, else the ones made for error tests (`corrupt`, `unsupported`).
+        let mut source = reference::model_path(name);
+        if !source.exists() {
+            source = reference::build_dir().join("bad-models").join(name).join("model.onnx");
+        }
+        std::fs::copy(&source, version.join("model.onnx")).expect("copy model");
         std::fs::write(repo.join(name).join("config.toml"), model_config).expect("model config");
     }
     let config_file = dir.join("edge.toml");
@@ -126,4 +131,89 @@ pub fn post(agent: &ureq::Agent, url: &str, body: &[u8], header_length: Option<u
         req = req.header("inference-header-content-length", &n.to_string());
     }
     reply(req.send(body).expect("POST"))
+}
+
+/// A running cloud-hub, killed on drop.
+pub struct Hub {
+    pub child: Child,
+    /// Its QUIC address.
+    pub quic: String,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The cloud-hub binary of this workspace (built on demand: it is another package's binary).
+fn hub_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/cloud-hub");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "cloud-hub", "--bin", "cloud-hub"])
+            .status()
+            .expect("cargo");
+        assert!(status.success(), "building cloud-hub failed");
+    }
+    bin
+}
+
+/// Development certificates for hub-1 (hub) and edge-1 (edge) under `dir/certs`.
+pub fn certs(dir: &std::path::Path) -> PathBuf {
+    let certs = dir.join("certs");
+    fabric_core::tls::generate_dev_pki(
+        &certs,
+        &[("hub-1".into(), fabric_core::tls::Role::Hub), ("edge-1".into(), fabric_core::tls::Role::Edge)],
+    )
+    .expect("pki");
+    certs
+}
+
+/// Starts cloud-hub (node hub-1) serving the CNN with ONNX Runtime.
+pub fn start_hub(dir: &std::path::Path, certs: &std::path::Path) -> Hub {
+    start_hub_with(dir, certs, "hub-1", "")
+}
+
+/// Starts cloud-hub serving the CNN as `node_id` (its certificate in `certs`) with extra config TOML.
+pub fn start_hub_with(dir: &std::path::Path, certs: &std::path::Path, node_id: &str, config: &str) -> Hub {
+    let repo = dir.join("hub-models");
+    std::fs::create_dir_all(repo.join("cnn/1")).expect("repo");
+    std::fs::copy(reference::model_path("cnn"), repo.join("cnn/1/model.onnx")).expect("copy");
+    let config_file = dir.join(format!("hub-{node_id}.toml"));
+    std::fs::write(&config_file, config).expect("hub config");
+    let ort = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
+        std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
+            .expect("run scripts/setup.sh")
+            .trim()
+            .to_string()
+    });
+    let mut child = Command::new(hub_binary())
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--model-repository")
+        .arg(&repo)
+        .arg("--certs")
+        .arg(certs)
+        .args(["--node-id", node_id, "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+        .env("ORT_DYLIB_PATH", ort)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn cloud-hub");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(quic) = line.split("quic://").nth(1) {
+                let _ = tx.send(quic.to_string());
+            }
+        }
+    });
+    let quic = rx.recv_timeout(Duration::from_secs(60)).expect("hub ready within 60 s");
+    Hub { child, quic }
 }

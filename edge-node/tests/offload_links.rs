@@ -1,0 +1,152 @@
+//! The edge's links to hubs, with the real cloud-hub binary on loopback: a hub that said busy is used
+//! again once it has room, `offload.mode = "always"`, a hub that refuses this edge's certificate after
+//! the handshake is retried with backoff (not in a hot loop), and a fabric peer that is not a hub is
+//! never used.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use edge_node::offload::{HubEndpoint, OffloadConfig, Offloader};
+use fabric_core::http::Overflow;
+use fabric_core::tls::{self, Role, TlsFiles};
+use serde_json::json;
+use support::{certs, client, post, start_edge_with_args, start_hub, start_hub_with};
+
+/// Each test starts a hub (ONNX Runtime) and loads the machine a little: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn temp(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("offload-links-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+/// A binary CNN request of `rows` rows and its header length.
+fn body(rows: usize) -> (Vec<u8>, usize) {
+    let data: Vec<u8> = (0..rows * 3 * 64 * 64).flat_map(|i| ((i % 23) as f32 / 23.0).to_le_bytes()).collect();
+    let head = json!({ "inputs": [{ "name": "input", "shape": [rows, 3, 64, 64], "datatype": "FP32",
+                                    "parameters": { "binary_data_size": data.len() } }] });
+    let mut body = serde_json::to_vec(&head).expect("json");
+    let n = body.len();
+    body.extend_from_slice(&data);
+    (body, n)
+}
+
+/// Who served a request (`edge-node` or `hub <id>`), after checking it succeeded.
+fn served_by(url: &str, (body, n): &(Vec<u8>, usize)) -> String {
+    let reply = post(&client(), url, body, Some(*n));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    reply.json()["parameters"]["served_by"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_hub_that_said_busy_is_used_again_and_mode_always_sends_everything_there() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = temp("busy");
+    let certs = certs(&dir);
+    // One request at a time on the hub: a burst makes it answer busy.
+    let hub = start_hub_with(&dir, &certs, "hub-1", "[quic]\nmax_in_flight = 1\n");
+    let args = vec!["--hub".to_string(), hub.quic.clone(), "--certs".into(), certs.display().to_string()];
+    let edge = start_edge_with_args(
+        &[("cnn", "max_batch_size = 8\ndefault_timeout_ms = 20000\n")],
+        "[offload]\nmode = \"always\"\n",
+        &args,
+    );
+    let url = format!("{}/v2/models/cnn/infer", edge.url);
+    let big = body(8);
+    // Wait for the link (bounded), then burst.
+    let up = Instant::now() + Duration::from_secs(20);
+    while !served_by(&url, &big).starts_with("hub") {
+        assert!(Instant::now() < up, "the edge never offloaded in mode always");
+    }
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, big) = (url.clone(), big.clone());
+            std::thread::spawn(move || served_by(&url, &big))
+        })
+        .collect();
+    let served: Vec<String> = burst.into_iter().map(|h| h.join().expect("thread")).collect();
+    let local = served.iter().filter(|s| *s == "edge-node").count();
+    eprintln!("burst: {local} of 16 served locally after busy answers");
+    assert!(local > 0, "the hub never said busy: the burst proved nothing ({served:?})");
+    // Idle again: within 2 s (a short rest, then its load reports say it has room) it serves again.
+    let again = Instant::now();
+    let small = body(1);
+    loop {
+        if served_by(&url, &small).starts_with("hub") {
+            break;
+        }
+        assert!(again.elapsed() < Duration::from_secs(2), "the edge stopped offloading to a hub that had said busy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Mode always: with the hub idle, every request goes there.
+    for i in 0..10 {
+        assert!(served_by(&url, &small).starts_with("hub"), "request {i} was not offloaded in mode always");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn offloader(hub: &str, files: TlsFiles) -> std::sync::Arc<Offloader> {
+    let config = OffloadConfig {
+        hubs: vec![HubEndpoint { addr: hub.to_string(), server_name: "localhost".into() }],
+        tls: Some(files),
+        ..OffloadConfig::default()
+    };
+    Offloader::start(&config).expect("offloader").expect("a hub is configured")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_refusing_our_certificate_after_connect_is_retried_with_backoff() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = temp("foreign");
+    let certs = certs(&dir);
+    let hub = start_hub(&dir, &certs);
+    // This edge trusts the fabric CA (so its connect() succeeds under TLS 1.3), but presents a
+    // certificate from another CA, which the hub refuses only after the handshake.
+    let foreign = dir.join("foreign");
+    tls::generate_dev_pki(&foreign, &[("edge-1".into(), Role::Edge)]).expect("pki");
+    let files = TlsFiles { ca: certs.join("ca.pem"), ..TlsFiles::in_dir(&foreign, "edge-1") };
+    let offload = offloader(&hub.quic, files);
+    // The behaviour is about time: count attempts over 5 s (backoff 100 ms doubling: about 6).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let attempts = offload.connect_attempts();
+    eprintln!("{attempts} connection attempts in 5 s");
+    assert!(attempts >= 2, "never retried ({attempts})");
+    assert!(attempts <= 10, "reconnect hot loop: {attempts} attempts in 5 s");
+    assert!(offload.view().is_none(), "a hub that refuses us is not offered for offload");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fabric_peer_that_is_not_a_hub_is_never_used() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = temp("role");
+    let certs = certs(&dir);
+    // A real cloud-hub process, but its certificate (same fabric CA) says role "edge".
+    tls::generate_dev_pki(&certs, &[("edge-2".into(), Role::Edge)]).expect("pki");
+    let impostor = start_hub_with(&dir, &certs, "edge-2", "");
+    let offload = offloader(&impostor.quic, TlsFiles::in_dir(&certs, "edge-1"));
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(offload.connected(), 0, "connected to a peer whose role is not hub");
+        assert!(offload.view().is_none());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let attempts = offload.connect_attempts();
+    assert!((1..=8).contains(&attempts), "{attempts} attempts in 2 s");
+    let inputs = vec![fabric_core::NamedTensor::new(
+        "input",
+        fabric_core::Tensor::from_vec(vec![1, 3, 64, 64], vec![0.5f32; 3 * 64 * 64]).expect("tensor"),
+    )];
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let err = match offload.infer("cnn", 1, &inputs, deadline).await {
+        Ok(_) => panic!("served by a peer that is not a hub"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(err, "offload failed: no hub connected");
+    let _ = std::fs::remove_dir_all(&dir);
+}
