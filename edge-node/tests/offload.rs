@@ -89,10 +89,11 @@ fn open_loop(url: &str, (body, n): &(Vec<u8>, usize), rate: f64, secs: f64, duri
         .map(|_| {
             let (rx, results, url, body, n) = (rx.clone(), results.clone(), url.to_string(), body.to_vec(), *n);
             std::thread::spawn(move || {
-                let agent = client();
                 loop {
                     let Ok((index, due)) = rx.lock().expect("lock").recv() else { return };
-                    let reply = post(&agent, &url, &body, Some(n));
+                    // A connection per request: a worker may sit idle past the server's keep-alive, and a
+                    // POST on a connection the server has just closed fails in the client, not the server.
+                    let reply = post(&client(), &url, &body, Some(n));
                     let head = reply.json();
                     let outcome = Outcome {
                         index,
