@@ -114,7 +114,12 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     }
     let quic_addr: SocketAddr =
         config.quic.addr.parse().map_err(|e| anyhow::anyhow!("quic.addr '{}': {e}", config.quic.addr))?;
-    let endpoint = quinn::Endpoint::server(server_config, quic_addr)?;
+    // QUIC runs on a thread of its own, beside the pool actors rather than between their turns.
+    let io = fabric_core::io_thread::spawn("quic-infer")?;
+    let endpoint = {
+        let _on_io_thread = io.enter();
+        quinn::Endpoint::server(server_config, quic_addr)?
+    };
     let quic_bound = endpoint.local_addr()?;
     let service = Arc::new(quic::QuicService {
         models: models.clone(),
@@ -123,7 +128,7 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         in_flight: 0.into(),
         capacity: config.quic.max_in_flight,
     });
-    tokio::spawn(quic::serve(endpoint.clone(), service));
+    io.spawn(quic::serve(endpoint.clone(), service));
     let state = web::Data::new(HttpState {
         server_name: "cloud-hub".into(),
         models,

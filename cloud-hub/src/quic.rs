@@ -105,6 +105,7 @@ fn pool_error_code(e: &PoolError) -> ErrorCode {
         | PoolError::WouldMissDeadline { .. }
         | PoolError::NotReady
         | PoolError::Saturated
+        | PoolError::OverWaitTarget { .. }
         | PoolError::Stopped => ErrorCode::Busy,
         PoolError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
         PoolError::ReplicaFailed(_) | PoolError::Engine(_) => ErrorCode::Internal,

@@ -5,7 +5,7 @@
 //! cargo run --release -p edge-node --example openloop -- URL BODY_FILE HEADER_LENGTH RATE SECS DEADLINE_MS
 //! ```
 //! Prints one JSON line: sent, ok, goodput (ok within the deadline) per second, offloaded, refused,
-//! and latency percentiles of the answers that were ok.
+//! latency percentiles of the answers that were ok, of those served locally, and of the refusals.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -28,12 +28,14 @@ fn main() -> anyhow::Result<()> {
             let (rx, outcomes, url, body, header_length) =
                 (rx.clone(), outcomes.clone(), url.clone(), body.clone(), header_length.clone());
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(30)))
-                    .build()
-                    .into();
                 while let Ok(due) = rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ())) {
+                    // A connection per request: a worker idle past the server's keep-alive would otherwise
+                    // POST on a connection the server has just closed, a client-side failure.
+                    let agent: ureq::Agent = ureq::Agent::config_builder()
+                        .http_status_as_error(false)
+                        .timeout_global(Some(Duration::from_secs(30)))
+                        .build()
+                        .into();
                     let mut req = agent.post(&url).header("content-type", "application/octet-stream");
                     if header_length != "0" {
                         req = req.header("inference-header-content-length", &header_length);
@@ -66,22 +68,32 @@ fn main() -> anyhow::Result<()> {
         let _ = w.join();
     }
     let outcomes = outcomes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
-    let mut ok: Vec<Duration> = outcomes.iter().filter(|o| o.0 == 200).map(|o| o.2).collect();
-    ok.sort();
-    let pct = |p: f64| {
-        ok.get(((ok.len() as f64 - 1.0) * p).round() as usize).map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
+    let sorted = |keep: &dyn Fn(&(u16, bool, Duration)) -> bool| {
+        let mut v: Vec<Duration> = outcomes.iter().filter(|o| keep(o)).map(|o| o.2).collect();
+        v.sort();
+        v
     };
+    let pct = |v: &[Duration], p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize).map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
+    };
+    let ok = sorted(&|o| o.0 == 200);
+    let local = sorted(&|o| o.0 == 200 && !o.1);
+    let refused = sorted(&|o| o.0 == 503);
     let in_time = ok.iter().filter(|d| **d <= Duration::from_millis(deadline)).count();
     println!(
-        "{{\"sent\":{},\"ok\":{},\"goodput\":{:.1},\"offloaded\":{},\"refused\":{},\"failed\":{},\"p50_ms\":{:.2},\"p99_ms\":{:.2}}}",
+        "{{\"sent\":{},\"ok\":{},\"goodput\":{:.1},\"offloaded\":{},\"refused\":{},\"failed\":{},\"late\":{},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"local_p50_ms\":{:.2},\"local_p99_ms\":{:.2},\"refused_p99_ms\":{:.2}}}",
         outcomes.len(),
         ok.len(),
         in_time as f64 / secs,
         outcomes.iter().filter(|o| o.1).count(),
-        outcomes.iter().filter(|o| o.0 == 503).count(),
+        refused.len(),
         outcomes.iter().filter(|o| o.0 != 200 && o.0 != 503).count(),
-        pct(0.5),
-        pct(0.99)
+        ok.len() - in_time,
+        pct(&ok, 0.5),
+        pct(&ok, 0.99),
+        pct(&local, 0.5),
+        pct(&local, 0.99),
+        pct(&refused, 0.99)
     );
     Ok(())
 }

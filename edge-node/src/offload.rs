@@ -5,9 +5,8 @@
 //! allows; past that the caller gets a precise error (or serves locally). Each hub's load report and
 //! measured answer time feed the admission decision ([`Overflow::view`]).
 //!
-//! A hub's load comes with every answer and, unasked, as a datagram every
-//! [`wire::LOAD_REPORT_INTERVAL`]; a report older than [`LOAD_REPORT_STALE`] is ignored. A hub that
-//! said busy rests for a short backoff, then is tried again. A connection that closes before any good
+//! What the edge concludes about each hub (its load reports, busy answers, a window of requests in
+//! flight) is the pure [`HubHealth`] policy. A connection that closes before any good
 //! answer or load report (a hub refusing this node's certificate, say) counts as a failed connect: the
 //! reconnect backs off instead of looping.
 
@@ -18,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use fabric_core::http::{Offloaded, Overflow, OverflowError};
 use fabric_core::policy::admission::OffloadView;
+use fabric_core::policy::hub::{HubHealth, Reported};
 use fabric_core::tensor::{NamedTensor, Tensor};
 use fabric_core::tls::{self, Role, TlsFiles};
 use fabric_core::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
@@ -98,70 +98,6 @@ pub enum OffloadSetupError {
     Endpoint(std::io::Error),
 }
 
-/// A load report older than this says nothing about the hub now.
-pub const LOAD_REPORT_STALE: Duration = Duration::from_secs(1);
-/// First rest after a hub answered busy (doubles while it stays busy, up to [`BUSY_REST_MAX`]).
-const BUSY_REST_MIN: Duration = Duration::from_millis(50);
-/// Longest rest after busy answers.
-const BUSY_REST_MAX: Duration = Duration::from_millis(800);
-
-/// A hub's reported load and what this edge concluded from it.
-#[derive(Clone, Copy, Debug)]
-struct LoadState {
-    /// The last report and when it arrived.
-    report: Option<(HubLoad, Instant)>,
-    /// No requests to this hub before this instant (it said busy).
-    rest_until: Option<Instant>,
-    /// The next rest, should it say busy again.
-    next_rest: Duration,
-}
-
-impl Default for LoadState {
-    fn default() -> Self {
-        LoadState { report: None, rest_until: None, next_rest: BUSY_REST_MIN }
-    }
-}
-
-impl LoadState {
-    /// Whether the hub may take a request at `now`: not resting, and its fresh report (if any) shows room.
-    fn has_room(&self, now: Instant) -> bool {
-        if self.rest_until.is_some_and(|t| now < t) {
-            return false;
-        }
-        match self.report {
-            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => {
-                load.capacity == 0 || load.in_flight < load.capacity
-            }
-            _ => true,
-        }
-    }
-
-    /// The reported in-flight count (0 when unknown or stale).
-    fn in_flight(&self, now: Instant) -> u32 {
-        match self.report {
-            Some((load, at)) if now.saturating_duration_since(at) < LOAD_REPORT_STALE => load.in_flight,
-            _ => 0,
-        }
-    }
-
-    /// A load report arrived (with an answer, or unasked).
-    fn reported(&mut self, load: HubLoad, now: Instant) {
-        self.report = Some((load, now));
-    }
-
-    /// The hub said busy: rest it, longer while it keeps saying so.
-    fn busy(&mut self, now: Instant) {
-        self.rest_until = Some(now + self.next_rest);
-        self.next_rest = (self.next_rest * 2).min(BUSY_REST_MAX);
-    }
-
-    /// The hub served a request: no rest.
-    fn served(&mut self) {
-        self.rest_until = None;
-        self.next_rest = BUSY_REST_MIN;
-    }
-}
-
 /// One hub's link: connection (when up), reported load, measured answer time.
 struct HubLink {
     addr: SocketAddr,
@@ -169,7 +105,7 @@ struct HubLink {
     conn: Mutex<Option<quinn::Connection>>,
     name: Mutex<String>,
     in_flight: AtomicU32,
-    load: Mutex<LoadState>,
+    health: Mutex<HubHealth>,
     /// Moving average of the answer time in microseconds; 0 before the first answer.
     answer_us: AtomicU64,
     /// Whether the current connection has shown the hub accepted this node (an answer or a load report).
@@ -184,30 +120,24 @@ impl HubLink {
     }
 
     fn has_room(&self, now: Instant) -> bool {
-        self.load.lock().map(|l| l.has_room(now)).unwrap_or(true)
+        let sending = self.in_flight.load(Ordering::Relaxed);
+        self.health.lock().map(|h| h.has_room(now, sending)).unwrap_or(true)
     }
 
     fn reported_in_flight(&self, now: Instant) -> u32 {
-        self.load.lock().map(|l| l.in_flight(now)).unwrap_or(0)
+        self.health.lock().map(|h| h.in_flight(now)).unwrap_or(0)
+    }
+
+    fn with_health(&self, f: impl FnOnce(&mut HubHealth)) {
+        if let Ok(mut health) = self.health.lock() {
+            f(&mut health);
+        }
     }
 
     fn record_load(&self, load: HubLoad) {
         self.proven.store(true, Ordering::Relaxed);
-        if let Ok(mut state) = self.load.lock() {
-            state.reported(load, Instant::now());
-        }
-    }
-
-    fn record_busy(&self) {
-        if let Ok(mut state) = self.load.lock() {
-            state.busy(Instant::now());
-        }
-    }
-
-    fn record_served(&self) {
-        if let Ok(mut state) = self.load.lock() {
-            state.served();
-        }
+        let load = Reported { in_flight: load.in_flight, capacity: load.capacity };
+        self.with_health(|h| h.reported(load, Instant::now()));
     }
 
     fn expected(&self, conn: &quinn::Connection) -> Duration {
@@ -218,7 +148,7 @@ impl HubLink {
     }
 
     fn record_answer(&self, took: Duration) {
-        let sample = took.as_micros() as u64;
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let old = self.answer_us.load(Ordering::Relaxed);
         let new = if old == 0 { sample } else { old - old / 5 + sample / 5 };
         self.answer_us.store(new.max(1), Ordering::Relaxed);
@@ -242,15 +172,19 @@ enum Attempt {
 }
 
 impl Offloader {
-    /// Opens the endpoint and starts a connector task per hub (on the current tokio runtime).
+    /// Opens the endpoint and starts a connector task per hub, on a QUIC thread of their own.
     pub fn start(config: &OffloadConfig) -> Result<Option<Arc<Offloader>>, OffloadSetupError> {
         if config.hubs.is_empty() {
             return Ok(None);
         }
         let files = config.tls.as_ref().ok_or(OffloadSetupError::NoTls)?;
         let client = tls::client_config(files)?;
-        let mut endpoint =
-            quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(OffloadSetupError::Endpoint)?;
+        // The endpoint and its connections run on a thread of their own, not between the pools' turns.
+        let io = fabric_core::io_thread::spawn("quic-offload").map_err(OffloadSetupError::Endpoint)?;
+        let mut endpoint = {
+            let _on_io_thread = io.enter();
+            quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(OffloadSetupError::Endpoint)?
+        };
         endpoint.set_default_client_config(client);
         let hubs = config
             .hubs
@@ -263,7 +197,7 @@ impl Offloader {
                     conn: Mutex::new(None),
                     name: Mutex::new(h.addr.clone()),
                     in_flight: AtomicU32::new(0),
-                    load: Mutex::new(LoadState::default()),
+                    health: Mutex::new(HubHealth::default()),
                     answer_us: AtomicU64::new(0),
                     proven: AtomicBool::new(false),
                     attempts: AtomicU64::new(0),
@@ -273,7 +207,7 @@ impl Offloader {
         let (min, max) =
             (Duration::from_millis(config.reconnect_min_ms.max(1)), Duration::from_millis(config.reconnect_max_ms));
         for link in &hubs {
-            tokio::spawn(keep_connected(endpoint.clone(), link.clone(), min, max.max(min)));
+            io.spawn(keep_connected(endpoint.clone(), link.clone(), min, max.max(min)));
         }
         Ok(Some(Arc::new(Offloader { hubs, limits: config.limits, next_id: AtomicU64::new(1), mode: config.mode })))
     }
@@ -333,7 +267,13 @@ impl Offloader {
         };
         let guard = tokio::time::Instant::from_std(deadline);
         let (head, outputs) = match tokio::time::timeout_at(guard, exchange).await {
-            Err(_) => return Err(Attempt::Next("deadline passed waiting for the hub".into())),
+            Err(_) => {
+                // A timeout is an answer time too (a lower bound): without it, a hub too slow to ever
+                // answer in time would keep the estimate of its last good answers and keep being chosen.
+                link.record_answer(started.elapsed());
+                link.with_health(HubHealth::timed_out);
+                return Err(Attempt::Next("deadline passed waiting for the hub".into()));
+            }
             Ok(Err(e)) => return Err(Attempt::Next(e)),
             Ok(Ok(answer)) => answer,
         };
@@ -341,12 +281,12 @@ impl Offloader {
         match head.result {
             Ok(_) => {
                 link.record_answer(started.elapsed());
-                link.record_served();
+                link.with_health(HubHealth::served);
                 Ok(outputs)
             }
             Err((ErrorCode::BadRequest | ErrorCode::Malformed, msg)) => Err(Attempt::Invalid(msg)),
             Err((ErrorCode::Busy, msg)) => {
-                link.record_busy();
+                link.with_health(|h| h.busy(Instant::now()));
                 Err(Attempt::Next(format!("Busy: {msg}")))
             }
             Err((code, msg)) => Err(Attempt::Next(format!("{code:?}: {msg}"))),
@@ -470,44 +410,5 @@ impl Overflow for Offloader {
             }
             Err(OverflowError::Unavailable(failures.join("; ")))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn a_hub_that_said_busy_rests_then_is_tried_again() {
-        let t0 = Instant::now();
-        let full = HubLoad { in_flight: 4, capacity: 4 };
-        let idle = HubLoad { in_flight: 0, capacity: 4 };
-        let mut s = LoadState::default();
-        assert!(s.has_room(t0), "no report yet: try it");
-        // The busy answer carries a full load, and nothing else arrives: the old edge never tried again.
-        s.reported(full, t0);
-        s.busy(t0);
-        #[rustfmt::skip]
-        let cases = [
-            ("resting", t0 + 10 * MS, false),
-            ("rest over, report still says full", t0 + 60 * MS, false),
-            ("report stale: try again", t0 + LOAD_REPORT_STALE, true),
-        ];
-        for (label, at, want) in cases {
-            assert_eq!(s.has_room(at), want, "{label}");
-        }
-        // A periodic report says it has room: tried again as soon as the rest is over.
-        s.reported(idle, t0 + 200 * MS);
-        assert!(s.has_room(t0 + 201 * MS));
-        // Busy again: the rest doubles; a served request resets it.
-        s.busy(t0 + 300 * MS);
-        assert!(!s.has_room(t0 + 390 * MS), "second rest is 100 ms");
-        assert!(s.has_room(t0 + 401 * MS));
-        s.served();
-        s.busy(t0 + 500 * MS);
-        assert!(s.has_room(t0 + 551 * MS), "rest back to 50 ms after a served request");
-        assert_eq!(s.in_flight(t0 + 551 * MS), 0);
     }
 }

@@ -369,14 +369,23 @@ fn every_get_endpoint_answers_on_every_model_and_a_skipped_model_is_reported() {
     // The corrupt model was skipped at start: said everywhere, with the reason.
     let ready = get(&agent, &format!("{}/v2/health/ready", edge.url));
     assert_eq!(ready.status, 503);
-    assert!(ready.error().contains("corrupt/1: ") && ready.error().contains("corrupt or not an ONNX model"), "{}", ready.error());
+    assert!(
+        ready.error().contains("corrupt/1: ") && ready.error().contains("corrupt or not an ONNX model"),
+        "{}",
+        ready.error()
+    );
     let model_ready = get(&agent, &format!("{}/v2/models/corrupt/ready", edge.url));
     assert_eq!(model_ready.status, 503);
-    assert!(model_ready.error().contains("model 'corrupt' version 1 is unavailable: it failed to load"), "{}", model_ready.error());
+    assert!(
+        model_ready.error().contains("model 'corrupt' version 1 is unavailable: it failed to load"),
+        "{}",
+        model_ready.error()
+    );
     let infer = post(&agent, &format!("{}/v2/models/corrupt/infer", edge.url), b"{}", None);
     assert_eq!((infer.status, infer.error().contains("failed to load")), (503, true), "{}", infer.error());
     let index: Value =
-        serde_json::from_slice(&post(&agent, &format!("{}/v2/repository/index", edge.url), b"{}", None).body).expect("json");
+        serde_json::from_slice(&post(&agent, &format!("{}/v2/repository/index", edge.url), b"{}", None).body)
+            .expect("json");
     let entries = index.as_array().expect("list");
     assert_eq!(entries.len(), ALL.len() + 1);
     let corrupt = entries.iter().find(|e| e["name"] == "corrupt").expect("corrupt listed");

@@ -98,7 +98,9 @@ impl ApiError {
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
         match e {
-            RouteError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+            RouteError::Unavailable { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+            }
             _ => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
         }
     }
@@ -119,6 +121,7 @@ impl From<PoolError> for ApiError {
             | PoolError::DeadlineExceeded { .. }
             | PoolError::NotReady
             | PoolError::Saturated
+            | PoolError::OverWaitTarget { .. }
             | PoolError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             PoolError::ReplicaFailed(_) | PoolError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -336,12 +339,16 @@ async fn serve(
     model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
     let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
     let labels = [model.name.as_str(), &model.version_str()];
-    let route = match &state.overflow {
-        Some(overflow) => match overflow.view() {
-            Some(_) if overflow.always() => Admission::Offload,
-            view => model.pool.admission(&request.inputs, deadline, view),
-        },
-        None => Admission::Local,
+    let (route, view) = match &state.overflow {
+        Some(overflow) => {
+            let view = overflow.view();
+            let route = match view {
+                Some(_) if overflow.always() => Admission::Offload,
+                view => model.pool.admission(&request.inputs, deadline, view),
+            };
+            (route, view)
+        }
+        None => (Admission::Local, None),
     };
     let mut served_by = state.server_name.clone();
     let mut batch_rows = None;
@@ -377,28 +384,44 @@ async fn serve(
         Some(outputs) => outputs,
         None => {
             state.metrics.routes.with_label_values(&[labels[0], labels[1], "local"]).inc();
-            // The admission snapshot can be a moment old: if the pool itself then refuses for
-            // overload, a hub may still take it. Keep a copy of the inputs for that (only with a hub).
-            let spare = match (&state.overflow, route) {
-                (Some(_), Admission::Local) => Some(request.inputs.clone()),
+            // The admission snapshot can be a moment old (many requests read it between two turns of
+            // the pool): with a hub at hand the pool checks the wait target again on its exact state,
+            // and what it turns away goes to the hub after all. Keep a copy of the inputs for that.
+            let late = match (&state.overflow, route, view) {
+                (Some(overflow), Admission::Local, Some(view)) => Some((overflow, view, request.inputs.clone())),
                 _ => None,
             };
-            let reply = match (model.pool.infer(request.inputs, deadline).await, spare, &state.overflow) {
-                (Ok(reply), _, _) => reply,
+            let first = model.pool.infer_with_hub(request.inputs, deadline, late.as_ref().map(|l| l.1)).await;
+            let reply = match (first, late) {
+                (Ok(reply), _) => reply,
                 (
-                    Err(e @ (PoolError::QueueFull { .. } | PoolError::WouldMissDeadline { .. })),
-                    Some(inputs),
-                    Some(overflow),
+                    Err(
+                        e @ (PoolError::OverWaitTarget { .. }
+                        | PoolError::QueueFull { .. }
+                        | PoolError::WouldMissDeadline { .. }
+                        | PoolError::NotReady
+                        | PoolError::Saturated),
+                    ),
+                    Some((overflow, _, inputs)),
                 ) => {
-                    state.metrics.routes.with_label_values(&[labels[0], labels[1], "offload"]).inc();
-                    let done = overflow.infer(&model.name, model.version, &inputs, deadline).await.map_err(|o| {
-                        tracing::debug!(model = %model.name, "late offload failed: {o}");
-                        ApiError::from(e)
-                    })?;
-                    served_by = done.served_by;
-                    return finish(&model, &request.id, &request.outputs, served_by, None, done.outputs);
+                    state.metrics.routes.with_label_values(&[labels[0], labels[1], "late_offload"]).inc();
+                    match overflow.infer(&model.name, model.version, &inputs, deadline).await {
+                        Ok(done) => {
+                            served_by = done.served_by;
+                            return finish(&model, &request.id, &request.outputs, served_by, None, done.outputs);
+                        }
+                        // Turned away only for the wait target: here can still make the deadline.
+                        Err(o) if matches!(e, PoolError::OverWaitTarget { .. }) => {
+                            tracing::debug!(model = %model.name, "late offload failed, serving here: {o}");
+                            model.pool.infer(inputs, deadline).await?
+                        }
+                        Err(o) => {
+                            tracing::debug!(model = %model.name, "late offload failed: {o}");
+                            return Err(e.into());
+                        }
+                    }
                 }
-                (Err(e), _, _) => return Err(e.into()),
+                (Err(e), _) => return Err(e.into()),
             };
             batch_rows = Some(reply.batch_rows);
             model

@@ -17,6 +17,7 @@ pub use model::{ModelMetadata, TensorSpec};
 pub use tensor::{NamedTensor, Tensor};
 pub mod config;
 pub mod http;
+pub mod io_thread;
 pub mod kserve;
 pub mod metrics;
 pub mod models;

@@ -176,11 +176,7 @@ pub fn name_dynamic_dims(proto: &mut pb::ModelProto) -> String {
         }
     });
     let batch = named_leading.unwrap_or_else(|| {
-        ["N", "batch", "fabric_batch"]
-            .into_iter()
-            .find(|n| !used.contains(*n))
-            .unwrap_or("fabric_batch")
-            .to_string()
+        ["N", "batch", "fabric_batch"].into_iter().find(|n| !used.contains(*n)).unwrap_or("fabric_batch").to_string()
     });
     let mut fresh = 0;
     for input in graph.input.iter_mut().filter(|v| !initializers.contains(&v.name)) {

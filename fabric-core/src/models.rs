@@ -97,14 +97,23 @@ impl ModelSet {
             for (v, m) in e.value() {
                 let reason = not_ready(m);
                 let state = if reason.is_some() { "UNAVAILABLE" } else { "READY" };
-                let entry = IndexEntry { name: e.key().clone(), version: v.to_string(), state, reason: reason.unwrap_or_default() };
+                let entry = IndexEntry {
+                    name: e.key().clone(),
+                    version: v.to_string(),
+                    state,
+                    reason: reason.unwrap_or_default(),
+                };
                 entries.push((e.key().clone(), *v, entry));
             }
         }
         for e in self.unavailable.iter() {
             for (v, reason) in e.value() {
-                let entry =
-                    IndexEntry { name: e.key().clone(), version: v.to_string(), state: "UNAVAILABLE", reason: reason.clone() };
+                let entry = IndexEntry {
+                    name: e.key().clone(),
+                    version: v.to_string(),
+                    state: "UNAVAILABLE",
+                    reason: reason.clone(),
+                };
                 entries.push((e.key().clone(), *v, entry));
             }
         }
@@ -141,8 +150,10 @@ impl ModelSet {
         };
         let wanted = version.and_then(|v| v.parse::<u64>().ok());
         let Some(versions) = self.models.get(name) else {
-            return Err(unavailable(wanted)
-                .unwrap_or_else(|| RouteError::UnknownModel { name: name.to_string(), served: self.names().join(", ") }));
+            return Err(unavailable(wanted).unwrap_or_else(|| RouteError::UnknownModel {
+                name: name.to_string(),
+                served: self.names().join(", "),
+            }));
         };
         let found = match version {
             None => versions.values().next_back().cloned(),

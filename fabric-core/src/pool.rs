@@ -102,6 +102,9 @@ pub enum PoolError {
     /// No replica is loaded.
     #[error("model is not ready: no replica is loaded")]
     NotReady,
+    /// With a hub at hand, the expected wait here is over the local target: the caller offloads it.
+    #[error("expected wait of {:.1} ms is over the local target of {:.1} ms while a hub can take it", wait.as_secs_f64() * 1e3, target.as_secs_f64() * 1e3)]
+    OverWaitTarget { wait: Duration, target: Duration },
     /// The pool's mailbox is full for a moment (a burst beyond the queue's intake).
     #[error("model pool is saturated: its intake is full; retry shortly")]
     Saturated,
@@ -126,6 +129,7 @@ impl PoolError {
             PoolError::DeadlineExceeded { .. } => "deadline_exceeded",
             PoolError::NotReady => "not_ready",
             PoolError::Saturated => "saturated",
+            PoolError::OverWaitTarget { .. } => "over_wait_target",
             PoolError::ReplicaFailed(_) => "replica_failed",
             PoolError::Engine(_) => "engine_error",
             PoolError::Stopped => "stopped",
@@ -138,6 +142,8 @@ type ReplyTx = oneshot::Sender<Result<PoolReply, PoolError>>;
 /// A request for the pool: inputs already validated and in graph order.
 struct Submit {
     inputs: Vec<Tensor>,
+    /// A hub that could take the request instead: the pool then holds it to the local wait target.
+    hub: Option<OffloadView>,
     rows: usize,
     shape_key: u64,
     arrived: Instant,
@@ -286,6 +292,17 @@ impl PoolHandle {
 
     /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
     pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
+        self.infer_with_hub(inputs, deadline, None).await
+    }
+
+    /// Like [`infer`](Self::infer), with a hub at hand: a request whose expected wait here is over the
+    /// local target is turned away with [`PoolError::OverWaitTarget`], for the caller to offload.
+    pub async fn infer_with_hub(
+        &self,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+        hub: Option<OffloadView>,
+    ) -> Result<PoolReply, PoolError> {
         let arrived = Instant::now();
         let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size)?;
         let shape_key = if self.batched {
@@ -299,7 +316,7 @@ impl PoolHandle {
             self.view.next_solo_key.fetch_add(1, Ordering::Relaxed)
         };
         let (reply, rx) = oneshot::channel();
-        let submit = Submit { inputs, rows, shape_key, arrived, deadline, reply };
+        let submit = Submit { inputs, hub, rows, shape_key, arrived, deadline, reply };
         self.addr.try_send(submit).map_err(|e| match e {
             SendError::Full(_) => PoolError::Saturated,
             SendError::Closed(_) => PoolError::Stopped,
@@ -731,9 +748,9 @@ impl ModelPool {
 
     /// How long an engine call on `rows` rows may run.
     fn watchdog(&self, rows: usize) -> Duration {
-        self.config
-            .watchdog
-            .unwrap_or_else(|| self.expected_run(rows).map(|t| t.saturating_mul(10)).unwrap_or_default().max(MIN_WATCHDOG))
+        self.config.watchdog.unwrap_or_else(|| {
+            self.expected_run(rows).map(|t| t.saturating_mul(10)).unwrap_or_default().max(MIN_WATCHDOG)
+        })
     }
 
     fn finish(
@@ -808,7 +825,8 @@ impl Handler<Submit> for ModelPool {
             replicas: self.active_replicas(),
             busy_replicas: self.slots.iter().filter(|s| s.busy).count(),
             // While a replacement loads, queue rather than refuse: it will serve them (or they expire).
-            loading: self.loading + usize::from(self.retry_at.is_some()),
+            // A retry waiting out its backoff is not loading: refuse at once rather than at the deadline.
+            loading: self.loading,
         };
         let input = admission_input(
             self.batched,
@@ -819,7 +837,14 @@ impl Handler<Submit> for ModelPool {
             load,
             self.config.admission,
         );
-        match admission::admit(&input, |rows| self.expected_run(rows)) {
+        let mut decision = admission::admit(&input, |rows| self.expected_run(rows));
+        if decision == Admission::Local
+            && msg.hub.is_some()
+            && admission::admit_or_offload(&input, |rows| self.expected_run(rows), msg.hub) == Admission::Offload
+        {
+            decision = Admission::Offload;
+        }
+        match decision {
             Admission::Local => {
                 self.queued_rows += msg.rows;
                 self.queue.push_back(Pending {
@@ -832,9 +857,11 @@ impl Handler<Submit> for ModelPool {
                 });
                 self.schedule(ctx);
             }
-            // Offload is decided before the pool, by the caller; here it can only mean refusal.
+            // Over the local wait target with a hub at hand: the caller sends it there.
             Admission::Offload => {
-                let _ = msg.reply.send(Err(PoolError::NotReady));
+                let wait = admission::expected_times(&input, |rows| self.expected_run(rows)).map(|(w, _)| w);
+                let target = input.budget.saturating_mul(input.settings.local_wait_pct.min(100)) / 100;
+                let _ = msg.reply.send(Err(PoolError::OverWaitTarget { wait: wait.unwrap_or_default(), target }));
             }
             Admission::Reject(why) => {
                 let error = match why {

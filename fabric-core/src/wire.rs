@@ -118,7 +118,8 @@ struct LoadReport {
 
 /// Encodes a load report datagram.
 pub fn encode_load_report(load: HubLoad) -> Result<Vec<u8>, WireError> {
-    postcard::to_allocvec(&LoadReport { protocol: PROTOCOL_VERSION, load }).map_err(|e| WireError::Malformed(e.to_string()))
+    postcard::to_allocvec(&LoadReport { protocol: PROTOCOL_VERSION, load })
+        .map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 /// Decodes a load report datagram, refusing other protocol versions.

@@ -14,36 +14,8 @@ use fabric_core::policy::admission::{Admission, OffloadView};
 use fabric_core::pool::{EngineFactory, ModelPool, PoolConfig, PoolError, PoolHandle};
 use fabric_core::{reference, DataType, Engine, EngineKind, EngineOptions, NamedTensor, Tensor};
 
-/// A real engine with an optional delay per batch, that panics when an input starts with NaN.
-struct Faulty {
-    inner: Box<dyn Engine>,
-    delay: Duration,
-}
-
-impl Engine for Faulty {
-    fn kind(&self) -> EngineKind {
-        self.inner.kind()
-    }
-    fn metadata(&self) -> &ModelMetadata {
-        self.inner.metadata()
-    }
-    fn max_batch_size(&self) -> usize {
-        self.inner.max_batch_size()
-    }
-    fn run_ordered(&mut self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, EngineError> {
-        std::thread::sleep(self.delay);
-        if inputs[0].as_slice::<f32>().is_ok_and(|v| v.iter().any(|x| x.is_nan())) {
-            panic!("injected fault: NaN input");
-        }
-        self.inner.run_ordered(inputs)
-    }
-}
-
 fn factory(delay: Duration) -> EngineFactory {
-    Arc::new(move || {
-        let inner = engine::load(EngineKind::Tract, &reference::model_path("mlp"), &EngineOptions::default())?;
-        Ok(Box::new(Faulty { inner, delay }) as Box<dyn Engine>)
-    })
+    injected_factory("mlp", Faults { delay, ..Faults::default() }, Arc::new(AtomicUsize::new(0)))
 }
 
 fn row(seed: f32) -> Vec<NamedTensor> {
@@ -197,7 +169,15 @@ fn inputs_for(meta: &ModelMetadata, rows: usize, seed: u64) -> Vec<NamedTensor> 
                 .shape
                 .iter()
                 .enumerate()
-                .map(|(axis, &d)| if d >= 0 { d as usize } else if axis == 0 { rows } else { 1 })
+                .map(|(axis, &d)| {
+                    if d >= 0 {
+                        d as usize
+                    } else if axis == 0 {
+                        rows
+                    } else {
+                        1
+                    }
+                })
                 .collect();
             let n: usize = shape.iter().product();
             let x = |i: usize| ((i as f64 + 1.0) * 0.731 + seed as f64 * 1.37).sin();
@@ -214,11 +194,7 @@ fn inputs_for(meta: &ModelMetadata, rows: usize, seed: u64) -> Vec<NamedTensor> 
 
 /// A factory for any generated model on tract, with a delay per engine call so that batches form.
 fn model_factory(model: &str, delay: Duration) -> EngineFactory {
-    let path = reference::model_path(model);
-    Arc::new(move || {
-        let inner = engine::load(EngineKind::Tract, &path, &EngineOptions::default())?;
-        Ok(Box::new(Faulty { inner, delay }) as Box<dyn Engine>)
-    })
+    injected_factory(model, Faults { delay, ..Faults::default() }, Arc::new(AtomicUsize::new(0)))
 }
 
 #[actix_rt::test]
@@ -234,13 +210,19 @@ async fn every_model_answers_concurrent_mixed_requests_exactly_as_alone() {
         ("partly", false),
         ("cnn", true),
     ] {
-        let config = PoolConfig { replicas: 1, max_batch_size: 8, max_queue_delay: Duration::from_millis(5), ..PoolConfig::default() };
-        let pool = ModelPool::start(model, "1", model_factory(model, Duration::from_millis(3)), config, Metrics::new("t"))
-            .await
-            .unwrap_or_else(|e| panic!("{model}: {e}"));
+        let config = PoolConfig {
+            replicas: 1,
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(5),
+            ..PoolConfig::default()
+        };
+        let pool =
+            ModelPool::start(model, "1", model_factory(model, Duration::from_millis(3)), config, Metrics::new("t"))
+                .await
+                .unwrap_or_else(|e| panic!("{model}: {e}"));
         assert_eq!(pool.is_batched(), batched, "{model}");
-        let mut alone = engine::load(EngineKind::Tract, &reference::model_path(model), &EngineOptions::default())
-            .expect("engine");
+        let mut alone =
+            engine::load(EngineKind::Tract, &reference::model_path(model), &EngineOptions::default()).expect("engine");
         let requests: Vec<Vec<NamedTensor>> =
             (0..24).map(|i| inputs_for(pool.metadata(), 1 + i % 3, i as u64)).collect();
         let want: Vec<Vec<NamedTensor>> = requests.iter().map(|r| alone.infer(r).expect("alone")).collect();
@@ -286,9 +268,10 @@ async fn every_model_answers_concurrent_mixed_requests_exactly_as_alone() {
 #[actix_rt::test]
 async fn zero_rows_are_refused_and_partly_batched_models_keep_their_counts() {
     let config = PoolConfig { replicas: 1, max_batch_size: 8, ..PoolConfig::default() };
-    let pool = ModelPool::start("partly", "1", model_factory("partly", Duration::from_millis(1)), config, Metrics::new("t"))
-        .await
-        .expect("pool");
+    let pool =
+        ModelPool::start("partly", "1", model_factory("partly", Duration::from_millis(1)), config, Metrics::new("t"))
+            .await
+            .expect("pool");
     let empty = inputs_for(pool.metadata(), 0, 0);
     let err = pool.infer(empty, soon(5_000)).await.expect_err("0 rows");
     assert!(matches!(err, PoolError::Input(InputError::NoRows { .. })), "{err}");
@@ -305,9 +288,11 @@ async fn zero_rows_are_refused_and_partly_batched_models_keep_their_counts() {
     wait_for(&pool, "queue drained", |s| s.queued == 0 && s.busy == 0).await;
 }
 
-/// What an injected engine does wrong.
+/// What an injected engine does wrong. Whatever the faults, an input starting with NaN panics the call.
 #[derive(Clone, Copy, Default)]
 struct Faults {
+    /// A delay before each call.
+    delay: Duration,
     /// Loads numbered (from 1) in this range fail.
     failing_loads: (usize, usize),
     /// Calls numbered (from 1, warm-up included) that are multiples of this fail with an engine error.
@@ -316,6 +301,7 @@ struct Faults {
     hang_marker: Option<f32>,
 }
 
+/// A real engine with injected faults.
 struct Injected {
     inner: Box<dyn Engine>,
     faults: Faults,
@@ -333,28 +319,34 @@ impl Engine for Injected {
         self.inner.max_batch_size()
     }
     fn run_ordered(&mut self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, EngineError> {
+        std::thread::sleep(self.faults.delay);
         self.calls += 1;
         if self.faults.fail_every.is_some_and(|n| self.calls % n == 0) {
-            return Err(EngineError::Run { engine: EngineKind::Tract, reason: format!("injected failure on call {}", self.calls) });
+            return Err(EngineError::Run {
+                engine: EngineKind::Tract,
+                reason: format!("injected failure on call {}", self.calls),
+            });
         }
         let first = inputs[0].as_slice::<f32>().ok().and_then(|v| v.first().copied());
         if self.faults.hang_marker.is_some() && first == self.faults.hang_marker {
             std::thread::sleep(Duration::from_secs(5));
         }
-        if first.is_some_and(f32::is_nan) {
+        if inputs[0].as_slice::<f32>().is_ok_and(|v| v.iter().any(|x| x.is_nan())) {
             panic!("injected fault: NaN input");
         }
         self.inner.run_ordered(inputs)
     }
 }
 
-fn injected_factory(faults: Faults, loads: Arc<AtomicUsize>) -> EngineFactory {
+fn injected_factory(model: &str, faults: Faults, loads: Arc<AtomicUsize>) -> EngineFactory {
+    let path = reference::model_path(model);
     Arc::new(move || {
         let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
         if (faults.failing_loads.0..=faults.failing_loads.1).contains(&n) {
-            return Err(EngineError::Load { engine: EngineKind::Tract, path: "mlp".into(), reason: format!("injected load failure #{n}") });
+            let reason = format!("injected load failure #{n}");
+            return Err(EngineError::Load { engine: EngineKind::Tract, path: path.display().to_string(), reason });
         }
-        let inner = engine::load(EngineKind::Tract, &reference::model_path("mlp"), &EngineOptions::default())?;
+        let inner = engine::load(EngineKind::Tract, &path, &EngineOptions::default())?;
         Ok(Box::new(Injected { inner, faults, calls: 0 }) as Box<dyn Engine>)
     })
 }
@@ -371,9 +363,15 @@ fn marked(value: f32) -> Vec<NamedTensor> {
 async fn a_replica_that_fails_to_reload_is_retried_and_the_pool_says_why() {
     let loads = Arc::new(AtomicUsize::new(0));
     let faults = Faults { failing_loads: (2, 3), ..Faults::default() };
-    let pool = ModelPool::start("mlp", "1", injected_factory(faults, loads.clone()), PoolConfig::default(), Metrics::new("t"))
-        .await
-        .expect("first load works");
+    let pool = ModelPool::start(
+        "mlp",
+        "1",
+        injected_factory("mlp", faults, loads.clone()),
+        PoolConfig::default(),
+        Metrics::new("t"),
+    )
+    .await
+    .expect("first load works");
     let err = pool.infer(marked(f32::NAN), soon(5_000)).await.expect_err("panics");
     assert!(matches!(err, PoolError::ReplicaFailed(_)), "{err}");
     // Reloads 2 and 3 fail: the pool has no replica and says why.
@@ -395,9 +393,15 @@ async fn a_replica_that_fails_to_reload_is_retried_and_the_pool_says_why() {
 async fn a_hung_engine_call_is_cut_by_the_watchdog_and_the_replica_replaced() {
     let faults = Faults { hang_marker: Some(1234.5), ..Faults::default() };
     let config = PoolConfig { watchdog: Some(Duration::from_millis(300)), ..PoolConfig::default() };
-    let pool = ModelPool::start("mlp", "1", injected_factory(faults, Arc::new(AtomicUsize::new(0))), config, Metrics::new("t"))
-        .await
-        .expect("pool");
+    let pool = ModelPool::start(
+        "mlp",
+        "1",
+        injected_factory("mlp", faults, Arc::new(AtomicUsize::new(0))),
+        config,
+        Metrics::new("t"),
+    )
+    .await
+    .expect("pool");
     let started = Instant::now();
     let err = pool.infer(marked(1234.5), soon(30_000)).await.expect_err("hangs");
     assert!(matches!(err, PoolError::ReplicaFailed(ref m) if m.contains("watchdog")), "{err}");
@@ -411,9 +415,15 @@ async fn a_hung_engine_call_is_cut_by_the_watchdog_and_the_replica_replaced() {
 async fn an_engine_failing_every_third_call_fails_only_those_requests() {
     // Warm-up makes 2 calls per batch size (1..32: 6 sizes), so count failures, not positions.
     let faults = Faults { fail_every: Some(3), ..Faults::default() };
-    let pool = ModelPool::start("mlp", "1", injected_factory(faults, Arc::new(AtomicUsize::new(0))), PoolConfig::default(), Metrics::new("t"))
-        .await
-        .expect("pool");
+    let pool = ModelPool::start(
+        "mlp",
+        "1",
+        injected_factory("mlp", faults, Arc::new(AtomicUsize::new(0))),
+        PoolConfig::default(),
+        Metrics::new("t"),
+    )
+    .await
+    .expect("pool");
     let mut failed = 0;
     for i in 0..9 {
         match pool.infer(row(i as f32), soon(10_000)).await {

@@ -96,7 +96,10 @@ pub fn expected_times(
     input: &AdmissionInput,
     batch_time: impl Fn(usize) -> Option<Duration>,
 ) -> Option<(Duration, Duration)> {
-    let max = input.max_batch_size.max(1);
+    // A request is never split: a batch holds at least one whole request, so requests larger than the
+    // batch limit (tract's CNN prefers batches of 1 row; requests of 4 rows run whole) count as such.
+    let average = input.load.queued_rows.checked_div(input.load.queued_requests).unwrap_or(0);
+    let max = input.max_batch_size.max(input.rows).max(average).max(1);
     let replicas = input.load.replicas.max(1);
     let ahead = input.load.queued_rows + input.rows;
     let batches = ahead.div_ceil(max);
@@ -145,7 +148,9 @@ pub fn admit_or_offload(
     } else {
         match expected_times(input, batch_time) {
             None => Ok(true), // nothing measured yet
-            Some((_, finish)) if finish > usable => Err(Rejection::WouldMissDeadline { expected: finish, budget: usable }),
+            Some((_, finish)) if finish > usable => {
+                Err(Rejection::WouldMissDeadline { expected: finish, budget: usable })
+            }
             Some((wait, _)) => Ok(wait <= pct(input.budget, input.settings.local_wait_pct)),
         }
     };
@@ -201,6 +206,10 @@ mod tests {
             ("deep queue, clear of the margin", input(1, 27, 40, 40, 1, 1), Admission::Local),
             // Two replicas halve the rounds: 3 + 1 = 4 rounds x 3 ms = 12 ms.
             ("more replicas", input(1, 15, 40, 40, 2, 2), Admission::Local),
+            // Requests of 4 rows with a batch limit of 1: each runs whole, 2 ms a batch (1 ms + 4 x 0.25).
+            // 20 queued (80 rows) + this one = 21 batches of 4 rows, busy: 22 rounds x 2 ms = 44 ms.
+            ("requests larger than the batch limit run whole", AdmissionInput { max_batch_size: 1, ..input(4, 50, 20, 80, 1, 1) },
+                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 44, budget: MS * 40 })),
             ("deadline already too close", input(1, 1, 0, 0, 1, 0),
                 Admission::Reject(Rejection::WouldMissDeadline { expected: MS + MS / 4, budget: MS * 4 / 5 })),
         ];

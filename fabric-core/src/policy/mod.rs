@@ -3,4 +3,5 @@
 
 pub mod admission;
 pub mod batching;
+pub mod hub;
 pub mod service_time;
