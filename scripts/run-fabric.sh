@@ -12,4 +12,4 @@ cargo build --release --locked -p edge-node -p cloud-hub -p model-registry --bin
 target/release/cloud-hub --model-repository build/models --certs build/certs --node-id hub-1 &
 hub=$!
 trap 'kill $hub 2>/dev/null; wait $hub 2>/dev/null' EXIT
-target/release/edge-node --model-repository build/models --hub 127.0.0.1:4433 --certs build/certs --node-id edge-1 "$@"
+target/release/edge-node --model-repository build/models --hub hub-1@127.0.0.1:4433 --certs build/certs --node-id edge-1 "$@"

@@ -134,6 +134,7 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         models,
         metrics,
         max_body_bytes: config.http.max_body_bytes,
+        body_timeout: std::time::Duration::from_millis(config.http.body_timeout_ms),
         ready: false.into(),
         overflow: None,
     });

@@ -112,41 +112,85 @@ fn pool_error_code(e: &PoolError) -> ErrorCode {
     }
 }
 
+/// A request counted in flight; dropping it (answered, or the handler's future dropped) uncounts it.
+struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl QuicService {
+    /// Counts a request in flight if the hub has room: check and increment in one atomic step.
+    fn admit(&self) -> Option<InFlight<'_>> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.capacity).then_some(n + 1))
+            .ok()
+            .map(|_| InFlight(&self.in_flight))
+    }
+}
+
+/// Why a request stream could not be read: the answer to send, and the code to stop the stream with.
+struct ReadFailure {
+    code: ErrorCode,
+    message: String,
+    request_id: u64,
+    stop: u32,
+}
+
+/// Reads a request: the header within the read timeout, then its tensors within what is left of the
+/// request's own budget (or the read timeout, if shorter): a peer cannot hold a stream past its deadline.
+async fn read_request(
+    service: &QuicService,
+    recv: &mut quinn::RecvStream,
+) -> Result<(RequestHeader, Vec<NamedTensor>), ReadFailure> {
+    let bad = |e: WireError, request_id: u64| ReadFailure {
+        code: if matches!(e, WireError::Version(_)) { ErrorCode::UnsupportedProtocol } else { ErrorCode::Malformed },
+        message: e.to_string(),
+        request_id,
+        stop: e.code(),
+    };
+    let late = |what: &str, within: Duration, request_id: u64| ReadFailure {
+        code: ErrorCode::Malformed,
+        message: format!("{what} not received within {} ms", within.as_millis()),
+        request_id,
+        stop: codes::TIMEOUT,
+    };
+    let started = Instant::now();
+    let (header, header_len): (RequestHeader, usize) =
+        match tokio::time::timeout(service.read_timeout, wire::read_header(recv, &service.limits)).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => return Err(bad(e, 0)),
+            Err(_) => return Err(late("request header", service.read_timeout, 0)),
+        };
+    let id = header.request_id;
+    let budget = Duration::from_micros(header.budget_us).saturating_sub(started.elapsed());
+    let within = service.read_timeout.saturating_sub(started.elapsed()).min(budget);
+    match tokio::time::timeout(within, wire::read_tensors(recv, &service.limits, header_len, &header.inputs)).await {
+        Ok(Ok(inputs)) => Ok((header, inputs)),
+        Ok(Err(e)) => Err(bad(e, id)),
+        Err(_) => Err(late("request tensors", within, id)),
+    }
+}
+
 async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let arrived = Instant::now();
-    let read = tokio::time::timeout(
-        service.read_timeout,
-        wire::read_message(&mut recv, &service.limits, |h: &RequestHeader| &h.inputs),
-    )
-    .await;
-    let (header, inputs) = match read {
-        Ok(Ok(message)) => message,
-        Ok(Err(e)) => {
-            let code =
-                if matches!(e, WireError::Version(_)) { ErrorCode::UnsupportedProtocol } else { ErrorCode::Malformed };
-            tracing::warn!("bad request stream: {e}");
-            let _ = recv.stop(e.code().into());
-            respond(&mut send, &failure(code, e.to_string(), 0, service.load()), &[]).await;
-            return;
-        }
-        Err(_) => {
-            let _ = recv.stop(codes::TIMEOUT.into());
-            let message = format!("request not received within {} ms", service.read_timeout.as_millis());
-            respond(&mut send, &failure(ErrorCode::Malformed, message, 0, service.load()), &[]).await;
+    let (header, inputs) = match read_request(service, &mut recv).await {
+        Ok(request) => request,
+        Err(f) => {
+            tracing::warn!("bad request stream: {}", f.message);
+            let _ = recv.stop(f.stop.into());
+            respond(&mut send, &failure(f.code, f.message, f.request_id, service.load()), &[]).await;
             return;
         }
     };
     let id = header.request_id;
-    if service.in_flight.load(Ordering::Relaxed) >= service.capacity {
-        respond(
-            &mut send,
-            &failure(ErrorCode::Busy, format!("hub at capacity ({} requests)", service.capacity), id, service.load()),
-            &[],
-        )
-        .await;
+    let Some(counted) = service.admit() else {
+        let message = format!("hub at capacity ({} requests)", service.capacity);
+        respond(&mut send, &failure(ErrorCode::Busy, message, id, service.load()), &[]).await;
         return;
-    }
-    service.in_flight.fetch_add(1, Ordering::Relaxed);
+    };
     let version = header.version.map(|v| v.to_string());
     let result = match service.models.route(&header.model, version.as_deref()) {
         Err(e @ (RouteError::UnknownModel { .. } | RouteError::UnknownVersion { .. })) => {
@@ -161,7 +205,7 @@ async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut r
             }
         }
     };
-    service.in_flight.fetch_sub(1, Ordering::Relaxed);
+    drop(counted);
     match result {
         Ok((model, outputs)) => {
             let named: Vec<NamedTensor> = model

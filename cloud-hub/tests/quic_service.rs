@@ -106,7 +106,7 @@ async fn connect(hub: SocketAddr, files: Option<&TlsFiles>, trust: &Path) -> Res
     };
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).map_err(|e| e.to_string())?;
     endpoint.set_default_client_config(crypto);
-    endpoint.connect(hub, "localhost").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())
+    endpoint.connect(hub, "hub-1").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())
 }
 
 /// Sends raw bytes on a new stream and reads the whole answer.
@@ -170,7 +170,7 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
 
     let good = request("mlp", &reference::load_cases("mlp").expect("cases")[0].inputs);
     let mut garbage = Vec::new();
-    wire::put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    wire::put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).expect("frame");
     let mut huge_tensor = good[..4 + u32::from_be_bytes([good[0], good[1], good[2], good[3]]) as usize].to_vec();
     huge_tensor.extend_from_slice(&(2u32 << 20).to_be_bytes());
     let wrong_shape =
@@ -179,7 +179,7 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
     let cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
         ("garbage header", garbage, ErrorCode::Malformed, "malformed message: header"),
         ("truncated message", good[..good.len() - 100].to_vec(), ErrorCode::Malformed, "stream ended early"),
-        ("oversized tensor frame", huge_tensor, ErrorCode::Malformed, "tensor frame of 2097152 bytes exceeds the limit of 1048576 bytes"),
+        ("tensor frame longer than declared", huge_tensor, ErrorCode::Malformed, "tensor frame of 2097152 bytes exceeds the limit of 3136 bytes"),
         ("oversized length prefix", vec![0xff; 4], ErrorCode::Malformed, "exceeds the limit of 65536 bytes"),
         ("unknown model", request("resnet", &[]), ErrorCode::UnknownModel, "unknown model 'resnet'"),
         ("wrong shape", wrong_shape, ErrorCode::BadRequest, "dimension 1 must be 784"),
@@ -194,6 +194,39 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
             Ok(_) => panic!("{label}: served"),
         }
     }
+    // A header with a 300 ms budget, then silence: the hub answers at the budget, not its 5 s read timeout.
+    let inputs = &reference::load_cases("mlp").expect("cases")[0].inputs;
+    let header = RequestHeader {
+        protocol: wire::PROTOCOL_VERSION,
+        request_id: 43,
+        trace_id: 8,
+        model: "mlp".into(),
+        version: None,
+        budget_us: 300_000,
+        inputs: wire::tensor_headers(inputs),
+    };
+    let tensors: Vec<&Tensor> = Vec::new();
+    let mut slow = wire::encode_message(&header, &tensors).expect("encode");
+    slow.extend_from_slice(&3136u32.to_be_bytes());
+    slow.extend_from_slice(&[0; 100]);
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(&slow).await.expect("write");
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(1 << 20))
+        .await
+        .expect("answered")
+        .expect("read");
+    let mut reader = answer.as_slice();
+    let (head, _) = wire::read_message(&mut reader, &WireLimits::default(), |h: &ResponseHeader| {
+        h.result.as_deref().unwrap_or(&[])
+    })
+    .await
+    .expect("response");
+    let message = head.result.expect_err("refused").1;
+    assert!(message.contains("request tensors not received within"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(3), "held until the read timeout: {:?}", started.elapsed());
+    drop(send);
+
     // The connection survived all of that.
     let (head, _) = exchange(&conn, &good).await.expect("still serving");
     assert!(head.result.is_ok());

@@ -70,6 +70,7 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
         models,
         metrics,
         max_body_bytes: config.http.max_body_bytes,
+        body_timeout: std::time::Duration::from_millis(config.http.body_timeout_ms),
         ready: false.into(),
         overflow: offloader.clone().map(|o| o as Arc<dyn Overflow>),
     });

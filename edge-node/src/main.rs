@@ -26,7 +26,9 @@ struct Cli {
     /// Engine for models without their own setting: tract (pure Rust, CPU) or ort (ONNX Runtime) [default: tract]
     #[arg(long)]
     engine: Option<EngineKind>,
-    /// A hub to offload overflow to, as host:port of its QUIC service. Repeatable.
+    /// A hub to offload overflow to, as [NAME@]HOST:PORT of its QUIC service: HOST an IP literal
+    /// ([IPv6] in brackets) or a DNS name; NAME the name its certificate must carry (its node id, or a
+    /// DNS name or IP in it; default HOST). Repeatable. Example: --hub hub-1@10.0.0.5:4433
     #[arg(long = "hub")]
     hubs: Vec<String>,
     /// Folder with ca.pem, <node-id>.pem and <node-id>.key.pem (as `fabric certs` writes them)
@@ -67,7 +69,7 @@ fn main() -> anyhow::Result<()> {
     }
     config.models.strict |= cli.strict_models;
     for hub in cli.hubs {
-        config.offload.hubs.push(edge_node::offload::HubEndpoint { addr: hub, server_name: "localhost".into() });
+        config.offload.hubs.push(edge_node::offload::HubEndpoint::parse(&hub)?);
     }
     if let Some(dir) = cli.certs {
         config.offload.tls = Some(fabric_core::tls::TlsFiles::in_dir(&dir, &cli.node_id));

@@ -28,15 +28,48 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubEndpoint {
-    /// The hub's QUIC address, e.g. `127.0.0.1:4433`.
+    /// The hub's QUIC address as `host:port`: an IP literal (`10.0.0.5:4433`, `[::1]:4433`) or a DNS
+    /// name (`hub1.example.net:4433`, resolved at each connect).
     pub addr: String,
-    /// Name in the hub's certificate (`localhost` works with `fabric certs` certificates).
-    #[serde(default = "default_server_name")]
-    pub server_name: String,
+    /// The name the hub's certificate must carry: its node id, or a DNS name or IP in it. Default: the
+    /// host of `addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
-fn default_server_name() -> String {
-    "localhost".into()
+impl HubEndpoint {
+    /// Parses `[name@]host:port`, as `--hub` takes it.
+    pub fn parse(spec: &str) -> Result<HubEndpoint, OffloadSetupError> {
+        let (name, addr) = match spec.split_once('@') {
+            Some((name, addr)) => (Some(name.to_string()), addr),
+            None => (None, spec),
+        };
+        let endpoint = HubEndpoint { addr: addr.to_string(), server_name: name };
+        endpoint.host_and_port()?;
+        Ok(endpoint)
+    }
+
+    /// The host (brackets of an IPv6 literal removed) and port.
+    fn host_and_port(&self) -> Result<(String, u16), OffloadSetupError> {
+        let bad = || OffloadSetupError::Address(self.addr.clone());
+        if let Ok(addr) = self.addr.parse::<SocketAddr>() {
+            return Ok((addr.ip().to_string(), addr.port()));
+        }
+        let (host, port) = self.addr.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || host.contains(':') || host.contains('[') {
+            return Err(bad());
+        }
+        Ok((host.to_string(), port))
+    }
+
+    /// The name to check in the hub's certificate.
+    fn server_name(&self) -> Result<String, OffloadSetupError> {
+        match &self.server_name {
+            Some(name) => Ok(name.clone()),
+            None => self.host_and_port().map(|(host, _)| host),
+        }
+    }
 }
 
 /// When requests go to a hub.
@@ -66,6 +99,13 @@ pub struct OffloadConfig {
     pub limits: WireLimits,
     /// `overflow` (default): only what cannot be served here in time; `always`: everything while a hub is up.
     pub mode: OffloadMode,
+    /// Milliseconds between keep-alive packets on an idle hub connection.
+    pub keep_alive_ms: u64,
+    /// Milliseconds without a packet after which a hub counts as gone (then reconnect). With the
+    /// defaults (1 s keep-alives, 5 s), a link with a 300 ms round trip never flaps, and a dead hub is
+    /// detected within 5 s; requests in flight to it give up sooner, after four times its usual
+    /// answer time.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for OffloadConfig {
@@ -77,6 +117,8 @@ impl Default for OffloadConfig {
             reconnect_max_ms: 5000,
             limits: WireLimits::default(),
             mode: OffloadMode::Overflow,
+            keep_alive_ms: 1000,
+            idle_timeout_ms: 5000,
         }
     }
 }
@@ -88,8 +130,11 @@ pub enum OffloadSetupError {
     #[error("offload.hubs is set but offload.tls is not: hubs accept only peers with a fabric certificate (create development ones with `fabric certs --out certs --node edge-1:edge --node hub-1:hub`, then pass --certs certs)")]
     NoTls,
     /// A hub address does not parse.
-    #[error("offload hub address '{0}' is not host:port")]
+    #[error("offload hub address '{0}' is not host:port (an IP literal, [IPv6]:port, or a DNS name), optionally with name@ in front")]
     Address(String),
+    /// The idle timeout cannot be used.
+    #[error("offload.idle_timeout_ms = {0} is out of range (use 1000 to 600000; it must exceed keep_alive_ms)")]
+    IdleTimeout(u64),
     /// TLS files unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -100,7 +145,8 @@ pub enum OffloadSetupError {
 
 /// One hub's link: connection (when up), reported load, measured answer time.
 struct HubLink {
-    addr: SocketAddr,
+    /// `host:port` as configured (resolved at each connect).
+    addr: String,
     server_name: String,
     conn: Mutex<Option<quinn::Connection>>,
     name: Mutex<String>,
@@ -178,22 +224,43 @@ impl Offloader {
             return Ok(None);
         }
         let files = config.tls.as_ref().ok_or(OffloadSetupError::NoTls)?;
-        let client = tls::client_config(files)?;
-        // The endpoint and its connections run on a thread of their own, not between the pools' turns.
+        let mut client = tls::client_config(files)?;
+        if !(1000..=600_000).contains(&config.idle_timeout_ms) || config.keep_alive_ms >= config.idle_timeout_ms {
+            return Err(OffloadSetupError::IdleTimeout(config.idle_timeout_ms));
+        }
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms.max(1))));
+        let idle = quinn::VarInt::from_u64(config.idle_timeout_ms)
+            .map_err(|_| OffloadSetupError::IdleTimeout(config.idle_timeout_ms))?;
+        transport.max_idle_timeout(Some(idle.into()));
+        client.transport_config(Arc::new(transport));
+        // The endpoints and their connections run on a thread of their own, not between the pools'
+        // turns. One per address family: an IPv4 socket cannot reach an IPv6 hub.
         let io = fabric_core::io_thread::spawn("quic-offload").map_err(OffloadSetupError::Endpoint)?;
-        let mut endpoint = {
+        let endpoints = {
             let _on_io_thread = io.enter();
-            quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(OffloadSetupError::Endpoint)?
+            let mut v4 =
+                quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(OffloadSetupError::Endpoint)?;
+            v4.set_default_client_config(client.clone());
+            let v6 = match quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))) {
+                Ok(mut v6) => {
+                    v6.set_default_client_config(client);
+                    Some(v6)
+                }
+                Err(e) => {
+                    tracing::info!("no IPv6 QUIC endpoint ({e}); IPv6 hubs cannot be reached");
+                    None
+                }
+            };
+            Endpoints { v4, v6 }
         };
-        endpoint.set_default_client_config(client);
         let hubs = config
             .hubs
             .iter()
             .map(|h| {
-                let addr: SocketAddr = h.addr.parse().map_err(|_| OffloadSetupError::Address(h.addr.clone()))?;
                 Ok(Arc::new(HubLink {
-                    addr,
-                    server_name: h.server_name.clone(),
+                    addr: h.addr.clone(),
+                    server_name: h.server_name()?,
                     conn: Mutex::new(None),
                     name: Mutex::new(h.addr.clone()),
                     in_flight: AtomicU32::new(0),
@@ -207,7 +274,7 @@ impl Offloader {
         let (min, max) =
             (Duration::from_millis(config.reconnect_min_ms.max(1)), Duration::from_millis(config.reconnect_max_ms));
         for link in &hubs {
-            io.spawn(keep_connected(endpoint.clone(), link.clone(), min, max.max(min)));
+            io.spawn(keep_connected(endpoints.clone(), link.clone(), min, max.max(min)));
         }
         Ok(Some(Arc::new(Offloader { hubs, limits: config.limits, next_id: AtomicU64::new(1), mode: config.mode })))
     }
@@ -251,7 +318,7 @@ impl Offloader {
             trace_id: rand_trace(),
             model: model.to_string(),
             version: Some(version),
-            budget_us: deadline.saturating_duration_since(started).as_micros() as u64,
+            budget_us: u64::try_from(deadline.saturating_duration_since(started).as_micros()).unwrap_or(u64::MAX),
             inputs: wire::tensor_headers(inputs),
         };
         let tensors: Vec<&Tensor> = inputs.iter().map(|t| &t.tensor).collect();
@@ -296,20 +363,51 @@ impl Offloader {
 
 fn rand_trace() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    // Truncating the nanoseconds is the point: only the low bits vary.
     (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
 }
 
+/// The client endpoints, one per address family.
+#[derive(Clone)]
+struct Endpoints {
+    v4: quinn::Endpoint,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Endpoints {
+    /// Resolves `addr` (DNS names included) and connects from the endpoint of its family.
+    async fn connect(&self, addr: &str, server_name: &str) -> Result<quinn::Connection, String> {
+        let resolved: Vec<SocketAddr> =
+            tokio::net::lookup_host(addr).await.map_err(|e| format!("cannot resolve {addr}: {e}"))?.collect();
+        let target = resolved
+            .iter()
+            .find(|a| a.is_ipv4() || self.v6.is_some())
+            .copied()
+            .ok_or_else(|| format!("{addr} resolves to no address this node can reach ({resolved:?})"))?;
+        let endpoint = match (target, &self.v6) {
+            (SocketAddr::V6(_), Some(v6)) => v6,
+            _ => &self.v4,
+        };
+        let connecting = endpoint.connect(target, server_name).map_err(|e| e.to_string())?;
+        connecting.await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("NotValidForName") || text.contains("not valid for name") {
+                format!("{text}: the hub's certificate does not carry the name '{server_name}'; give the name it has as --hub NAME@{addr} (a hub's node id is always in its certificate)")
+            } else {
+                text
+            }
+        })
+    }
+}
+
 /// Keeps one hub connected: connect, wait until the connection closes, back off, reconnect.
-async fn keep_connected(endpoint: quinn::Endpoint, link: Arc<HubLink>, min: Duration, max: Duration) {
+async fn keep_connected(endpoints: Endpoints, link: Arc<HubLink>, min: Duration, max: Duration) {
     let mut backoff = min;
     let mut logged_down = false;
     loop {
         link.attempts.fetch_add(1, Ordering::Relaxed);
         link.proven.store(false, Ordering::Relaxed);
-        let attempt = match endpoint.connect(link.addr, &link.server_name) {
-            Ok(connecting) => connecting.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let attempt = endpoints.connect(&link.addr, &link.server_name).await;
         match attempt.and_then(|conn| match tls::peer_identity(&conn) {
             Ok(id) if id.role == Role::Hub => Ok((conn, id)),
             Ok(id) => Err(format!("peer '{}' is a {}, not a hub", id.node_id, id.role.as_str())),
@@ -355,6 +453,22 @@ async fn keep_connected(endpoint: quinn::Endpoint, link: Arc<HubLink>, min: Dura
     }
 }
 
+/// One of our requests in flight to a hub, counted while it lives.
+struct Sending<'a>(&'a AtomicU32);
+
+impl<'a> Sending<'a> {
+    fn start(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Sending(counter)
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Takes the hub's load reports (datagrams) until the connection closes.
 async fn read_load_reports(conn: quinn::Connection, link: Arc<HubLink>) {
     while let Ok(datagram) = conn.read_datagram().await {
@@ -392,9 +506,11 @@ impl Overflow for Offloader {
                 // early, so the rest of the budget can still be spent locally or on another hub.
                 let patience = (link.expected(&conn) * 4).max(Duration::from_millis(50));
                 let attempt_deadline = deadline.min(now + patience);
-                link.in_flight.fetch_add(1, Ordering::Relaxed);
-                let result = self.attempt(&link, &conn, model, version, inputs, attempt_deadline).await;
-                link.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let result = {
+                    // Uncounted when the attempt ends, or when this future is dropped (the client left).
+                    let _sending = Sending::start(&link.in_flight);
+                    self.attempt(&link, &conn, model, version, inputs, attempt_deadline).await
+                };
                 let name = link.name.lock().map(|n| n.clone()).unwrap_or_default();
                 match result {
                     Ok(outputs) => return Ok(Offloaded { outputs, served_by: format!("hub {name}") }),

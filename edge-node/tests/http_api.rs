@@ -417,3 +417,40 @@ fn strict_models_refuses_to_start_when_a_model_fails_to_load() {
     assert!(stderr.contains("--strict-models: 1 model version(s) failed to load: corrupt/1:"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"), "it listened before refusing");
 }
+
+#[test]
+fn a_bad_model_config_skips_that_model_only() {
+    let edge = start_edge(&[("mlp", ""), ("cnn", "max_batch = 8\n")], "");
+    let agent = client();
+    assert_eq!(get(&agent, &format!("{}/v2/models/mlp/ready", edge.url)).status, 200);
+    let cnn = get(&agent, &format!("{}/v2/models/cnn/ready", edge.url));
+    assert_eq!(cnn.status, 503);
+    assert!(cnn.error().contains("unknown field `max_batch`"), "{}", cnn.error());
+}
+
+#[test]
+fn a_body_that_does_not_arrive_in_time_gets_408() {
+    use std::io::{Read, Write};
+    let edge = start_edge(&[("mlp", "")], "[http]\nbody_timeout_ms = 300\n");
+    let addr = edge.url.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    // Declares 64 MiB, sends 10 bytes, then nothing.
+    let head = format!(
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{\"inputs\":",
+        64 << 20
+    );
+    stream.write_all(head.as_bytes()).expect("write");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}

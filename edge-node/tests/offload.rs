@@ -28,7 +28,7 @@ fn edge(dir: &std::path::Path, hub: Option<(&str, &std::path::Path)>) -> Edge {
     let model_config = format!("max_batch_size = 8\nqueue_capacity = 64\ndefault_timeout_ms = {DEADLINE_MS}\n");
     let mut args: Vec<String> = Vec::new();
     if let Some((addr, certs)) = hub {
-        args.extend(["--hub".into(), addr.into(), "--certs".into(), certs.display().to_string()]);
+        args.extend(["--hub".into(), format!("hub-1@{addr}"), "--certs".into(), certs.display().to_string()]);
     }
     let edge = start_edge_with_args(&[("cnn", &model_config)], "[http]\nworkers = 1\n", &args);
     let _ = dir;

@@ -50,7 +50,7 @@ fn a_hub_that_said_busy_is_used_again_and_mode_always_sends_everything_there() {
     let certs = certs(&dir);
     // One request at a time on the hub: a burst makes it answer busy.
     let hub = start_hub_with(&dir, &certs, "hub-1", "[quic]\nmax_in_flight = 1\n");
-    let args = vec!["--hub".to_string(), hub.quic.clone(), "--certs".into(), certs.display().to_string()];
+    let args = vec!["--hub".to_string(), format!("hub-1@{}", hub.quic), "--certs".into(), certs.display().to_string()];
     let edge = start_edge_with_args(
         &[("cnn", "max_batch_size = 8\ndefault_timeout_ms = 20000\n")],
         "[offload]\nmode = \"always\"\n",
@@ -90,9 +90,9 @@ fn a_hub_that_said_busy_is_used_again_and_mode_always_sends_everything_there() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn offloader(hub: &str, files: TlsFiles) -> std::sync::Arc<Offloader> {
+fn offloader(hub: &str, name: &str, files: TlsFiles) -> std::sync::Arc<Offloader> {
     let config = OffloadConfig {
-        hubs: vec![HubEndpoint { addr: hub.to_string(), server_name: "localhost".into() }],
+        hubs: vec![HubEndpoint { addr: hub.to_string(), server_name: Some(name.into()) }],
         tls: Some(files),
         ..OffloadConfig::default()
     };
@@ -110,7 +110,7 @@ async fn a_hub_refusing_our_certificate_after_connect_is_retried_with_backoff() 
     let foreign = dir.join("foreign");
     tls::generate_dev_pki(&foreign, &[("edge-1".into(), Role::Edge)]).expect("pki");
     let files = TlsFiles { ca: certs.join("ca.pem"), ..TlsFiles::in_dir(&foreign, "edge-1") };
-    let offload = offloader(&hub.quic, files);
+    let offload = offloader(&hub.quic, "hub-1", files);
     // The behaviour is about time: count attempts over 5 s (backoff 100 ms doubling: about 6).
     tokio::time::sleep(Duration::from_secs(5)).await;
     let attempts = offload.connect_attempts();
@@ -129,7 +129,7 @@ async fn a_fabric_peer_that_is_not_a_hub_is_never_used() {
     // A real cloud-hub process, but its certificate (same fabric CA) says role "edge".
     tls::generate_dev_pki(&certs, &[("edge-2".into(), Role::Edge)]).expect("pki");
     let impostor = start_hub_with(&dir, &certs, "edge-2", "");
-    let offload = offloader(&impostor.quic, TlsFiles::in_dir(&certs, "edge-1"));
+    let offload = offloader(&impostor.quic, "edge-2", TlsFiles::in_dir(&certs, "edge-1"));
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         assert_eq!(offload.connected(), 0, "connected to a peer whose role is not hub");

@@ -22,11 +22,19 @@ pub struct HttpConfig {
     pub workers: usize,
     /// Seconds to finish in-flight requests after SIGTERM.
     pub shutdown_timeout_s: u64,
+    /// Milliseconds a request body may take to arrive before the request is answered 408.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { addr: "127.0.0.1:8000".into(), max_body_bytes: 64 << 20, workers: 0, shutdown_timeout_s: 10 }
+        HttpConfig {
+            addr: "127.0.0.1:8000".into(),
+            max_body_bytes: 64 << 20,
+            workers: 0,
+            shutdown_timeout_s: 10,
+            body_timeout_ms: 30_000,
+        }
     }
 }
 
@@ -55,6 +63,9 @@ pub struct ModelConfig {
     /// Admit a request only if its expected finish leaves this share of its deadline free, in percent
     /// (headroom for a loaded machine's scheduling noise); beyond it, refuse at once (or offload).
     pub deadline_margin_pct: u32,
+    /// Most input bytes one warm-up batch may allocate; larger batch sizes are not timed at load (they
+    /// are estimated from smaller ones), so loading a model with large inputs stays within memory.
+    pub warmup_max_bytes: usize,
 }
 
 impl Default for ModelConfig {
@@ -69,6 +80,7 @@ impl Default for ModelConfig {
             watchdog_ms: 0,
             local_wait_pct: 25,
             deadline_margin_pct: 25,
+            warmup_max_bytes: 64 << 20,
         }
     }
 }
@@ -83,6 +95,7 @@ impl ModelConfig {
             replicas: self.replicas.max(1),
             watchdog: (self.watchdog_ms > 0).then(|| Duration::from_millis(self.watchdog_ms)),
             admission: AdmissionSettings { local_wait_pct: self.local_wait_pct, margin_pct: self.deadline_margin_pct },
+            warmup_max_bytes: self.warmup_max_bytes,
         }
     }
 

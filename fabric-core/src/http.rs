@@ -71,6 +71,8 @@ pub struct HttpState {
     pub metrics: Metrics,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive (then 408).
+    pub body_timeout: std::time::Duration,
     /// Set once every model is loaded.
     pub ready: AtomicBool,
     /// Where overflow goes, if anywhere.
@@ -282,8 +284,26 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
-/// Reads the body, refusing anything over the limit before buffering it.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+/// Reads the body, refusing anything over the limit before buffering it, and anything that takes
+/// longer than `timeout` to arrive (408). Memory grows with the bytes that arrive, never past the
+/// declared length: a client that declares 64 MiB and sends nothing costs nothing.
+async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, ApiError> {
+    match tokio::time::timeout(timeout, read_body_chunks(req, payload, limit)).await {
+        Ok(body) => body,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {} ms", timeout.as_millis()),
+        )),
+    }
+}
+
+async fn read_body_chunks(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let too_large = |n: String| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -296,13 +316,20 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
     if let Some(n) = declared.filter(|&n| n > limit) {
         return Err(too_large(n.to_string()));
     }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut body: Vec<u8> = Vec::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("reading the body failed: {e}"))
         })?;
         if body.len() + chunk.len() > limit {
             return Err(too_large(format!("more than {limit}")));
+        }
+        if body.capacity() - body.len() < chunk.len() {
+            // Double what has arrived, but never reserve past the declared length (the exact size
+            // once it is near): memory follows the bytes, and a 64 MiB body costs 64 MiB, not 128.
+            let wanted = (body.len() + chunk.len()).max(body.len() * 2).max(64 << 10);
+            let cap = declared.filter(|&n| n >= body.len() + chunk.len()).map_or(wanted, |n| wanted.min(n));
+            body.reserve_exact(cap - body.len());
         }
         body.extend_from_slice(&chunk);
     }
@@ -321,7 +348,7 @@ async fn serve(
     model: &ServedModel,
     arrived: Instant,
 ) -> Result<Served, ApiError> {
-    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let body = read_body(req, payload, state.max_body_bytes, state.body_timeout).await?;
     let header_length = match req.headers().get(kserve::HEADER_LENGTH) {
         None => None,
         Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {

@@ -47,16 +47,195 @@ struct RequestBody {
     outputs: Option<Vec<RequestOutput>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RequestInput {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    #[serde(default)]
-    data: Option<Value>,
+    data: Option<InputData>,
+}
+
+/// One JSON element of an input's `data`.
+#[derive(Clone, Copy, Debug)]
+enum Scalar {
+    Float(f64),
+    Int(i64),
+    Uint(u64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for Scalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Float(v) => write!(f, "{v}"),
+            Scalar::Int(v) => write!(f, "{v}"),
+            Scalar::Uint(v) => write!(f, "{v}"),
+            Scalar::Bool(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// An input's `data`, decoded while it is parsed, with no `serde_json::Value` tree in between (32
+/// bytes and more per element). When `datatype` comes before `data`, as clients write it, the elements
+/// go straight into little-endian bytes of that type; otherwise they are kept as 16-byte scalars and
+/// converted once the datatype is known.
+#[derive(Default)]
+struct InputData {
+    dtype: Option<DataType>,
+    bytes: Vec<u8>,
+    scalars: Vec<Scalar>,
+    count: usize,
+    /// The first element that does not fit the datatype.
+    error: Option<String>,
+}
+
+impl InputData {
+    fn push(&mut self, value: Scalar) {
+        let index = self.count;
+        self.count += 1;
+        if self.error.is_some() {
+            return;
+        }
+        match self.dtype {
+            Some(dtype) => {
+                if let Err(e) = push_scalar(dtype, index, value, &mut self.bytes) {
+                    self.error = Some(e);
+                }
+            }
+            None => self.scalars.push(value),
+        }
+    }
+
+    fn not_a_number(&mut self, what: &str) {
+        let index = self.count;
+        self.count += 1;
+        if self.error.is_none() {
+            let dtype = self.dtype.map(|d| d.to_string()).unwrap_or_else(|| "number".into());
+            self.error = Some(format!("element {index} ({what}) is not a valid {dtype}"));
+        }
+    }
+
+    /// The elements as little-endian bytes of `dtype`.
+    fn into_bytes(mut self, dtype: DataType) -> Result<Vec<u8>, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.dtype == Some(dtype) {
+            return Ok(self.bytes);
+        }
+        let mut out = Vec::with_capacity(self.scalars.len() * dtype.size().unwrap_or(1));
+        for (i, v) in std::mem::take(&mut self.scalars).into_iter().enumerate() {
+            push_scalar(dtype, i, v, &mut out)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Reads `data` (nested arrays of numbers or booleans, or one scalar) into [`InputData`].
+struct DataSeed(Option<DataType>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for DataSeed {
+    type Value = InputData;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<InputData, D::Error> {
+        let mut data = InputData { dtype: self.0, ..InputData::default() };
+        deserializer.deserialize_any(ElementVisitor(&mut data))?;
+        Ok(data)
+    }
+}
+
+/// One element, or a nested array of them, appended to the data.
+struct ElementVisitor<'a>(&'a mut InputData);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ElementVisitor<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ElementVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("numbers or booleans, in (nested) arrays")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.push(Scalar::Bool(v));
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.push(Scalar::Int(v));
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.push(Scalar::Uint(v));
+        Ok(())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.push(Scalar::Float(v));
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.0.not_a_number(&format!("{v:?}"));
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.not_a_number("null");
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(ElementVisitor(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestInput {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(InputVisitor)
+    }
+}
+
+/// An input object, with `data` decoded by the datatype declared before it (when it is).
+struct InputVisitor;
+
+const INPUT_FIELDS: &[&str] = &["name", "shape", "datatype", "parameters", "data"];
+
+impl<'de> serde::de::Visitor<'de> for InputVisitor {
+    type Value = RequestInput;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an input object with name, shape, datatype and data or parameters.binary_data_size")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RequestInput, A::Error> {
+        use serde::de::Error;
+        let (mut name, mut shape, mut datatype, mut parameters, mut data) = (None, None, None, None, None);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let duplicate = match key.as_ref() {
+                "name" => name.replace(map.next_value::<String>()?).is_some(),
+                "shape" => shape.replace(map.next_value::<Vec<i64>>()?).is_some(),
+                "datatype" => datatype.replace(map.next_value::<String>()?).is_some(),
+                "parameters" => parameters.replace(map.next_value::<Option<Map<String, Value>>>()?).is_some(),
+                "data" => {
+                    let dtype = datatype.as_deref().and_then(|d: &str| d.parse::<DataType>().ok());
+                    data.replace(map.next_value_seed(DataSeed(dtype))?).is_some()
+                }
+                other => return Err(A::Error::unknown_field(other, INPUT_FIELDS)),
+            };
+            if duplicate {
+                return Err(A::Error::custom(format!("duplicate field `{key}`")));
+            }
+        }
+        Ok(RequestInput {
+            name: name.ok_or_else(|| A::Error::missing_field("name"))?,
+            shape: shape.ok_or_else(|| A::Error::missing_field("shape"))?,
+            datatype: datatype.ok_or_else(|| A::Error::missing_field("datatype"))?,
+            parameters: parameters.flatten(),
+            data,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -95,48 +274,43 @@ fn param_bool(params: &Option<Map<String, Value>>, key: &str) -> Option<bool> {
     params.as_ref().and_then(|p| p.get(key)).and_then(Value::as_bool)
 }
 
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other),
+/// Appends one JSON element as little-endian bytes of `dtype` (element `index`, for the message).
+fn push_scalar(dtype: DataType, index: usize, v: Scalar, out: &mut Vec<u8>) -> Result<(), String> {
+    let bad = || format!("element {index} ({v}) is not a valid {dtype}");
+    macro_rules! int {
+        ($t:ty) => {{
+            let n: $t = match v {
+                Scalar::Int(x) => <$t>::try_from(x).map_err(|_| bad())?,
+                Scalar::Uint(x) => <$t>::try_from(x).map_err(|_| bad())?,
+                _ => return Err(bad()),
+            };
+            out.extend_from_slice(&n.to_le_bytes());
+        }};
     }
-}
-
-/// Converts JSON numbers (or booleans) into little-endian bytes of `dtype`.
-fn json_to_bytes(dtype: DataType, values: &[&Value]) -> Result<Vec<u8>, String> {
-    let size = dtype.size().unwrap_or(1);
-    let mut out = Vec::with_capacity(values.len() * size);
-    for (i, v) in values.iter().enumerate() {
-        let bad = || format!("element {i} ({v}) is not a valid {dtype}");
-        macro_rules! int {
-            ($t:ty) => {{
-                let n: $t = match v {
-                    Value::Number(n) => n
-                        .as_i64()
-                        .and_then(|x| <$t>::try_from(x).ok())
-                        .or_else(|| n.as_u64().and_then(|x| <$t>::try_from(x).ok()))
-                        .ok_or_else(bad)?,
-                    _ => return Err(bad()),
-                };
-                out.extend_from_slice(&n.to_le_bytes());
-            }};
-        }
-        match dtype {
-            DataType::Bool => out.push(u8::from(v.as_bool().ok_or_else(bad)?)),
-            DataType::Fp32 => out.extend_from_slice(&(v.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
-            DataType::Fp64 => out.extend_from_slice(&v.as_f64().ok_or_else(bad)?.to_le_bytes()),
-            DataType::Int8 => int!(i8),
-            DataType::Int16 => int!(i16),
-            DataType::Int32 => int!(i32),
-            DataType::Int64 => int!(i64),
-            DataType::Uint8 => int!(u8),
-            DataType::Uint16 => int!(u16),
-            DataType::Uint32 => int!(u32),
-            DataType::Uint64 => int!(u64),
-            DataType::Fp16 | DataType::Bytes => return Err(format!("datatype {dtype} is not supported")),
-        }
+    let float = || match v {
+        Scalar::Float(x) => Ok(x),
+        Scalar::Int(x) => Ok(x as f64),
+        Scalar::Uint(x) => Ok(x as f64),
+        Scalar::Bool(_) => Err(bad()),
+    };
+    match dtype {
+        DataType::Bool => match v {
+            Scalar::Bool(b) => out.push(u8::from(b)),
+            _ => return Err(bad()),
+        },
+        DataType::Fp32 => out.extend_from_slice(&(float()? as f32).to_le_bytes()),
+        DataType::Fp64 => out.extend_from_slice(&float()?.to_le_bytes()),
+        DataType::Int8 => int!(i8),
+        DataType::Int16 => int!(i16),
+        DataType::Int32 => int!(i32),
+        DataType::Int64 => int!(i64),
+        DataType::Uint8 => int!(u8),
+        DataType::Uint16 => int!(u16),
+        DataType::Uint32 => int!(u32),
+        DataType::Uint64 => int!(u64),
+        DataType::Fp16 | DataType::Bytes => return Err(format!("datatype {dtype} is not supported")),
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Decodes a request body; `header_length` is the `Inference-Header-Content-Length` value if present.
@@ -165,7 +339,7 @@ pub fn decode_request(body: &[u8], header_length: Option<usize>) -> Result<Decod
             .map(|&d| usize::try_from(d).map_err(|_| err(format!("shape {:?} has a negative dimension", input.shape))))
             .collect::<Result<_, _>>()?;
         let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size"));
-        let bytes = match (binary_size, &input.data) {
+        let bytes = match (binary_size, input.data) {
             (Some(size), None) => {
                 let size = size
                     .as_u64()
@@ -188,16 +362,14 @@ pub fn decode_request(body: &[u8], header_length: Option<usize>) -> Result<Decod
                 mine.to_vec()
             }
             (None, Some(data)) => {
-                let mut flat = Vec::new();
-                flatten(data, &mut flat);
                 let want = shape
                     .iter()
                     .try_fold(1usize, |a, &d| a.checked_mul(d))
                     .ok_or_else(|| err("shape is too large".into()))?;
-                if flat.len() != want {
-                    return Err(err(format!("shape {:?} needs {want} elements, data has {}", input.shape, flat.len())));
+                if data.count != want {
+                    return Err(err(format!("shape {:?} needs {want} elements, data has {}", input.shape, data.count)));
                 }
-                json_to_bytes(dtype, &flat).map_err(err)?
+                data.into_bytes(dtype).map_err(err)?
             }
             (Some(_), Some(_)) => return Err(err("has both data and binary_data_size".into())),
             (None, None) => return Err(err("has neither data nor binary_data_size".into())),
@@ -369,7 +541,9 @@ mod tests {
     fn json_flat_and_nested_data() {
         let flat = r#"{"id":"7","inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4.5]}]}"#;
         let nested = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
-        for body in [flat, nested] {
+        // `data` before `datatype`: kept as scalars, converted once the datatype is known.
+        let data_first = r#"{"inputs":[{"data":[[1,2],[3,4.5]],"name":"x","shape":[2,2],"datatype":"FP32"}]}"#;
+        for body in [flat, nested, data_first] {
             let req = decode_request(body.as_bytes(), None).expect("valid");
             assert_eq!(req.inputs[0].tensor.as_slice::<f32>().expect("f32").to_vec(), vec![1.0, 2.0, 3.0, 4.5]);
         }
@@ -408,6 +582,10 @@ mod tests {
             ("bytes refused", br#"{"inputs":[{"name":"a","shape":[1],"datatype":"BYTES","data":["x"]}]}"#.to_vec(), None, "datatype BYTES is not supported"),
             ("count mismatch", br#"{"inputs":[{"name":"a","shape":[2,2],"datatype":"FP32","data":[1,2,3]}]}"#.to_vec(), None, "shape [2, 2] needs 4 elements, data has 3"),
             ("wrong element", br#"{"inputs":[{"name":"a","shape":[1],"datatype":"INT8","data":[300]}]}"#.to_vec(), None, "element 0 (300) is not a valid INT8"),
+            ("wrong element, data first", br#"{"inputs":[{"name":"a","data":[1,-1],"shape":[2],"datatype":"UINT8"}]}"#.to_vec(), None, "element 1 (-1) is not a valid UINT8"),
+            ("a string element", br#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","data":[1,"x"]}]}"#.to_vec(), None, "element 1 (\"x\") is not a valid FP32"),
+            ("duplicate field", br#"{"inputs":[{"name":"a","name":"b","shape":[1],"datatype":"FP32","data":[1]}]}"#.to_vec(), None, "duplicate field `name`"),
+            ("unknown input field", br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[1],"x":1}]}"#.to_vec(), None, "unknown field `x`"),
             ("negative dim", br#"{"inputs":[{"name":"a","shape":[-1],"datatype":"FP32","data":[1]}]}"#.to_vec(), None, "negative dimension"),
             ("no data", br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32"}]}"#.to_vec(), None, "has neither data nor binary_data_size"),
             ("binary too short", body_with_binary(one, &[0; 4]).0, Some(one.len()), "declares 8 bytes but only 4 remain"),

@@ -52,6 +52,8 @@ pub struct PoolConfig {
     pub watchdog: Option<Duration>,
     /// Latency-first admission settings.
     pub admission: AdmissionSettings,
+    /// Most input bytes one warm-up batch may take (larger batch sizes are not measured).
+    pub warmup_max_bytes: usize,
 }
 
 /// The shortest automatic watchdog: engine calls are timed on a shared machine, so tiny averages lie.
@@ -71,6 +73,7 @@ impl Default for PoolConfig {
             replicas: 1,
             watchdog: None,
             admission: AdmissionSettings::default(),
+            warmup_max_bytes: 64 << 20,
         }
     }
 }
@@ -244,7 +247,8 @@ pub struct ModelPool {
     /// Rows of the largest warm-up batch (and the service-time table's size).
     batch_cap: usize,
     factory: EngineFactory,
-    warmup: Vec<Vec<Tensor>>,
+    /// Batch sizes to measure at warm-up (their inputs are made one at a time, then dropped).
+    warmup: Arc<Warmup>,
     metrics: Metrics,
     queue: VecDeque<Pending>,
     queued_rows: usize,
@@ -398,6 +402,40 @@ fn admission_input(
     AdmissionInput { rows, budget, queue_capacity, max_batch_size, load, settings }
 }
 
+/// What a fresh replica runs before it serves: a batch of each size, to time them.
+struct Warmup {
+    metadata: Arc<ModelMetadata>,
+    sizes: Vec<usize>,
+}
+
+/// The batch sizes to warm up: powers of two up to `cap` and `cap` itself, skipping those whose inputs
+/// would take more than `budget` bytes (1 row always runs). An edge device may have 1 GB in all: a
+/// model with a 4 MB input must not allocate 32 rows of it just to be timed.
+pub fn warmup_sizes(cap: usize, bytes_per_row: usize, budget: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> =
+        std::iter::successors(Some(1usize), |n| n.checked_mul(2)).take_while(|&n| n < cap).collect();
+    sizes.push(cap.max(1));
+    sizes.retain(|&n| n == 1 || n.saturating_mul(bytes_per_row) <= budget);
+    sizes
+}
+
+/// Input bytes of one row (dynamic dimensions other than the batch counted as 1).
+fn bytes_per_row(metadata: &ModelMetadata) -> usize {
+    metadata
+        .inputs
+        .iter()
+        .map(|spec| {
+            let inner: usize = spec.inner_dims().iter().map(|&d| usize::try_from(d).unwrap_or(1)).product();
+            let outer = if spec.has_dynamic_leading() {
+                1
+            } else {
+                spec.shape.first().map_or(1, |&d| usize::try_from(d).unwrap_or(1))
+            };
+            outer.saturating_mul(inner).saturating_mul(spec.datatype.size().unwrap_or(1))
+        })
+        .sum()
+}
+
 /// Zero-filled inputs of batch size `rows` (dynamic dims other than the batch set to 1), for warm-up.
 fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, TensorError> {
     metadata
@@ -425,11 +463,11 @@ fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, T
 }
 
 /// Runs the warm-up batches on a fresh engine; returns it with the measured (rows, time) pairs.
-fn warm(mut engine: Box<dyn Engine>, warmup: &[Vec<Tensor>]) -> (Box<dyn Engine>, Vec<(usize, Duration)>) {
+fn warm(mut engine: Box<dyn Engine>, warmup: &Warmup) -> (Box<dyn Engine>, Vec<(usize, Duration)>) {
     let mut timings = Vec::new();
-    for inputs in warmup {
+    for &rows in &warmup.sizes {
+        let Ok(inputs) = warmup_inputs(&warmup.metadata, rows) else { continue };
         let refs: Vec<&Tensor> = inputs.iter().collect();
-        let rows = inputs.first().map(Tensor::batch_size).unwrap_or(1);
         // The first run pays one-off allocation costs; time the second.
         if engine.run_ordered(&refs).is_err() {
             continue;
@@ -466,11 +504,8 @@ impl ModelPool {
         // Powers of two up to the limit, so the pool learns which batch size serves rows fastest; one
         // request at a time for a model that cannot batch.
         let batch_cap = if batched { max_batch_size } else { 1 };
-        let mut sizes: Vec<usize> =
-            std::iter::successors(Some(1usize), |n| Some(n * 2)).take_while(|&n| n < batch_cap).collect();
-        sizes.push(batch_cap);
-        let warmup: Vec<Vec<Tensor>> =
-            sizes.into_iter().filter_map(|rows| warmup_inputs(&metadata, rows).ok()).collect();
+        let sizes = warmup_sizes(batch_cap, bytes_per_row(&metadata), config.warmup_max_bytes);
+        let warmup = Arc::new(Warmup { metadata: metadata.clone(), sizes });
         let config = PoolConfig { max_batch_size, ..config };
         let view = Arc::new(SharedView::default());
         let (queue_capacity, admission) = (config.queue_capacity, config.admission);
@@ -982,4 +1017,25 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_sizes_table() {
+        const MIB: usize = 1 << 20;
+        #[rustfmt::skip]
+        let cases: Vec<(&str, usize, usize, usize, Vec<usize>)> = vec![
+            ("small rows: all powers of two and the cap", 32, 3136, 64 * MIB, vec![1, 2, 4, 8, 16, 32]),
+            ("a cap that is no power of two", 12, 100, 64 * MIB, vec![1, 2, 4, 8, 12]),
+            ("4 MiB rows: within 64 MiB only", 32, 4 * MIB, 64 * MIB, vec![1, 2, 4, 8, 16]),
+            ("rows over the budget: 1 row still runs", 32, 128 * MIB, 64 * MIB, vec![1]),
+            ("unbatched", 1, 3136, 64 * MIB, vec![1]),
+        ];
+        for (label, cap, row, budget, want) in cases {
+            assert_eq!(warmup_sizes(cap, row, budget), want, "{label}");
+        }
+    }
 }

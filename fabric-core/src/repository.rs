@@ -49,27 +49,48 @@ fn list_dirs(path: &Path) -> Result<Vec<PathBuf>, RepositoryError> {
     Ok(dirs)
 }
 
-/// Lists every model version in the repository.
-pub fn scan(repo: &Path, defaults: &ModelConfig) -> Result<Vec<RepoEntry>, RepositoryError> {
+/// What a scan found: versions to load, and versions whose model folder is unusable (with why).
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Versions to load.
+    pub entries: Vec<RepoEntry>,
+    /// (model, version, reason) of versions that cannot be loaded as found (a bad config.toml, say).
+    pub unusable: Vec<(String, u64, String)>,
+}
+
+/// Lists every model version in the repository. A model whose config.toml is invalid is reported in
+/// [`Scan::unusable`] and the others are listed: one bad file does not take the repository down.
+pub fn scan(repo: &Path, defaults: &ModelConfig) -> Result<Scan, RepositoryError> {
     if !repo.is_dir() {
         return Err(RepositoryError::Missing { path: repo.display().to_string() });
     }
-    let mut found = Vec::new();
+    let mut found = Scan::default();
     for model_dir in list_dirs(repo)? {
         let Some(name) = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             continue;
         };
         let config_file = model_dir.join("config.toml");
-        let config =
-            if config_file.is_file() { model_config_with_overrides(defaults, &config_file)? } else { defaults.clone() };
+        let config = if config_file.is_file() {
+            model_config_with_overrides(defaults, &config_file)
+        } else {
+            Ok(defaults.clone())
+        };
         let mut versions = 0;
         for version_dir in list_dirs(&model_dir)? {
             let version = version_dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
             let path = version_dir.join("model.onnx");
             if let (Some(version), true) = (version, path.is_file()) {
-                found.push(RepoEntry { name: name.clone(), version, path, config: config.clone() });
+                match &config {
+                    Ok(config) => {
+                        found.entries.push(RepoEntry { name: name.clone(), version, path, config: config.clone() })
+                    }
+                    Err(e) => found.unusable.push((name.clone(), version, e.to_string())),
+                }
                 versions += 1;
             }
+        }
+        if let Err(e) = &config {
+            tracing::error!(model = %name, "model skipped: {e}");
         }
         if versions == 0 {
             tracing::warn!(model = %name, "no <version>/model.onnx under {}; skipped", model_dir.display());
@@ -109,8 +130,12 @@ pub async fn load_all(
     models: &ModelSet,
     metrics: &Metrics,
 ) -> Result<(usize, Vec<String>), RepositoryError> {
-    let entries = scan(&serving.models.path, &serving.model_defaults)?;
+    let Scan { entries, unusable } = scan(&serving.models.path, &serving.model_defaults)?;
     let (mut loaded, mut failed) = (0, Vec::new());
+    for (name, version, reason) in unusable {
+        failed.push(format!("{name}/{version}: {reason}"));
+        models.mark_unavailable(&name, version, reason);
+    }
     for entry in &entries {
         let started = std::time::Instant::now();
         match load_entry(entry, serving, models, metrics).await {

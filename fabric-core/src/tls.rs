@@ -166,14 +166,8 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    // Keep-alives let a client notice a peer that vanished (killed, unplugged) within a second or
-    // two instead of quinn's default 30 s idle timeout.
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_millis(250)));
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(1500).into()));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    // Keep-alive and idle timeout are the caller's (the edge's `offload` settings).
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
 /// Reads node id and role from a DER certificate.
@@ -202,9 +196,30 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
     identity_of(leaf)
 }
 
-/// Writes a development CA (`ca.pem`, `ca.key.pem`) and, for each (node id, role), `<id>.pem` and
-/// `<id>.key.pem` into `dir`. Reuses an existing CA in `dir`, so nodes can be added later.
+/// Writes a development CA and, for each (node id, role), a certificate whose only name is the node id;
+/// see [`generate_dev_pki_with_names`].
 pub fn generate_dev_pki(dir: &Path, nodes: &[(String, Role)]) -> Result<Vec<PathBuf>, TlsError> {
+    let named: Vec<NodeCert> =
+        nodes.iter().map(|(id, role)| NodeCert { id: id.clone(), role: *role, names: Vec::new() }).collect();
+    generate_dev_pki_with_names(dir, &named)
+}
+
+/// One node's certificate to make: its id (CN), role (OU), and the names it answers to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCert {
+    /// Node id: the common name, and always one of the certificate's names.
+    pub id: String,
+    /// Role: the organizational unit.
+    pub role: Role,
+    /// More names (DNS names or IP addresses) a peer may reach the node by.
+    pub names: Vec<String>,
+}
+
+/// Writes a development CA (`ca.pem`, `ca.key.pem`) and, for each node, `<id>.pem` and `<id>.key.pem`
+/// into `dir`; private keys are readable by their owner only (0600). The certificate's subject
+/// alternative names are the node id and the node's extra names, and nothing else: a peer checks it
+/// reached the node it named. Reuses an existing CA in `dir`, so nodes can be added later.
+pub fn generate_dev_pki_with_names(dir: &Path, nodes: &[NodeCert]) -> Result<Vec<PathBuf>, TlsError> {
     let gen = |e: rcgen::Error| TlsError::Generate(e.to_string());
     let io =
         |path: &Path, e: std::io::Error| TlsError::File { path: path.display().to_string(), reason: e.to_string() };
@@ -222,24 +237,45 @@ pub fn generate_dev_pki(dir: &Path, nodes: &[(String, Role)]) -> Result<Vec<Path
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).map_err(gen)?;
         std::fs::write(&ca_pem, cert.pem()).map_err(|e| io(&ca_pem, e))?;
-        std::fs::write(&ca_key_pem, key.serialize_pem()).map_err(|e| io(&ca_key_pem, e))?;
+        write_private(&ca_key_pem, &key.serialize_pem()).map_err(|e| io(&ca_key_pem, e))?;
         written.extend([ca_pem.clone(), ca_key_pem.clone()]);
         key
     };
     let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(&ca_pem).map_err(|e| io(&ca_pem, e))?, ca_key)
         .map_err(gen)?;
-    for (node, role) in nodes {
+    for NodeCert { id: node, role, names } in nodes {
         let key = KeyPair::generate().map_err(gen)?;
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), node.clone()]).map_err(gen)?;
-        params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        let dns: Vec<String> = std::iter::once(node.clone())
+            .chain(names.iter().filter(|n| n.parse::<std::net::IpAddr>().is_err()).cloned())
+            .collect();
+        let mut params = CertificateParams::new(dns).map_err(gen)?;
+        for ip in names.iter().filter_map(|n| n.parse::<std::net::IpAddr>().ok()) {
+            params.subject_alt_names.push(SanType::IpAddress(ip));
+        }
         params.distinguished_name.push(DnType::CommonName, node.as_str());
         params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &issuer).map_err(gen)?;
         let files = TlsFiles::in_dir(dir, node);
         std::fs::write(&files.cert, cert.pem()).map_err(|e| io(&files.cert, e))?;
-        std::fs::write(&files.key, key.serialize_pem()).map_err(|e| io(&files.key, e))?;
+        write_private(&files.key, &key.serialize_pem()).map_err(|e| io(&files.key, e))?;
         written.extend([files.cert, files.key]);
     }
     Ok(written)
+}
+
+/// Writes a file only its owner may read (a private key), whatever the umask.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path)?;
+    // An existing file keeps its mode on open: set it explicitly.
+    #[cfg(unix)]
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents.as_bytes())
 }

@@ -39,11 +39,13 @@ pub struct WireLimits {
     pub max_header_bytes: usize,
     /// Largest tensor frame.
     pub max_tensor_bytes: usize,
+    /// Largest whole message (header and every tensor together).
+    pub max_message_bytes: usize,
 }
 
 impl Default for WireLimits {
     fn default() -> Self {
-        WireLimits { max_header_bytes: 64 << 10, max_tensor_bytes: 64 << 20 }
+        WireLimits { max_header_bytes: 64 << 10, max_tensor_bytes: 64 << 20, max_message_bytes: 64 << 20 }
     }
 }
 
@@ -170,19 +172,25 @@ impl WireError {
     }
 }
 
-/// Appends one length-prefixed frame.
-pub fn put_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+/// Appends one length-prefixed frame; a payload over 4 GiB cannot be framed.
+pub fn put_frame(out: &mut Vec<u8>, payload: &[u8]) -> Result<(), WireError> {
+    let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLarge {
+        what: "frame",
+        len: payload.len(),
+        limit: u32::MAX as usize,
+    })?;
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(payload);
+    Ok(())
 }
 
 /// Encodes a header and the tensors that follow it as one message.
 pub fn encode_message<H: Serialize>(header: &H, tensors: &[&Tensor]) -> Result<Vec<u8>, WireError> {
     let head = postcard::to_allocvec(header).map_err(|e| WireError::Malformed(e.to_string()))?;
     let mut out = Vec::with_capacity(4 + head.len() + tensors.iter().map(|t| 4 + t.bytes().len()).sum::<usize>());
-    put_frame(&mut out, &head);
+    put_frame(&mut out, &head)?;
     for t in tensors {
-        put_frame(&mut out, t.bytes());
+        put_frame(&mut out, t.bytes())?;
     }
     Ok(out)
 }
@@ -202,12 +210,22 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             n => got += n,
         }
     }
-    let len = u32::from_be_bytes(len) as usize;
+    let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
     if len > limit {
         return Err(WireError::TooLarge { what, len, limit });
     }
-    let mut buf = vec![0u8; len];
-    reader.read_exact(&mut buf).await.map_err(|e| WireError::Truncated(format!("{what} frame of {len} bytes: {e}")))?;
+    // Grow the buffer as bytes arrive (doubling from 64 KiB), not from the length prefix alone: a peer
+    // that announces 64 MiB and sends nothing costs nothing.
+    let mut buf: Vec<u8> = Vec::new();
+    while buf.len() < len {
+        let step = (len - buf.len()).min(buf.len().max(64 << 10));
+        let start = buf.len();
+        buf.resize(start + step, 0);
+        reader
+            .read_exact(&mut buf[start..])
+            .await
+            .map_err(|e| WireError::Truncated(format!("{what} frame of {len} bytes: {e}")))?;
+    }
     Ok(Some(buf))
 }
 
@@ -232,21 +250,59 @@ where
     R: AsyncRead + Unpin,
     H: for<'de> Deserialize<'de>,
 {
+    let (header, header_len) = read_header(reader, limits).await?;
+    let tensors = read_tensors(reader, limits, header_len, tensors_of(&header)).await?;
+    Ok((header, tensors))
+}
+
+/// Reads and decodes a header frame; returns it with its size (which counts toward the message limit).
+pub async fn read_header<R, H>(reader: &mut R, limits: &WireLimits) -> Result<(H, usize), WireError>
+where
+    R: AsyncRead + Unpin,
+    H: for<'de> Deserialize<'de>,
+{
     let frame = read_frame(reader, limits.max_header_bytes, "header")
         .await?
         .ok_or_else(|| WireError::Truncated("no header".into()))?;
-    let header: H = decode_header(&frame)?;
-    let mut tensors = Vec::new();
-    for decl in tensors_of(&header) {
-        let shape: Vec<usize> = decl.shape.iter().map(|&d| d as usize).collect();
-        let bytes = read_frame(reader, limits.max_tensor_bytes, "tensor")
+    Ok((decode_header(&frame)?, frame.len()))
+}
+
+/// Reads the tensor frames a header declares. The declared sizes are checked against the message limit
+/// before any is read, and each frame against its declaration, so a hostile peer costs at most what
+/// it declared within the limits.
+pub async fn read_tensors<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: &WireLimits,
+    header_len: usize,
+    decls: &[TensorHeader],
+) -> Result<Vec<NamedTensor>, WireError> {
+    let mut shapes = Vec::with_capacity(decls.len());
+    let mut total = header_len;
+    for decl in decls {
+        let shape =
+            decl.shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<usize>, _>>().map_err(|_| {
+                WireError::Malformed(format!("tensor '{}': a dimension does not fit this machine", decl.name))
+            })?;
+        let bytes = shape
+            .iter()
+            .try_fold(decl.datatype.size().unwrap_or(1), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| WireError::Malformed(format!("tensor '{}': its shape overflows", decl.name)))?;
+        total = total.saturating_add(bytes);
+        if total > limits.max_message_bytes {
+            return Err(WireError::TooLarge { what: "message", len: total, limit: limits.max_message_bytes });
+        }
+        shapes.push((shape, bytes));
+    }
+    let mut tensors = Vec::with_capacity(decls.len());
+    for (decl, (shape, declared)) in decls.iter().zip(shapes) {
+        let bytes = read_frame(reader, limits.max_tensor_bytes.min(declared), "tensor")
             .await?
             .ok_or_else(|| WireError::Truncated(format!("no data for tensor '{}'", decl.name)))?;
         let tensor = Tensor::from_bytes(decl.datatype, shape, bytes)
             .map_err(|e| WireError::Malformed(format!("tensor '{}': {e}", decl.name)))?;
         tensors.push(NamedTensor::new(decl.name.clone(), tensor));
     }
-    Ok((header, tensors))
+    Ok(tensors)
 }
 
 /// The header entries for named tensors.
@@ -256,7 +312,7 @@ pub fn tensor_headers(tensors: &[NamedTensor]) -> Vec<TensorHeader> {
         .map(|t| TensorHeader {
             name: t.name.clone(),
             datatype: t.tensor.dtype(),
-            shape: t.tensor.shape().iter().map(|&d| d as u64).collect(),
+            shape: t.tensor.shape().iter().map(|&d| u64::try_from(d).unwrap_or(u64::MAX)).collect(),
         })
         .collect()
 }
@@ -298,8 +354,18 @@ mod tests {
         wrong_size.inputs[0].shape = vec![3, 2];
         let mismatch = encode_message(&wrong_size, &[&tensors[0].tensor]).expect("encode");
         let mut garbage = Vec::new();
-        put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff]);
-        let tight = WireLimits { max_header_bytes: 8, max_tensor_bytes: 64 << 20 };
+        put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff]).expect("frame");
+        let tight = WireLimits { max_header_bytes: 8, ..WireLimits::default() };
+        // Two tensors of 16 bytes each, each under the frame limit, together over a 40-byte message.
+        let mut two = header.clone();
+        two.inputs.push(TensorHeader { name: "second".into(), ..two.inputs[0].clone() });
+        let two_bytes = encode_message(&two, &[&tensors[0].tensor, &tensors[0].tensor]).expect("encode");
+        let small_message = WireLimits { max_message_bytes: 40, ..WireLimits::default() };
+        // A header declaring 4 bytes more than the frame that follows carries.
+        let mut longer_frame = bytes.clone();
+        let at = longer_frame.len() - 16 - 4;
+        longer_frame[at..at + 4].copy_from_slice(&20u32.to_be_bytes());
+        longer_frame.extend_from_slice(&[0; 4]);
         #[rustfmt::skip]
         let cases: Vec<(&str, Vec<u8>, WireLimits, &str)> = vec![
             ("empty stream", vec![], WireLimits::default(), "stream ended early: no header"),
@@ -312,6 +378,8 @@ mod tests {
             ("other version", v9, WireLimits::default(), "peer speaks protocol version 9"),
             ("garbage header", garbage, WireLimits::default(), "malformed message: header"),
             ("size mismatch", mismatch, WireLimits::default(), "tensor 'input'"),
+            ("whole message over its limit", two_bytes, small_message, "message frame of"),
+            ("frame longer than its declaration", longer_frame, WireLimits::default(), "tensor frame of 20 bytes exceeds the limit of 16 bytes"),
         ];
         for (label, bytes, limits, want) in cases {
             let err = read(&bytes, limits).await.map(|_| ()).expect_err(label).to_string();

@@ -74,7 +74,7 @@ def main():
                        "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"], "cloud-hub listening")
     quic = line.split("quic://")[1]
     common = ["--model-repository", work / "edge", "--http-addr", "127.0.0.1:0"]
-    via_hub = ["--hub", quic, "--certs", work / "certs"]
+    via_hub = ["--hub", f"hub-1@{quic}", "--certs", work / "certs"]
     local, line_local = start([REL / "edge-node", *common], "listening")
     always, line_always = start([REL / "edge-node", *common, *via_hub, "--config", work / "always.toml"], "listening")
     overflow, line_overflow = start([REL / "edge-node", *common, *via_hub], "listening")
