@@ -21,7 +21,7 @@ use crate::kserve::{self, CodecError};
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, RouteError, ServedModel};
 use crate::policy::admission::{Admission, OffloadView, Rejection};
-use crate::pool::PoolError;
+use crate::pool::{PoolError, Refused};
 use crate::tensor::NamedTensor;
 
 /// Why a request could not be served elsewhere.
@@ -275,7 +275,7 @@ async fn model_config(state: web::Data<HttpState>, req: HttpRequest) -> HttpResp
         "input": tensors(&meta.inputs),
         "output": tensors(&meta.outputs),
         "dynamic_batching": { "max_queue_delay_microseconds": model.config.max_queue_delay_us },
-        "instance_group": [{ "count": model.config.replicas, "kind": "KIND_CPU" }],
+        "instance_group": [{ "count": model.config.replicas, "kind": if model.pool.on_gpu() { "KIND_GPU" } else { "KIND_CPU" } }],
         "parameters": { "queue_capacity": model.config.queue_capacity, "default_timeout_ms": model.config.default_timeout_ms },
     }))
 }
@@ -364,6 +364,7 @@ async fn serve(
     // Validate here, before any route is chosen: a request that does not fit the model gets its 400
     // whether it would have been served locally or by a hub.
     model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
+    kserve::check_outputs(&request.outputs, model.pool.metadata().outputs.iter().map(|o| o.name.as_str()))?;
     let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
     let labels = [model.name.as_str(), &model.version_str()];
     let (route, view) = match &state.overflow {
@@ -413,24 +414,31 @@ async fn serve(
             state.metrics.routes.with_label_values(&[labels[0], labels[1], "local"]).inc();
             // The admission snapshot can be a moment old (many requests read it between two turns of
             // the pool): with a hub at hand the pool checks the wait target again on its exact state,
-            // and what it turns away goes to the hub after all. Keep a copy of the inputs for that.
-            let late = match (&state.overflow, route, view) {
-                (Some(overflow), Admission::Local, Some(view)) => Some((overflow, view, request.inputs.clone())),
-                _ => None,
+            // and what it turns away comes back with its inputs and goes to the hub after all.
+            let first = match (&state.overflow, route, view) {
+                (Some(overflow), Admission::Local, Some(view)) => {
+                    model.pool.infer_with_hub(request.inputs, deadline, view).await.map_err(|r| (r, Some(overflow)))
+                }
+                _ => model
+                    .pool
+                    .infer(request.inputs, deadline)
+                    .await
+                    .map_err(|e| (Refused { error: e, inputs: None }, None)),
             };
-            let first = model.pool.infer_with_hub(request.inputs, deadline, late.as_ref().map(|l| l.1)).await;
-            let reply = match (first, late) {
-                (Ok(reply), _) => reply,
-                (
-                    Err(
-                        e @ (PoolError::OverWaitTarget { .. }
-                        | PoolError::QueueFull { .. }
-                        | PoolError::WouldMissDeadline { .. }
-                        | PoolError::NotReady
-                        | PoolError::Saturated),
-                    ),
-                    Some((overflow, _, inputs)),
-                ) => {
+            let reply = match first {
+                Ok(reply) => reply,
+                Err((
+                    Refused {
+                        error:
+                            e @ (PoolError::OverWaitTarget { .. }
+                            | PoolError::QueueFull { .. }
+                            | PoolError::WouldMissDeadline { .. }
+                            | PoolError::NotReady
+                            | PoolError::Saturated),
+                        inputs: Some(inputs),
+                    },
+                    Some(overflow),
+                )) => {
                     state.metrics.routes.with_label_values(&[labels[0], labels[1], "late_offload"]).inc();
                     match overflow.infer(&model.name, model.version, &inputs, deadline).await {
                         Ok(done) => {
@@ -448,7 +456,7 @@ async fn serve(
                         }
                     }
                 }
-                (Err(e), _) => return Err(e.into()),
+                Err((refused, _)) => return Err(refused.error.into()),
             };
             batch_rows = Some(reply.batch_rows);
             model

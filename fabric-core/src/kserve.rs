@@ -464,6 +464,21 @@ struct ResponseBody<'a> {
     outputs: Vec<ResponseOutput<'a>>,
 }
 
+/// Refuses a selection that names an output the model does not have: called before inference too, so
+/// a typo costs a 400, not an engine run.
+pub fn check_outputs<'a>(
+    selection: &OutputSelection,
+    outputs: impl Iterator<Item = &'a str> + Clone,
+) -> Result<(), CodecError> {
+    for (name, _) in selection.requested.iter().flatten() {
+        if !outputs.clone().any(|o| o == name) {
+            let expected = outputs.map(|o| format!("'{o}'")).collect::<Vec<_>>().join(", ");
+            return Err(CodecError::UnknownOutput { name: name.clone(), expected });
+        }
+    }
+    Ok(())
+}
+
 /// An encoded response: the body, and the JSON part's length when binary data follows it.
 #[derive(Debug)]
 pub struct EncodedResponse {
@@ -482,6 +497,7 @@ pub fn encode_response(
     outputs: &[NamedTensor],
     selection: &OutputSelection,
 ) -> Result<EncodedResponse, CodecError> {
+    check_outputs(selection, outputs.iter().map(|o| o.name.as_str()))?;
     let chosen: Vec<(&NamedTensor, bool)> = match &selection.requested {
         None => outputs.iter().map(|o| (o, selection.binary_default)).collect(),
         Some(requested) => requested

@@ -78,6 +78,22 @@ impl Default for PoolConfig {
     }
 }
 
+/// A request the pool did not serve: why, and (when it was turned away at admission, with a hub at
+/// hand) its inputs, to send elsewhere.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub error: PoolError,
+    /// The inputs, when they came back.
+    pub inputs: Option<Vec<NamedTensor>>,
+}
+
+impl From<InputError> for Refused {
+    fn from(e: InputError) -> Self {
+        Refused { error: PoolError::Input(e), inputs: None }
+    }
+}
+
 /// A served request's result.
 #[derive(Debug)]
 pub struct PoolReply {
@@ -147,6 +163,8 @@ struct Submit {
     inputs: Vec<Tensor>,
     /// A hub that could take the request instead: the pool then holds it to the local wait target.
     hub: Option<OffloadView>,
+    /// Where to hand the inputs back if the request is turned away at admission.
+    give_back: Option<oneshot::Sender<Vec<Tensor>>>,
     rows: usize,
     shape_key: u64,
     arrived: Instant,
@@ -258,6 +276,8 @@ pub struct ModelPool {
     restarts: u64,
     next_slot: u64,
     last_error: Option<String>,
+    /// Batches dispatched since start (every so often one may grow past the preferred size).
+    dispatched: u64,
     /// Delay before the next load retry, and when it may start.
     retry_backoff: Duration,
     retry_at: Option<Instant>,
@@ -272,6 +292,7 @@ pub struct PoolHandle {
     addr: Addr<ModelPool>,
     metadata: Arc<ModelMetadata>,
     batched: bool,
+    on_gpu: bool,
     max_batch_size: usize,
     queue_capacity: usize,
     admission: AdmissionSettings,
@@ -289,6 +310,11 @@ impl PoolHandle {
         self.max_batch_size
     }
 
+    /// Whether the replicas run on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        self.on_gpu
+    }
+
     /// Whether requests share batches (see [`ModelMetadata::is_batched`]).
     pub fn is_batched(&self) -> bool {
         self.batched
@@ -296,19 +322,29 @@ impl PoolHandle {
 
     /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
     pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
-        self.infer_with_hub(inputs, deadline, None).await
+        self.submit(inputs, deadline, None).await.map_err(|refused| refused.error)
     }
 
     /// Like [`infer`](Self::infer), with a hub at hand: a request whose expected wait here is over the
-    /// local target is turned away with [`PoolError::OverWaitTarget`], for the caller to offload.
+    /// local target is turned away with [`PoolError::OverWaitTarget`], for the caller to offload. A
+    /// request turned away at admission comes back with its inputs, so the caller need not keep a copy.
     pub async fn infer_with_hub(
         &self,
         inputs: Vec<NamedTensor>,
         deadline: Instant,
+        hub: OffloadView,
+    ) -> Result<PoolReply, Refused> {
+        self.submit(inputs, deadline, Some(hub)).await
+    }
+
+    async fn submit(
+        &self,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
         hub: Option<OffloadView>,
-    ) -> Result<PoolReply, PoolError> {
+    ) -> Result<PoolReply, Refused> {
         let arrived = Instant::now();
-        let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size)?;
+        let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size).map_err(Refused::from)?;
         let shape_key = if self.batched {
             let mut hasher = DefaultHasher::new();
             for t in &inputs {
@@ -320,21 +356,41 @@ impl PoolHandle {
             self.view.next_solo_key.fetch_add(1, Ordering::Relaxed)
         };
         let (reply, rx) = oneshot::channel();
-        let submit = Submit { inputs, hub, rows, shape_key, arrived, deadline, reply };
-        self.addr.try_send(submit).map_err(|e| match e {
-            SendError::Full(_) => PoolError::Saturated,
-            SendError::Closed(_) => PoolError::Stopped,
-        })?;
+        let (give_back, returned) = match hub {
+            Some(_) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let submit = Submit { inputs, hub, give_back, rows, shape_key, arrived, deadline, reply };
+        if let Err(e) = self.addr.try_send(submit) {
+            let (error, submit) = match e {
+                SendError::Full(s) => (PoolError::Saturated, s),
+                SendError::Closed(s) => (PoolError::Stopped, s),
+            };
+            let inputs = hub.map(|_| self.named(submit.inputs));
+            return Err(Refused { error, inputs });
+        }
         // The pool answers expired requests itself; this bound only guards against a pool that stopped.
         let guard = tokio::time::Instant::from_std(deadline + Duration::from_millis(50));
-        match tokio::time::timeout_at(guard, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(PoolError::Stopped),
-            Err(_) => Err(PoolError::DeadlineExceeded {
+        let error = match tokio::time::timeout_at(guard, rx).await {
+            Ok(Ok(Ok(reply))) => return Ok(reply),
+            Ok(Ok(Err(e))) => e,
+            Ok(Err(_)) => PoolError::Stopped,
+            Err(_) => PoolError::DeadlineExceeded {
                 waited: arrived.elapsed(),
                 timeout: deadline.saturating_duration_since(arrived),
-            }),
-        }
+            },
+        };
+        // Sent before the refusal, so it is there now if the pool turned the request away at the door.
+        let inputs = returned.and_then(|mut rx| rx.try_recv().ok()).map(|t| self.named(t));
+        Err(Refused { error, inputs })
+    }
+
+    /// Inputs in graph order, named again.
+    fn named(&self, inputs: Vec<Tensor>) -> Vec<NamedTensor> {
+        self.metadata.inputs.iter().zip(inputs).map(|(spec, t)| NamedTensor::new(spec.name.clone(), t)).collect()
     }
 
     /// Where a request should go now: here, to a hub (when `hub` says one could answer in time), or nowhere.
@@ -493,13 +549,13 @@ impl ModelPool {
     ) -> Result<PoolHandle, EngineError> {
         let first = {
             let factory = factory.clone();
-            actix_rt::task::spawn_blocking(move || factory()).await.map_err(|e| EngineError::Run {
-                engine: crate::EngineKind::Tract,
-                reason: format!("loader thread failed: {e}"),
-            })??
+            actix_rt::task::spawn_blocking(move || factory())
+                .await
+                .map_err(|e| EngineError::Thread { what: "loader", reason: e.to_string() })??
         };
         let metadata = Arc::new(first.metadata().clone());
         let batched = metadata.is_batched();
+        let on_gpu = first.on_gpu();
         let max_batch_size = config.max_batch_size.max(1);
         // Powers of two up to the limit, so the pool learns which batch size serves rows fastest; one
         // request at a time for a model that cannot batch.
@@ -527,6 +583,7 @@ impl ModelPool {
             restarts: 0,
             next_slot: 0,
             last_error: None,
+            dispatched: 0,
             retry_backoff: MIN_LOAD_RETRY,
             retry_at: None,
             timer: None,
@@ -534,9 +591,9 @@ impl ModelPool {
         };
         // The first replica is warmed before the pool takes requests, so "ready" means ready.
         let warmup = pool.warmup.clone();
-        let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup)).await.map_err(|e| {
-            EngineError::Run { engine: crate::EngineKind::Tract, reason: format!("warm-up thread failed: {e}") }
-        })?;
+        let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup))
+            .await
+            .map_err(|e| EngineError::Thread { what: "warm-up", reason: e.to_string() })?;
         let addr = ModelPool::create(move |ctx| {
             let mut pool = pool;
             for (rows, took) in timings {
@@ -546,7 +603,7 @@ impl ModelPool {
             pool.converge(ctx);
             pool
         });
-        Ok(PoolHandle { addr, metadata, batched, max_batch_size, queue_capacity, admission, view })
+        Ok(PoolHandle { addr, metadata, batched, on_gpu, max_batch_size, queue_capacity, admission, view })
     }
 
     fn labels(&self) -> [&str; 2] {
@@ -725,7 +782,7 @@ impl ModelPool {
             self.expire(now);
             let idle = self.slots.iter().filter(|s| !s.busy && !s.retiring).count();
             let busy = self.slots.iter().filter(|s| s.busy).count();
-            let batch = self.batch_limit();
+            let batch = self.service.limit_for_dispatch(self.dispatched, self.batch_cap);
             let head: Vec<Queued> = self.queue.iter().take(batch + 1).map(Pending::queued).collect();
             let config = BatchConfig { max_batch_size: batch, max_queue_delay: self.config.max_queue_delay };
             match batching::decide(&head, now, &config, idle, busy, |rows| self.expected_run(rows)) {
@@ -754,6 +811,7 @@ impl ModelPool {
             return;
         };
         slot.busy = true;
+        self.dispatched += 1;
         let (slot_id, addr) = (slot.id, slot.addr.clone());
         let batch: Vec<Pending> = self.queue.drain(..requests).collect();
         self.take_rows(rows);
@@ -896,6 +954,9 @@ impl Handler<Submit> for ModelPool {
             Admission::Offload => {
                 let wait = admission::expected_times(&input, |rows| self.expected_run(rows)).map(|(w, _)| w);
                 let target = input.budget.saturating_mul(input.settings.local_wait_pct.min(100)) / 100;
+                if let Some(give_back) = msg.give_back {
+                    let _ = give_back.send(msg.inputs);
+                }
                 let _ = msg.reply.send(Err(PoolError::OverWaitTarget { wait: wait.unwrap_or_default(), target }));
             }
             Admission::Reject(why) => {
@@ -906,6 +967,9 @@ impl Handler<Submit> for ModelPool {
                     }
                     Rejection::NoReplicas => PoolError::NotReady,
                 };
+                if let Some(give_back) = msg.give_back {
+                    let _ = give_back.send(msg.inputs);
+                }
                 let _ = msg.reply.send(Err(error));
             }
         }

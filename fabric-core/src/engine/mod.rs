@@ -47,6 +47,9 @@ pub enum EngineError {
     /// The file exists but is not a usable ONNX Runtime library.
     #[error("cannot use {path} as the ONNX Runtime library: {reason}")]
     OrtLibraryInvalid { path: String, reason: String },
+    /// The thread loading or warming a replica died (a panic in the engine's own code).
+    #[error("the {what} thread failed: {reason}")]
+    Thread { what: &'static str, reason: String },
     /// A tensor could not be built from an engine's output.
     #[error("engine output: {0}")]
     Output(#[from] TensorError),
@@ -107,6 +110,10 @@ pub trait Engine: Send {
     fn metadata(&self) -> &ModelMetadata;
     /// The largest batch one run accepts.
     fn max_batch_size(&self) -> usize;
+    /// Whether the model runs on a GPU (an execution provider that registered), for Triton's `KIND_GPU`.
+    fn on_gpu(&self) -> bool {
+        false
+    }
     /// Runs inputs already validated and in graph order; returns outputs in graph order.
     fn run_ordered(&mut self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, EngineError>;
 

@@ -234,6 +234,10 @@ impl Engine for OrtEngine {
         EngineKind::Ort
     }
 
+    fn on_gpu(&self) -> bool {
+        self.provider != ExecutionProvider::Cpu
+    }
+
     fn metadata(&self) -> &ModelMetadata {
         &self.metadata
     }

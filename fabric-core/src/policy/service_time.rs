@@ -67,6 +67,23 @@ impl ServiceTimes {
     }
 }
 
+/// One dispatch in this many lets a batch grow past the preferred size, so that a size judged slow
+/// from one noisy warm-up sample is measured again under real load.
+pub const PROBE_EVERY: u64 = 128;
+
+impl ServiceTimes {
+    /// The batch limit for dispatch number `n`: the preferred size, or on every [`PROBE_EVERY`]th
+    /// dispatch twice that (within `cap`), to re-measure the next size up.
+    pub fn limit_for_dispatch(&self, n: u64, cap: usize) -> usize {
+        let preferred = self.preferred_batch().min(cap.max(1));
+        if n % PROBE_EVERY == PROBE_EVERY - 1 {
+            preferred.saturating_mul(2).min(cap.max(1))
+        } else {
+            preferred
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +113,10 @@ mod tests {
             conv.record(n, ms(ms_total));
         }
         assert_eq!(conv.preferred_batch(), 4, "per row: 1.0, 0.75, 2.0 ms");
+        // A noisy warm-up made 8 look slow: every PROBE_EVERYth dispatch may still reach 8 (twice 4).
+        assert_eq!(conv.limit_for_dispatch(0, 32), 4);
+        assert_eq!(conv.limit_for_dispatch(PROBE_EVERY - 1, 32), 8);
+        assert_eq!(conv.limit_for_dispatch(PROBE_EVERY - 1, 6), 6, "within the cap");
         let mut only_big = ServiceTimes::new(8);
         only_big.record(8, ms(5.0));
         assert_eq!(only_big.estimate(2), Some(ms(5.0)));
