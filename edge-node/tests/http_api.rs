@@ -454,3 +454,23 @@ fn a_body_that_does_not_arrive_in_time_gets_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
+
+#[test]
+fn an_unknown_output_is_refused_before_any_inference() {
+    let edge = start_edge(&[("mlp", "")], "");
+    let row = format!("[{}]", vec!["0.5"; 784].join(","));
+    let body = format!(
+        r#"{{"inputs":[{{"name":"input","shape":[1,784],"datatype":"FP32","data":{row}}}],"outputs":[{{"name":"probs"}}]}}"#
+    );
+    let reply = post(&client(), &format!("{}/v2/models/mlp/infer", edge.url), body.as_bytes(), None);
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.error(), "unknown output 'probs': the model's outputs are 'logits'");
+    let metrics = String::from_utf8(get(&client(), &format!("{}/metrics", edge.url)).body).expect("utf8");
+    let batches = metrics
+        .lines()
+        .find(|l| l.starts_with("fabric_batch_size_count{model=\"mlp\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert_eq!(batches, 0.0, "the engine ran for a request that was going to be refused");
+}

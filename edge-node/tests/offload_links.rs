@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use edge_node::offload::{HubEndpoint, OffloadConfig, Offloader};
 use fabric_core::http::Overflow;
-use fabric_core::tls::{self, Role, TlsFiles};
+use fabric_core::tls::{self, NodeCert, Role, TlsFiles};
 use serde_json::json;
-use support::{certs, client, post, start_edge_with_args, start_hub, start_hub_with};
+use support::{certs, client, post, start_edge_with_args, start_hub, start_hub_at, start_hub_with};
 
 /// Each test starts a hub (ONNX Runtime) and loads the machine a little: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -149,4 +149,60 @@ async fn a_fabric_peer_that_is_not_a_hub_is_never_used() {
     };
     assert_eq!(err, "offload failed: no hub connected");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits (bounded) until the offloader has a connected hub; returns whether it did.
+async fn connects_within(offload: &Offloader, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if offload.connected() > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_are_reached_by_dns_name_or_ipv6_and_must_carry_the_name_asked_for() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = temp("names");
+    let certs = dir.join("certs");
+    let nodes = [
+        NodeCert { id: "hub-1".into(), role: Role::Hub, names: vec!["localhost".into()] },
+        NodeCert { id: "edge-1".into(), role: Role::Edge, names: vec![] },
+    ];
+    tls::generate_dev_pki_with_names(&certs, &nodes).expect("pki");
+    let hub = start_hub(&dir, &certs);
+    let port = hub.quic.rsplit_once(':').expect("port").1.to_string();
+    let edge_files = || TlsFiles::in_dir(&certs, "edge-1");
+    // A DNS name, resolved at connect; the certificate carries it, so no name needs giving.
+    let by_dns = offloader_for(HubEndpoint::parse(&format!("localhost:{port}")).expect("addr"), edge_files());
+    assert!(connects_within(&by_dns, Duration::from_secs(20)).await, "did not reach the hub by DNS name");
+    // An IP the certificate does not carry: refused by TLS, never used (names are checked, not just roles).
+    let by_ip = offloader_for(HubEndpoint::parse(&format!("127.0.0.1:{port}")).expect("addr"), edge_files());
+    assert!(
+        !connects_within(&by_ip, Duration::from_millis(1500)).await,
+        "connected to a hub under a name its certificate lacks"
+    );
+    // The node id always works, given as name@address.
+    let by_id = offloader_for(HubEndpoint::parse(&format!("hub-1@127.0.0.1:{port}")).expect("addr"), edge_files());
+    assert!(connects_within(&by_id, Duration::from_secs(20)).await, "did not reach the hub by its node id");
+    drop(hub);
+    // IPv6, where the machine has it.
+    if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+        let hub6 = start_hub_at(&dir, &certs, "hub-1", "", "[::1]:0");
+        assert!(hub6.quic.starts_with("[::1]:"), "{}", hub6.quic);
+        let v6 = offloader_for(HubEndpoint::parse(&format!("hub-1@{}", hub6.quic)).expect("addr"), edge_files());
+        assert!(connects_within(&v6, Duration::from_secs(20)).await, "did not reach the hub over IPv6");
+    } else {
+        eprintln!("no IPv6 loopback here: the IPv6 case was not run");
+    }
+    assert!(HubEndpoint::parse("hub-1@nohost").is_err() && HubEndpoint::parse("::1:4433").is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn offloader_for(hub: HubEndpoint, files: TlsFiles) -> std::sync::Arc<Offloader> {
+    let config = OffloadConfig { hubs: vec![hub], tls: Some(files), ..OffloadConfig::default() };
+    Offloader::start(&config).expect("offloader").expect("a hub is configured")
 }

@@ -181,6 +181,17 @@ pub fn start_hub(dir: &std::path::Path, certs: &std::path::Path) -> Hub {
 
 /// Starts cloud-hub serving the CNN as `node_id` (its certificate in `certs`) with extra config TOML.
 pub fn start_hub_with(dir: &std::path::Path, certs: &std::path::Path, node_id: &str, config: &str) -> Hub {
+    start_hub_at(dir, certs, node_id, config, "127.0.0.1:0")
+}
+
+/// Like [`start_hub_with`], with the QUIC service on `quic_addr` (e.g. `[::1]:0`).
+pub fn start_hub_at(
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+    node_id: &str,
+    config: &str,
+    quic_addr: &str,
+) -> Hub {
     let repo = dir.join("hub-models");
     std::fs::create_dir_all(repo.join("cnn/1")).expect("repo");
     std::fs::copy(reference::model_path("cnn"), repo.join("cnn/1/model.onnx")).expect("copy");
@@ -199,7 +210,7 @@ pub fn start_hub_with(dir: &std::path::Path, certs: &std::path::Path, node_id: &
         .arg(&repo)
         .arg("--certs")
         .arg(certs)
-        .args(["--node-id", node_id, "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+        .args(["--node-id", node_id, "--http-addr", "127.0.0.1:0", "--quic-addr", quic_addr])
         .env("ORT_DYLIB_PATH", ort)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
