@@ -242,6 +242,20 @@ def make_partly():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def make_wide():
+    """A model with a large input, for the memory benchmark: x float32 [N, 1048576] -> row sums [N, 1]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([1], np.int64))),
+            helper.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=1),
+        ],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1 << 20])],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 1])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 def make_digits(out):
     """Train an MLP classifier on scikit-learn's bundled digits, export it, save the held-out split."""
     from sklearn.datasets import load_digits
@@ -334,6 +348,8 @@ def main():
         path = os.path.join(out, "models", name, "1", "model.onnx")
         save_model(model, path, check=name != "odd_outputs")
         reference_cases(out, name, path, cases)
+
+    save_model(make_wide(), os.path.join(out, "models", "wide", "1", "model.onnx"))
 
     bad = os.path.join(out, "bad-models")
     save_model(make_unsupported(), os.path.join(bad, "unsupported", "model.onnx"))
