@@ -1,28 +1,49 @@
 //! `fabric-core`: what two or more parts of the inference fabric share.
 //!
+//! Always built (what the `fabric` CLI links):
 //! - [`dtype`], [`tensor`]: element types and dense tensors as little-endian bytes;
-//! - [`model`]: the inputs and outputs a model file declares, and request validation against them;
-//! - [`engine`]: the `Engine` trait with the tract and ONNX Runtime engines;
+//! - [`kserve`]: the KServe v2 request and response codec (JSON and binary tensors);
+//! - [`wire`]: the QUIC message format between edges and hubs; [`tls`]: mutual TLS and identities;
+//!   [`io_thread`]: the runtime thread QUIC runs on;
+//! - [`policy`]: pure decisions (batching, admission, service times, hub health);
 //! - [`reference`]: reader for the reference cases the model script writes (tests and benchmarks).
+//!
+//! With the `engines` feature: [`model`] (what a model file declares, request validation) and
+//! [`engine`] (the `Engine` trait with the tract and ONNX Runtime engines).
+//!
+//! With the `serving` feature (the default): [`pool`] (the model actors), [`http`] (the KServe v2
+//! API), [`models`], [`repository`], [`config`], [`metrics`].
 
 pub mod dtype;
-pub mod engine;
-pub mod model;
-pub mod reference;
-pub mod tensor;
-
-pub use dtype::DataType;
-pub use engine::{Engine, EngineError, EngineKind, EngineOptions};
-pub use model::{ModelMetadata, TensorSpec};
-pub use tensor::{NamedTensor, Tensor};
-pub mod config;
-pub mod http;
 pub mod io_thread;
 pub mod kserve;
-pub mod metrics;
-pub mod models;
 pub mod policy;
-pub mod pool;
-pub mod repository;
+pub mod reference;
+pub mod tensor;
 pub mod tls;
 pub mod wire;
+
+#[cfg(feature = "engines")]
+pub mod engine;
+#[cfg(feature = "engines")]
+pub mod model;
+
+#[cfg(feature = "serving")]
+pub mod config;
+#[cfg(feature = "serving")]
+pub mod http;
+#[cfg(feature = "serving")]
+pub mod metrics;
+#[cfg(feature = "serving")]
+pub mod models;
+#[cfg(feature = "serving")]
+pub mod pool;
+#[cfg(feature = "serving")]
+pub mod repository;
+
+pub use dtype::DataType;
+#[cfg(feature = "engines")]
+pub use engine::{Engine, EngineError, EngineKind, EngineOptions};
+#[cfg(feature = "engines")]
+pub use model::{ModelMetadata, TensorSpec};
+pub use tensor::{NamedTensor, Tensor};
