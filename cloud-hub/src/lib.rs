@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use fabric_core::config::{HttpConfig, ModelConfig, RepositoryConfig, ServingConfig};
-use fabric_core::engine::{EngineKind, OrtOptions};
+use fabric_core::config::{HttpConfig, RepositoryConfig, ServingConfig};
+use fabric_core::engine::EngineKind;
 use fabric_core::http::{self, HttpState};
 use fabric_core::metrics::Metrics;
-use fabric_core::models::ModelSet;
-use fabric_core::repository;
+use fabric_core::serve;
 use fabric_core::tls::{self, TlsFiles};
 use fabric_core::wire::WireLimits;
 use serde::{Deserialize, Serialize};
@@ -49,40 +48,27 @@ impl Default for QuicConfig {
 
 /// The cloud-hub configuration file (`hub.toml`); every key has a default.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct HubConfig {
-    /// HTTP (KServe v2) server.
-    pub http: HttpConfig,
-    /// Model repository; the engine defaults to ONNX Runtime on hubs.
-    pub models: RepositoryConfig,
-    /// Defaults for every model.
-    pub model_defaults: ModelConfig,
-    /// ONNX Runtime: library path, execution providers (TensorRT > CUDA > CPU), threads.
-    pub ort: OrtOptions,
+    /// HTTP, model repository (engine: ONNX Runtime by default on hubs), model defaults, ONNX Runtime
+    /// (library path, execution providers TensorRT > CUDA > CPU, threads): the keys hub.toml shares
+    /// with edge.toml.
+    #[serde(flatten)]
+    pub serving: ServingConfig,
     /// The QUIC infer service for edges.
     pub quic: QuicConfig,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
+        let defaults = ServingConfig::default();
         HubConfig {
-            http: HttpConfig { addr: "127.0.0.1:8100".into(), ..HttpConfig::default() },
-            models: RepositoryConfig { engine: EngineKind::Ort, ..RepositoryConfig::default() },
-            model_defaults: ModelConfig::default(),
-            ort: OrtOptions::default(),
+            serving: ServingConfig {
+                http: HttpConfig { addr: "127.0.0.1:8100".into(), ..defaults.http },
+                models: RepositoryConfig { engine: EngineKind::Ort, ..defaults.models },
+                ..defaults
+            },
             quic: QuicConfig::default(),
-        }
-    }
-}
-
-impl HubConfig {
-    /// The serving part of the config.
-    pub fn serving(&self) -> ServingConfig {
-        ServingConfig {
-            http: self.http.clone(),
-            models: self.models.clone(),
-            model_defaults: self.model_defaults.clone(),
-            ort: self.ort.clone(),
         }
     }
 }
@@ -102,16 +88,10 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         anyhow::anyhow!("quic.tls is not set: the hub needs the fabric CA and its own certificate (create development ones with `fabric certs --out certs --node hub-1:hub --node edge-1:edge`)")
     })?;
     let server_config = tls::server_config(&files)?;
-    let serving = config.serving();
+    let serving = &config.serving;
     let metrics = Metrics::new("fabric");
-    let models = Arc::new(ModelSet::default());
-    let (loaded, failed) = repository::load_all(&serving, &models, &metrics).await?;
-    if serving.models.strict && !failed.is_empty() {
-        anyhow::bail!("--strict-models: {} model version(s) failed to load: {}", failed.len(), failed.join("; "));
-    }
-    if loaded == 0 {
-        anyhow::bail!("no model could be loaded from {} ({} failed)", serving.models.path.display(), failed.len());
-    }
+    let loaded = serve::load_models(serving, &metrics).await?;
+    let models = loaded.models;
     let quic_addr: SocketAddr =
         config.quic.addr.parse().map_err(|e| anyhow::anyhow!("quic.addr '{}': {e}", config.quic.addr))?;
     // QUIC runs on a thread of its own, beside the pool actors rather than between their turns.
@@ -129,19 +109,11 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         capacity: config.quic.max_in_flight,
     });
     io.spawn(quic::serve(endpoint.clone(), service));
-    let state = web::Data::new(HttpState {
-        server_name: "cloud-hub".into(),
-        models,
-        metrics,
-        max_body_bytes: config.http.max_body_bytes,
-        body_timeout: std::time::Duration::from_millis(config.http.body_timeout_ms),
-        ready: false.into(),
-        overflow: None,
-    });
-    let (server, addrs) = http::bind(state.clone(), &config.http)?;
+    let state = web::Data::new(HttpState::new("cloud-hub", models, metrics, &serving.http, None));
+    let (server, addrs) = http::bind(state.clone(), &serving.http)?;
     state.ready.store(true, Ordering::Release);
     let http_bound = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
-    tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded, "cloud-hub ready");
+    tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded.loaded, failed = loaded.failed.len(), "cloud-hub ready");
     on_ready(HubAddrs { http: http_bound, quic: quic_bound });
     server.await?;
     endpoint.close(fabric_core::wire::codes::SHUTDOWN.into(), b"hub shutting down");

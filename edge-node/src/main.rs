@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use edge_node::offload::HubEndpoint;
 use edge_node::EdgeConfig;
-use fabric_core::EngineKind;
+use fabric_core::serve::{self, ServingArgs};
 
 /// Edge inference daemon: serves ONNX models from a model repository over the Open Inference
 /// Protocol (KServe v2 REST, binary tensor extension included) on the local device.
@@ -17,15 +18,8 @@ struct Cli {
     /// Config file (TOML). Without one, defaults apply.
     #[arg(long, short, env = "EDGE_NODE_CONFIG")]
     config: Option<PathBuf>,
-    /// HTTP listen address, e.g. 127.0.0.1:8000 (port 0 picks a free one) [default: 127.0.0.1:8000]
-    #[arg(long)]
-    http_addr: Option<String>,
-    /// Model repository folder: <repo>/<model>/<version>/model.onnx [default: models]
-    #[arg(long)]
-    model_repository: Option<PathBuf>,
-    /// Engine for models without their own setting: tract (pure Rust, CPU) or ort (ONNX Runtime) [default: tract]
-    #[arg(long)]
-    engine: Option<EngineKind>,
+    #[command(flatten)]
+    serving: ServingArgs,
     /// A hub to offload overflow to, as [NAME@]HOST:PORT of its QUIC service: HOST an IP literal
     /// ([IPv6] in brackets) or a DNS name; NAME the name its certificate must carry (its node id, or a
     /// DNS name or IP in it; default HOST). Repeatable. Example: --hub hub-1@10.0.0.5:4433
@@ -37,10 +31,6 @@ struct Cli {
     /// This node's id, naming its certificate in --certs [default: edge-1]
     #[arg(long, default_value = "edge-1")]
     node_id: String,
-    /// Refuse to start if any model fails to load (by default the others are served and the failure is
-    /// reported by the model's /ready, the repository index and the server's /v2/health/ready).
-    #[arg(long)]
-    strict_models: bool,
     /// Print the effective configuration (defaults, file and flags merged) as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -48,28 +38,14 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    serve::init_logging();
     let mut config: EdgeConfig = match &cli.config {
-        Some(path) => fabric_core::config::load_toml(path)?,
+        Some(path) => fabric_core::config::load_role_config(path)?,
         None => EdgeConfig::default(),
     };
-    if let Some(addr) = cli.http_addr {
-        config.http.addr = addr;
-    }
-    if let Some(repo) = cli.model_repository {
-        config.models.path = repo;
-    }
-    if let Some(engine) = cli.engine {
-        config.models.engine = engine;
-    }
-    config.models.strict |= cli.strict_models;
+    cli.serving.apply(&mut config.serving);
     for hub in cli.hubs {
-        config.offload.hubs.push(edge_node::offload::HubEndpoint::parse(&hub)?);
+        config.offload.hubs.push(HubEndpoint::parse(&hub)?);
     }
     if let Some(dir) = cli.certs {
         config.offload.tls = Some(fabric_core::tls::TlsFiles::in_dir(&dir, &cli.node_id));

@@ -124,9 +124,10 @@ impl Default for RepositoryConfig {
     }
 }
 
-/// Everything a serving role needs to serve models over HTTP.
+/// Everything a serving role needs to serve models over HTTP: the keys edge.toml and hub.toml share
+/// (each flattens it into its own config, beside its role's keys).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ServingConfig {
     /// HTTP server.
     pub http: HttpConfig,
@@ -154,6 +155,9 @@ pub enum ConfigError {
     /// The file is not valid TOML for this config.
     #[error("invalid config {path}: {source}")]
     Parse { path: String, source: toml::de::Error },
+    /// A top-level key the config does not have.
+    #[error("invalid config {path}: unknown key `{key}` (the keys are {expected})")]
+    UnknownKey { path: String, key: String, expected: String },
 }
 
 /// Reads a TOML file into `T`; every missing key takes its default.
@@ -161,6 +165,29 @@ pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
     let text = std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
     toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+}
+
+/// Reads a role's config file, refusing top-level keys it does not have. (serde cannot deny unknown
+/// fields of a struct that flattens another, so the top level is checked against the keys of the
+/// default config; the tables below deny their own unknown keys.)
+pub fn load_role_config<T>(path: &Path) -> Result<T, ConfigError>
+where
+    T: serde::de::DeserializeOwned + Serialize + Default,
+{
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
+    let known = toml::Table::try_from(T::default()).unwrap_or_default();
+    if let Some(key) = table.keys().find(|k| !known.contains_key(k.as_str())) {
+        let expected: Vec<&str> = known.keys().map(String::as_str).collect();
+        return Err(ConfigError::UnknownKey {
+            path: path.display().to_string(),
+            key: key.clone(),
+            expected: expected.join(", "),
+        });
+    }
+    table.try_into().map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
 }
 
 /// Applies a per-model TOML file on top of the defaults (keys it sets win).
@@ -192,6 +219,15 @@ mod tests {
         std::fs::write(&file, "max_batch = 8\n")?;
         let err = model_config_with_overrides(&ModelConfig::default(), &file).map(|_| ()).expect_err("unknown key");
         assert!(err.to_string().contains("unknown field `max_batch`"), "{err}");
+        // A role's config: top-level typos are refused by name, nested ones by their table.
+        std::fs::write(&file, "[http]\nworkers = 2\n[modles]\npath = \"x\"\n")?;
+        let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
+        assert!(err.to_string().contains("unknown key `modles` (the keys are http, model_defaults, models, ort)"), "{err}");
+        std::fs::write(&file, "[http]\nworkerz = 2\n")?;
+        let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown nested key");
+        assert!(err.to_string().contains("unknown field `workerz`"), "{err}");
+        std::fs::write(&file, "[http]\nworkers = 2\n")?;
+        assert_eq!(load_role_config::<ServingConfig>(&file)?.http.workers, 2);
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

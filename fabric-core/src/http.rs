@@ -79,6 +79,27 @@ pub struct HttpState {
     pub overflow: Option<Arc<dyn Overflow>>,
 }
 
+impl HttpState {
+    /// The state for a server named `server_name` (not ready until the caller says so).
+    pub fn new(
+        server_name: &str,
+        models: Arc<ModelSet>,
+        metrics: Metrics,
+        http: &HttpConfig,
+        overflow: Option<Arc<dyn Overflow>>,
+    ) -> HttpState {
+        HttpState {
+            server_name: server_name.to_string(),
+            models,
+            metrics,
+            max_body_bytes: http.max_body_bytes,
+            body_timeout: std::time::Duration::from_millis(http.body_timeout_ms),
+            ready: AtomicBool::new(false),
+            overflow,
+        }
+    }
+}
+
 /// An error answered as `{"error": message}` with a status.
 #[derive(Debug)]
 pub struct ApiError {

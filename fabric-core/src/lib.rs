@@ -40,6 +40,8 @@ pub mod models;
 pub mod pool;
 #[cfg(feature = "serving")]
 pub mod repository;
+#[cfg(feature = "serving")]
+pub mod serve;
 
 pub use dtype::DataType;
 #[cfg(feature = "engines")]

@@ -1,0 +1,94 @@
+//! What both serving binaries (edge-node, cloud-hub) do the same way at start: the flags they share,
+//! logging, and loading the model repository into pools with the strict and empty checks.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::ServingConfig;
+use crate::engine::EngineKind;
+use crate::metrics::Metrics;
+use crate::models::ModelSet;
+use crate::repository::{self, RepositoryError};
+
+/// The command-line flags both serving roles take (flags override the config file).
+#[derive(clap::Args, Debug, Default)]
+pub struct ServingArgs {
+    /// HTTP listen address, e.g. 127.0.0.1:8000 (port 0 picks a free one)
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// Model repository folder: <repo>/<model>/<version>/model.onnx [default: models]
+    #[arg(long)]
+    pub model_repository: Option<PathBuf>,
+    /// Engine for models without their own setting: tract (pure Rust, CPU) or ort (ONNX Runtime)
+    #[arg(long)]
+    pub engine: Option<EngineKind>,
+    /// Refuse to start if any model fails to load (by default the others are served and the failure
+    /// is reported by the model's /ready, the repository index and the server's /v2/health/ready).
+    #[arg(long)]
+    pub strict_models: bool,
+}
+
+impl ServingArgs {
+    /// Applies the flags given to the config.
+    pub fn apply(self, config: &mut ServingConfig) {
+        if let Some(addr) = self.http_addr {
+            config.http.addr = addr;
+        }
+        if let Some(repo) = self.model_repository {
+            config.models.path = repo;
+        }
+        if let Some(engine) = self.engine {
+            config.models.engine = engine;
+        }
+        config.models.strict |= self.strict_models;
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: info, with ONNX Runtime's chatter at warn).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Why the models could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The repository cannot be read.
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    /// Strict mode, and some model failed.
+    #[error("--strict-models: {} model version(s) failed to load: {}", .0.len(), .0.join("; "))]
+    Strict(Vec<String>),
+    /// Nothing could be loaded.
+    #[error(
+        "no model could be loaded from {path} ({failed} failed): put models in <repo>/<name>/<version>/model.onnx"
+    )]
+    Empty { path: String, failed: usize },
+}
+
+/// The loaded models, and how many loaded and failed.
+pub struct Loaded {
+    /// The models, for the HTTP API (and the hub's QUIC service).
+    pub models: Arc<ModelSet>,
+    /// Versions loaded.
+    pub loaded: usize,
+    /// Versions that failed, as `name/version: reason`.
+    pub failed: Vec<String>,
+}
+
+/// Loads the repository; in strict mode any failure, and in any mode an empty result, is an error.
+pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<Loaded, LoadError> {
+    let models = Arc::new(ModelSet::default());
+    let (loaded, failed) = repository::load_all(serving, &models, metrics).await?;
+    if serving.models.strict && !failed.is_empty() {
+        return Err(LoadError::Strict(failed));
+    }
+    if loaded == 0 {
+        return Err(LoadError::Empty { path: serving.models.path.display().to_string(), failed: failed.len() });
+    }
+    Ok(Loaded { models, loaded, failed })
+}
