@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric_core::models::{ModelSet, RouteError};
-use fabric_core::pool::PoolError;
+use fabric_core::models::ModelSet;
 use fabric_core::tensor::{NamedTensor, Tensor};
 use fabric_core::tls::{self, Role};
 use fabric_core::wire::{self, codes, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireError, WireLimits};
@@ -98,20 +97,6 @@ fn failure(code: ErrorCode, message: String, request_id: u64, load: HubLoad) -> 
     ResponseHeader { protocol: wire::PROTOCOL_VERSION, request_id, result: Err((code, message)), load }
 }
 
-fn pool_error_code(e: &PoolError) -> ErrorCode {
-    match e {
-        PoolError::Input(_) => ErrorCode::BadRequest,
-        PoolError::QueueFull { .. }
-        | PoolError::WouldMissDeadline { .. }
-        | PoolError::NotReady
-        | PoolError::Saturated
-        | PoolError::OverWaitTarget { .. }
-        | PoolError::Stopped => ErrorCode::Busy,
-        PoolError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
-        PoolError::ReplicaFailed(_) | PoolError::Engine(_) => ErrorCode::Internal,
-    }
-}
-
 /// A request counted in flight; dropping it (answered, or the handler's future dropped) uncounts it.
 struct InFlight<'a>(&'a AtomicU32);
 
@@ -193,29 +178,19 @@ async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut r
     };
     let version = header.version.map(|v| v.to_string());
     let result = match service.models.route(&header.model, version.as_deref()) {
-        Err(e @ (RouteError::UnknownModel { .. } | RouteError::UnknownVersion { .. })) => {
-            Err((ErrorCode::UnknownModel, e.to_string()))
-        }
-        Err(e @ RouteError::Unavailable { .. }) => Err((ErrorCode::Busy, e.to_string())),
+        Err(e) => Err((e.code(), e.to_string())),
         Ok(model) => {
             let deadline = arrived + Duration::from_micros(header.budget_us);
             match model.pool.infer(inputs, deadline).await {
                 Ok(reply) => Ok((model, reply.outputs)),
-                Err(e) => Err((pool_error_code(&e), e.to_string())),
+                Err(e) => Err((e.code(), e.to_string())),
             }
         }
     };
     drop(counted);
     match result {
         Ok((model, outputs)) => {
-            let named: Vec<NamedTensor> = model
-                .pool
-                .metadata()
-                .outputs
-                .iter()
-                .zip(outputs)
-                .map(|(spec, t)| NamedTensor::new(spec.name.clone(), t))
-                .collect();
+            let named = model.pool.metadata().name_outputs(outputs);
             let head = ResponseHeader {
                 protocol: wire::PROTOCOL_VERSION,
                 request_id: id,

@@ -222,7 +222,10 @@ mod tests {
         // A role's config: top-level typos are refused by name, nested ones by their table.
         std::fs::write(&file, "[http]\nworkers = 2\n[modles]\npath = \"x\"\n")?;
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
-        assert!(err.to_string().contains("unknown key `modles` (the keys are http, model_defaults, models, ort)"), "{err}");
+        assert!(
+            err.to_string().contains("unknown key `modles` (the keys are http, model_defaults, models, ort)"),
+            "{err}"
+        );
         std::fs::write(&file, "[http]\nworkerz = 2\n")?;
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown nested key");
         assert!(err.to_string().contains("unknown field `workerz`"), "{err}");

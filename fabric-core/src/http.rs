@@ -23,6 +23,7 @@ use crate::models::{ModelSet, RouteError, ServedModel};
 use crate::policy::admission::{Admission, OffloadView, Rejection};
 use crate::pool::{PoolError, Refused};
 use crate::tensor::NamedTensor;
+use crate::wire::ErrorCode;
 
 /// Why a request could not be served elsewhere.
 #[derive(Debug, thiserror::Error)]
@@ -118,14 +119,24 @@ impl ApiError {
     }
 }
 
+/// The HTTP status of a failure, from what it means to a client (the wire's error code): the one
+/// place statuses are decided.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::Malformed | ErrorCode::UnsupportedProtocol => StatusCode::BAD_REQUEST,
+        ErrorCode::UnknownModel => StatusCode::NOT_FOUND,
+        ErrorCode::Busy | ErrorCode::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
-        match e {
-            RouteError::Unavailable { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
-            }
-            _ => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-        }
+        let kind = match e {
+            RouteError::Unavailable { .. } => "unavailable",
+            _ => "not_found",
+        };
+        ApiError::new(status_of(e.code()), kind, e.to_string())
     }
 }
 
@@ -137,18 +148,7 @@ impl From<CodecError> for ApiError {
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> Self {
-        let status = match e {
-            PoolError::Input(_) => StatusCode::BAD_REQUEST,
-            PoolError::QueueFull { .. }
-            | PoolError::WouldMissDeadline { .. }
-            | PoolError::DeadlineExceeded { .. }
-            | PoolError::NotReady
-            | PoolError::Saturated
-            | PoolError::OverWaitTarget { .. }
-            | PoolError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            PoolError::ReplicaFailed(_) | PoolError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e.kind(), e.to_string())
+        ApiError::new(status_of(e.code()), e.kind(), e.to_string())
     }
 }
 
@@ -480,14 +480,7 @@ async fn serve(
                 Err((refused, _)) => return Err(refused.error.into()),
             };
             batch_rows = Some(reply.batch_rows);
-            model
-                .pool
-                .metadata()
-                .outputs
-                .iter()
-                .zip(reply.outputs)
-                .map(|(spec, t)| NamedTensor::new(spec.name.clone(), t))
-                .collect()
+            model.pool.metadata().name_outputs(reply.outputs)
         }
     };
     finish(&model, &request.id, &request.outputs, served_by, batch_rows, outputs)

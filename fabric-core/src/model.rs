@@ -313,6 +313,16 @@ impl ModelMetadata {
         self.inputs.iter().all(leads) && !self.outputs.is_empty() && self.outputs.iter().all(leads)
     }
 
+    /// Outputs in graph order, with their names.
+    pub fn name_outputs(&self, outputs: Vec<Tensor>) -> Vec<NamedTensor> {
+        self.outputs.iter().zip(outputs).map(|(spec, t)| NamedTensor::new(spec.name.clone(), t)).collect()
+    }
+
+    /// Inputs in graph order, with their names.
+    pub fn name_inputs(&self, inputs: Vec<Tensor>) -> Vec<NamedTensor> {
+        self.inputs.iter().zip(inputs).map(|(spec, t)| NamedTensor::new(spec.name.clone(), t)).collect()
+    }
+
     fn input_names(&self) -> String {
         let names: Vec<String> = self.inputs.iter().map(|s| format!("'{}'", s.name)).collect();
         names.join(", ")

@@ -44,6 +44,16 @@ pub enum RouteError {
     Unavailable { name: String, version: u64, reason: String },
 }
 
+impl RouteError {
+    /// What it means to a client (see [`crate::pool::PoolError::code`]).
+    pub fn code(&self) -> crate::wire::ErrorCode {
+        match self {
+            RouteError::UnknownModel { .. } | RouteError::UnknownVersion { .. } => crate::wire::ErrorCode::UnknownModel,
+            RouteError::Unavailable { .. } => crate::wire::ErrorCode::Busy,
+        }
+    }
+}
+
 /// One entry of the repository index: a model version and whether it serves.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct IndexEntry {

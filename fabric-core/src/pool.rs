@@ -32,6 +32,7 @@ use crate::policy::admission::{self, Admission, AdmissionInput, AdmissionSetting
 use crate::policy::batching::{self, BatchConfig, BatchDecision, Queued};
 use crate::policy::service_time::ServiceTimes;
 use crate::tensor::{NamedTensor, Tensor, TensorError};
+use crate::wire::ErrorCode;
 
 /// Builds a fresh engine for a new replica (called on a blocking thread).
 pub type EngineFactory = Arc<dyn Fn() -> Result<Box<dyn Engine>, EngineError> + Send + Sync>;
@@ -139,6 +140,22 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// What the failure means to a client, whatever the transport: the wire's error code, from which
+    /// the HTTP status is derived too (`http::status_of`), so the two cannot disagree.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PoolError::Input(_) => ErrorCode::BadRequest,
+            PoolError::QueueFull { .. }
+            | PoolError::WouldMissDeadline { .. }
+            | PoolError::NotReady
+            | PoolError::Saturated
+            | PoolError::OverWaitTarget { .. }
+            | PoolError::Stopped => ErrorCode::Busy,
+            PoolError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
+            PoolError::ReplicaFailed(_) | PoolError::Engine(_) => ErrorCode::Internal,
+        }
+    }
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -390,7 +407,7 @@ impl PoolHandle {
 
     /// Inputs in graph order, named again.
     fn named(&self, inputs: Vec<Tensor>) -> Vec<NamedTensor> {
-        self.metadata.inputs.iter().zip(inputs).map(|(spec, t)| NamedTensor::new(spec.name.clone(), t)).collect()
+        self.metadata.name_inputs(inputs)
     }
 
     /// Where a request should go now: here, to a hub (when `hub` says one could answer in time), or nowhere.

@@ -121,13 +121,7 @@ pub trait Engine: Send {
     fn infer(&mut self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>, EngineError> {
         let (ordered, _batch) = self.metadata().validate(inputs, self.max_batch_size())?;
         let outputs = self.run_ordered(&ordered)?;
-        Ok(self
-            .metadata()
-            .outputs
-            .iter()
-            .zip(outputs)
-            .map(|(spec, tensor)| NamedTensor::new(spec.name.clone(), tensor))
-            .collect())
+        Ok(self.metadata().name_outputs(outputs))
     }
 }
 
