@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use actix_web::web;
 use fabric_core::config::ServingConfig;
-use fabric_core::http::{self, HttpState, Overflow};
+use fabric_core::dispatch::Overflow;
+use fabric_core::http::{self, HttpState};
 use fabric_core::metrics::Metrics;
 use fabric_core::serve;
 use serde::{Deserialize, Serialize};

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fabric_core::http::{Offloaded, Overflow, OverflowError};
+use fabric_core::dispatch::{Offloaded, Overflow, OverflowError};
 use fabric_core::policy::admission::OffloadView;
 use fabric_core::policy::hub::{HubHealth, Reported};
 use fabric_core::tensor::{NamedTensor, Tensor};

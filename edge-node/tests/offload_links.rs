@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use edge_node::offload::{HubEndpoint, OffloadConfig, Offloader};
-use fabric_core::http::Overflow;
+use fabric_core::dispatch::Overflow;
 use fabric_core::tls::{self, NodeCert, Role, TlsFiles};
 use serde_json::json;
 use support::{certs, client, post, start_edge_with_args, start_hub, start_hub_at, start_hub_with};

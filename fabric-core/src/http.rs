@@ -12,55 +12,17 @@ use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
 use crate::config::HttpConfig;
+use crate::dispatch::{DispatchError, Dispatcher, Overflow};
 use crate::kserve::{self, CodecError};
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, RouteError, ServedModel};
-use crate::policy::admission::{Admission, OffloadView, Rejection};
-use crate::pool::{PoolError, Refused};
+use crate::pool::PoolError;
 use crate::tensor::NamedTensor;
 use crate::wire::ErrorCode;
-
-/// Why a request could not be served elsewhere.
-#[derive(Debug, thiserror::Error)]
-pub enum OverflowError {
-    /// No hub could take it in time (busy, down, vanished mid-request): serve locally if time allows.
-    #[error("offload failed: {0}")]
-    Unavailable(String),
-    /// The hub refused the request itself (it does not fit the model): final.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// Outputs served elsewhere, and by whom.
-pub struct Offloaded {
-    /// Outputs in graph order.
-    pub outputs: Vec<NamedTensor>,
-    /// Which hub served them.
-    pub served_by: String,
-}
-
-/// Somewhere else to serve requests this node cannot serve in time (a hub, for an edge-node).
-pub trait Overflow: Send + Sync {
-    /// The best hub's expected answer time, or `None` when no hub is usable now.
-    fn view(&self) -> Option<OffloadView>;
-    /// Whether to send every request to a hub while one is usable (not only what overflows).
-    fn always(&self) -> bool {
-        false
-    }
-    /// Serves one request elsewhere, answering by the deadline.
-    fn infer<'a>(
-        &'a self,
-        model: &'a str,
-        version: u64,
-        inputs: &'a [NamedTensor],
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<Offloaded, OverflowError>>;
-}
 
 /// What the HTTP handlers share.
 pub struct HttpState {
@@ -76,8 +38,8 @@ pub struct HttpState {
     pub body_timeout: std::time::Duration,
     /// Set once every model is loaded.
     pub ready: AtomicBool,
-    /// Where overflow goes, if anywhere.
-    pub overflow: Option<Arc<dyn Overflow>>,
+    /// Where requests are served: here, a hub, or nowhere.
+    pub dispatcher: Dispatcher,
 }
 
 impl HttpState {
@@ -92,11 +54,11 @@ impl HttpState {
         HttpState {
             server_name: server_name.to_string(),
             models,
-            metrics,
             max_body_bytes: http.max_body_bytes,
             body_timeout: std::time::Duration::from_millis(http.body_timeout_ms),
             ready: AtomicBool::new(false),
-            overflow,
+            dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()),
+            metrics,
         }
     }
 }
@@ -387,103 +349,11 @@ async fn serve(
     model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
     kserve::check_outputs(&request.outputs, model.pool.metadata().outputs.iter().map(|o| o.name.as_str()))?;
     let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
-    let labels = [model.name.as_str(), &model.version_str()];
-    let (route, view) = match &state.overflow {
-        Some(overflow) => {
-            let view = overflow.view();
-            let route = match view {
-                Some(_) if overflow.always() => Admission::Offload,
-                view => model.pool.admission(&request.inputs, deadline, view),
-            };
-            (route, view)
-        }
-        None => (Admission::Local, None),
-    };
-    let mut served_by = state.server_name.clone();
-    let mut batch_rows = None;
-    let offloaded = match (route, &state.overflow) {
-        (Admission::Offload, Some(overflow)) => {
-            state.metrics.routes.with_label_values(&[labels[0], labels[1], "offload"]).inc();
-            match overflow.infer(&model.name, model.version, &request.inputs, deadline).await {
-                Ok(done) => {
-                    served_by = done.served_by;
-                    Some(done.outputs)
-                }
-                Err(OverflowError::Invalid(msg)) => {
-                    return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", msg))
-                }
-                Err(OverflowError::Unavailable(msg)) => {
-                    // Serve here after all if the deadline still allows; the pool decides.
-                    tracing::debug!(model = %model.name, "offload failed, trying locally: {msg}");
-                    None
-                }
-            }
-        }
-        (Admission::Reject(why), _) => {
-            state.metrics.routes.with_label_values(&[labels[0], labels[1], "rejected"]).inc();
-            return Err(ApiError::from(match why {
-                Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
-                Rejection::WouldMissDeadline { expected, budget } => PoolError::WouldMissDeadline { expected, budget },
-                Rejection::NoReplicas => PoolError::NotReady,
-            }));
-        }
-        _ => None,
-    };
-    let outputs: Vec<NamedTensor> = match offloaded {
-        Some(outputs) => outputs,
-        None => {
-            state.metrics.routes.with_label_values(&[labels[0], labels[1], "local"]).inc();
-            // The admission snapshot can be a moment old (many requests read it between two turns of
-            // the pool): with a hub at hand the pool checks the wait target again on its exact state,
-            // and what it turns away comes back with its inputs and goes to the hub after all.
-            let first = match (&state.overflow, route, view) {
-                (Some(overflow), Admission::Local, Some(view)) => {
-                    model.pool.infer_with_hub(request.inputs, deadline, view).await.map_err(|r| (r, Some(overflow)))
-                }
-                _ => model
-                    .pool
-                    .infer(request.inputs, deadline)
-                    .await
-                    .map_err(|e| (Refused { error: e, inputs: None }, None)),
-            };
-            let reply = match first {
-                Ok(reply) => reply,
-                Err((
-                    Refused {
-                        error:
-                            e @ (PoolError::OverWaitTarget { .. }
-                            | PoolError::QueueFull { .. }
-                            | PoolError::WouldMissDeadline { .. }
-                            | PoolError::NotReady
-                            | PoolError::Saturated),
-                        inputs: Some(inputs),
-                    },
-                    Some(overflow),
-                )) => {
-                    state.metrics.routes.with_label_values(&[labels[0], labels[1], "late_offload"]).inc();
-                    match overflow.infer(&model.name, model.version, &inputs, deadline).await {
-                        Ok(done) => {
-                            served_by = done.served_by;
-                            return finish(&model, &request.id, &request.outputs, served_by, None, done.outputs);
-                        }
-                        // Turned away only for the wait target: here can still make the deadline.
-                        Err(o) if matches!(e, PoolError::OverWaitTarget { .. }) => {
-                            tracing::debug!(model = %model.name, "late offload failed, serving here: {o}");
-                            model.pool.infer(inputs, deadline).await?
-                        }
-                        Err(o) => {
-                            tracing::debug!(model = %model.name, "late offload failed: {o}");
-                            return Err(e.into());
-                        }
-                    }
-                }
-                Err((refused, _)) => return Err(refused.error.into()),
-            };
-            batch_rows = Some(reply.batch_rows);
-            model.pool.metadata().name_outputs(reply.outputs)
-        }
-    };
-    finish(&model, &request.id, &request.outputs, served_by, batch_rows, outputs)
+    let done = state.dispatcher.infer(model, request.inputs, deadline).await.map_err(|e| match e {
+        DispatchError::Pool(e) => ApiError::from(e),
+        DispatchError::Invalid(msg) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", msg),
+    })?;
+    finish(model, &request.id, &request.outputs, done.served_by, done.batch_rows, done.outputs)
 }
 
 /// Encodes outputs with the response parameters saying where they were served.

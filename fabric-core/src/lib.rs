@@ -11,8 +11,9 @@
 //! With the `engines` feature: [`model`] (what a model file declares, request validation) and
 //! [`engine`] (the `Engine` trait with the tract and ONNX Runtime engines).
 //!
-//! With the `serving` feature (the default): [`pool`] (the model actors), [`http`] (the KServe v2
-//! API), [`models`], [`repository`], [`config`], [`metrics`].
+//! With the `serving` feature (the default): [`pool`] (the model actors), [`dispatch`] (where a
+//! request is served: here, a hub, or nowhere), [`http`] (the KServe v2 API), [`models`],
+//! [`repository`], [`config`], [`metrics`], [`serve`] (what the serving binaries share at start).
 
 pub mod dtype;
 pub mod io_thread;
@@ -30,6 +31,8 @@ pub mod model;
 
 #[cfg(feature = "serving")]
 pub mod config;
+#[cfg(feature = "serving")]
+pub mod dispatch;
 #[cfg(feature = "serving")]
 pub mod http;
 #[cfg(feature = "serving")]
