@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use fabric_core::dispatch::{Offloaded, Overflow, OverflowError};
 use fabric_core::policy::admission::OffloadView;
-use fabric_core::policy::hub::{HubHealth, Reported};
+use fabric_core::policy::hub::{self, HubHealth, Reported};
 use fabric_core::tensor::{NamedTensor, Tensor};
 use fabric_core::tls::{self, Role, TlsFiles};
 use fabric_core::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
@@ -152,8 +152,7 @@ struct HubLink {
     name: Mutex<String>,
     in_flight: AtomicU32,
     health: Mutex<HubHealth>,
-    /// Moving average of the answer time in microseconds; 0 before the first answer.
-    answer_us: AtomicU64,
+
     /// Whether the current connection has shown the hub accepted this node (an answer or a load report).
     proven: AtomicBool,
     /// Connection attempts since start.
@@ -186,18 +185,20 @@ impl HubLink {
         self.with_health(|h| h.reported(load, Instant::now()));
     }
 
+    /// The expected answer time (twice the round trip before the first answer).
     fn expected(&self, conn: &quinn::Connection) -> Duration {
-        match self.answer_us.load(Ordering::Relaxed) {
-            0 => conn.rtt() * 2,
-            us => Duration::from_micros(us),
-        }
+        let fallback = conn.rtt() * 2;
+        self.health.lock().map(|h| h.expected(fallback)).unwrap_or(fallback)
+    }
+
+    /// How long to wait for this hub before trying elsewhere.
+    fn patience(&self, conn: &quinn::Connection) -> Duration {
+        let fallback = conn.rtt() * 2;
+        self.health.lock().map(|h| h.patience(fallback)).unwrap_or(fallback)
     }
 
     fn record_answer(&self, took: Duration) {
-        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let old = self.answer_us.load(Ordering::Relaxed);
-        let new = if old == 0 { sample } else { old - old / 5 + sample / 5 };
-        self.answer_us.store(new.max(1), Ordering::Relaxed);
+        self.with_health(|h| h.answered_in(took));
     }
 }
 
@@ -265,7 +266,6 @@ impl Offloader {
                     name: Mutex::new(h.addr.clone()),
                     in_flight: AtomicU32::new(0),
                     health: Mutex::new(HubHealth::default()),
-                    answer_us: AtomicU64::new(0),
                     proven: AtomicBool::new(false),
                     attempts: AtomicU64::new(0),
                 }))
@@ -282,14 +282,16 @@ impl Offloader {
     /// Hubs that are connected and have room, least loaded first.
     fn candidates(&self) -> Vec<(Arc<HubLink>, quinn::Connection)> {
         let now = Instant::now();
-        let mut up: Vec<_> = self
+        let up: Vec<_> = self
             .hubs
             .iter()
             .filter(|h| h.has_room(now))
             .filter_map(|h| h.connection().map(|c| (h.clone(), c)))
             .collect();
-        up.sort_by_key(|(h, _)| h.reported_in_flight(now) + h.in_flight.load(Ordering::Relaxed));
-        up
+        let loads: Vec<u32> =
+            up.iter().map(|(h, _)| h.reported_in_flight(now) + h.in_flight.load(Ordering::Relaxed)).collect();
+        let mut slots: Vec<Option<(Arc<HubLink>, quinn::Connection)>> = up.into_iter().map(Some).collect();
+        hub::by_load(&loads).into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect()
     }
 
     /// Hubs connected right now.
@@ -502,9 +504,7 @@ impl Overflow for Offloader {
                 if now >= deadline {
                     break;
                 }
-                // A hub that answers in 10 ms and has not in 4x that is probably gone: give up on it
-                // early, so the rest of the budget can still be spent locally or on another hub.
-                let patience = (link.expected(&conn) * 4).max(Duration::from_millis(50));
+                let patience = link.patience(&conn);
                 let attempt_deadline = deadline.min(now + patience);
                 let result = {
                     // Uncounted when the attempt ends, or when this future is dropped (the client left).

@@ -21,6 +21,13 @@ pub const WINDOW_START: f64 = 8.0;
 /// Largest window.
 pub const WINDOW_MAX: f64 = 4096.0;
 
+/// Weight of the newest answer time in the moving average, in fifths.
+const ANSWER_WEIGHT_FIFTHS: u32 = 1;
+/// The shortest patience: below it, scheduling noise alone would give up on healthy hubs.
+pub const MIN_PATIENCE: Duration = Duration::from_millis(50);
+/// How many usual answer times to wait for a hub before giving up on it for this request.
+pub const PATIENCE_FACTOR: u32 = 4;
+
 /// A hub's own report of its load.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reported {
@@ -37,15 +44,46 @@ pub struct HubHealth {
     rest_until: Option<Instant>,
     next_rest: Duration,
     window: f64,
+    /// Moving average of the time to an answer (timeouts included, as lower bounds).
+    answer: Option<Duration>,
 }
 
 impl Default for HubHealth {
     fn default() -> Self {
-        HubHealth { report: None, rest_until: None, next_rest: REST_MIN, window: WINDOW_START }
+        HubHealth { report: None, rest_until: None, next_rest: REST_MIN, window: WINDOW_START, answer: None }
     }
 }
 
+/// Orders hubs for a request: the least loaded first (their reported load plus what this edge has in
+/// flight to them); equal loads keep their configured order.
+pub fn by_load(loads: &[u32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..loads.len()).collect();
+    order.sort_by_key(|&i| loads[i]);
+    order
+}
+
 impl HubHealth {
+    /// The expected time to an answer: the moving average, or `fallback` (twice the round trip, say)
+    /// before the first answer.
+    pub fn expected(&self, fallback: Duration) -> Duration {
+        self.answer.unwrap_or(fallback)
+    }
+
+    /// How long to wait for this hub's answer before trying elsewhere: a hub that answers in 10 ms
+    /// and has not in 40 is probably gone, and the rest of the budget can still be spent locally.
+    pub fn patience(&self, fallback: Duration) -> Duration {
+        self.expected(fallback).saturating_mul(PATIENCE_FACTOR).max(MIN_PATIENCE)
+    }
+
+    /// An answer came after `took` (or an attempt timed out after it: a lower bound, recorded all the
+    /// same, or a hub too slow to ever answer in time would keep the estimate of its last good answers).
+    pub fn answered_in(&mut self, took: Duration) {
+        self.answer = Some(match self.answer {
+            None => took,
+            Some(avg) => avg - avg * ANSWER_WEIGHT_FIFTHS / 5 + took * ANSWER_WEIGHT_FIFTHS / 5,
+        });
+    }
+
     /// Whether the hub may take one more request at `now`, with `sending` of ours already in flight to it.
     pub fn has_room(&self, now: Instant, sending: u32) -> bool {
         if self.rest_until.is_some_and(|t| now < t) || f64::from(sending) >= self.window.floor().max(1.0) {
@@ -132,6 +170,26 @@ mod tests {
         h.busy(t0 + 500 * MS);
         assert!(h.has_room(t0 + 551 * MS, 0), "rest back to 50 ms after a served request");
         assert_eq!(h.in_flight(t0 + 551 * MS), 0);
+    }
+
+    #[test]
+    fn answer_times_patience_and_order() {
+        let mut h = HubHealth::default();
+        let rtt2 = 2 * MS;
+        #[rustfmt::skip]
+        let before: [(&str, Duration, Duration); 2] = [
+            ("no answer yet: the fallback", h.expected(rtt2), rtt2),
+            ("patience never under the minimum", h.patience(rtt2), MIN_PATIENCE),
+        ];
+        for (label, got, want) in before {
+            assert_eq!(got, want, "{label}");
+        }
+        h.answered_in(20 * MS);
+        assert_eq!(h.expected(rtt2), 20 * MS, "the first answer is the estimate");
+        assert_eq!(h.patience(rtt2), 80 * MS, "four usual answer times");
+        h.answered_in(70 * MS); // a timeout: 20 + (70 - 20) / 5
+        assert_eq!(h.expected(rtt2), 30 * MS);
+        assert_eq!(by_load(&[5, 1, 3, 1]), vec![1, 3, 2, 0], "least loaded first, ties in order");
     }
 
     #[test]
