@@ -40,6 +40,19 @@ impl TensorSpec {
         self.shape.first() == Some(&-1)
     }
 
+    /// A concrete shape: `rows` for a dynamic leading dimension, 1 for other dynamic ones.
+    pub fn shape_with_rows(&self, rows: usize) -> Vec<usize> {
+        self.shape
+            .iter()
+            .enumerate()
+            .map(|(axis, &d)| match usize::try_from(d) {
+                Ok(n) => n,
+                Err(_) if axis == 0 => rows,
+                Err(_) => 1,
+            })
+            .collect()
+    }
+
     /// The dimensions after the leading one (empty for scalars).
     pub fn inner_dims(&self) -> &[i64] {
         self.shape.get(1..).unwrap_or(&[])

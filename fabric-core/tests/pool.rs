@@ -165,20 +165,7 @@ fn inputs_for(meta: &ModelMetadata, rows: usize, seed: u64) -> Vec<NamedTensor> 
     meta.inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<usize> = spec
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(axis, &d)| {
-                    if d >= 0 {
-                        d as usize
-                    } else if axis == 0 {
-                        rows
-                    } else {
-                        1
-                    }
-                })
-                .collect();
+            let shape = spec.shape_with_rows(rows);
             let n: usize = shape.iter().product();
             let x = |i: usize| ((i as f64 + 1.0) * 0.731 + seed as f64 * 1.37).sin();
             let tensor = match spec.datatype {

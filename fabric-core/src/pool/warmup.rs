@@ -48,20 +48,7 @@ fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, T
         .inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<usize> = spec
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(axis, &d)| {
-                    if d >= 0 {
-                        d as usize
-                    } else if axis == 0 {
-                        rows
-                    } else {
-                        1
-                    }
-                })
-                .collect();
+            let shape = spec.shape_with_rows(rows);
             let bytes = shape.iter().product::<usize>() * spec.datatype.size().unwrap_or(1);
             Tensor::from_bytes(spec.datatype, shape, vec![0; bytes])
         })
