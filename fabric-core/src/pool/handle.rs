@@ -1,31 +1,33 @@
-//! What callers hold: a pool's address, the model's metadata, and the view the pool publishes, so
-//! that a request is validated and routed (admission) before it is sent, and answered by its deadline.
+//! What callers hold: a pool's queue and address and the model's metadata, so that a request is
+//! validated, admitted (on the queue's exact state) and queued from the caller's own thread, and
+//! answered by its deadline.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::{GetStatus, ModelPool, PoolError, PoolReply, PoolStatus, Refused, SetReplicas, SharedView, Submit};
+use super::queue::Intake;
+use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas};
 use crate::model::ModelMetadata;
-use crate::policy::admission::{self, Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad};
+use crate::policy::admission::{Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad};
 use crate::tensor::{NamedTensor, Tensor};
 
 /// What callers hold: the pool's address and what is needed to validate requests before queueing.
 #[derive(Clone)]
 pub struct PoolHandle {
     pub(super) addr: Addr<ModelPool>,
+    pub(super) intake: Arc<Intake>,
     pub(super) metadata: Arc<ModelMetadata>,
     pub(super) batched: bool,
     pub(super) on_gpu: bool,
     pub(super) max_batch_size: usize,
-    pub(super) queue_capacity: usize,
-    pub(super) admission: AdmissionSettings,
-    pub(super) view: Arc<SharedView>,
+    /// Hands out unique batch keys for requests of models that cannot share a batch.
+    pub(super) solo_keys: Arc<AtomicU64>,
 }
 
 impl PoolHandle {
@@ -82,26 +84,16 @@ impl PoolHandle {
             hasher.finish()
         } else {
             // A key of its own: the batcher never joins it with another request.
-            self.view.next_solo_key.fetch_add(1, Ordering::Relaxed)
+            self.solo_keys.fetch_add(1, Ordering::Relaxed)
         };
         let (reply, rx) = oneshot::channel();
-        let (give_back, returned) = match hub {
-            Some(_) => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
-        let submit = Submit { inputs, hub, give_back, rows, shape_key, arrived, deadline, reply };
-        if let Err(e) = self.addr.try_send(submit) {
-            let (error, submit) = match e {
-                SendError::Full(s) => (PoolError::Saturated, s),
-                SendError::Closed(s) => (PoolError::Stopped, s),
-            };
-            let inputs = hub.map(|_| self.named(submit.inputs));
+        let pending = Pending { inputs, rows, shape_key, arrived, deadline, reply };
+        if let Err((error, refused)) = self.intake.submit(pending, hub) {
+            // Turned away at the door: with a hub at hand, the inputs go back for it.
+            let inputs = hub.map(|_| self.named(refused.inputs));
             return Err(Refused { error, inputs });
         }
-        // The pool answers expired requests itself; this bound only guards against a pool that stopped.
+        // The queue answers expired requests itself; this bound only guards against a pool that stopped.
         let guard = tokio::time::Instant::from_std(deadline + Duration::from_millis(50));
         let error = match tokio::time::timeout_at(guard, rx).await {
             Ok(Ok(Ok(reply))) => return Ok(reply),
@@ -112,9 +104,7 @@ impl PoolHandle {
                 timeout: deadline.saturating_duration_since(arrived),
             },
         };
-        // Sent before the refusal, so it is there now if the pool turned the request away at the door.
-        let inputs = returned.and_then(|mut rx| rx.try_recv().ok()).map(|t| self.named(t));
-        Err(Refused { error, inputs })
+        Err(Refused { error, inputs: None })
     }
 
     /// Inputs in graph order, named again.
@@ -124,14 +114,6 @@ impl PoolHandle {
 
     /// Where a request should go now: here, to a hub (when `hub` says one could answer in time), or nowhere.
     pub fn admission(&self, inputs: &[NamedTensor], deadline: Instant, hub: Option<OffloadView>) -> Admission {
-        let v = &self.view;
-        let load = PoolLoad {
-            queued_requests: v.queued_requests.load(Ordering::Relaxed),
-            queued_rows: v.queued_rows.load(Ordering::Relaxed),
-            replicas: v.replicas.load(Ordering::Relaxed),
-            busy_replicas: v.busy.load(Ordering::Relaxed),
-            loading: v.loading.load(Ordering::Relaxed),
-        };
         let rows = self
             .metadata
             .inputs
@@ -140,17 +122,7 @@ impl PoolHandle {
             .find(|(spec, _)| spec.has_dynamic_leading())
             .map(|(_, t)| t.tensor.batch_size())
             .unwrap_or(1);
-        let input = admission_input(
-            self.batched,
-            rows,
-            deadline.saturating_duration_since(Instant::now()),
-            self.queue_capacity,
-            v.batch_limit.load(Ordering::Relaxed).max(1),
-            load,
-            self.admission,
-        );
-        let service = v.service.lock().ok().and_then(|s| s.clone());
-        admission::admit_or_offload(&input, |rows| service.as_ref().and_then(|s| s.estimate(rows)), hub)
+        self.intake.admission(rows, deadline, hub)
     }
 
     /// Changes the replica count.
@@ -163,9 +135,9 @@ impl PoolHandle {
         self.addr.send(GetStatus).await.map_err(|_| PoolError::Stopped)
     }
 
-    /// Replicas ready to serve now (from the published view, without a round trip to the pool).
+    /// Replicas ready to serve now (without a round trip to the pool actor).
     pub fn ready_replicas(&self) -> usize {
-        self.view.replicas.load(Ordering::Relaxed)
+        self.intake.counts().0
     }
 }
 

@@ -1,9 +1,11 @@
 //! The model actors: one [`ModelPool`] per loaded model version, and its [`Replica`]s.
 //!
-//! The pool is an actix actor owning a bounded queue. A request is admitted or refused at the door
-//! ([`policy::admission`]), queued oldest first, and batched ([`policy::batching`]) onto an idle
-//! replica. Each replica is a sync actor on its own thread that owns one engine; it joins the batch,
-//! runs it and splits the outputs back, so the pool's own thread only moves requests around.
+//! A request is admitted or refused at the door ([`policy::admission`]) by its caller, under the
+//! queue's lock, queued oldest first, and taken in batches ([`policy::batching`]) by idle replicas:
+//! threads that each own one engine, join the batch, run it, split the outputs back and answer every
+//! request themselves. No actor sits on that path (one wake-up per batch for the replica, one per
+//! request for its answer); the pool actor supervises: it loads, retires and replaces replicas, and
+//! runs the watchdog.
 //!
 //! Every request is answered exactly once: with outputs, with a refusal at admission, with "deadline
 //! exceeded" when it can no longer make it, or with an error when its replica fails. A replica that
@@ -15,35 +17,34 @@
 //! per engine call: its outputs cannot be split by rows.
 //!
 //! Layout: this module holds the settings, errors and status, and the actor's state and messages;
-//! [`handle`] is what callers hold ([`PoolHandle`]: submit, admission on the published view, status); [`scheduler`] queues, expires and dispatches batches;
-//! [`supervisor`] loads, retries, retires and replaces replicas (and times engine calls with the
-//! watchdog); [`replica`] is the engine thread; [`batch`] joins requests into one batch and splits
-//! the outputs back (pure); [`warmup`] times batch sizes on a fresh engine.
+//! [`handle`] is what callers hold ([`PoolHandle`]: submit, admission, status); [`queue`] is the
+//! shared queue (admission, batch taking, expiry, the watchdog's check); [`supervisor`] loads,
+//! retries, retires and replaces replicas; [`replica`] is the engine thread; [`batch`] joins requests
+//! into one batch and splits the outputs back (pure); [`warmup`] times batch sizes on a fresh engine.
 
 mod batch;
 mod handle;
+mod queue;
 mod replica;
-mod scheduler;
 mod supervisor;
 mod warmup;
 
 pub use handle::PoolHandle;
 pub use warmup::warmup_sizes;
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use self::replica::Replica;
+use self::queue::Intake;
 use self::warmup::{bytes_per_row, warm, Warmup};
 use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
 use crate::model::InputError;
-use crate::policy::admission::{AdmissionSettings, OffloadView};
+use crate::policy::admission::AdmissionSettings;
 use crate::policy::batching::Queued;
 use crate::policy::service_time::ServiceTimes;
 use crate::tensor::{NamedTensor, Tensor};
@@ -190,21 +191,12 @@ impl PoolError {
 
 type ReplyTx = oneshot::Sender<Result<PoolReply, PoolError>>;
 
-/// A request for the pool: inputs already validated and in graph order.
-struct Submit {
-    inputs: Vec<Tensor>,
-    /// A hub that could take the request instead: the pool then holds it to the local wait target.
-    hub: Option<OffloadView>,
-    /// Where to hand the inputs back if the request is turned away at admission.
-    give_back: Option<oneshot::Sender<Vec<Tensor>>>,
-    rows: usize,
-    shape_key: u64,
-    arrived: Instant,
-    deadline: Instant,
-    reply: ReplyTx,
+/// A replica's engine panicked (its thread has ended; its batch was answered).
+struct ReplicaGone {
+    reason: String,
 }
 
-impl Message for Submit {
+impl Message for ReplicaGone {
     type Result = ();
 }
 
@@ -267,55 +259,22 @@ impl Pending {
     }
 }
 
-struct Slot {
-    id: u64,
-    addr: Addr<Replica>,
-    busy: bool,
-    retiring: bool,
-}
-
-/// The pool's state as callers see it, published after every change, for admission decisions
-/// taken before a request reaches the pool (local, offload or refuse).
-#[derive(Default)]
-struct SharedView {
-    queued_requests: AtomicUsize,
-    queued_rows: AtomicUsize,
-    replicas: AtomicUsize,
-    loading: AtomicUsize,
-    busy: AtomicUsize,
-    batch_limit: AtomicUsize,
-    service: Mutex<Option<ServiceTimes>>,
-    /// Hands out unique batch keys for requests of models that cannot share a batch.
-    next_solo_key: AtomicU64,
-}
-
-/// The actor that queues and batches requests for one model version.
+/// The actor that supervises one model version's replicas (the queue is [`Intake`], shared).
 pub struct ModelPool {
     label: (String, String),
-    config: PoolConfig,
-    batched: bool,
-    /// Rows of the largest warm-up batch (and the service-time table's size).
-    batch_cap: usize,
     factory: EngineFactory,
     /// Batch sizes to measure at warm-up (their inputs are made one at a time, then dropped).
     warmup: Arc<Warmup>,
     metrics: Metrics,
-    queue: VecDeque<Pending>,
-    queued_rows: usize,
-    slots: Vec<Slot>,
+    intake: Arc<Intake>,
     target_replicas: usize,
     loading: usize,
     restarts: u64,
-    next_slot: u64,
+    next_replica: u64,
     last_error: Option<String>,
-    /// Batches dispatched since start (every so often one may grow past the preferred size).
-    dispatched: u64,
     /// Delay before the next load retry, and when it may start.
     retry_backoff: Duration,
     retry_at: Option<Instant>,
-    service: ServiceTimes,
-    timer: Option<(Instant, SpawnHandle)>,
-    view: Arc<SharedView>,
 }
 
 impl ModelPool {
@@ -345,51 +304,47 @@ impl ModelPool {
         let sizes = warmup_sizes(batch_cap, bytes_per_row(&metadata), config.warmup_max_bytes);
         let warmup = Arc::new(Warmup { metadata: metadata.clone(), sizes });
         let config = PoolConfig { max_batch_size, ..config };
-        let view = Arc::new(SharedView::default());
-        let (queue_capacity, admission) = (config.queue_capacity, config.admission);
+        let label = (model.to_string(), version.to_string());
+        // The first replica is warmed before the pool takes requests, so "ready" means ready.
+        let warmup_first = warmup.clone();
+        let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup_first))
+            .await
+            .map_err(|e| EngineError::Thread { what: "warm-up", reason: e.to_string() })?;
+        let mut service = ServiceTimes::new(max_batch_size);
+        for (rows, took) in timings {
+            service.record(rows, took);
+        }
         let target = config.replicas.max(1);
+        let intake = Arc::new(Intake::new(config, batched, batch_cap, service, label.clone(), metrics.clone()));
         let pool = ModelPool {
-            label: (model.to_string(), version.to_string()),
-            service: ServiceTimes::new(max_batch_size),
-            config,
-            batched,
-            batch_cap,
+            label,
             factory,
             warmup,
             metrics,
-            queue: VecDeque::new(),
-            queued_rows: 0,
-            slots: Vec::new(),
+            intake: intake.clone(),
             target_replicas: target,
             loading: 0,
             restarts: 0,
-            next_slot: 0,
+            next_replica: 0,
             last_error: None,
-            dispatched: 0,
             retry_backoff: MIN_LOAD_RETRY,
             retry_at: None,
-            timer: None,
-            view: view.clone(),
         };
-        // The first replica is warmed before the pool takes requests, so "ready" means ready.
-        let warmup = pool.warmup.clone();
-        let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup))
-            .await
-            .map_err(|e| EngineError::Thread { what: "warm-up", reason: e.to_string() })?;
         let addr = ModelPool::create(move |ctx| {
             let mut pool = pool;
-            for (rows, took) in timings {
-                pool.record_service(rows, took);
-            }
             pool.add_replica(first, ctx);
             pool.converge(ctx);
             pool
         });
-        Ok(PoolHandle { addr, metadata, batched, on_gpu, max_batch_size, queue_capacity, admission, view })
-    }
-
-    fn labels(&self) -> [&str; 2] {
-        [&self.label.0, &self.label.1]
+        Ok(PoolHandle {
+            addr,
+            intake,
+            metadata,
+            batched,
+            on_gpu,
+            max_batch_size,
+            solo_keys: Arc::new(AtomicU64::new(0)),
+        })
     }
 }
 
@@ -397,14 +352,11 @@ impl Actor for ModelPool {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Requests wait in our own queue; the mailbox only needs to absorb bursts between turns.
-        ctx.set_mailbox_capacity(self.config.queue_capacity.max(16) * 4);
+        ctx.run_interval(supervisor::CHECK_EVERY, |pool, ctx| pool.check(ctx));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        for p in self.queue.drain(..) {
-            p.answer(Err(PoolError::Stopped));
-        }
+        self.intake.stop();
     }
 }
 
@@ -414,7 +366,6 @@ impl Handler<SetReplicas> for ModelPool {
     fn handle(&mut self, msg: SetReplicas, ctx: &mut Context<Self>) {
         self.target_replicas = msg.0;
         self.converge(ctx);
-        self.schedule(ctx);
     }
 }
 
@@ -422,12 +373,13 @@ impl Handler<GetStatus> for ModelPool {
     type Result = MessageResult<GetStatus>;
 
     fn handle(&mut self, _msg: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let (replicas, busy, queued) = self.intake.counts();
         MessageResult(PoolStatus {
             target: self.target_replicas,
-            replicas: self.active_replicas(),
-            busy: self.slots.iter().filter(|s| s.busy).count(),
+            replicas,
+            busy,
             loading: self.loading,
-            queued: self.queue.len(),
+            queued,
             restarts: self.restarts,
             last_error: self.last_error.clone(),
         })

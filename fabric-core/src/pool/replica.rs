@@ -1,45 +1,60 @@
-//! A replica: one engine on a thread of its own (an actix sync actor), running the batches the pool
-//! hands it. A panic in the engine is caught, reported, and the replica replaced.
+//! A replica: one engine on a thread of its own, taking batches from the queue, running them, and
+//! answering each request itself. A panic in the engine is caught: the batch gets an error, the
+//! thread ends, and the pool replaces it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 
 use super::batch;
+use super::queue::{answer_all, Intake, Leave};
+use super::{ModelPool, PoolError, PoolReply, ReplicaGone};
 use crate::engine::{Engine, EngineError};
 use crate::tensor::Tensor;
 
-/// One engine on its own thread.
-pub struct Replica {
-    pub(super) engine: Option<Box<dyn Engine>>,
-}
-
-impl Actor for Replica {
-    type Context = SyncContext<Self>;
-}
-
-/// Requests of one batch, each with its inputs in graph order.
-pub(super) struct RunBatch {
-    pub(super) requests: Vec<Vec<Tensor>>,
-}
-
-/// Outputs per request, and how long the engine took.
-pub(super) struct BatchOutput {
-    pub(super) per_request: Vec<Vec<Tensor>>,
-    pub(super) took: Duration,
-}
-
-/// How a batch failed.
-pub(super) enum ReplicaFailure {
-    /// The engine returned an error (the replica is fine).
-    Engine(String),
-    /// The engine panicked (the replica is replaced).
-    Panicked(String),
-}
-
-impl Message for RunBatch {
-    type Result = Result<BatchOutput, ReplicaFailure>;
+/// Starts replica `id` on a thread of its own; it tells `pool` when it dies.
+pub(super) fn spawn(
+    id: u64,
+    mut engine: Box<dyn Engine>,
+    intake: Arc<Intake>,
+    pool: Addr<ModelPool>,
+    name: String,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name(name).spawn(move || loop {
+        let batch = match intake.next_batch(id) {
+            Ok(batch) => batch,
+            Err(Leave::Retired | Leave::Abandoned | Leave::Stopped) => return,
+        };
+        let started = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| run_batch(engine.as_mut(), &batch.requests))) {
+            Ok(Ok(per_request)) => {
+                let took = started.elapsed();
+                let mut outputs = per_request.into_iter();
+                let rows = batch.rows;
+                answer_all(&batch.replies, || match outputs.next() {
+                    Some(outputs) => Ok(PoolReply { outputs, batch_rows: rows }),
+                    None => Err(PoolError::Engine("the engine returned fewer outputs than requests".into())),
+                });
+                intake.finish(batch.id, batch.rows, Some(took));
+            }
+            Ok(Err(e)) => {
+                let message = e.to_string();
+                answer_all(&batch.replies, || Err(PoolError::Engine(message.clone())));
+                intake.finish(batch.id, batch.rows, None);
+            }
+            Err(panic) => {
+                let message = panic_message(&*panic);
+                answer_all(&batch.replies, || Err(PoolError::ReplicaFailed(message.clone())));
+                intake.finish(batch.id, batch.rows, None);
+                intake.replica_gone();
+                pool.do_send(ReplicaGone { reason: message });
+                return; // the engine may be broken: this thread ends, the pool loads another
+            }
+        }
+    })?;
+    Ok(())
 }
 
 /// Joins the requests into one batch, runs it, and splits the outputs back per request.
@@ -51,25 +66,6 @@ fn run_batch(engine: &mut dyn Engine, requests: &[Vec<Tensor>]) -> Result<Vec<Ve
     let (joined, rows) = batch::join(requests)?;
     let outputs = engine.run_ordered(&joined.iter().collect::<Vec<_>>())?;
     Ok(batch::split(outputs, &rows)?)
-}
-
-impl Handler<RunBatch> for Replica {
-    type Result = Result<BatchOutput, ReplicaFailure>;
-
-    fn handle(&mut self, msg: RunBatch, _ctx: &mut SyncContext<Self>) -> Self::Result {
-        let Some(engine) = self.engine.as_mut() else {
-            return Err(ReplicaFailure::Panicked("replica has no engine".into()));
-        };
-        let start = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| run_batch(engine.as_mut(), &msg.requests))) {
-            Ok(Ok(per_request)) => Ok(BatchOutput { per_request, took: start.elapsed() }),
-            Ok(Err(e)) => Err(ReplicaFailure::Engine(e.to_string())),
-            Err(panic) => {
-                self.engine = None;
-                Err(ReplicaFailure::Panicked(panic_message(&*panic)))
-            }
-        }
-    }
 }
 
 /// The message a panic carried.

@@ -1,29 +1,32 @@
-//! The pool's supervision of its replicas: loading (with retries and backoff after a failure), warming,
-//! adding, retiring (idle ones first) and replacing them, and the watchdog that bounds each engine call.
+//! The pool actor's supervision of its replicas: loading (with retries and backoff after a failure),
+//! warming, adding, retiring (idle ones first) and replacing them, and the periodic check that fails
+//! batches past the watchdog and expires queued requests that can no longer make their deadline.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::replica::{panic_message, Replica};
+use super::replica::{self, panic_message};
 use super::warmup::warm;
-use super::{ModelPool, Slot, MAX_LOAD_RETRY, MIN_LOAD_RETRY, MIN_WATCHDOG};
+use super::{ModelPool, ReplicaGone, MAX_LOAD_RETRY, MIN_LOAD_RETRY};
 use crate::engine::Engine;
+
+/// How often the watchdog looks at running batches (and expires hopeless queued requests).
+pub(super) const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 impl ModelPool {
     /// Runs the warm-up batches on a fresh engine (seeding the service-time table), then adds it.
     pub(super) fn warm_and_add(&mut self, engine: Box<dyn Engine>, ctx: &mut Context<Self>) {
         let warmup = self.warmup.clone();
-        self.loading += 1;
+        self.set_loading(self.loading + 1);
         let fut = actix_rt::task::spawn_blocking(move || warm(engine, &warmup));
         ctx.spawn(fut.into_actor(self).map(|result, pool, ctx| {
-            pool.loading -= 1;
+            pool.set_loading(pool.loading - 1);
             match result {
                 Ok((engine, timings)) => {
                     for (rows, took) in timings {
-                        pool.record_service(rows, took);
+                        pool.intake.record_service(rows, took);
                     }
                     pool.add_replica(engine, ctx);
                 }
@@ -33,24 +36,34 @@ impl ModelPool {
         }));
     }
 
+    pub(super) fn set_loading(&mut self, n: usize) {
+        self.loading = n;
+        self.intake.set_loading(n);
+    }
+
+    /// Starts a replica thread for a loaded, warmed engine (unless the pool shrank meanwhile).
     pub(super) fn add_replica(&mut self, engine: Box<dyn Engine>, ctx: &mut Context<Self>) {
         // A load worked: the next failure starts its backoff afresh.
         self.retry_backoff = MIN_LOAD_RETRY;
-        if self.slots.iter().filter(|s| !s.retiring).count() >= self.target_replicas {
+        if self.active_replicas() >= self.target_replicas {
             return; // scaled down while this one loaded
         }
         self.last_error = None;
-        let cell = Mutex::new(Some(engine));
-        let addr = SyncArbiter::start(1, move || Replica { engine: cell.lock().ok().and_then(|mut e| e.take()) });
-        self.next_slot += 1;
-        self.slots.push(Slot { id: self.next_slot, addr, busy: false, retiring: false });
+        self.next_replica += 1;
+        let name = format!("replica-{}-{}", self.label.0, self.next_replica);
+        self.intake.add_replica();
+        if let Err(e) = replica::spawn(self.next_replica, engine, self.intake.clone(), ctx.address(), name) {
+            self.intake.replica_gone();
+            self.load_failed(format!("cannot start a replica thread: {e}"), ctx);
+            return;
+        }
         self.publish_gauges();
         tracing::info!(model = %self.label.0, version = %self.label.1, replicas = self.active_replicas(), "replica ready");
-        self.schedule(ctx);
     }
 
+    /// Replicas running and staying (not asked to leave).
     pub(super) fn active_replicas(&self) -> usize {
-        self.slots.iter().filter(|s| !s.retiring).count()
+        self.intake.counts().0
     }
 
     /// Starts loads or retires replicas until the count matches the target. After a failed load, new
@@ -59,18 +72,17 @@ impl ModelPool {
         let active = self.active_replicas();
         if active + self.loading < self.target_replicas {
             if let Some(at) = self.retry_at {
-                let now = Instant::now();
-                if now < at {
+                if Instant::now() < at {
                     return; // a retry is scheduled for `at`
                 }
                 self.retry_at = None;
             }
             for _ in 0..(self.target_replicas - active - self.loading) {
                 let factory = self.factory.clone();
-                self.loading += 1;
+                self.set_loading(self.loading + 1);
                 let fut = actix_rt::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(|| factory())));
                 ctx.spawn(fut.into_actor(self).map(|result, pool, ctx| {
-                    pool.loading -= 1;
+                    pool.set_loading(pool.loading - 1);
                     let failure = match result {
                         Ok(Ok(Ok(engine))) => {
                             pool.warm_and_add(engine, ctx);
@@ -87,18 +99,8 @@ impl ModelPool {
                 }));
             }
         } else if active > self.target_replicas {
-            let mut surplus = active - self.target_replicas;
-            // Idle ones go first; busy ones finish their batch and then go.
-            for idle_first in [true, false] {
-                for slot in self.slots.iter_mut().filter(|s| !s.retiring && s.busy != idle_first) {
-                    if surplus == 0 {
-                        break;
-                    }
-                    slot.retiring = true;
-                    surplus -= 1;
-                }
-            }
-            self.slots.retain(|s| !(s.retiring && !s.busy));
+            // Idle replicas see it first and leave; busy ones finish their batch and then look.
+            self.intake.retire(active - self.target_replicas);
         }
         self.publish_gauges();
     }
@@ -114,14 +116,30 @@ impl ModelPool {
         ctx.run_later(delay, |pool, ctx| {
             pool.retry_at = None;
             pool.converge(ctx);
-            pool.schedule(ctx);
         });
     }
 
-    /// How long an engine call on `rows` rows may run.
-    pub(super) fn watchdog(&self, rows: usize) -> Duration {
-        self.config.watchdog.unwrap_or_else(|| {
-            self.expected_run(rows).map(|t| t.saturating_mul(10)).unwrap_or_default().max(MIN_WATCHDOG)
-        })
+    /// The watchdog and expiry check, every [`CHECK_EVERY`].
+    pub(super) fn check(&mut self, ctx: &mut Context<Self>) {
+        let abandoned = self.intake.check(Instant::now());
+        if abandoned > 0 {
+            self.restarts += abandoned as u64;
+            self.converge(ctx);
+        }
+    }
+
+    pub(super) fn publish_gauges(&self) {
+        let labels = [self.label.0.as_str(), self.label.1.as_str()];
+        self.metrics.replicas.with_label_values(&labels).set(self.active_replicas() as i64);
+    }
+}
+
+impl Handler<ReplicaGone> for ModelPool {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplicaGone, ctx: &mut Context<Self>) {
+        tracing::error!(model = %self.label.0, version = %self.label.1, "replica panicked, replacing it: {}", msg.reason);
+        self.restarts += 1;
+        self.converge(ctx);
     }
 }
