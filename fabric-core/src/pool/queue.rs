@@ -55,6 +55,10 @@ struct State {
     busy: usize,
     /// Replicas being loaded (kept by the supervisor, read by admission).
     loading: usize,
+    /// Replicas that died and whose replacement the supervisor has not started yet: admission counts
+    /// them as loading, so requests arriving in between queue for the replacement instead of being
+    /// refused for want of a replica.
+    replacing: usize,
     /// Replicas asked to stop: the next ones to come back idle exit.
     retire: usize,
     running: HashMap<u64, Running>,
@@ -104,6 +108,7 @@ impl Intake {
             replicas: 0,
             busy: 0,
             loading: 0,
+            replacing: 0,
             retire: 0,
             running: HashMap::new(),
             abandoned: HashSet::new(),
@@ -128,7 +133,7 @@ impl Intake {
             queued_rows: st.queued_rows,
             replicas: st.replicas.saturating_sub(st.retire),
             busy_replicas: st.busy,
-            loading: st.loading,
+            loading: st.loading + st.replacing,
         }
     }
 
@@ -304,10 +309,17 @@ impl Intake {
         }
     }
 
-    /// A replica died (its engine panicked): it no longer counts.
+    /// A replica died (its engine panicked): it no longer counts, and a replacement is on its way.
     pub(super) fn replica_gone(&self) {
         let mut st = self.lock();
         st.replicas = st.replicas.saturating_sub(1);
+        st.replacing += 1;
+    }
+
+    /// The supervisor has started the replacement of a replica that died.
+    pub(super) fn replacement_started(&self) {
+        let mut st = self.lock();
+        st.replacing = st.replacing.saturating_sub(1);
     }
 
     /// Fails batches that ran past the watchdog (their replicas are abandoned and must be replaced) and

@@ -46,9 +46,10 @@ pub(super) fn spawn(
             }
             Err(panic) => {
                 let message = panic_message(&*panic);
-                answer_all(&batch.replies, || Err(PoolError::ReplicaFailed(message.clone())));
+                // Counted out (and its replacement counted in) before anyone hears of it.
                 intake.finish(batch.id, batch.rows, None);
                 intake.replica_gone();
+                answer_all(&batch.replies, || Err(PoolError::ReplicaFailed(message.clone())));
                 pool.do_send(ReplicaGone { reason: message });
                 return; // the engine may be broken: this thread ends, the pool loads another
             }

@@ -54,6 +54,7 @@ impl ModelPool {
         self.intake.add_replica();
         if let Err(e) = replica::spawn(self.next_replica, engine, self.intake.clone(), ctx.address(), name) {
             self.intake.replica_gone();
+            self.intake.replacement_started();
             self.load_failed(format!("cannot start a replica thread: {e}"), ctx);
             return;
         }
@@ -141,5 +142,6 @@ impl Handler<ReplicaGone> for ModelPool {
         tracing::error!(model = %self.label.0, version = %self.label.1, "replica panicked, replacing it: {}", msg.reason);
         self.restarts += 1;
         self.converge(ctx);
+        self.intake.replacement_started();
     }
 }
