@@ -160,13 +160,6 @@ pub enum ConfigError {
     UnknownKey { path: String, key: String, expected: String },
 }
 
-/// Reads a TOML file into `T`; every missing key takes its default.
-pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
-}
-
 /// Reads a role's config file, refusing top-level keys it does not have. (serde cannot deny unknown
 /// fields of a struct that flattens another, so the top level is checked against the keys of the
 /// default config; the tables below deny their own unknown keys.)

@@ -203,6 +203,5 @@ fn is_overload(e: &PoolError) -> bool {
             | PoolError::QueueFull { .. }
             | PoolError::WouldMissDeadline { .. }
             | PoolError::NotReady
-            | PoolError::Saturated
     )
 }

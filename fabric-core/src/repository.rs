@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{model_config_with_overrides, ConfigError, ModelConfig, ServingConfig};
+use crate::config::{model_config_with_overrides, ModelConfig, ServingConfig};
 use crate::engine::{self, EngineError, EngineKind};
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, ServedModel};
@@ -36,9 +36,6 @@ pub enum RepositoryError {
     /// A folder cannot be listed.
     #[error("cannot list {path}: {source}")]
     Io { path: String, source: std::io::Error },
-    /// A model's config.toml is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
 }
 
 fn list_dirs(path: &Path) -> Result<Vec<PathBuf>, RepositoryError> {

@@ -19,7 +19,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from serving import BUILD, ROOT, machine  # noqa: E402
+from serving import BUILD, save_report, ROOT, machine  # noqa: E402
 
 REL = ROOT / "target" / "release"
 ROW = 1 << 20
@@ -97,11 +97,7 @@ def main():
         f"| loading the wide model (4 MiB a row; warm-up within its 64 MiB budget) | {load_peak / MIB:.0f} MiB | {(load_peak - base_peak) / MIB:.0f} MiB over the baseline | |",
         f"| serving one JSON request of {len(body) / MIB:.1f} MiB ({rows} rows) | {serve_peak / MIB:.0f} MiB | {growth / MIB:.0f} MiB over {before / MIB:.0f} MiB before it | {growth / len(body):.2f}x the body (target at most 2x) |",
     ]
-    report = "\n".join(lines)
-    out = BUILD / "bench" / f"memory-{time.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-    print(report + f"\n\nwritten to {out}")
+    save_report("memory", lines)
 
 
 if __name__ == "__main__":

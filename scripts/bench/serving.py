@@ -50,6 +50,15 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def save_report(kind, lines):
+    """Prints a markdown report and saves it as build/bench/<kind>-<date>.md."""
+    report = "\n".join(lines)
+    out = BUILD / "bench" / f"{kind}-{time.strftime('%Y-%m-%d')}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report + "\n")
+    print(report + f"\n\nwritten to {out}")
+
+
 def reference_input(model, case):
     manifest = json.loads((BUILD / "reference" / model / case / "manifest.json").read_text())
     entry = manifest["inputs"][0]

@@ -19,7 +19,7 @@ import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from serving import BUILD, LUA, machine, reference_input  # noqa: E402
+from serving import BUILD, save_report, LUA, machine, reference_input  # noqa: E402
 
 SECONDS = 8
 
@@ -82,11 +82,7 @@ def main():
     lines += [f"| {r['name']} | {r['rps']:.0f} | {r['per_request']:.2f} | {r['task_switch']:.1f}% |" for r in rows]
     for r in rows:
         lines += ["", f"Top symbols, {r['name']}:", "", "```", *r["top"], "```"]
-    report = "\n".join(lines)
-    out = BUILD / "bench" / f"wakeups-{time.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-    print(report + f"\n\nwritten to {out}")
+    save_report("wakeups", lines)
 
 
 if __name__ == "__main__":

@@ -141,9 +141,6 @@ pub enum PoolError {
     /// With a hub at hand, the expected wait here is over the local target: the caller offloads it.
     #[error("expected wait of {:.1} ms is over the local target of {:.1} ms while a hub can take it", wait.as_secs_f64() * 1e3, target.as_secs_f64() * 1e3)]
     OverWaitTarget { wait: Duration, target: Duration },
-    /// The pool's mailbox is full for a moment (a burst beyond the queue's intake).
-    #[error("model pool is saturated: its intake is full; retry shortly")]
-    Saturated,
     /// The replica running the batch failed (panicked, or ran past the watchdog).
     #[error("replica failed while running the batch: {0}")]
     ReplicaFailed(String),
@@ -164,7 +161,6 @@ impl PoolError {
             PoolError::QueueFull { .. }
             | PoolError::WouldMissDeadline { .. }
             | PoolError::NotReady
-            | PoolError::Saturated
             | PoolError::OverWaitTarget { .. }
             | PoolError::Stopped => ErrorCode::Busy,
             PoolError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
@@ -180,7 +176,6 @@ impl PoolError {
             PoolError::WouldMissDeadline { .. } => "would_miss_deadline",
             PoolError::DeadlineExceeded { .. } => "deadline_exceeded",
             PoolError::NotReady => "not_ready",
-            PoolError::Saturated => "saturated",
             PoolError::OverWaitTarget { .. } => "over_wait_target",
             PoolError::ReplicaFailed(_) => "replica_failed",
             PoolError::Engine(_) => "engine_error",
