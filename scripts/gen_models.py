@@ -5,7 +5,7 @@ Writes, under OUT (default build/):
   models/<name>/1/model.onnx      a model repository in Triton's layout (what edge-node serves)
   reference/<name>/<case>/        inputs and onnxruntime's own outputs for each case:
                                   manifest.json + one little-endian raw file per tensor
-  bad-models/<name>/model.onnx    models for the error tests (corrupt, op tract lacks)
+  bad-models/<name>/model.onnx    models for the error tests (corrupt, op tract lacks, opset 999)
 
 Every number the Rust tests compare against comes from here: onnxruntime (Python, CPU provider)
 computes the reference outputs, scikit-learn its own predictions for the trained classifier.
@@ -351,8 +351,16 @@ def main():
 
     save_model(make_wide(), os.path.join(out, "models", "wide", "1", "model.onnx"))
 
+    # The MLP's shape with other weights (its own seed, so the models above stay as they were): a
+    # version whose answers differ, for the shadow-traffic tests.
+    save_model(make_mlp(np.random.default_rng(7)), os.path.join(out, "models", "mlp_alt", "1", "model.onnx"))
+
     bad = os.path.join(out, "bad-models")
     save_model(make_unsupported(), os.path.join(bad, "unsupported", "model.onnx"))
+    # The MLP declaring an operator-set version no engine implements.
+    wrong_opset = make_mlp(np.random.default_rng(7))
+    wrong_opset.opset_import[0].version = 999
+    save_model(wrong_opset, os.path.join(bad, "wrong_opset", "model.onnx"), check=False)
     os.makedirs(os.path.join(bad, "corrupt"), exist_ok=True)
     with open(mlp_path, "rb") as f:
         head = f.read(4096)

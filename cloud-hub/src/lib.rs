@@ -109,8 +109,11 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         capacity: config.quic.max_in_flight,
     });
     io.spawn(quic::serve(endpoint.clone(), service));
-    let state = web::Data::new(HttpState::new("cloud-hub", models, metrics, &serving.http, None));
+    let state = web::Data::new(HttpState::new("cloud-hub", models, metrics, serving, None));
     let (server, addrs) = http::bind(state.clone(), &serving.http)?;
+    if let Some(admin) = fabric_core::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
+        println!("cloud-hub admin API on http://{admin}");
+    }
     state.ready.store(true, Ordering::Release);
     let http_bound = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
     tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded.loaded, failed = loaded.failed.len(), "cloud-hub ready");

@@ -38,8 +38,12 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
     let offloader = offload::Offloader::start(&config.offload)?;
     let loaded = serve::load_models(serving, &metrics).await?;
     let overflow = offloader.map(|o| o as Arc<dyn Overflow>);
-    let state = web::Data::new(HttpState::new("edge-node", loaded.models, metrics, &serving.http, overflow));
+    let state = web::Data::new(HttpState::new("edge-node", loaded.models, metrics, serving, overflow));
     let (server, addrs) = http::bind(state.clone(), &serving.http)?;
+    if let Some(admin) = fabric_core::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
+        // A line on stdout that scripts and tests wait for (before the ready line).
+        println!("edge-node admin API on http://{admin}");
+    }
     state.ready.store(true, Ordering::Release);
     let addr = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no address"))?;
     tracing::info!(%addr, models = loaded.loaded, failed = loaded.failed.len(), hubs = config.offload.hubs.len(),

@@ -38,6 +38,50 @@ impl Default for HttpConfig {
     }
 }
 
+/// The admin API (`/v2/fabric/...`: traffic policies, pool settings, the load report): a listener of
+/// its own, off by default and on 127.0.0.1 when on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Whether to serve it.
+    pub enabled: bool,
+    /// Address to listen on (keep it on 127.0.0.1 unless a proxy with TLS fronts it).
+    pub addr: String,
+    /// Bearer token that mutating calls must present (`Authorization: Bearer <token>`); or set
+    /// `token_file`, or the FABRIC_ADMIN_TOKEN environment variable. Required when enabled.
+    pub token: Option<String>,
+    /// File holding the token (its first line).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: false, addr: "127.0.0.1:8001".into(), token: None, token_file: None }
+    }
+}
+
+impl AdminConfig {
+    /// The token mutating calls need: `token`, else the first line of `token_file`, else
+    /// FABRIC_ADMIN_TOKEN.
+    pub fn resolve_token(&self) -> Result<String, String> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| format!("admin.token_file {}: {e}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            (None, None) => std::env::var("FABRIC_ADMIN_TOKEN").unwrap_or_default(),
+        };
+        let token = token.trim().to_string();
+        if token.len() < 16 {
+            return Err("the admin API needs a token of at least 16 characters: set admin.token, admin.token_file or FABRIC_ADMIN_TOKEN (e.g. `openssl rand -hex 16`)".into());
+        }
+        Ok(token)
+    }
+}
+
 /// Serving settings of one model; defaults for all, overridable in `<repo>/<model>/config.toml`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -105,6 +149,45 @@ impl ModelConfig {
     }
 }
 
+/// Keys of a Triton model configuration that describe the model itself (taken from the ONNX file here):
+/// accepted in a load's config override and ignored.
+const TRITON_DESCRIPTIVE_KEYS: &[&str] = &["name", "platform", "backend", "input", "output", "version_policy"];
+
+/// Applies a JSON override (a load's `config` parameter, or an admin reconfigure) on top of `base`.
+///
+/// Takes this config's own keys (`replicas`, `queue_capacity`, ...) and Triton's names for the same
+/// settings: `instance_group[*].count` (summed) for `replicas`, `dynamic_batching.max_queue_delay_microseconds`
+/// for `max_queue_delay_us`; Triton's descriptive keys (`name`, `input`, ...) are ignored, anything
+/// else is refused by name.
+pub fn model_config_with_json(base: &ModelConfig, overrides: &serde_json::Value) -> Result<ModelConfig, String> {
+    let serde_json::Value::Object(overrides) = overrides else {
+        return Err(format!("the config override must be a JSON object, got {overrides}"));
+    };
+    let mut merged = serde_json::to_value(base).map_err(|e| e.to_string())?;
+    let Some(fields) = merged.as_object_mut() else {
+        return Err("model config is not an object".into());
+    };
+    for (key, value) in overrides {
+        match key.as_str() {
+            "instance_group" => {
+                let groups = value.as_array().ok_or("instance_group must be a list")?;
+                let count: u64 = groups.iter().map(|g| g.get("count").and_then(|c| c.as_u64()).unwrap_or(1)).sum();
+                fields.insert("replicas".into(), count.into());
+            }
+            "dynamic_batching" => {
+                if let Some(delay) = value.get("max_queue_delay_microseconds") {
+                    fields.insert("max_queue_delay_us".into(), delay.clone());
+                }
+            }
+            k if TRITON_DESCRIPTIVE_KEYS.contains(&k) => {}
+            _ => {
+                fields.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    serde_json::from_value(merged).map_err(|e| format!("invalid config override: {e}"))
+}
+
 /// Where models come from and which engine runs them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,11 +199,35 @@ pub struct RepositoryConfig {
     /// Refuse to start when any model fails to load (Triton's `--exit-on-error`), instead of serving
     /// the others and reporting the failure in the model's `/ready` and the repository index.
     pub strict: bool,
+    /// `none`: serve what the repository holds at start; `explicit`: also load and unload models while
+    /// serving through the repository API (`POST /v2/repository/models/<m>/load`, Triton's
+    /// `--model-control-mode=explicit`).
+    pub control: ModelControl,
+    /// Where model files handed over in a load request are kept while they serve; default: a folder
+    /// in the system's temporary directory.
+    pub staging_path: Option<PathBuf>,
+}
+
+/// Whether the repository API may load and unload models (Triton's model control modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelControl {
+    /// The repository is loaded at start; load and unload requests are refused.
+    #[default]
+    None,
+    /// Load and unload requests are carried out.
+    Explicit,
 }
 
 impl Default for RepositoryConfig {
     fn default() -> Self {
-        RepositoryConfig { path: PathBuf::from("models"), engine: EngineKind::Tract, strict: false }
+        RepositoryConfig {
+            path: PathBuf::from("models"),
+            engine: EngineKind::Tract,
+            strict: false,
+            control: ModelControl::None,
+            staging_path: None,
+        }
     }
 }
 
@@ -137,6 +244,8 @@ pub struct ServingConfig {
     pub model_defaults: ModelConfig,
     /// ONNX Runtime (used by models served with the `ort` engine).
     pub ort: OrtOptions,
+    /// The admin API.
+    pub admin: AdminConfig,
 }
 
 impl ServingConfig {
@@ -216,7 +325,7 @@ mod tests {
         std::fs::write(&file, "[http]\nworkers = 2\n[modles]\npath = \"x\"\n")?;
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
         assert!(
-            err.to_string().contains("unknown key `modles` (the keys are http, model_defaults, models, ort)"),
+            err.to_string().contains("unknown key `modles` (the keys are admin, http, model_defaults, models, ort)"),
             "{err}"
         );
         std::fs::write(&file, "[http]\nworkerz = 2\n")?;
@@ -226,5 +335,36 @@ mod tests {
         assert_eq!(load_role_config::<ServingConfig>(&file)?.http.workers, 2);
         std::fs::remove_dir_all(&dir)?;
         Ok(())
+    }
+
+    #[test]
+    fn json_overrides_take_our_keys_and_tritons() {
+        let base = ModelConfig::default();
+        let cases: &[(&str, Result<(usize, usize, u64, usize), &str>)] = &[
+            (r#"{}"#, Ok((32, 1, 500, 1024))),
+            (r#"{"max_batch_size": 8, "replicas": 3}"#, Ok((8, 3, 500, 1024))),
+            (r#"{"instance_group": [{"count": 2, "kind": "KIND_CPU"}, {"count": 1}]}"#, Ok((32, 3, 500, 1024))),
+            (
+                r#"{"dynamic_batching": {"max_queue_delay_microseconds": 100}, "queue_capacity": 9}"#,
+                Ok((32, 1, 100, 9)),
+            ),
+            (
+                r#"{"name": "mlp", "platform": "onnxruntime_onnx", "input": [], "max_batch_size": 4}"#,
+                Ok((4, 1, 500, 1024)),
+            ),
+            (r#"{"max_batch": 8}"#, Err("unknown field `max_batch`")),
+            (r#"{"replicas": "two"}"#, Err("invalid type")),
+            (r#"[1]"#, Err("must be a JSON object")),
+        ];
+        for (json, want) in cases {
+            let value: serde_json::Value = serde_json::from_str(json).expect("test JSON");
+            let got = model_config_with_json(&base, &value)
+                .map(|c| (c.max_batch_size, c.replicas, c.max_queue_delay_us, c.queue_capacity));
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(&got, want, "{json}"),
+                (Err(e), Err(part)) => assert!(e.contains(part), "{json}: {e}"),
+                (got, want) => panic!("{json}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

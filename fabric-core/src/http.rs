@@ -15,12 +15,15 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
-use crate::config::HttpConfig;
+use crate::config::{HttpConfig, ServingConfig};
+use crate::control::NodeControl;
 use crate::dispatch::{DispatchError, Dispatcher, Overflow};
 use crate::kserve::{self, CodecError};
+use crate::load_report::Outcome;
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, RouteError, ServedModel};
 use crate::pool::PoolError;
+use crate::shadow::{self, ShadowStats};
 use crate::tensor::NamedTensor;
 use crate::wire::ErrorCode;
 
@@ -40,19 +43,24 @@ pub struct HttpState {
     pub ready: AtomicBool,
     /// Where requests are served: here, a hub, or nowhere.
     pub dispatcher: Dispatcher,
+    /// Live control of the models (repository and admin APIs).
+    pub control: Arc<NodeControl>,
 }
 
 impl HttpState {
-    /// The state for a server named `server_name` (not ready until the caller says so).
+    /// The state for a server named `server_name` (not ready until the caller says so); call inside
+    /// the actix system (control starts an arbiter).
     pub fn new(
         server_name: &str,
         models: Arc<ModelSet>,
         metrics: Metrics,
-        http: &HttpConfig,
+        serving: &ServingConfig,
         overflow: Option<Arc<dyn Overflow>>,
     ) -> HttpState {
+        let http = &serving.http;
         HttpState {
             server_name: server_name.to_string(),
+            control: NodeControl::new(server_name, serving.clone(), models.clone(), metrics.clone()),
             models,
             max_body_bytes: http.max_body_bytes,
             body_timeout: std::time::Duration::from_millis(http.body_timeout_ms),
@@ -76,7 +84,8 @@ impl ApiError {
         ApiError { status, message: message.into(), kind }
     }
 
-    fn response(&self) -> HttpResponse {
+    /// The error as a response.
+    pub fn response(&self) -> HttpResponse {
         HttpResponse::build(self.status).json(json!({ "error": self.message }))
     }
 }
@@ -130,6 +139,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/models/{model}/config", web::get().to(model_config))
         .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
         .route("/v2/repository/index", web::post().to(repository_index))
+        .configure(crate::admin::repository_routes)
         .route("/metrics", web::get().to(metrics));
 }
 
@@ -143,8 +153,10 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "live": true }))
 }
 
-/// Ready when every model in the repository serves (Triton's strict readiness): a model that failed
-/// to load, or has no replica now, makes the server not ready, with the reason.
+/// Ready when every model version the node started with serves (Triton's strict readiness): one
+/// that failed to load, or has no replica now, makes the server not ready, with the reason. Versions
+/// loaded later do not count (a probe must not restart a node because a new version is warming up);
+/// their own `/ready` says whether they serve.
 async fn ready(state: web::Data<HttpState>) -> HttpResponse {
     if !state.ready.load(Ordering::Acquire) {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "server is loading models").response();
@@ -154,6 +166,7 @@ async fn ready(state: web::Data<HttpState>) -> HttpResponse {
         .index(not_ready)
         .into_iter()
         .filter(|e| e.state != "READY")
+        .filter(|e| e.version.parse().is_ok_and(|v| state.models.is_startup(&e.name, v)))
         .map(|e| format!("{}/{}: {}", e.name, e.version, e.reason))
         .collect();
     if unavailable.is_empty() {
@@ -169,17 +182,34 @@ fn not_ready(model: &ServedModel) -> Option<String> {
     (model.pool.ready_replicas() == 0).then(|| "no replica is loaded".to_string())
 }
 
-/// Triton's repository index: every model version in the repository, with its state and the reason
-/// when it is unavailable.
-async fn repository_index(state: web::Data<HttpState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.models.index(not_ready))
+/// Triton's repository index: every model version known, with its state and the reason when it is
+/// unavailable; `{"ready": true}` lists only the ready ones.
+async fn repository_index(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let only_ready = match read_json(&state, &req, payload).await {
+        Ok(body) => body.get("ready").and_then(Value::as_bool).unwrap_or(false),
+        Err(e) => return e.response(),
+    };
+    let entries: Vec<_> =
+        state.models.index(not_ready).into_iter().filter(|e| !only_ready || e.state == "READY").collect();
+    HttpResponse::Ok().json(entries)
+}
+
+/// Reads a small JSON body (an empty one is `{}`); 400 for anything else.
+pub(crate) async fn read_json(state: &HttpState, req: &HttpRequest, payload: web::Payload) -> Result<Value, ApiError> {
+    let body = read_body(req, payload, state.max_body_bytes, state.body_timeout).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("the body is not valid JSON: {e}"))
+    })
 }
 
 async fn server_metadata(state: web::Data<HttpState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": state.server_name,
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration", "metrics"],
+        "extensions": ["binary_tensor_data", "model_configuration", "model_repository", "metrics"],
     }))
 }
 
@@ -319,18 +349,18 @@ async fn read_body_chunks(req: &HttpRequest, mut payload: web::Payload, limit: u
     Ok(body)
 }
 
-/// The served result of one request, encoded.
+/// The served result of one request, encoded, and who served it.
 struct Served {
     response: kserve::EncodedResponse,
+    served_by: String,
 }
 
-async fn serve(
+/// Reads and decodes an infer request's body.
+async fn read_request(
     state: &HttpState,
     req: &HttpRequest,
     payload: web::Payload,
-    model: &ServedModel,
-    arrived: Instant,
-) -> Result<Served, ApiError> {
+) -> Result<kserve::DecodedRequest, ApiError> {
     let body = read_body(req, payload, state.max_body_bytes, state.body_timeout).await?;
     let header_length = match req.headers().get(kserve::HEADER_LENGTH) {
         None => None,
@@ -342,18 +372,37 @@ async fn serve(
             )
         })?),
     };
-    let request = kserve::decode_request(&body, header_length)?;
-    drop(body);
+    Ok(kserve::decode_request(&body, header_length)?)
+}
+
+async fn serve(
+    state: &HttpState,
+    model: &ServedModel,
+    shadow: Option<(Arc<ServedModel>, Arc<ShadowStats>)>,
+    request: kserve::DecodedRequest,
+    arrived: Instant,
+) -> Result<Served, ApiError> {
     // Validate here, before any route is chosen: a request that does not fit the model gets its 400
     // whether it would have been served locally or by a hub.
     model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
     kserve::check_outputs(&request.outputs, model.pool.metadata().outputs.iter().map(|o| o.name.as_str()))?;
     let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
+    // A shadow copy runs beside the request; it gets the primary's outputs to compare, never the client.
+    let compare = shadow.map(|(shadow, stats)| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        shadow::spawn(shadow, stats, request.inputs.clone(), deadline, rx);
+        tx
+    });
     let done = state.dispatcher.infer(model, request.inputs, deadline).await.map_err(|e| match e {
         DispatchError::Pool(e) => ApiError::from(e),
         DispatchError::Invalid(msg) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", msg),
     })?;
-    finish(model, &request.id, &request.outputs, done.served_by, done.batch_rows, done.outputs)
+    if let Some(tx) = compare {
+        let _ = tx.send(done.outputs.clone());
+    }
+    let served_by = done.served_by.clone();
+    let response = finish(model, &request.id, &request.outputs, done.served_by, done.batch_rows, done.outputs)?;
+    Ok(Served { response, served_by })
 }
 
 /// Encodes outputs with the response parameters saying where they were served.
@@ -364,41 +413,62 @@ fn finish(
     served_by: String,
     batch_rows: Option<usize>,
     outputs: Vec<NamedTensor>,
-) -> Result<Served, ApiError> {
+) -> Result<kserve::EncodedResponse, ApiError> {
     let mut parameters: Map<String, Value> = Map::new();
     parameters.insert("served_by".into(), Value::from(served_by));
     if let Some(rows) = batch_rows {
         parameters.insert("batch_rows".into(), Value::from(rows));
     }
-    let response =
-        kserve::encode_response(&model.name, &model.version_str(), id.as_deref(), &parameters, &outputs, selection)?;
-    Ok(Served { response })
+    Ok(kserve::encode_response(&model.name, &model.version_str(), id.as_deref(), &parameters, &outputs, selection)?)
 }
 
 async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let arrived = Instant::now();
     let (name, version) = path_model(&req);
-    let model = match state.models.route(name, version) {
+    // An unknown model is answered before its body is read.
+    let known = match state.models.route(name, version) {
         Ok(m) => m,
         Err(e) => return ApiError::from(e).response(),
     };
-    let labels = [model.name.as_str(), &model.version_str()];
-    let result = serve(&state, &req, payload, &model, arrived).await;
+    // The version is chosen once the body is read: the traffic policy routes by the request's id.
+    // `routed`: whether the request reached a version (and counts in its load report).
+    let (model, routed, result) = match read_request(&state, &req, payload).await {
+        Err(e) => (known, false, Err(e)),
+        Ok(request) => match state.models.route_infer(name, version, request.id.as_deref()) {
+            Err(e) => (known, false, Err(ApiError::from(e))),
+            Ok(routed) => {
+                drop(known);
+                routed.model.pool.stats().arrival(arrived);
+                let result = serve(&state, &routed.model, routed.shadow, request, arrived).await;
+                (routed.model, true, result)
+            }
+        },
+    };
+    let version = model.version_str();
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) => e.kind,
     };
-    state.metrics.requests.with_label_values(&[labels[0], labels[1], outcome]).inc();
-    state.metrics.request_duration.with_label_values(&labels).observe(arrived.elapsed().as_secs_f64());
+    let latency = arrived.elapsed();
+    state.metrics.requests.with_label_values(&[model.name.as_str(), &version, outcome]).inc();
+    state.metrics.request_duration.with_label_values(&[model.name.as_str(), &version]).observe(latency.as_secs_f64());
+    let stats = model.pool.stats();
     match result {
-        Ok(Served { response }) => match response.header_length {
-            None => HttpResponse::Ok().content_type("application/json").body(response.body),
-            Some(n) => HttpResponse::Ok()
-                .content_type("application/octet-stream")
-                .insert_header((kserve::HEADER_LENGTH, n.to_string()))
-                .body(response.body),
-        },
+        Ok(Served { response, served_by }) => {
+            let outcome = if served_by == state.server_name { Outcome::Served } else { Outcome::Offloaded };
+            stats.answer(Instant::now(), outcome, latency);
+            match response.header_length {
+                None => HttpResponse::Ok().content_type("application/json").body(response.body),
+                Some(n) => HttpResponse::Ok()
+                    .content_type("application/octet-stream")
+                    .insert_header((kserve::HEADER_LENGTH, n.to_string()))
+                    .body(response.body),
+            }
+        }
         Err(e) => {
+            if routed {
+                stats.answer(Instant::now(), Outcome::Rejected(e.kind), latency);
+            }
             if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
                 tracing::error!(model = %model.name, "{}", e.message);
             }

@@ -13,7 +13,9 @@
 //!
 //! With the `serving` feature (the default): [`pool`] (the model actors), [`dispatch`] (where a
 //! request is served: here, a hub, or nowhere), [`http`] (the KServe v2 API), [`models`],
-//! [`repository`], [`config`], [`metrics`], [`serve`] (what the serving binaries share at start).
+//! [`repository`], [`config`], [`metrics`], [`serve`] (what the serving binaries share at start);
+//! live control: [`control`] (load, unload, traffic policies, resize, the load report) with its HTTP
+//! faces in [`admin`], [`load_report`] (rolling per-version statistics) and [`shadow`] (shadow traffic).
 
 pub mod dtype;
 pub mod io_thread;
@@ -30,11 +32,17 @@ pub mod engine;
 pub mod model;
 
 #[cfg(feature = "serving")]
+pub mod admin;
+#[cfg(feature = "serving")]
 pub mod config;
+#[cfg(feature = "serving")]
+pub mod control;
 #[cfg(feature = "serving")]
 pub mod dispatch;
 #[cfg(feature = "serving")]
 pub mod http;
+#[cfg(feature = "serving")]
+pub mod load_report;
 #[cfg(feature = "serving")]
 pub mod metrics;
 #[cfg(feature = "serving")]
@@ -45,6 +53,8 @@ pub mod pool;
 pub mod repository;
 #[cfg(feature = "serving")]
 pub mod serve;
+#[cfg(feature = "serving")]
+pub mod shadow;
 
 pub use dtype::DataType;
 #[cfg(feature = "engines")]

@@ -7,6 +7,7 @@ use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVe
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    prefix: String,
     /// Inference requests received, by model, version and outcome (ok, or the error kind).
     pub requests: IntCounterVec,
     /// Where requests went: local, offload or rejected (admission's decision).
@@ -68,6 +69,37 @@ impl Metrics {
             queue_duration: histogram("queue_duration_seconds", "Time waiting in the queue", LATENCY_BUCKETS),
             compute_duration: histogram("compute_duration_seconds", "Time a replica took per batch", LATENCY_BUCKETS),
             registry,
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Drops every series of one model version (after an unload), so /metrics stops showing it.
+    pub fn remove_version(&self, model: &str, version: &str) {
+        let is_ours = |m: &prometheus::proto::Metric| {
+            let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_string());
+            label("model").as_deref() == Some(model) && label("version").as_deref() == Some(version)
+        };
+        // The third label's values present now, per metric with one.
+        let third = |family: &str, label: &str| -> Vec<String> {
+            self.registry
+                .gather()
+                .iter()
+                .filter(|f| f.name() == family)
+                .flat_map(|f| f.get_metric().iter().filter(|m| is_ours(m)).cloned().collect::<Vec<_>>())
+                .filter_map(|m| m.get_label().iter().find(|l| l.name() == label).map(|l| l.value().to_string()))
+                .collect()
+        };
+        for outcome in third(&format!("{}_requests_total", self.prefix), "outcome") {
+            let _ = self.requests.remove_label_values(&[model, version, &outcome]);
+        }
+        for route in third(&format!("{}_routed_total", self.prefix), "route") {
+            let _ = self.routes.remove_label_values(&[model, version, &route]);
+        }
+        let mv = [model, version];
+        let _ = self.queue_depth.remove_label_values(&mv);
+        let _ = self.replicas.remove_label_values(&mv);
+        for h in [&self.batch_size, &self.request_duration, &self.queue_duration, &self.compute_duration] {
+            let _ = h.remove_label_values(&mv);
         }
     }
 

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{model_config_with_overrides, ModelConfig, ServingConfig};
+use crate::config::{model_config_with_overrides, ConfigError, ModelConfig, ServingConfig};
 use crate::engine::{self, EngineError, EngineKind};
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, ServedModel};
@@ -55,6 +55,33 @@ pub struct Scan {
     pub unusable: Vec<(String, u64, String)>,
 }
 
+/// The settings of model `name`: the defaults plus its config.toml when it has one.
+pub fn model_config(repo: &Path, name: &str, defaults: &ModelConfig) -> Result<ModelConfig, ConfigError> {
+    let file = repo.join(name).join("config.toml");
+    if file.is_file() {
+        model_config_with_overrides(defaults, &file)
+    } else {
+        Ok(defaults.clone())
+    }
+}
+
+/// The versions of one model in the repository (none when its folder does not exist), with `config`.
+pub fn scan_model(repo: &Path, name: &str, config: &ModelConfig) -> Result<Vec<RepoEntry>, RepositoryError> {
+    let model_dir = repo.join(name);
+    if !model_dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut entries = Vec::new();
+    for version_dir in list_dirs(&model_dir)? {
+        let version = version_dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
+        let path = version_dir.join("model.onnx");
+        if let (Some(version), true) = (version, path.is_file()) {
+            entries.push(RepoEntry { name: name.to_string(), version, path, config: config.clone() });
+        }
+    }
+    Ok(entries)
+}
+
 /// Lists every model version in the repository. A model whose config.toml is invalid is reported in
 /// [`Scan::unusable`] and the others are listed: one bad file does not take the repository down.
 pub fn scan(repo: &Path, defaults: &ModelConfig) -> Result<Scan, RepositoryError> {
@@ -66,57 +93,43 @@ pub fn scan(repo: &Path, defaults: &ModelConfig) -> Result<Scan, RepositoryError
         let Some(name) = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             continue;
         };
-        let config_file = model_dir.join("config.toml");
-        let config = if config_file.is_file() {
-            model_config_with_overrides(defaults, &config_file)
-        } else {
-            Ok(defaults.clone())
-        };
-        let mut versions = 0;
-        for version_dir in list_dirs(&model_dir)? {
-            let version = version_dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
-            let path = version_dir.join("model.onnx");
-            if let (Some(version), true) = (version, path.is_file()) {
-                match &config {
-                    Ok(config) => {
-                        found.entries.push(RepoEntry { name: name.clone(), version, path, config: config.clone() })
-                    }
-                    Err(e) => found.unusable.push((name.clone(), version, e.to_string())),
-                }
-                versions += 1;
-            }
-        }
-        if let Err(e) = &config {
-            tracing::error!(model = %name, "model skipped: {e}");
-        }
-        if versions == 0 {
+        let config = model_config(repo, &name, defaults);
+        let entries = scan_model(repo, &name, config.as_ref().unwrap_or(defaults))?;
+        if entries.is_empty() {
             tracing::warn!(model = %name, "no <version>/model.onnx under {}; skipped", model_dir.display());
+        }
+        match config {
+            Ok(_) => found.entries.extend(entries),
+            Err(e) => {
+                tracing::error!(model = %name, "model skipped: {e}");
+                found.unusable.extend(entries.into_iter().map(|entry| (name.clone(), entry.version, e.to_string())));
+            }
         }
     }
     Ok(found)
 }
 
-/// Loads one model version into a pool and adds it to the set.
-pub async fn load_entry(
+/// Starts a pool for one model version: its first replica loaded and warmed (so load errors surface
+/// here), the others loading in the background. Not routable until added to a [`ModelSet`].
+pub async fn start_version(
     entry: &RepoEntry,
     serving: &ServingConfig,
-    models: &ModelSet,
     metrics: &Metrics,
-) -> Result<(), EngineError> {
+) -> Result<ServedModel, EngineError> {
     let kind = entry.config.engine.unwrap_or(serving.models.engine);
     let options = serving.engine_options(&entry.config);
     let path = entry.path.clone();
     let factory: EngineFactory = Arc::new(move || engine::load(kind, &path, &options));
     let version = entry.version.to_string();
     let pool = ModelPool::start(&entry.name, &version, factory, entry.config.pool(), metrics.clone()).await?;
-    models.insert(ServedModel {
+    Ok(ServedModel {
         name: entry.name.clone(),
         version: entry.version,
         engine: kind,
         config: entry.config.clone(),
+        path: entry.path.clone(),
         pool,
-    });
-    Ok(())
+    })
 }
 
 /// Loads every model version of the repository; a model that fails is logged and left out.
@@ -135,8 +148,9 @@ pub async fn load_all(
     }
     for entry in &entries {
         let started = std::time::Instant::now();
-        match load_entry(entry, serving, models, metrics).await {
-            Ok(()) => {
+        match start_version(entry, serving, metrics).await {
+            Ok(model) => {
+                models.insert(model);
                 loaded += 1;
                 let kind: EngineKind = entry.config.engine.unwrap_or(serving.models.engine);
                 tracing::info!(model = %entry.name, version = entry.version, engine = %kind, replicas = entry.config.replicas,

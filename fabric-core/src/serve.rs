@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::ServingConfig;
+use crate::config::{ModelControl, ServingConfig};
 use crate::engine::EngineKind;
 use crate::metrics::Metrics;
 use crate::models::ModelSet;
@@ -26,6 +26,19 @@ pub struct ServingArgs {
     /// is reported by the model's /ready, the repository index and the server's /v2/health/ready).
     #[arg(long)]
     pub strict_models: bool,
+    /// `explicit`: load and unload models while serving through the repository API
+    /// (POST /v2/repository/models/<m>/load|unload), as Triton's --model-control-mode=explicit;
+    /// `none` (default): serve what the repository holds at start.
+    #[arg(long, value_enum)]
+    pub model_control: Option<ModelControl>,
+    /// Serve the admin API (traffic policies, pool settings, load report under /v2/fabric/) on this
+    /// address, e.g. 127.0.0.1:8001; its mutating calls need the token (admin.token, admin.token_file
+    /// or FABRIC_ADMIN_TOKEN).
+    #[arg(long)]
+    pub admin_addr: Option<String>,
+    /// File holding the admin API's bearer token (first line).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl ServingArgs {
@@ -41,6 +54,16 @@ impl ServingArgs {
             config.models.engine = engine;
         }
         config.models.strict |= self.strict_models;
+        if let Some(control) = self.model_control {
+            config.models.control = control;
+        }
+        if let Some(addr) = self.admin_addr {
+            config.admin.addr = addr;
+            config.admin.enabled = true;
+        }
+        if let Some(file) = self.admin_token_file {
+            config.admin.token_file = Some(file);
+        }
     }
 }
 
@@ -87,8 +110,10 @@ pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<L
     if serving.models.strict && !failed.is_empty() {
         return Err(LoadError::Strict(failed));
     }
-    if loaded == 0 {
+    // With model control on, a node may start empty and have models loaded into it.
+    if loaded == 0 && serving.models.control != ModelControl::Explicit {
         return Err(LoadError::Empty { path: serving.models.path.display().to_string(), failed: failed.len() });
     }
+    models.mark_startup();
     Ok(Loaded { models, loaded, failed })
 }

@@ -5,3 +5,4 @@ pub mod admission;
 pub mod batching;
 pub mod hub;
 pub mod service_time;
+pub mod traffic;

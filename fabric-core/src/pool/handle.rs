@@ -12,7 +12,8 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::queue::Intake;
-use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas};
+use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas, Stop};
+use crate::load_report::LoadStats;
 use crate::model::ModelMetadata;
 use crate::policy::admission::{Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad};
 use crate::tensor::{NamedTensor, Tensor};
@@ -28,6 +29,8 @@ pub struct PoolHandle {
     pub(super) max_batch_size: usize,
     /// Hands out unique batch keys for requests of models that cannot share a batch.
     pub(super) solo_keys: Arc<AtomicU64>,
+    /// Rolling load statistics, for the load report.
+    pub(super) stats: Arc<LoadStats>,
 }
 
 impl PoolHandle {
@@ -125,9 +128,30 @@ impl PoolHandle {
         self.intake.admission(rows, deadline, hub)
     }
 
-    /// Changes the replica count.
+    /// Changes the replica count (without waiting for it).
     pub fn set_replicas(&self, n: usize) {
-        self.addr.do_send(SetReplicas(n));
+        self.addr.do_send(SetReplicas { target: n, done: None });
+    }
+
+    /// Changes the replica count and answers once exactly `n` replicas run (new ones loaded and warmed,
+    /// retired ones gone after their batch), or with the reason a new replica failed to load.
+    pub async fn resize(&self, n: usize) -> Result<(), String> {
+        let (done, rx) = oneshot::channel();
+        self.addr
+            .send(SetReplicas { target: n, done: Some(done) })
+            .await
+            .map_err(|_| "the pool stopped".to_string())?;
+        rx.await.map_err(|_| "the pool stopped".to_string())?
+    }
+
+    /// Stops the pool: what is still queued is answered `Stopped` (unload drains first), replicas leave.
+    pub fn shutdown(&self) {
+        self.addr.do_send(Stop);
+    }
+
+    /// The rolling load statistics.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
     }
 
     /// The pool's current state.

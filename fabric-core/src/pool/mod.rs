@@ -42,6 +42,7 @@ use tokio::sync::oneshot;
 use self::queue::Intake;
 use self::warmup::{bytes_per_row, warm, Warmup};
 use crate::engine::{Engine, EngineError};
+use crate::load_report::LoadStats;
 use crate::metrics::Metrics;
 use crate::model::InputError;
 use crate::policy::admission::AdmissionSettings;
@@ -195,10 +196,24 @@ impl Message for ReplicaGone {
     type Result = ();
 }
 
-/// Changes the number of replicas; in-flight batches finish on the replicas being retired.
-pub struct SetReplicas(pub usize);
+/// Changes the number of replicas; in-flight batches finish on the replicas being retired. `done`
+/// (when given) is answered once the pool has exactly that many replicas running, or with the reason
+/// a replica failed to load.
+pub struct SetReplicas {
+    /// Replicas wanted.
+    pub target: usize,
+    /// Told when the change has converged.
+    pub done: Option<oneshot::Sender<Result<(), String>>>,
+}
 
 impl Message for SetReplicas {
+    type Result = ();
+}
+
+/// Stops the pool: queued requests are answered `Stopped`, replicas leave after their batch.
+pub struct Stop;
+
+impl Message for Stop {
     type Result = ();
 }
 
@@ -270,6 +285,8 @@ pub struct ModelPool {
     /// Delay before the next load retry, and when it may start.
     retry_backoff: Duration,
     retry_at: Option<Instant>,
+    /// Resizes waiting for the replica count to reach the target.
+    resize_waiters: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
 impl ModelPool {
@@ -310,7 +327,9 @@ impl ModelPool {
             service.record(rows, took);
         }
         let target = config.replicas.max(1);
-        let intake = Arc::new(Intake::new(config, batched, batch_cap, service, label.clone(), metrics.clone()));
+        let stats = Arc::new(LoadStats::default());
+        let intake =
+            Arc::new(Intake::new(config, batched, batch_cap, service, label.clone(), metrics.clone(), stats.clone()));
         let pool = ModelPool {
             label,
             factory,
@@ -324,6 +343,7 @@ impl ModelPool {
             last_error: None,
             retry_backoff: MIN_LOAD_RETRY,
             retry_at: None,
+            resize_waiters: Vec::new(),
         };
         let addr = ModelPool::create(move |ctx| {
             let mut pool = pool;
@@ -339,6 +359,7 @@ impl ModelPool {
             on_gpu,
             max_batch_size,
             solo_keys: Arc::new(AtomicU64::new(0)),
+            stats,
         })
     }
 }
@@ -352,6 +373,9 @@ impl Actor for ModelPool {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.intake.stop();
+        for waiter in self.resize_waiters.drain(..) {
+            let _ = waiter.send(Err("the pool stopped".into()));
+        }
     }
 }
 
@@ -359,8 +383,21 @@ impl Handler<SetReplicas> for ModelPool {
     type Result = ();
 
     fn handle(&mut self, msg: SetReplicas, ctx: &mut Context<Self>) {
-        self.target_replicas = msg.0;
+        self.target_replicas = msg.target;
+        // A fresh resize gets its own backoff: a new target is worth an immediate try.
+        self.retry_at = None;
+        self.retry_backoff = MIN_LOAD_RETRY;
+        self.resize_waiters.extend(msg.done);
         self.converge(ctx);
+        self.answer_resizes(None);
+    }
+}
+
+impl Handler<Stop> for ModelPool {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 

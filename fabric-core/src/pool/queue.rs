@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::handle::admission_input;
 use super::{Pending, PoolConfig, PoolError, PoolReply, ReplyTx};
+use crate::load_report::LoadStats;
 use crate::metrics::Metrics;
 use crate::policy::admission::{self, Admission, OffloadView, PoolLoad, Rejection};
 use crate::policy::batching::{self, BatchConfig, BatchDecision, Queued};
@@ -78,6 +79,7 @@ pub(super) struct Intake {
     batch_cap: usize,
     label: (String, String),
     metrics: Metrics,
+    stats: Arc<LoadStats>,
 }
 
 /// A replica's reason to stop taking batches.
@@ -99,6 +101,7 @@ impl Intake {
         service: ServiceTimes,
         label: (String, String),
         metrics: Metrics,
+        stats: Arc<LoadStats>,
     ) -> Intake {
         let state = State {
             queue: VecDeque::new(),
@@ -115,7 +118,7 @@ impl Intake {
             next_batch: 0,
             stopped: false,
         };
-        Intake { state: Mutex::new(state), work: Condvar::new(), config, batched, batch_cap, label, metrics }
+        Intake { state: Mutex::new(state), work: Condvar::new(), config, batched, batch_cap, label, metrics, stats }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -304,6 +307,7 @@ impl Intake {
             st.busy = st.busy.saturating_sub(1);
         }
         if let Some(took) = took {
+            self.stats.busy(Instant::now(), took);
             st.service.record(rows, took);
             self.metrics.compute_duration.with_label_values(&self.labels()).observe(took.as_secs_f64());
         }
@@ -357,6 +361,12 @@ impl Intake {
     pub(super) fn counts(&self) -> (usize, usize, usize) {
         let st = self.lock();
         (st.replicas.saturating_sub(st.retire), st.busy, st.queue.len())
+    }
+
+    /// Whether exactly `target` replica threads run (those asked to leave have left).
+    pub(super) fn settled(&self, target: usize) -> bool {
+        let st = self.lock();
+        st.replicas == target && st.retire == 0
     }
 
     /// Stops: every queued request is answered, replicas leave.

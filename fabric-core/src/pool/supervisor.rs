@@ -60,6 +60,22 @@ impl ModelPool {
         }
         self.publish_gauges();
         tracing::info!(model = %self.label.0, version = %self.label.1, replicas = self.active_replicas(), "replica ready");
+        self.answer_resizes(None);
+    }
+
+    /// Answers the resizes waiting, if the replica count has reached the target (or with `failure`).
+    pub(super) fn answer_resizes(&mut self, failure: Option<&str>) {
+        if self.resize_waiters.is_empty() {
+            return;
+        }
+        let result = match failure {
+            Some(reason) => Err(format!("a replica failed to load (the pool keeps retrying): {reason}")),
+            None if self.loading == 0 && self.intake.settled(self.target_replicas) => Ok(()),
+            None => return,
+        };
+        for waiter in self.resize_waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
     }
 
     /// Replicas running and staying (not asked to leave).
@@ -111,6 +127,7 @@ impl ModelPool {
         let delay = self.retry_backoff;
         tracing::error!(model = %self.label.0, version = %self.label.1, retry_ms = delay.as_millis() as u64,
             "replica failed to load, retrying: {reason}");
+        self.answer_resizes(Some(&reason));
         self.last_error = Some(reason);
         self.retry_backoff = (delay * 2).min(MAX_LOAD_RETRY);
         self.retry_at = Some(Instant::now() + delay);
@@ -127,6 +144,8 @@ impl ModelPool {
             self.restarts += abandoned as u64;
             self.converge(ctx);
         }
+        // Retired replicas leave on their own threads: look whether a shrink has completed.
+        self.answer_resizes(None);
     }
 
     pub(super) fn publish_gauges(&self) {

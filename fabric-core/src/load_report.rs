@@ -1,0 +1,294 @@
+//! Rolling load statistics of one model version, for the load report the control plane and people
+//! read: arrivals, answers by outcome, latency percentiles and replica busy time over the last few
+//! seconds.
+//!
+//! Counts go into 250 ms slots of a ring (16 slots: a 4 s window); a report sums the slots of the
+//! window. Latencies go into log-spaced buckets (4% wide), so a percentile is exact to within 4%.
+//! Recording is one short lock; a report is a pass over the ring, cheap enough every 250 ms.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Length of one slot.
+pub const SLOT: Duration = Duration::from_millis(250);
+/// Slots in the ring: the report covers the last `SLOTS - 1` full slots and the current one.
+const SLOTS: usize = 16;
+/// Latency buckets: bucket `i` holds latencies up to `MIN_LATENCY_US * GROWTH^i`.
+const BUCKETS: usize = 400;
+const MIN_LATENCY_US: f64 = 10.0;
+const GROWTH: f64 = 1.04;
+
+/// What happened to one request, as the report counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered with outputs computed here.
+    Served,
+    /// Answered with outputs a hub computed.
+    Offloaded,
+    /// Answered with an error of this kind (`queue_full`, `deadline_exceeded`, ...).
+    Rejected(&'static str),
+}
+
+#[derive(Clone)]
+struct Slot {
+    /// Which slot number (time since start / SLOT) this holds; older data is stale.
+    index: u64,
+    arrivals: u64,
+    served: u64,
+    offloaded: u64,
+    rejected: BTreeMap<&'static str, u64>,
+    busy: Duration,
+    latency: Vec<u32>,
+}
+
+impl Slot {
+    fn empty(index: u64) -> Slot {
+        Slot {
+            index,
+            arrivals: 0,
+            served: 0,
+            offloaded: 0,
+            rejected: BTreeMap::new(),
+            busy: Duration::ZERO,
+            latency: vec![0; BUCKETS],
+        }
+    }
+}
+
+/// The rolling statistics of one model version.
+pub struct LoadStats {
+    start: Instant,
+    ring: Mutex<Vec<Slot>>,
+    /// Arrived and not answered yet.
+    in_flight: AtomicI64,
+}
+
+/// Rates and percentiles over the report's window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct WindowReport {
+    /// Length of the window the rates are over, in milliseconds.
+    pub window_ms: u64,
+    /// Requests that arrived, per second.
+    pub arrivals_per_s: f64,
+    /// Requests answered with outputs computed here, per second.
+    pub served_per_s: f64,
+    /// Requests answered with outputs from a hub, per second.
+    pub offloaded_per_s: f64,
+    /// Requests answered with an error, per second, by kind.
+    pub rejected_per_s: BTreeMap<String, f64>,
+    /// Median time from arrival to answer of the answered requests, in milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile of the same, in milliseconds.
+    pub p99_ms: Option<f64>,
+    /// Share of replica time spent running batches (0..=1), given the replica count.
+    pub utilisation: f64,
+    /// Answered requests in the window (the count behind the percentiles).
+    pub answered: u64,
+}
+
+fn bucket_of(latency: Duration) -> usize {
+    let us = latency.as_secs_f64() * 1e6;
+    if us <= MIN_LATENCY_US {
+        return 0;
+    }
+    ((us / MIN_LATENCY_US).ln() / GROWTH.ln()).ceil().min((BUCKETS - 1) as f64) as usize
+}
+
+/// The middle of a bucket's range, in milliseconds.
+fn bucket_value_ms(bucket: usize) -> f64 {
+    let upper = MIN_LATENCY_US * GROWTH.powi(bucket as i32);
+    let lower = if bucket == 0 { 0.0 } else { upper / GROWTH };
+    (lower + upper) / 2.0 / 1e3
+}
+
+impl Default for LoadStats {
+    fn default() -> Self {
+        LoadStats::new(Instant::now())
+    }
+}
+
+impl LoadStats {
+    /// Empty statistics whose clock starts at `start`.
+    pub fn new(start: Instant) -> LoadStats {
+        LoadStats {
+            start,
+            ring: Mutex::new((0..SLOTS).map(|_| Slot::empty(u64::MAX)).collect()),
+            in_flight: AtomicI64::new(0),
+        }
+    }
+
+    fn with_slot(&self, now: Instant, f: impl FnOnce(&mut Slot)) {
+        let index = (now.saturating_duration_since(self.start).as_nanos() / SLOT.as_nanos()) as u64;
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut ring[(index % SLOTS as u64) as usize];
+        if slot.index != index {
+            *slot = Slot::empty(index);
+        }
+        f(slot);
+    }
+
+    /// A request arrived.
+    pub fn arrival(&self, now: Instant) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.with_slot(now, |s| s.arrivals += 1);
+    }
+
+    /// Requests that arrived and are not answered yet.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// A request was answered, `latency` after it arrived.
+    pub fn answer(&self, now: Instant, outcome: Outcome, latency: Duration) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.with_slot(now, |s| {
+            match outcome {
+                Outcome::Served => s.served += 1,
+                Outcome::Offloaded => s.offloaded += 1,
+                Outcome::Rejected(kind) => *s.rejected.entry(kind).or_default() += 1,
+            }
+            s.latency[bucket_of(latency)] += 1;
+        });
+    }
+
+    /// A replica ran a batch for `took`.
+    pub fn busy(&self, now: Instant, took: Duration) {
+        self.with_slot(now, |s| s.busy += took);
+    }
+
+    /// The report over the window ending at `now`, for a pool of `replicas` replicas.
+    pub fn report(&self, now: Instant, replicas: usize) -> WindowReport {
+        let elapsed = now.saturating_duration_since(self.start);
+        let current = (elapsed.as_nanos() / SLOT.as_nanos()) as u64;
+        let oldest = current.saturating_sub(SLOTS as u64 - 2);
+        // The window: the full slots kept, plus the part of the current slot gone by (never longer than
+        // the time since start).
+        let into_current = elapsed.saturating_sub(SLOT * current as u32);
+        let window = (SLOT * (current - oldest) as u32 + into_current).min(elapsed).max(Duration::from_millis(1));
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = Slot::empty(0);
+        for slot in ring.iter().filter(|s| s.index != u64::MAX && s.index >= oldest && s.index <= current) {
+            total.arrivals += slot.arrivals;
+            total.served += slot.served;
+            total.offloaded += slot.offloaded;
+            total.busy += slot.busy;
+            for (kind, n) in &slot.rejected {
+                *total.rejected.entry(kind).or_default() += n;
+            }
+            for (t, n) in total.latency.iter_mut().zip(&slot.latency) {
+                *t += n;
+            }
+        }
+        drop(ring);
+        let secs = window.as_secs_f64();
+        let answered: u64 = total.latency.iter().map(|&n| u64::from(n)).sum();
+        let percentile = |q: f64| -> Option<f64> {
+            if answered == 0 {
+                return None;
+            }
+            let rank = ((answered as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0u64;
+            for (bucket, &n) in total.latency.iter().enumerate() {
+                seen += u64::from(n);
+                if seen >= rank {
+                    return Some(bucket_value_ms(bucket));
+                }
+            }
+            None
+        };
+        WindowReport {
+            window_ms: window.as_millis() as u64,
+            arrivals_per_s: total.arrivals as f64 / secs,
+            served_per_s: total.served as f64 / secs,
+            offloaded_per_s: total.offloaded as f64 / secs,
+            rejected_per_s: total.rejected.iter().map(|(k, &n)| (k.to_string(), n as f64 / secs)).collect(),
+            p50_ms: percentile(0.5),
+            p99_ms: percentile(0.99),
+            utilisation: if replicas == 0 { 0.0 } else { (total.busy.as_secs_f64() / secs / replicas as f64).min(1.0) },
+            answered,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives `rate` requests per second of `latency` for `seconds`, then reports.
+    fn steady(rate: u32, latency: Duration, seconds: f64, start: Instant) -> (LoadStats, Instant) {
+        let stats = LoadStats::new(start);
+        let n = (f64::from(rate) * seconds) as u32;
+        let gap = Duration::from_secs(1) / rate;
+        for i in 0..n {
+            let at = start + gap * i;
+            stats.arrival(at);
+            stats.answer(at, Outcome::Served, latency);
+        }
+        (stats, start + gap * n)
+    }
+
+    #[test]
+    fn rates_and_percentiles_of_a_known_load() {
+        // (rate/s, latency, seconds run): the report is within 10% of the known rate and latency.
+        let cases = [
+            (100, Duration::from_micros(300), 10.0),
+            (2_000, Duration::from_millis(2), 5.0),
+            (20_000, Duration::from_micros(150), 4.5),
+            (50, Duration::from_millis(400), 1.3), // shorter than the window: rate over the time since start
+            (7, Duration::from_secs(2), 20.0),
+        ];
+        let start = Instant::now();
+        for (rate, latency, seconds) in cases {
+            let (stats, now) = steady(rate, latency, seconds, start);
+            let r = stats.report(now, 1);
+            let want_ms = latency.as_secs_f64() * 1e3;
+            for (what, got, want) in [
+                ("arrivals", r.arrivals_per_s, f64::from(rate)),
+                ("served", r.served_per_s, f64::from(rate)),
+                ("p50", r.p50_ms.unwrap_or(0.0), want_ms),
+                ("p99", r.p99_ms.unwrap_or(0.0), want_ms),
+            ] {
+                assert!((got - want).abs() <= want * 0.1, "{rate}/s {latency:?}: {what} {got}, want {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_of_a_mixed_load_and_rejections_by_kind() {
+        let start = Instant::now();
+        let stats = LoadStats::new(start);
+        // 98 fast answers, 2 slow ones, 10 refusals of one kind and 5 of another, over one second.
+        for i in 0..100u32 {
+            let latency = if i < 98 { Duration::from_millis(1) } else { Duration::from_millis(100) };
+            stats.answer(start + Duration::from_millis(u64::from(i) * 10), Outcome::Served, latency);
+        }
+        for _ in 0..10 {
+            stats.answer(start, Outcome::Rejected("queue_full"), Duration::from_micros(50));
+        }
+        for _ in 0..5 {
+            stats.answer(start, Outcome::Rejected("deadline_exceeded"), Duration::from_micros(50));
+        }
+        stats.busy(start, Duration::from_millis(500));
+        let r = stats.report(start + Duration::from_secs(1), 2);
+        assert_eq!(r.answered, 115);
+        assert!((r.rejected_per_s["queue_full"] - 10.0).abs() < 0.5, "{r:?}");
+        assert!((r.rejected_per_s["deadline_exceeded"] - 5.0).abs() < 0.5, "{r:?}");
+        let p99 = r.p99_ms.unwrap_or(0.0);
+        assert!((p99 - 100.0).abs() < 10.0, "p99 {p99}");
+        assert!((r.utilisation - 0.25).abs() < 0.01, "utilisation {}", r.utilisation);
+    }
+
+    #[test]
+    fn old_slots_leave_the_window() {
+        let start = Instant::now();
+        let (stats, end) = steady(1_000, Duration::from_millis(1), 2.0, start);
+        // Ten seconds of silence later, nothing of that load is in the window.
+        let r = stats.report(end + Duration::from_secs(10), 1);
+        assert_eq!((r.arrivals_per_s, r.answered, r.p50_ms), (0.0, 0, None));
+        assert!(r.window_ms >= 3_500 && r.window_ms <= 4_000, "window {}", r.window_ms);
+    }
+}
