@@ -86,7 +86,15 @@ pub enum ModelFileError {
     /// A declared input or output uses a data type the fabric does not serve.
     #[error("model file {path}: {kind} '{name}' has datatype {datatype}, which this fabric does not serve (use FP32, FP64, BOOL or an integer type)")]
     UnservedType { path: String, kind: &'static str, name: String, datatype: String },
+    /// The model declares an operator-set version of the ONNX standard that does not exist yet.
+    #[error("model file {path} declares ONNX operator set {opset}, newer than any this fabric knows (newest: {NEWEST_ONNX_OPSET}); re-export it with an older opset (e.g. torch.onnx.export(..., opset_version=17))")]
+    UnknownOpset { path: String, opset: i64 },
 }
+
+/// The newest operator set of the ONNX standard known here (onnx 1.23, the version
+/// scripts/requirements.txt installs). A model declaring a newer one is refused at load: an engine
+/// would otherwise run it with the semantics of an older set (tract only warns).
+pub const NEWEST_ONNX_OPSET: i64 = 28;
 
 /// Why a request's tensors do not fit the model.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -147,6 +155,10 @@ pub fn read_onnx(path: &Path) -> Result<(Vec<u8>, pb::ModelProto), ModelFileErro
         .map_err(|e| ModelFileError::Corrupt { path: shown.clone(), reason: format!("{e:#}") })?;
     if proto.graph.as_ref().is_none_or(|g| g.output.is_empty()) {
         return Err(ModelFileError::Corrupt { path: shown, reason: "the file holds no graph with outputs".into() });
+    }
+    let standard = |domain: &str| domain.is_empty() || domain == "ai.onnx";
+    if let Some(opset) = proto.opset_import.iter().find(|o| standard(&o.domain) && o.version > NEWEST_ONNX_OPSET) {
+        return Err(ModelFileError::UnknownOpset { path: shown, opset: opset.version });
     }
     name_dynamic_dims(&mut proto);
     Ok((bytes, proto))

@@ -124,6 +124,15 @@ fn corrupt_model_is_reported() {
 }
 
 #[test]
+fn an_opset_newer_than_onnx_knows_is_refused_by_both_engines() {
+    let path = reference::build_dir().join("bad-models/wrong_opset/model.onnx");
+    for kind in [EngineKind::Tract, EngineKind::Ort] {
+        let err = load_err(kind, &path);
+        assert!(err.contains("declares ONNX operator set 999, newer than any this fabric knows"), "{kind}: {err}");
+    }
+}
+
+#[test]
 fn unsupported_operator_is_named() {
     let path = reference::build_dir().join("bad-models/unsupported/model.onnx");
     let err = load_err(EngineKind::Tract, &path);

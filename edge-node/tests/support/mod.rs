@@ -11,11 +11,16 @@ use std::time::Duration;
 
 use fabric_core::reference;
 
+/// The admin token test nodes are started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A running edge-node, killed on drop.
 pub struct Edge {
     pub child: Child,
     pub url: String,
     pub dir: PathBuf,
+    /// The admin API's URL, when it was switched on (`--admin-addr`).
+    pub admin: Option<String>,
 }
 
 impl Drop for Edge {
@@ -59,6 +64,7 @@ pub fn start_edge_with_args(models: &[(&str, &str)], config: &str, args: &[Strin
         .arg("127.0.0.1:0")
         .args(args)
         .env("RUST_LOG", "warn")
+        .env("FABRIC_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -66,14 +72,32 @@ pub fn start_edge_with_args(models: &[(&str, &str)], config: &str, args: &[Strin
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut admin = None;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("edge-node admin API on ") {
+                admin = Some(url.to_string());
+            }
             if let Some(url) = line.strip_prefix("edge-node listening on ") {
-                let _ = tx.send(url.to_string());
+                let _ = tx.send((url.to_string(), admin.clone()));
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(60)).expect("edge-node did not become ready within 60 s");
-    Edge { child, url, dir }
+    let (url, admin) = rx.recv_timeout(Duration::from_secs(60)).expect("edge-node did not become ready within 60 s");
+    Edge { child, url, dir, admin }
+}
+
+/// Sends a JSON body with `method`, with the admin token when `token` is set.
+pub fn send_json(agent: &ureq::Agent, method: &str, url: &str, body: &serde_json::Value, token: bool) -> Reply {
+    let text = body.to_string();
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let request = ureq::http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .header("authorization", if token { auth.as_str() } else { "" })
+        .body(text)
+        .expect("request");
+    reply(agent.run(request).expect("request sent"))
 }
 
 /// An HTTP client that returns error statuses as responses and never waits unbounded.
