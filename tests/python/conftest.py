@@ -38,16 +38,10 @@ def load_case(model, case):
     return read(manifest["inputs"]), read(manifest["outputs"]), read(manifest.get("extras", []))
 
 
-@pytest.fixture(scope="session")
-def edge_url():
-    repo = tempfile.mkdtemp(prefix="edge-py-")
-    for name in ("mlp", "cnn", "mixed", "digits"):
-        version = pathlib.Path(repo, name, "1")
-        version.mkdir(parents=True)
-        (version / "model.onnx").symlink_to(BUILD / "models" / name / "1" / "model.onnx")
-    pathlib.Path(repo, "digits", "config.toml").write_text("max_batch_size = 512\n")
+def start_edge(repo, *args):
+    """Starts edge-node on `repo` with extra arguments; returns (process, "host:port")."""
     proc = subprocess.Popen(
-        [edge_binary(), "--model-repository", repo, "--http-addr", "127.0.0.1:0"],
+        [edge_binary(), "--model-repository", repo, "--http-addr", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "RUST_LOG": "warn"},
@@ -66,6 +60,23 @@ def edge_url():
     if "url" not in found:
         proc.kill()
         pytest.fail("edge-node did not become ready within 60 s")
-    yield found["url"]
+    return proc, found["url"]
+
+
+def link_model(repo, name, version, source=None):
+    """Puts a generated model into `repo` as `name`/`version` (a symlink)."""
+    folder = pathlib.Path(repo, name, str(version))
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").symlink_to(BUILD / "models" / (source or name) / "1" / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def edge_url():
+    repo = tempfile.mkdtemp(prefix="edge-py-")
+    for name in ("mlp", "cnn", "mixed", "digits"):
+        link_model(repo, name, 1)
+    pathlib.Path(repo, "digits", "config.toml").write_text("max_batch_size = 512\n")
+    proc, url = start_edge(repo)
+    yield url
     proc.terminate()
     proc.wait(timeout=20)
