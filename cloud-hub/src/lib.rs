@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use fabric_core::config::{HttpConfig, RepositoryConfig, ServingConfig};
+use fabric_core::config::{AdminConfig, HttpConfig, RepositoryConfig, ServingConfig};
 use fabric_core::engine::EngineKind;
 use fabric_core::http::{self, HttpState};
 use fabric_core::metrics::Metrics;
@@ -66,6 +66,7 @@ impl Default for HubConfig {
             serving: ServingConfig {
                 http: HttpConfig { addr: "127.0.0.1:8100".into(), ..defaults.http },
                 models: RepositoryConfig { engine: EngineKind::Ort, ..defaults.models },
+                admin: AdminConfig { addr: "127.0.0.1:8101".into(), ..defaults.admin },
                 ..defaults
             },
             quic: QuicConfig::default(),
