@@ -86,6 +86,9 @@ pub enum LoadError {
     /// Strict mode, and some model failed.
     #[error("--strict-models: {} model version(s) failed to load: {}", .0.len(), .0.join("; "))]
     Strict(Vec<String>),
+    /// The admin API is on without a usable token.
+    #[error("{0}")]
+    Admin(String),
     /// Nothing could be loaded.
     #[error(
         "no model could be loaded from {path} ({failed} failed): put models in <repo>/<name>/<version>/model.onnx"
@@ -105,6 +108,10 @@ pub struct Loaded {
 
 /// Loads the repository; in strict mode any failure, and in any mode an empty result, is an error.
 pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<Loaded, LoadError> {
+    // A config mistake found after minutes of loading is a poor start: check the admin token first.
+    if serving.admin.enabled {
+        serving.admin.resolve_token().map_err(LoadError::Admin)?;
+    }
     let models = Arc::new(ModelSet::default());
     let (loaded, failed) = repository::load_all(serving, &models, metrics).await?;
     if serving.models.strict && !failed.is_empty() {
@@ -115,5 +122,8 @@ pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<L
         return Err(LoadError::Empty { path: serving.models.path.display().to_string(), failed: failed.len() });
     }
     models.mark_startup();
+    // Let the pool actors start now: if a later step of the start fails (a port in use), the runtime
+    // stops them cleanly instead of starting them while it shuts down (actix then panics).
+    tokio::task::yield_now().await;
     Ok(Loaded { models, loaded, failed })
 }
