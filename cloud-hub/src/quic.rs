@@ -189,7 +189,7 @@ async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut r
                 Ok(_) => Outcome::Served,
                 Err(e) => Outcome::Rejected(e.kind()),
             };
-            stats.answer(Instant::now(), outcome, arrived.elapsed());
+            stats.answer(arrived, Instant::now(), outcome);
             match result {
                 Ok(reply) => Ok((model, reply.outputs)),
                 Err(e) => Err((e.code(), e.to_string())),

@@ -392,6 +392,46 @@ fn unloading_answers_everything_queued() {
     eprintln!("unload drained {queued_at_unload} queued requests: {}", unload.json());
     assert!(queued_at_unload >= 100, "only {queued_at_unload} were queued at the unload");
     assert_eq!(get(&client(), &format!("{}/v2/models/cnn", edge.url)).status, 404);
+    // Its metric series went with it.
+    let metrics = String::from_utf8_lossy(&get(&client(), &format!("{}/metrics", edge.url)).body).into_owned();
+    let left: Vec<&str> =
+        metrics.lines().filter(|l| l.contains("model=\"cnn\"") && l.contains("version=\"1\"")).collect();
+    assert!(left.is_empty(), "series of the unloaded version remain: {left:?}");
+}
+
+/// The `fabric_model_loads_total` count of a model's successful loads.
+fn loads_of(edge: &Edge, model: &str) -> u64 {
+    let metrics = String::from_utf8_lossy(&get(&client(), &format!("{}/metrics", edge.url)).body).into_owned();
+    let series = format!("fabric_model_loads_total{{model=\"{model}\",outcome=\"loaded\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(series.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn concurrent_loads_of_the_same_version_share_one_load() {
+    let edge = start_controlled(&[("cnn", "")]);
+    assert_eq!(loads_of(&edge, "cnn"), 1, "the load at start");
+    // Four identical reloads at once (the CNN takes long enough to load that they overlap).
+    let body = json!({ "parameters": { "config": "{\"max_batch_size\": 16}" } });
+    let gate = Arc::new(std::sync::Barrier::new(4));
+    let url = format!("{}/v2/repository/models/cnn/load", edge.url);
+    let replies: Vec<Reply> = (0..4)
+        .map(|_| {
+            let (gate, url, body) = (gate.clone(), url.clone(), body.clone());
+            std::thread::spawn(move || {
+                gate.wait();
+                send_json(&client(), "POST", &url, &body, false)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("client"))
+        .collect();
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.error());
+    }
+    assert_eq!(loads_of(&edge, "cnn"), 2, "four identical loads at once built the engine more than once");
+    let config = get(&client(), &format!("{}/v2/models/cnn/config", edge.url)).json();
+    assert_eq!(config["max_batch_size"], 16);
 }
 
 #[test]

@@ -85,6 +85,19 @@ pub enum Source {
     Bytes(Arc<Vec<u8>>),
 }
 
+impl Source {
+    /// Identifies what would be loaded (the path, or a hash of the bytes).
+    fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        match self {
+            Source::Path(path) => path.hash(&mut hasher),
+            Source::Bytes(bytes) => bytes.hash(&mut hasher),
+        }
+        hasher.finish()
+    }
+}
+
 /// A load that went through.
 #[derive(Clone, Debug, Serialize)]
 pub struct Loaded {
@@ -171,6 +184,15 @@ pub struct NodeReport {
 
 type SharedLoad = Shared<BoxFuture<'static, Result<Loaded, ControlError>>>;
 
+/// A load in progress: what it loads (a second request joins it only if it asks for the same), and
+/// its result.
+struct InProgress {
+    source: u64,
+    config: ModelConfig,
+    replace: bool,
+    result: SharedLoad,
+}
+
 /// Live control of one node's models.
 pub struct NodeControl {
     node: String,
@@ -180,8 +202,8 @@ pub struct NodeControl {
     started: Instant,
     /// Pools started by control live here (not on whichever runtime asked).
     arbiter: actix::ArbiterHandle,
-    /// Loads in progress, by model and version: a second request joins the first.
-    loading: Mutex<BTreeMap<(String, u64), SharedLoad>>,
+    /// Loads in progress, by model and version: a second request for the same joins the first.
+    loading: Mutex<BTreeMap<(String, u64), InProgress>>,
     /// Serialises control operations per model name (a load and an unload never interleave).
     locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// The last failed load per model name.
@@ -283,17 +305,29 @@ impl NodeControl {
     ) -> Result<Loaded, ControlError> {
         check_name(name)?;
         let key = (name.to_string(), version);
+        let fingerprint = source.fingerprint();
         let shared = {
             let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-            match loading.get(&key) {
-                Some(in_progress) => in_progress.clone(),
+            let same = loading
+                .get(&key)
+                .filter(|l| l.source == fingerprint && l.config == config && l.replace == replace)
+                .map(|l| l.result.clone());
+            match same {
+                Some(in_progress) => in_progress,
+                // A different load of this version waits for the one in progress (control operations
+                // on a model are serialised), then runs.
                 None => {
                     let (tx, rx) = oneshot::channel();
                     let this = self.clone();
                     let job_key = key.clone();
+                    let job_config = config.clone();
                     let spawned = self.arbiter.spawn(async move {
-                        let result = this.load_now(&job_key.0, job_key.1, source, config, replace).await;
-                        this.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&job_key);
+                        let result = this.load_now(&job_key.0, job_key.1, source, job_config, replace).await;
+                        let mut loading = this.loading.lock().unwrap_or_else(|p| p.into_inner());
+                        if loading.get(&job_key).is_some_and(|l| l.source == fingerprint) {
+                            loading.remove(&job_key);
+                        }
+                        drop(loading);
                         let _ = tx.send(result);
                     });
                     if !spawned {
@@ -303,7 +337,7 @@ impl NodeControl {
                         .map(|r| r.unwrap_or_else(|_| Err(ControlError::Internal("the load task ended".into()))))
                         .boxed();
                     let shared = fut.shared();
-                    loading.insert(key, shared.clone());
+                    loading.insert(key, InProgress { source: fingerprint, config, replace, result: shared.clone() });
                     shared
                 }
             }

@@ -456,7 +456,7 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
     match result {
         Ok(Served { response, served_by }) => {
             let outcome = if served_by == state.server_name { Outcome::Served } else { Outcome::Offloaded };
-            stats.answer(Instant::now(), outcome, latency);
+            stats.answer(arrived, Instant::now(), outcome);
             match response.header_length {
                 None => HttpResponse::Ok().content_type("application/json").body(response.body),
                 Some(n) => HttpResponse::Ok()
@@ -467,7 +467,7 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
         }
         Err(e) => {
             if routed {
-                stats.answer(Instant::now(), Outcome::Rejected(e.kind), latency);
+                stats.answer(arrived, Instant::now(), Outcome::Rejected(e.kind));
             }
             if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
                 tracing::error!(model = %model.name, "{}", e.message);

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub queue_duration: HistogramVec,
     /// Time a replica took per batch, in seconds.
     pub compute_duration: HistogramVec,
+    /// Model version loads carried out (at start and live), by model and outcome (loaded, failed).
+    pub model_loads: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -68,6 +70,11 @@ impl Metrics {
             request_duration: histogram("request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS),
             queue_duration: histogram("queue_duration_seconds", "Time waiting in the queue", LATENCY_BUCKETS),
             compute_duration: histogram("compute_duration_seconds", "Time a replica took per batch", LATENCY_BUCKETS),
+            model_loads: counter(
+                "model_loads_total",
+                "Model version loads by model and outcome",
+                &["model", "outcome"],
+            ),
             registry,
             prefix: prefix.to_string(),
         }

@@ -121,7 +121,10 @@ pub async fn start_version(
     let path = entry.path.clone();
     let factory: EngineFactory = Arc::new(move || engine::load(kind, &path, &options));
     let version = entry.version.to_string();
-    let pool = ModelPool::start(&entry.name, &version, factory, entry.config.pool(), metrics.clone()).await?;
+    let started = ModelPool::start(&entry.name, &version, factory, entry.config.pool(), metrics.clone()).await;
+    let outcome = if started.is_ok() { "loaded" } else { "failed" };
+    metrics.model_loads.with_label_values(&[entry.name.as_str(), outcome]).inc();
+    let pool = started?;
     Ok(ServedModel {
         name: entry.name.clone(),
         version: entry.version,

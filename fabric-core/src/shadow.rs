@@ -117,7 +117,7 @@ pub fn spawn(
             Ok(_) => Outcome::Served,
             Err(e) => Outcome::Rejected(e.kind()),
         };
-        pool_stats.answer(Instant::now(), outcome, arrived.elapsed());
+        pool_stats.answer(arrived, Instant::now(), outcome);
         let Ok(reply) = result else {
             stats.shadow_failed.fetch_add(1, Ordering::Relaxed);
             return;
