@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric_core::load_report::Outcome;
 use fabric_core::models::ModelSet;
 use fabric_core::tensor::{NamedTensor, Tensor};
 use fabric_core::tls::{self, Role};
@@ -182,15 +181,7 @@ async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut r
         Err(e) => Err((e.code(), e.to_string())),
         Ok(model) => {
             let deadline = arrived + Duration::from_micros(header.budget_us);
-            let stats = model.pool.stats();
-            stats.arrival(arrived);
-            let result = model.pool.infer(inputs, deadline).await;
-            let outcome = match &result {
-                Ok(_) => Outcome::Served,
-                Err(e) => Outcome::Rejected(e.kind()),
-            };
-            stats.answer(arrived, Instant::now(), outcome);
-            match result {
+            match model.pool.infer_counted(inputs, arrived, deadline).await {
                 Ok(reply) => Ok((model, reply.outputs)),
                 Err(e) => Err((e.code(), e.to_string())),
             }

@@ -12,7 +12,6 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::dtype::DataType;
-use crate::load_report::Outcome;
 use crate::models::ServedModel;
 use crate::tensor::NamedTensor;
 
@@ -109,15 +108,7 @@ pub fn spawn(
     primary: oneshot::Receiver<Vec<NamedTensor>>,
 ) {
     actix_rt::spawn(async move {
-        let arrived = Instant::now();
-        let pool_stats = shadow.pool.stats();
-        pool_stats.arrival(arrived);
-        let result = shadow.pool.infer(inputs, deadline).await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Served,
-            Err(e) => Outcome::Rejected(e.kind()),
-        };
-        pool_stats.answer(arrived, Instant::now(), outcome);
+        let result = shadow.pool.infer_counted(inputs, Instant::now(), deadline).await;
         let Ok(reply) = result else {
             stats.shadow_failed.fetch_add(1, Ordering::Relaxed);
             return;

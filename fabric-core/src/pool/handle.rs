@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::queue::Intake;
 use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas, Stop};
-use crate::load_report::LoadStats;
+use crate::load_report::{LoadStats, Outcome};
 use crate::model::ModelMetadata;
 use crate::policy::admission::{Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad};
 use crate::tensor::{NamedTensor, Tensor};
@@ -57,6 +57,24 @@ impl PoolHandle {
     /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
     pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
         self.submit(inputs, deadline, None).await.map_err(|refused| refused.error)
+    }
+
+    /// Like [`infer`](Self::infer), counted in the load report (arrival at `arrived`, and the outcome):
+    /// for callers that serve here only (the hub's QUIC service, shadow copies).
+    pub async fn infer_counted(
+        &self,
+        inputs: Vec<NamedTensor>,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Result<PoolReply, PoolError> {
+        self.stats.arrival(arrived);
+        let result = self.infer(inputs, deadline).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Served,
+            Err(e) => Outcome::Rejected(e.kind()),
+        };
+        self.stats.answer(arrived, Instant::now(), outcome);
+        result
     }
 
     /// Like [`infer`](Self::infer), with a hub at hand: a request whose expected wait here is over the
