@@ -6,7 +6,8 @@
 //! - [`wire`]: the QUIC message format between edges and hubs; [`tls`]: mutual TLS and identities;
 //!   [`io_thread`]: the runtime thread QUIC runs on;
 //! - [`policy`]: pure decisions (batching, admission, service times, hub health);
-//! - [`reference`]: reader for the reference cases the model script writes (tests and benchmarks).
+//! - [`reference`]: reader for the reference cases the model script writes (tests and benchmarks);
+//! - [`registry_proto`]: what the CLI, the nodes and the model registry say to each other over QUIC.
 //!
 //! With the `engines` feature: [`model`] (what a model file declares, request validation) and
 //! [`engine`] (the `Engine` trait with the tract and ONNX Runtime engines).
@@ -22,6 +23,7 @@ pub mod io_thread;
 pub mod kserve;
 pub mod policy;
 pub mod reference;
+pub mod registry_proto;
 pub mod tensor;
 pub mod tls;
 pub mod wire;

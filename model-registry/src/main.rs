@@ -1,1 +1,87 @@
-fn main() {}
+//! The `model-registry` daemon: open the store, listen on QUIC, serve.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use model_registry::rollout::AnalysisSettings;
+use model_registry::service::{self, Registry, Settings};
+use model_registry::store::RedbStore;
+
+/// The fabric's model registry: model versions, deployments and rollouts, over QUIC with mutual TLS.
+///
+/// Nodes (edge-node, cloud-hub started with --registry) heartbeat to it and converge to what it
+/// wants; operators drive it with `fabric`. Its state survives restarts (redb in --data-dir).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// UDP address of the QUIC control API
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// Folder for the database and the model files
+    #[arg(long, default_value = "registry-data")]
+    data_dir: PathBuf,
+    /// Folder with ca.pem, <node-id>.pem and <node-id>.key.pem (as `fabric certs` writes them)
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    /// This registry's id, naming its certificate in --certs
+    #[arg(long, default_value = "registry-1")]
+    node_id: String,
+    /// Largest model file accepted, in MiB
+    #[arg(long, default_value_t = 1024)]
+    max_model_mib: u64,
+    /// Automatic rollback: fewest canary requests in the window before judging
+    #[arg(long, default_value_t = 20.0)]
+    rollback_min_requests: f64,
+    /// Automatic rollback: canary error share over the stable one's by more than this many points
+    #[arg(long, default_value_t = 5.0)]
+    rollback_error_margin_pct: f64,
+    /// Automatic rollback: canary p99 over the stable one's by more than this many percent
+    #[arg(long, default_value_t = 100.0)]
+    rollback_p99_margin_pct: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let store = RedbStore::open(&cli.data_dir)?;
+        let settings = Settings {
+            max_model_bytes: cli.max_model_mib << 20,
+            analysis: AnalysisSettings {
+                min_requests: cli.rollback_min_requests,
+                error_margin_pct: cli.rollback_error_margin_pct,
+                p99_margin_pct: cli.rollback_p99_margin_pct,
+            },
+            ..Settings::default()
+        };
+        let registry = Registry::open(Box::new(store), settings)?;
+        let files = fabric_core::tls::TlsFiles::in_dir(&cli.certs, &cli.node_id);
+        let config = fabric_core::tls::server_config(&files).map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (create development certificates with `fabric certs --out {} --node {}:registry`)",
+                cli.certs.display(),
+                cli.node_id
+            )
+        })?;
+        let addr: std::net::SocketAddr =
+            cli.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", cli.listen))?;
+        let endpoint = quinn::Endpoint::server(config, addr)?;
+        let bound = endpoint.local_addr()?;
+        tracing::info!(%bound, data = %cli.data_dir.display(), "model-registry ready");
+        println!("model-registry listening on quic://{bound}");
+        let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&registry)));
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        endpoint.close(0u32.into(), b"registry shutting down");
+        serving.abort();
+        Ok(())
+    })
+}
