@@ -246,6 +246,8 @@ pub struct ServingConfig {
     pub ort: OrtOptions,
     /// The admin API.
     pub admin: AdminConfig,
+    /// The model registry this node takes its desired state from.
+    pub registry: crate::agent::AgentConfig,
 }
 
 impl ServingConfig {
@@ -325,7 +327,8 @@ mod tests {
         std::fs::write(&file, "[http]\nworkers = 2\n[modles]\npath = \"x\"\n")?;
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
         assert!(
-            err.to_string().contains("unknown key `modles` (the keys are admin, http, model_defaults, models, ort)"),
+            err.to_string()
+                .contains("unknown key `modles` (the keys are admin, http, model_defaults, models, ort, registry)"),
             "{err}"
         );
         std::fs::write(&file, "[http]\nworkerz = 2\n")?;

@@ -421,6 +421,15 @@ impl NodeControl {
         if !self.explicit() {
             return Err(ControlError::Disabled);
         }
+        self.unload_versions(name, version).await
+    }
+
+    /// [`unload`](Self::unload) for the registry's agent (not subject to the repository API's switch).
+    pub async fn unload_versions(
+        self: &Arc<Self>,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Vec<Unloaded>, ControlError> {
         let lock = self.lock_for(name);
         let _serialised = lock.lock().await;
         let versions: Vec<u64> = match version {
@@ -471,6 +480,26 @@ impl NodeControl {
             done.push(Unloaded { name: model_name, version: v, drain_ms });
         }
         Ok(done)
+    }
+
+    /// The versions with a replica ready now.
+    pub fn ready_versions(&self) -> Vec<crate::registry_proto::ReadyVersion> {
+        self.models
+            .all()
+            .into_iter()
+            .filter(|m| m.pool.ready_replicas() > 0)
+            .map(|m| crate::registry_proto::ReadyVersion { name: m.name.clone(), version: m.version })
+            .collect()
+    }
+
+    /// The served version `name`/`version`, if loaded.
+    pub fn loaded(&self, name: &str, version: u64) -> Option<Arc<ServedModel>> {
+        self.models.versions(name).into_iter().find(|m| m.version == version)
+    }
+
+    /// The settings new versions get (the node's model defaults).
+    pub fn model_defaults(&self) -> &ModelConfig {
+        &self.serving.model_defaults
     }
 
     /// Sets the traffic policy of `name` (`None`: the newest version).

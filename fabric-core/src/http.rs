@@ -477,6 +477,42 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
     }
 }
 
+/// Starts the registry agent when the config names a registry: the node's identity comes from its
+/// certificate (`tls`), its role must match it.
+pub fn start_agent(
+    state: &HttpState,
+    serving: &ServingConfig,
+    tls: Option<&crate::tls::TlsFiles>,
+    role: crate::tls::Role,
+    http: SocketAddr,
+) -> Result<(), String> {
+    if serving.registry.addr.is_none() {
+        return Ok(());
+    }
+    let tls = tls.ok_or("--registry needs the node's certificates: pass --certs")?;
+    let identity = crate::tls::own_identity(tls).map_err(|e| e.to_string())?;
+    if identity.role != role {
+        return Err(format!(
+            "the certificate {} is for a {}, not a {}",
+            tls.cert.display(),
+            identity.role.as_str(),
+            role.as_str()
+        ));
+    }
+    let (cores, memory_mib) = crate::agent::machine();
+    let info = crate::registry_proto::NodeInfo {
+        node_id: identity.node_id,
+        role: role.as_str().to_string(),
+        labels: serving.registry.labels.clone(),
+        engines: vec![serving.models.engine.to_string()],
+        cores,
+        memory_mib,
+        gpu: None,
+        http: format!("http://{http}"),
+    };
+    crate::agent::start(&serving.registry, tls, state.control.clone(), info).map_err(|e| e.to_string())
+}
+
 /// Binds the API on the configured address; returns the server (to run) and the bound addresses.
 pub fn bind(
     state: web::Data<HttpState>,

@@ -16,7 +16,8 @@
 //! request is served: here, a hub, or nowhere), [`http`] (the KServe v2 API), [`models`],
 //! [`repository`], [`config`], [`metrics`], [`serve`] (what the serving binaries share at start);
 //! live control: [`control`] (load, unload, traffic policies, resize, the load report) with its HTTP
-//! faces in [`admin`], [`load_report`] (rolling per-version statistics) and [`shadow`] (shadow traffic).
+//! faces in [`admin`], [`load_report`] (rolling per-version statistics) and [`shadow`] (shadow traffic);
+//! [`agent`]: the node's side of the model registry (heartbeats, converging to the desired state).
 
 pub mod dtype;
 pub mod io_thread;
@@ -35,6 +36,8 @@ pub mod model;
 
 #[cfg(feature = "serving")]
 pub mod admin;
+#[cfg(feature = "serving")]
+pub mod agent;
 #[cfg(feature = "serving")]
 pub mod config;
 #[cfg(feature = "serving")]

@@ -39,6 +39,22 @@ pub struct ServingArgs {
     /// File holding the admin API's bearer token (first line).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Take the desired state from this model registry, [NAME@]HOST:PORT (e.g.
+    /// registry-1@127.0.0.1:7000); the node heartbeats to it with its --certs certificate.
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Where the node keeps fetched model files and its last desired state [default: fabric-data]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// A label deployments can select this node by, as KEY=VALUE (repeatable), e.g. --label site=berlin
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label '{s}' is not KEY=VALUE"))
 }
 
 impl ServingArgs {
@@ -64,6 +80,13 @@ impl ServingArgs {
         if let Some(file) = self.admin_token_file {
             config.admin.token_file = Some(file);
         }
+        if let Some(addr) = self.registry {
+            config.registry.addr = Some(addr);
+        }
+        if let Some(dir) = self.data_dir {
+            config.registry.data_dir = dir;
+        }
+        config.registry.labels.extend(self.labels);
     }
 }
 
@@ -117,8 +140,8 @@ pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<L
     if serving.models.strict && !failed.is_empty() {
         return Err(LoadError::Strict(failed));
     }
-    // With model control on, a node may start empty and have models loaded into it.
-    if loaded == 0 && serving.models.control != ModelControl::Explicit {
+    // With model control on or a registry, a node may start empty and have models loaded into it.
+    if loaded == 0 && serving.models.control != ModelControl::Explicit && serving.registry.addr.is_none() {
         return Err(LoadError::Empty { path: serving.models.path.display().to_string(), failed: failed.len() });
     }
     models.mark_startup();

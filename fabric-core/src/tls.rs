@@ -156,6 +156,15 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 
+/// The identity (node id, role) the certificate in `files` carries: who this node is to its peers.
+pub fn own_identity(files: &TlsFiles) -> Result<Identity, TlsError> {
+    let certs = read_certs(&files.cert)?;
+    let cert = certs
+        .first()
+        .ok_or_else(|| TlsError::File { path: files.cert.display().to_string(), reason: "no certificate".into() })?;
+    identity_of(cert)
+}
+
 /// A QUIC client config that presents this node's certificate and trusts only the fabric CA.
 pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())

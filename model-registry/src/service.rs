@@ -338,7 +338,7 @@ impl Registry {
                 rollout.stable = Some(newest);
                 rollout.record(now_ms(), generation, format!("deployed; pinned the newest version {newest}"));
             }
-            Ok(json!({ "name": name, "deployments": groups, "rollout": rollout }))
+            Ok(json!({ "name": name, "generation": generation, "deployments": groups, "rollout": rollout }))
         })
     }
 

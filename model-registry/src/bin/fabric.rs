@@ -1,24 +1,49 @@
-//! `fabric`: the operator CLI. For now it creates development certificates; registry commands
-//! (push, rollout, status) arrive with the registry.
+//! `fabric`: the operator CLI. Creates development certificates, and drives the model registry over
+//! QUIC with an operator certificate: model versions, deployments, rollouts, nodes.
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
-use fabric_core::tls::{generate_dev_pki_with_names, NodeCert};
+use clap::{Parser, Subcommand, ValueEnum};
+use fabric_core::registry_proto::{ProtoError, RegistryAddr, RegistryClient, Request, RolloutAction, Target};
+use fabric_core::tls::{generate_dev_pki_with_names, NodeCert, TlsFiles};
+use serde_json::Value;
 
 /// Operator CLI of the inference fabric.
+///
+/// Registry commands connect to --registry (FABRIC_REGISTRY) with the operator certificate --id
+/// (FABRIC_ID) from --certs (FABRIC_CERTS). Every command prints a table, or JSON with --output json.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, long_about)]
 struct Cli {
+    /// The registry, as [NAME@]HOST:PORT (NAME: the name in its certificate)
+    #[arg(long, global = true, env = "FABRIC_REGISTRY", default_value = "registry-1@127.0.0.1:7000")]
+    registry: String,
+    /// Folder with ca.pem and the operator's <id>.pem / <id>.key.pem
+    #[arg(long, global = true, env = "FABRIC_CERTS", default_value = "certs")]
+    certs: PathBuf,
+    /// The operator's certificate name in --certs
+    #[arg(long, global = true, env = "FABRIC_ID", default_value = "operator")]
+    id: String,
+    /// Output format
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a development CA (once) and a certificate per node, as PEM files in a folder.
     ///
-    /// Example: fabric certs --out certs --node hub-1:hub:hub1.example.net --node edge-1:edge --node alice:operator
+    /// Example: fabric certs --out certs --node registry-1:registry --node hub-1:hub --node edge-1:edge --node operator:operator
     /// Each certificate names its node id and the names listed after the role (DNS names or IP
     /// addresses), nothing else: an edge checks that the hub it reached carries the name it asked for
     /// (`--hub hub-1@10.0.0.5:4433`, or the DNS name of `--hub hub1.example.net:4433`). Private keys
@@ -34,6 +59,79 @@ enum Command {
         #[arg(long = "node", value_parser = parse_node)]
         nodes: Vec<NodeCert>,
     },
+    /// Model versions: push, list, show, remove.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Serve a model on a group of nodes (pins its newest version if it has no rollout yet).
+    Deploy {
+        /// Model name
+        name: String,
+        /// Which nodes
+        #[arg(long, value_enum)]
+        to: Target,
+        /// Labels the nodes must carry, as k=v,k2=v2
+        #[arg(long, value_parser = parse_labels, default_value = "")]
+        labels: BTreeMap<String, String>,
+        /// Replicas per node
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+    },
+    /// Rollouts: status, pin, canary, shadow, promote, rollback.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Every node: id, role, labels, last heartbeat, versions ready, load.
+    Nodes,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCommand {
+    /// Upload an ONNX file as a new, immutable version (shows progress; the registry checks it parses).
+    Push {
+        /// Model name
+        name: String,
+        /// The ONNX file
+        file: PathBuf,
+        /// Version number [default: the newest + 1]
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Every model version.
+    List,
+    /// A model (its versions, deployments, rollout), or one version: NAME or NAME:VERSION.
+    Show { name: String },
+    /// Delete a version (refused while a rollout or a node uses it): NAME:VERSION.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// The rollout, each node's routing and readiness, and the canary analysis.
+    Status { name: String },
+    /// Every request to one version.
+    Pin { name: String, version: u64 },
+    /// A share of requests to a canary version.
+    Canary {
+        name: String,
+        version: u64,
+        /// Percent of requests (0-100)
+        #[arg(long)]
+        weight: u32,
+        /// Roll back by itself when the canary's errors or p99 latency are worse than the stable version's
+        #[arg(long)]
+        auto_rollback: bool,
+    },
+    /// A copy of a share of requests to a version (answers compared, never returned); --share 0 ends it.
+    Shadow {
+        name: String,
+        version: u64,
+        /// Percent of requests copied
+        #[arg(long)]
+        share: u32,
+    },
+    /// The canary becomes the stable version.
+    Promote { name: String },
+    /// The canary goes back to 0% and is dropped.
+    Rollback { name: String },
 }
 
 fn parse_node(s: &str) -> Result<NodeCert, String> {
@@ -46,13 +144,250 @@ fn parse_node(s: &str) -> Result<NodeCert, String> {
     Ok(NodeCert { id: id.to_string(), role: role.parse()?, names })
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Certs { out, nodes } => {
-            for path in generate_dev_pki_with_names(&out, &nodes)? {
-                println!("wrote {}", path.display());
-            }
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("label '{p}' is not k=v"))
+        })
+        .collect()
+}
+
+fn split_version(s: &str) -> Result<(String, Option<u64>), String> {
+    match s.split_once(':') {
+        None => Ok((s.to_string(), None)),
+        Some((n, v)) => {
+            Ok((n.to_string(), Some(v.parse().map_err(|_| format!("'{v}' in '{s}' is not a version number"))?)))
         }
     }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Certs { out, nodes } = &cli.command {
+        for path in generate_dev_pki_with_names(out, nodes)? {
+            println!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(registry_command(cli))
+}
+
+async fn registry_command(cli: Cli) -> anyhow::Result<()> {
+    let target = RegistryAddr::parse(&cli.registry).map_err(anyhow::Error::msg)?;
+    let files = TlsFiles::in_dir(&cli.certs, &cli.id);
+    let client = RegistryClient::new(target, &files).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (an operator certificate: `fabric certs --out {} --node {}:operator`)",
+            cli.certs.display(),
+            cli.id
+        )
+    })?;
+    let call = |request: Request| {
+        let client = client.clone();
+        async move { client.call(&request).await.map_err(explain) }
+    };
+    let (answer, show): (Value, fn(&Value)) = match cli.command {
+        Command::Certs { .. } => return Ok(()),
+        Command::Model(ModelCommand::Push { name, file, version }) => {
+            let mut shown = 0u64;
+            let interactive = cli.output == Output::Table;
+            let answer = client
+                .push(&name, version, &file, |sent, total| {
+                    let pct = if total == 0 { 100 } else { sent * 100 / total };
+                    if interactive && (pct >= shown + 10 || sent == total) {
+                        shown = pct;
+                        eprint!("\rpushing {}: {pct:>3}% of {:.1} MiB", file.display(), total as f64 / 1048576.0);
+                        let _ = std::io::stderr().flush();
+                    }
+                })
+                .await;
+            if interactive {
+                eprintln!();
+            }
+            (answer.map_err(explain)?, show_version)
+        }
+        Command::Model(ModelCommand::List) => (call(Request::ListModels).await?, show_versions),
+        Command::Model(ModelCommand::Show { name }) => {
+            let (name, version) = split_version(&name).map_err(anyhow::Error::msg)?;
+            let shown: fn(&Value) = if version.is_some() { show_version } else { show_model };
+            (call(Request::ShowModel { name, version }).await?, shown)
+        }
+        Command::Model(ModelCommand::Rm { name }) => {
+            let (name, version) = split_version(&name).map_err(anyhow::Error::msg)?;
+            let version =
+                version.ok_or_else(|| anyhow::anyhow!("say which version: fabric model rm {name}:VERSION"))?;
+            (call(Request::RemoveModel { name, version }).await?, show_json)
+        }
+        Command::Deploy { name, to, labels, replicas } => {
+            (call(Request::Deploy { name, to, labels, replicas }).await?, show_rollout_change)
+        }
+        Command::Rollout(command) => {
+            let (name, change) = match command {
+                RolloutCommand::Status { name } => {
+                    let answer = call(Request::RolloutStatus { name }).await?;
+                    return print(&answer, cli.output, show_status);
+                }
+                RolloutCommand::Pin { name, version } => (name, RolloutAction::Pin { version }),
+                RolloutCommand::Canary { name, version, weight, auto_rollback } => {
+                    (name, RolloutAction::Canary { version, weight, auto_rollback })
+                }
+                RolloutCommand::Shadow { name, version, share } => (name, RolloutAction::Shadow { version, share }),
+                RolloutCommand::Promote { name } => (name, RolloutAction::Promote),
+                RolloutCommand::Rollback { name } => (name, RolloutAction::Rollback),
+            };
+            (call(Request::Rollout { name, change }).await?, show_rollout_change)
+        }
+        Command::Nodes => (call(Request::Nodes).await?, show_nodes),
+    };
+    print(&answer, cli.output, show)
+}
+
+/// Turns a protocol error into advice.
+fn explain(e: ProtoError) -> anyhow::Error {
+    match e {
+        ProtoError::Io(m) => {
+            anyhow::anyhow!("{m} (is model-registry running there? check --registry / FABRIC_REGISTRY)")
+        }
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
+fn print(answer: &Value, output: Output, table: fn(&Value)) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(answer)?),
+        Output::Table => table(answer),
+    }
     Ok(())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn show_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn show_version(v: &Value) {
+    println!(
+        "{}:{}  digest sha256:{}  {} bytes  pushed by {}",
+        text(&v["name"]),
+        text(&v["version"]),
+        text(&v["digest"]),
+        text(&v["size"]),
+        text(&v["pushed_by"])
+    );
+    for (kind, specs) in [("input", &v["inputs"]), ("output", &v["outputs"])] {
+        for s in specs.as_array().into_iter().flatten() {
+            println!("  {kind} {} {} {}", text(&s["name"]), text(&s["datatype"]), s["shape"]);
+        }
+    }
+}
+
+fn show_versions(v: &Value) {
+    println!("{:<20} {:>7} {:<14} {:>12} {}", "MODEL", "VERSION", "DIGEST", "BYTES", "PUSHED BY");
+    for m in v.as_array().into_iter().flatten() {
+        let digest = text(&m["digest"]);
+        println!(
+            "{:<20} {:>7} {:<14} {:>12} {}",
+            text(&m["name"]),
+            text(&m["version"]),
+            &digest[..digest.len().min(12)],
+            text(&m["size"]),
+            text(&m["pushed_by"])
+        );
+    }
+}
+
+fn show_model(v: &Value) {
+    show_versions(&v["versions"]);
+    println!("deployments: {}", v["deployments"]);
+    show_rollout(&v["rollout"]);
+}
+
+fn show_rollout(r: &Value) {
+    let canary = match &r["canary"] {
+        Value::Null => "none".to_string(),
+        c => format!(
+            "version {} at {}%{}",
+            text(&c["version"]),
+            text(&c["weight"]),
+            if c["auto_rollback"] == true { " (auto-rollback)" } else { "" }
+        ),
+    };
+    let shadow = match &r["shadow"] {
+        Value::Null => "none".to_string(),
+        s => format!("version {} with {}%", text(&s["version"]), text(&s["share"])),
+    };
+    println!("stable: {}  canary: {canary}  shadow: {shadow}", text(&r["stable"]));
+    if let Some(why) = r["auto_rolled_back"].as_str() {
+        println!("automatically rolled back: {why}");
+    }
+}
+
+fn show_rollout_change(v: &Value) {
+    println!("{}: generation {}", text(&v["name"]), text(&v["generation"]));
+    show_rollout(&v["rollout"]);
+}
+
+fn show_status(v: &Value) {
+    println!("{} (generation {})", text(&v["name"]), text(&v["generation"]));
+    show_rollout(&v["rollout"]);
+    if let Some(a) = v["analysis"].as_object() {
+        for side in ["stable", "canary"] {
+            let w = &a[side];
+            println!(
+                "  {side:<6} requests {} errors {:.1}% p99 {} ms",
+                text(&w["requests"]),
+                w["error_pct"].as_f64().unwrap_or(0.0),
+                text(&w["p99_ms"])
+            );
+        }
+    }
+    println!("{:<12} {:<10} {:<10} {:<30}", "NODE", "READY", "CONVERGED", "WEIGHTS");
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<12} {:<10} {:<10} {:<30}",
+            text(&n["node"]),
+            n["ready"].to_string(),
+            text(&n["converged"]),
+            n["policy"]["weights"].to_string()
+        );
+    }
+    println!("history:");
+    for e in v["rollout"]["history"].as_array().into_iter().flatten() {
+        println!("  generation {:>4}: {}", text(&e["generation"]), text(&e["what"]));
+    }
+}
+
+fn show_nodes(v: &Value) {
+    println!("{:<12} {:<5} {:<20} {:>9} {:>10} {}", "NODE", "ROLE", "LABELS", "HEARTBEAT", "SERVED/S", "READY");
+    for n in v.as_array().into_iter().flatten() {
+        let labels: Vec<String> =
+            n["labels"].as_object().into_iter().flatten().map(|(k, v)| format!("{k}={}", text(v))).collect();
+        println!(
+            "{:<12} {:<5} {:<20} {:>7}ms {:>10.0} {}",
+            text(&n["node"]),
+            text(&n["role"]),
+            labels.join(","),
+            text(&n["last_heartbeat_ms"]),
+            n["served_per_s"].as_f64().unwrap_or(0.0),
+            n["ready"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+        );
+    }
 }

@@ -1,0 +1,276 @@
+//! The registry agent of a node: heartbeats to the model registry (with the node's load report) and
+//! converges the node to the desired state each answer carries, through [`NodeControl`].
+//!
+//! Converging: fetch each wanted model file by digest into the node's cache (`<data_dir>/models`,
+//! verified by SHA-256 before every load: a corrupted file is fetched again, never served), load and
+//! warm the versions not loaded yet, set replica counts, then the traffic policy (whose weights the
+//! registry only gives to versions this node reported ready), and last unload, after draining, the
+//! versions the registry placed here and no longer wants. The desired state is kept on disk
+//! (`<data_dir>/desired.json`): a node that restarts while the registry is down serves it again.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::control::{ControlError, NodeControl, Source};
+use crate::registry_proto::{DesiredState, Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
+use crate::tls::TlsFiles;
+
+/// The `[registry]` settings of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The registry as `[NAME@]HOST:PORT`; unset: the node serves its repository only.
+    pub addr: Option<String>,
+    /// Where the node keeps the model files it fetched and its last desired state.
+    pub data_dir: PathBuf,
+    /// Labels deployments select nodes by (`site = "berlin"`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Longest the registry may hold a heartbeat's answer, in milliseconds (the node reports at least
+    /// this often).
+    pub heartbeat_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            addr: None,
+            data_dir: PathBuf::from("fabric-data"),
+            labels: Default::default(),
+            heartbeat_ms: 1000,
+        }
+    }
+}
+
+/// Why the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Bad address or certificates.
+    #[error("registry agent: {0}")]
+    Setup(String),
+}
+
+/// Why one convergence did not finish (it is retried).
+#[derive(Debug, thiserror::Error)]
+enum ConvergeError {
+    #[error("{0}")]
+    Control(#[from] ControlError),
+    #[error("{0}")]
+    Fetch(String),
+}
+
+struct Agent {
+    control: Arc<NodeControl>,
+    client: Arc<RegistryClient>,
+    info: NodeInfo,
+    dir: PathBuf,
+    heartbeat_ms: u64,
+    /// Versions the registry placed on this node.
+    managed: tokio::sync::Mutex<BTreeSet<(String, u64)>>,
+}
+
+/// Starts the agent on a thread of its own; `info` says who this node is (its id must be the one in
+/// its certificate).
+pub fn start(
+    config: &AgentConfig,
+    tls: &TlsFiles,
+    control: Arc<NodeControl>,
+    info: NodeInfo,
+) -> Result<(), AgentError> {
+    let Some(addr) = &config.addr else { return Ok(()) };
+    let target = RegistryAddr::parse(addr).map_err(AgentError::Setup)?;
+    std::fs::create_dir_all(config.data_dir.join("models"))
+        .map_err(|e| AgentError::Setup(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    let io = crate::io_thread::spawn("registry-agent").map_err(|e| AgentError::Setup(e.to_string()))?;
+    let client = {
+        let _on_io_thread = io.enter();
+        RegistryClient::new(target, tls).map_err(|e| AgentError::Setup(e.to_string()))?
+    };
+    let agent = Arc::new(Agent {
+        control,
+        client,
+        info,
+        dir: config.data_dir.clone(),
+        heartbeat_ms: config.heartbeat_ms.max(100),
+        managed: tokio::sync::Mutex::new(BTreeSet::new()),
+    });
+    tracing::info!(registry = %addr, node = %agent.info.node_id, "registry agent started");
+    io.spawn(agent.run());
+    Ok(())
+}
+
+impl Agent {
+    fn desired_file(&self) -> PathBuf {
+        self.dir.join("desired.json")
+    }
+
+    fn cached(&self, digest: &str) -> PathBuf {
+        self.dir.join("models").join(format!("{digest}.onnx"))
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut applied = 0u64;
+        // Serve the last desired state at once, registry or not.
+        if let Some(desired) = self.persisted() {
+            self.managed.lock().await.extend(managed_by(&desired));
+            match self.converge(&desired).await {
+                Ok(()) => {
+                    applied = desired.revision;
+                    tracing::info!(models = desired.models.len(), "serving the last desired state from disk");
+                }
+                Err(e) => tracing::warn!("the last desired state does not converge yet: {e}"),
+            }
+        }
+        let mut failures = 0u32;
+        loop {
+            let heartbeat = Heartbeat {
+                info: self.info.clone(),
+                applied,
+                ready: self.control.ready_versions(),
+                report: serde_json::to_value(self.control.report().await).unwrap_or_default(),
+                wait_ms: self.heartbeat_ms,
+            };
+            let desired = match self.client.call(&Request::Heartbeat(heartbeat)).await {
+                Ok(value) => {
+                    serde_json::from_value::<DesiredState>(value).map_err(|e| ProtoError::Malformed(e.to_string()))
+                }
+                Err(e) => Err(e),
+            };
+            let desired = match desired {
+                Ok(d) => {
+                    if failures > 0 {
+                        tracing::info!("registry reachable again");
+                    }
+                    failures = 0;
+                    d
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 30 == 0 {
+                        tracing::warn!("registry unreachable, serving the last desired state ({failures} tries): {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if desired.revision == applied {
+                continue;
+            }
+            self.persist(&desired);
+            match self.converge(&desired).await {
+                Ok(()) => applied = desired.revision,
+                Err(e) => {
+                    tracing::warn!("converging to generation {} failed, retrying: {e}", desired.generation);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn persisted(&self) -> Option<DesiredState> {
+        let text = std::fs::read(self.desired_file()).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn persist(&self, desired: &DesiredState) {
+        let tmp = self.desired_file().with_extension("tmp");
+        let written = serde_json::to_vec(desired)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, self.desired_file()));
+        if let Err(e) = written {
+            tracing::warn!("cannot keep the desired state on disk: {e}");
+        }
+    }
+
+    /// Brings the node to `desired`.
+    async fn converge(&self, desired: &DesiredState) -> Result<(), ConvergeError> {
+        let mut managed = self.managed.lock().await;
+        for model in &desired.models {
+            for v in &model.versions {
+                match self.control.loaded(&model.name, v.version) {
+                    None => {
+                        let path = self.model_file(&v.digest).await?;
+                        let config =
+                            ModelConfig { replicas: v.replicas.max(1), ..self.control.model_defaults().clone() };
+                        self.control.load_version(&model.name, v.version, Source::Path(path), config, false).await?;
+                    }
+                    Some(m) if m.config.replicas != v.replicas.max(1) => {
+                        let change = serde_json::json!({ "replicas": v.replicas.max(1) });
+                        self.control.reconfigure(&model.name, v.version, &change).await?;
+                    }
+                    Some(_) => {}
+                }
+                managed.insert((model.name.clone(), v.version));
+            }
+            if let Some(policy) = &model.policy {
+                self.control.set_policy(&model.name, Some(policy.clone()))?;
+            }
+        }
+        let wanted = managed_by(desired);
+        let names: BTreeSet<&str> = desired.models.iter().map(|m| m.name.as_str()).collect();
+        for (name, version) in managed.clone().into_iter().filter(|k| !wanted.contains(k)) {
+            if !names.contains(name.as_str()) {
+                // No longer deployed here: nothing routes to it once the policy is gone.
+                self.control.set_policy(&name, None).or_else(|e| match e {
+                    ControlError::Policy(crate::policy::traffic::PolicyError::UnknownModel(_)) => Ok(()),
+                    e => Err(e),
+                })?;
+            }
+            match self.control.unload_versions(&name, Some(version)).await {
+                Ok(_) | Err(ControlError::Route(_)) => {
+                    managed.remove(&(name, version));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The cached model file for `digest`, checked against it; fetched when missing or wrong.
+    async fn model_file(&self, digest: &str) -> Result<PathBuf, ConvergeError> {
+        let path = self.cached(digest);
+        if path.exists() {
+            if digest_of(&path).await.as_deref() == Some(digest) {
+                return Ok(path);
+            }
+            tracing::warn!(%digest, "cached model file does not match its digest (corrupted on disk): fetching it again");
+            let _ = std::fs::remove_file(&path);
+        }
+        let size = self.client.fetch(digest, &path).await.map_err(|e| ConvergeError::Fetch(e.to_string()))?;
+        match digest_of(&path).await {
+            Some(d) if d == digest => {
+                tracing::info!(%digest, size, "model file fetched");
+                Ok(path)
+            }
+            got => {
+                let _ = std::fs::remove_file(&path);
+                Err(ConvergeError::Fetch(format!("fetched model file has digest {got:?}, wanted {digest}")))
+            }
+        }
+    }
+}
+
+fn managed_by(desired: &DesiredState) -> BTreeSet<(String, u64)> {
+    desired.models.iter().flat_map(|m| m.versions.iter().map(|v| (m.name.clone(), v.version))).collect()
+}
+
+async fn digest_of(path: &Path) -> Option<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::registry_proto::sha256_file(&path).ok()).await.ok().flatten()
+}
+
+/// What this machine has, for the registry: cores and memory (MiB, from /proc/meminfo on Linux).
+pub fn machine() -> (usize, u64) {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb / 1024);
+    (cores, memory)
+}
