@@ -132,6 +132,32 @@ def make_cnn(rng):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def make_cnn_slow(rng, extra=23):
+    """The CNN's signature, float32 [N,3,64,64] -> [N,10], with about 20x its work: `extra` more 3x3
+    convolutions (64 -> 64 channels, one shared weight so the file stays small) at the 16x16 stage."""
+    model = make_cnn(rng)
+    graph = model.graph
+    w = (rng.standard_normal((64, 64, 3, 3)) * np.sqrt(1.0 / (64 * 9))).astype(np.float32)
+    b = np.zeros(64, dtype=np.float32)
+    graph.initializer.extend([numpy_helper.from_array(w, "slow.w"), numpy_helper.from_array(b, "slow.b")])
+    # Re-wire: r2 (the third Relu, 16x16x64) -> extra Conv/Relu steps -> the third MaxPool.
+    nodes = list(graph.node)
+    pool = next(n for n in nodes if n.op_type == "MaxPool" and n.input[0] == "r2")
+    x, added = "r2", []
+    for i in range(extra):
+        added += [
+            helper.make_node("Conv", [x, "slow.w", "slow.b"], [f"s{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"s{i}"], [f"sr{i}"]),
+        ]
+        x = f"sr{i}"
+    pool.input[0] = x
+    at = nodes.index(pool)
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + added + nodes[at:])
+    graph.name = "cnn_slow"
+    return model
+
+
 def make_mixed():
     """Two inputs, two outputs, none of them float32.
 
@@ -354,6 +380,8 @@ def main():
     # The MLP's shape with other weights (its own seed, so the models above stay as they were): a
     # version whose answers differ, for the shadow-traffic tests.
     save_model(make_mlp(np.random.default_rng(7)), os.path.join(out, "models", "mlp_alt", "1", "model.onnx"))
+    # The CNN's signature with 20x its multiply-adds: a slower canary, for automatic rollback.
+    save_model(make_cnn_slow(np.random.default_rng(12)), os.path.join(out, "models", "cnn_slow", "1", "model.onnx"))
 
     bad = os.path.join(out, "bad-models")
     save_model(make_unsupported(), os.path.join(bad, "unsupported", "model.onnx"))

@@ -65,6 +65,8 @@ pub struct Dispatched {
     pub served_by: String,
     /// Rows in the batch it ran in, when served here.
     pub batch_rows: Option<usize>,
+    /// When the replica answered, when served here.
+    pub finished: Option<Instant>,
 }
 
 /// Why a request was not served.
@@ -125,7 +127,12 @@ impl Dispatcher {
             (Admission::Offload, _) => {
                 self.count(model, "offload");
                 match overflow.infer(&model.name, model.version, &inputs, deadline).await {
-                    Ok(done) => Ok(Dispatched { outputs: done.outputs, served_by: done.served_by, batch_rows: None }),
+                    Ok(done) => Ok(Dispatched {
+                        outputs: done.outputs,
+                        served_by: done.served_by,
+                        batch_rows: None,
+                        finished: None,
+                    }),
                     Err(OverflowError::Invalid(msg)) => Err(DispatchError::Invalid(msg)),
                     Err(OverflowError::Unavailable(msg)) => {
                         // Serve here after all if the deadline still allows; the pool decides.
@@ -163,7 +170,9 @@ impl Dispatcher {
     ) -> Result<Dispatched, DispatchError> {
         self.count(model, "late_offload");
         match overflow.infer(&model.name, model.version, &inputs, deadline).await {
-            Ok(done) => Ok(Dispatched { outputs: done.outputs, served_by: done.served_by, batch_rows: None }),
+            Ok(done) => {
+                Ok(Dispatched { outputs: done.outputs, served_by: done.served_by, batch_rows: None, finished: None })
+            }
             // Turned away only for the wait target: here can still make the deadline.
             Err(o) if matches!(error, PoolError::OverWaitTarget { .. }) => {
                 tracing::debug!(model = %model.name, "late offload failed, serving here: {o}");
@@ -191,6 +200,7 @@ impl Dispatcher {
             outputs: model.pool.metadata().name_outputs(reply.outputs),
             served_by: self.server_name.clone(),
             batch_rows: Some(reply.batch_rows),
+            finished: Some(reply.finished),
         }
     }
 }

@@ -349,10 +349,9 @@ async fn read_body_chunks(req: &HttpRequest, mut payload: web::Payload, limit: u
     Ok(body)
 }
 
-/// The served result of one request, encoded, and who served it.
+/// The served result of one request, encoded.
 struct Served {
     response: kserve::EncodedResponse,
-    served_by: String,
 }
 
 /// Reads and decodes an infer request's body.
@@ -382,6 +381,30 @@ async fn serve(
     request: kserve::DecodedRequest,
     arrived: Instant,
 ) -> Result<Served, ApiError> {
+    // The version's load report counts the request from here: its latency is the version's own (queue,
+    // compute or hub), not the time to receive and decode the body, which no version changes.
+    let stats = model.pool.stats();
+    let at = Instant::now();
+    stats.arrival(at);
+    let result = dispatch(state, model, shadow, request, arrived).await;
+    let outcome = match &result {
+        Ok((_, Some(_))) => Outcome::Served,
+        Ok((_, None)) => Outcome::Offloaded,
+        Err(e) => Outcome::Rejected(e.kind),
+    };
+    let finished = result.as_ref().ok().and_then(|(_, f)| *f).unwrap_or_else(Instant::now);
+    stats.answer(at, finished, outcome);
+    result.map(|(served, _)| served)
+}
+
+/// Validates, dispatches and encodes; says when the replica answered (`None`: a hub served it).
+async fn dispatch(
+    state: &HttpState,
+    model: &ServedModel,
+    shadow: Option<(Arc<ServedModel>, Arc<ShadowStats>)>,
+    request: kserve::DecodedRequest,
+    arrived: Instant,
+) -> Result<(Served, Option<Instant>), ApiError> {
     // Validate here, before any route is chosen: a request that does not fit the model gets its 400
     // whether it would have been served locally or by a hub.
     model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
@@ -400,9 +423,9 @@ async fn serve(
     if let Some(tx) = compare {
         let _ = tx.send(done.outputs.clone());
     }
-    let served_by = done.served_by.clone();
+    let finished = done.finished;
     let response = finish(model, &request.id, &request.outputs, done.served_by, done.batch_rows, done.outputs)?;
-    Ok(Served { response, served_by })
+    Ok((Served { response }, finished))
 }
 
 /// Encodes outputs with the response parameters saying where they were served.
@@ -431,16 +454,15 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
         Err(e) => return ApiError::from(e).response(),
     };
     // The version is chosen once the body is read: the traffic policy routes by the request's id.
-    // `routed`: whether the request reached a version (and counts in its load report).
-    let (model, routed, result) = match read_request(&state, &req, payload).await {
-        Err(e) => (known, false, Err(e)),
+    // Requests that reach a version are counted in its load report by `serve`.
+    let (model, result) = match read_request(&state, &req, payload).await {
+        Err(e) => (known, Err(e)),
         Ok(request) => match state.models.route_infer(name, version, request.id.as_deref()) {
-            Err(e) => (known, false, Err(ApiError::from(e))),
+            Err(e) => (known, Err(ApiError::from(e))),
             Ok(routed) => {
                 drop(known);
-                routed.model.pool.stats().arrival(arrived);
                 let result = serve(&state, &routed.model, routed.shadow, request, arrived).await;
-                (routed.model, true, result)
+                (routed.model, result)
             }
         },
     };
@@ -452,23 +474,15 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
     let latency = arrived.elapsed();
     state.metrics.requests.with_label_values(&[model.name.as_str(), &version, outcome]).inc();
     state.metrics.request_duration.with_label_values(&[model.name.as_str(), &version]).observe(latency.as_secs_f64());
-    let stats = model.pool.stats();
     match result {
-        Ok(Served { response, served_by }) => {
-            let outcome = if served_by == state.server_name { Outcome::Served } else { Outcome::Offloaded };
-            stats.answer(arrived, Instant::now(), outcome);
-            match response.header_length {
-                None => HttpResponse::Ok().content_type("application/json").body(response.body),
-                Some(n) => HttpResponse::Ok()
-                    .content_type("application/octet-stream")
-                    .insert_header((kserve::HEADER_LENGTH, n.to_string()))
-                    .body(response.body),
-            }
-        }
+        Ok(Served { response }) => match response.header_length {
+            None => HttpResponse::Ok().content_type("application/json").body(response.body),
+            Some(n) => HttpResponse::Ok()
+                .content_type("application/octet-stream")
+                .insert_header((kserve::HEADER_LENGTH, n.to_string()))
+                .body(response.body),
+        },
         Err(e) => {
-            if routed {
-                stats.answer(arrived, Instant::now(), Outcome::Rejected(e.kind));
-            }
             if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
                 tracing::error!(model = %model.name, "{}", e.message);
             }

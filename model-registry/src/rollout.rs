@@ -32,6 +32,9 @@ pub fn apply(state: &RegistryState, name: &str, change: &RolloutAction) -> Resul
     let line = match *change {
         RolloutAction::Pin { version } => {
             exists(version)?;
+            if r.stable != Some(version) {
+                r.previous_stable = r.stable;
+            }
             r.stable = Some(version);
             r.canary = None;
             if r.shadow.is_some_and(|s| s.version == version) {
@@ -85,16 +88,26 @@ pub fn apply(state: &RegistryState, name: &str, change: &RolloutAction) -> Resul
                 .canary
                 .take()
                 .ok_or_else(|| Refusal::new("conflict", format!("model '{name}' has no canary to promote")))?;
+            r.previous_stable = r.stable;
             r.stable = Some(canary.version);
             format!("promoted version {} to stable", canary.version)
         }
-        RolloutAction::Rollback => {
-            let canary = r
-                .canary
-                .take()
-                .ok_or_else(|| Refusal::new("conflict", format!("model '{name}' has no canary to roll back")))?;
-            format!("rolled back canary version {} (weight 0)", canary.version)
-        }
+        // With a canary: its weight goes to 0 and it is dropped. Without one: back to the stable
+        // version before the last promote or pin.
+        RolloutAction::Rollback => match (r.canary.take(), r.previous_stable) {
+            (Some(canary), _) => format!("rolled back canary version {} (weight 0)", canary.version),
+            (None, Some(previous)) if versions.contains_key(&previous) => {
+                let from = r.stable.replace(previous);
+                r.previous_stable = from;
+                format!("rolled back from version {} to version {previous}", from.map_or("-".into(), |v| v.to_string()))
+            }
+            _ => {
+                return Err(Refusal::new(
+                    "conflict",
+                    format!("model '{name}' has no canary and no earlier stable version to roll back to"),
+                ))
+            }
+        },
     };
     Ok((r, line))
 }
@@ -116,14 +129,22 @@ pub fn desired_for(state: &RegistryState, node: &NodeInfo, ready: &BTreeSet<(Str
         let replicas = deployments.iter().filter(|d| targets(d, node)).map(|d| d.replicas).max();
         let (Some(replicas), Some(rollout)) = (replicas, state.rollouts.get(name)) else { continue };
         let Some(versions) = state.models.get(name) else { continue };
-        let wanted: Vec<DesiredVersion> = rollout
-            .versions()
+        let is_ready = |v: u64| ready.contains(&(name.clone(), v));
+        let policy = node_policy(rollout, is_ready);
+        let mut keep = rollout.versions();
+        // Make before break: until a version of the rollout serves here, the versions ready here keep
+        // serving (a rollback to a version this node had unloaded, a node that joins mid-rollout).
+        if policy.is_none() {
+            keep.extend(ready.iter().filter(|(m, _)| m == name).map(|(_, v)| *v));
+            keep.sort_unstable();
+            keep.dedup();
+        }
+        let wanted: Vec<DesiredVersion> = keep
             .into_iter()
             .filter_map(|v| versions.get(&v))
             .map(|m| DesiredVersion { version: m.version, digest: m.digest.clone(), size: m.size, replicas })
             .collect();
-        let is_ready = |v: u64| ready.contains(&(name.clone(), v));
-        out.push(DesiredModel { name: name.clone(), versions: wanted, policy: node_policy(rollout, is_ready) });
+        out.push(DesiredModel { name: name.clone(), versions: wanted, policy });
     }
     out
 }
@@ -274,7 +295,12 @@ mod tests {
             (canary2.clone(), RolloutAction::Promote, Ok((Some(2), None))),
             (canary2.clone(), RolloutAction::Rollback, Ok((Some(1), None))),
             (stable1.clone(), RolloutAction::Promote, Err("no canary to promote")),
-            (stable1.clone(), RolloutAction::Rollback, Err("no canary to roll back")),
+            (stable1.clone(), RolloutAction::Rollback, Err("no canary and no earlier stable version")),
+            (
+                Rollout { stable: Some(2), previous_stable: Some(1), ..Default::default() },
+                RolloutAction::Rollback,
+                Ok((Some(1), None)),
+            ),
             (canary2.clone(), RolloutAction::Pin { version: 3 }, Ok((Some(3), None))),
         ];
         for (rollout, change, want) in cases {
@@ -334,6 +360,28 @@ mod tests {
             node_policy(&full, |_| true).map(|p| p.weights.into_iter().collect::<Vec<_>>()),
             Some(vec![(2, 100)])
         );
+    }
+
+    #[test]
+    fn a_node_keeps_what_it_serves_until_the_new_stable_version_is_ready() {
+        let mut state =
+            state_with(&[1, 2], Rollout { stable: Some(1), previous_stable: Some(2), ..Default::default() });
+        state
+            .deployments
+            .insert("m".into(), vec![Deployment { to: Target::All, labels: BTreeMap::new(), replicas: 1 }]);
+        let node = NodeInfo { node_id: "n".into(), role: "edge".into(), ..Default::default() };
+        let desired = |ready: &[u64]| {
+            let ready: BTreeSet<(String, u64)> = ready.iter().map(|&v| ("m".to_string(), v)).collect();
+            let m = desired_for(&state, &node, &ready).remove(0);
+            (
+                m.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+                m.policy.map(|p| p.weights.into_iter().collect::<Vec<_>>()),
+            )
+        };
+        // Rolled back to v1 while only v2 is loaded here: v2 stays (and keeps its routing) until v1 is ready.
+        assert_eq!(desired(&[2]), (vec![1, 2], None));
+        assert_eq!(desired(&[1, 2]), (vec![1], Some(vec![(1, 100)])));
+        assert_eq!(desired(&[]), (vec![1], None));
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct RolloutEvent {
 pub struct Rollout {
     /// The version that takes the traffic the canary does not.
     pub stable: Option<u64>,
+    /// The stable version before the last promote or pin (what a rollback without a canary returns to).
+    #[serde(default)]
+    pub previous_stable: Option<u64>,
     /// The canary, if one runs.
     pub canary: Option<Canary>,
     /// The shadow, if one runs.

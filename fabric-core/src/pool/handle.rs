@@ -69,11 +69,11 @@ impl PoolHandle {
     ) -> Result<PoolReply, PoolError> {
         self.stats.arrival(arrived);
         let result = self.infer(inputs, deadline).await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Served,
-            Err(e) => Outcome::Rejected(e.kind()),
+        let (outcome, finished) = match &result {
+            Ok(reply) => (Outcome::Served, reply.finished),
+            Err(e) => (Outcome::Rejected(e.kind()), Instant::now()),
         };
-        self.stats.answer(arrived, Instant::now(), outcome);
+        self.stats.answer(arrived, finished, outcome);
         result
     }
 

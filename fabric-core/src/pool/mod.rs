@@ -119,6 +119,8 @@ pub struct PoolReply {
     pub outputs: Vec<Tensor>,
     /// Rows in the batch this request ran in.
     pub batch_rows: usize,
+    /// When the replica answered (before the caller's thread woke up to it).
+    pub finished: Instant,
 }
 
 /// Why a request got no outputs.

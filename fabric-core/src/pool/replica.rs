@@ -33,8 +33,9 @@ pub(super) fn spawn(
                 let took = started.elapsed();
                 let mut outputs = per_request.into_iter();
                 let rows = batch.rows;
+                let finished = Instant::now();
                 answer_all(&batch.replies, || match outputs.next() {
-                    Some(outputs) => Ok(PoolReply { outputs, batch_rows: rows }),
+                    Some(outputs) => Ok(PoolReply { outputs, batch_rows: rows, finished }),
                     None => Err(PoolError::Engine("the engine returned fewer outputs than requests".into())),
                 });
                 intake.finish(batch.id, batch.rows, Some(took));

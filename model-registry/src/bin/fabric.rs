@@ -130,7 +130,8 @@ enum RolloutCommand {
     },
     /// The canary becomes the stable version.
     Promote { name: String },
-    /// The canary goes back to 0% and is dropped.
+    /// The canary goes back to 0% and is dropped; without a canary, back to the stable version
+    /// before the last promote or pin.
     Rollback { name: String },
 }
 

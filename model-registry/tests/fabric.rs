@@ -1,0 +1,280 @@
+//! A whole fabric on loopback: a model registry, a cloud-hub and two edge-nodes (real binaries),
+//! driven by the `fabric` CLI. Rollouts under steady load (no request may fail), canary shares,
+//! automatic rollback, a registry killed mid-rollout, nodes restarted offline and with a corrupted
+//! model cache, and refused uploads and identities. Waits are bounded; timings are printed, not
+//! asserted.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use fabric_core::registry_proto::{Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
+use fabric_core::tls::TlsFiles;
+use serde_json::{json, Value};
+use support::{agent, infer, model, wait_for, Fabric, Load, Sample};
+
+/// Waits until every one of `nodes` nodes routes `name` by `want` and has converged.
+fn wait_routes(f: &Fabric, registry: &str, name: &str, nodes: usize, want: Value) -> Duration {
+    wait_for(&format!("{nodes} nodes routing {want}"), Duration::from_secs(60), || {
+        let status = f.cli(registry, &["rollout", "status", name]);
+        let all = status["nodes"].as_array().cloned().unwrap_or_default();
+        all.len() == nodes && all.iter().all(|n| n["policy"]["weights"] == want && n["converged"] == true)
+    })
+}
+
+/// How long after `from` each node's answers were all from `version` (the send time of its last
+/// answer from another version, relative to `from`), over answers sent before `until`.
+fn time_to_all(samples: &[Sample], nodes: usize, from: Instant, until: Instant, version: &str) -> Vec<Duration> {
+    (0..nodes)
+        .map(|node| {
+            samples
+                .iter()
+                .filter(|s| s.node == node && s.sent >= from && s.sent < until && s.version != version)
+                .map(|s| s.sent.saturating_duration_since(from))
+                .max()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn assert_all_served(samples: &[Sample]) {
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.status != 200).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed; first: {:?}", failed.len(), samples.len(), failed.first());
+}
+
+#[test]
+fn rollouts_across_a_fabric_fail_no_request() {
+    let f = Fabric::new("rollout");
+    let registry = f.registry("127.0.0.1:0", &[]);
+    let r = registry.addr.clone();
+    let hub = f.hub(&r);
+    let e1 = f.edge("edge-1", &r, &["site=berlin"]);
+    let e2 = f.edge("edge-2", &r, &["site=paris"]);
+    let nodes = vec![e1.addr.clone(), e2.addr.clone(), hub.addr.clone()];
+    let a = agent();
+
+    // v1 pushed and deployed everywhere: each node fetches, loads, routes and serves it.
+    let pushed = f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
+    assert_eq!((pushed["version"].as_u64(), pushed["size"].as_u64().is_some()), (Some(1), true), "{pushed}");
+    f.cli(&r, &["deploy", "mlp", "--to", "all"]);
+    for n in &nodes {
+        wait_for(&format!("{n} serving v1"), Duration::from_secs(60), || infer(&a, n) == (200, "1".into()));
+    }
+    let listed = f.cli(&r, &["nodes"]);
+    let ids: Vec<&str> = listed.as_array().into_iter().flatten().filter_map(|n| n["node"].as_str()).collect();
+    assert_eq!(ids, ["edge-1", "edge-2", "hub-1"], "{listed}");
+    assert!(listed.as_array().into_iter().flatten().all(|n| n["ready"] == json!(["mlp:1"])), "{listed}");
+
+    // v2 as a 20% canary: the share over 5,000 requests at an edge.
+    assert_eq!(f.cli(&r, &["model", "push", "mlp", &model("mlp_alt")])["version"], 2);
+    f.cli(&r, &["rollout", "canary", "mlp", "2", "--weight", "20"]);
+    wait_routes(&f, &r, "mlp", 3, json!({ "1": 80, "2": 20 }));
+    let load = Load::start(&nodes[..1], 4);
+    wait_for("5,000 answers", Duration::from_secs(180), || load.count() >= 5_000);
+    let samples = load.stop();
+    assert_all_served(&samples);
+    let share = samples.iter().filter(|s| s.version == "2").count() as f64 * 100.0 / samples.len() as f64;
+    assert!((share - 20.0).abs() <= 3.0, "v2 served {share:.1}% of {} requests under a 20% canary", samples.len());
+
+    // Promote, then roll back, under steady load on every node: nothing fails.
+    let load = Load::start(&nodes, 2);
+    let settle = |n: usize| {
+        let target = load.count() + n;
+        wait_for("answers", Duration::from_secs(120), || load.count() >= target);
+    };
+    settle(300);
+    f.cli(&r, &["rollout", "promote", "mlp"]);
+    let promoted = Instant::now();
+    settle(900);
+    f.cli(&r, &["rollout", "rollback", "mlp"]);
+    let rolled_back = Instant::now();
+    settle(900);
+    let end = Instant::now();
+    let samples = load.stop();
+    assert_all_served(&samples);
+    let to_v2 = time_to_all(&samples, 3, promoted, rolled_back, "2");
+    let to_v1 = time_to_all(&samples, 3, rolled_back, end, "1");
+    eprintln!("FIGURE promote -> 100% v2 per node (ms): {:?}", to_v2.iter().map(|d| d.as_millis()).collect::<Vec<_>>());
+    eprintln!(
+        "FIGURE rollback -> 100% v1 per node (ms): {:?}",
+        to_v1.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
+    );
+    for (node, (a2, a1)) in to_v2.iter().zip(&to_v1).enumerate() {
+        let later = |from: Instant, to: Instant, v: &str| {
+            samples.iter().any(|s| s.node == node && s.sent >= from && s.sent < to && s.version == v)
+        };
+        let window: Vec<(u128, u128, String)> = samples
+            .iter()
+            .filter(|s| s.node == node && s.sent >= promoted)
+            .take(20)
+            .map(|s| {
+                (
+                    s.sent.saturating_duration_since(promoted).as_millis(),
+                    s.done.saturating_duration_since(promoted).as_millis(),
+                    s.version.clone(),
+                )
+            })
+            .collect();
+        assert!(
+            later(promoted, rolled_back, "2") && later(rolled_back, end, "1"),
+            "node {node} never switched ({a2:?}, {a1:?}); rollback at {} ms; answers: {window:?}",
+            rolled_back.saturating_duration_since(promoted).as_millis()
+        );
+    }
+
+    // Back-to-back canaries end where the last command said (kserve#2130).
+    for cmd in [&["rollout", "canary", "mlp", "2", "--weight", "30"][..], &["rollout", "promote", "mlp"]] {
+        f.cli(&r, cmd);
+    }
+    assert_eq!(f.cli(&r, &["model", "push", "mlp", &model("mlp"), "--version", "3"])["version"], 3);
+    f.cli(&r, &["rollout", "canary", "mlp", "3", "--weight", "30"]);
+    f.cli(&r, &["rollout", "rollback", "mlp"]);
+    wait_routes(&f, &r, "mlp", 3, json!({ "2": 100 }));
+    for n in &nodes {
+        assert_eq!(infer(&a, n), (200, "2".into()));
+    }
+
+    // Automatic rollback: a CNN canary with 20x the work (multiply-adds) is rolled back by the
+    // analysis, with the reason.
+    f.cli(&r, &["model", "push", "cnn", &model("cnn")]);
+    f.cli(&r, &["deploy", "cnn", "--to", "edge"]);
+    wait_routes(&f, &r, "cnn", 2, json!({ "1": 100 }));
+    assert_eq!(f.cli(&r, &["model", "push", "cnn", &model("cnn_slow")])["version"], 2);
+    f.cli(&r, &["rollout", "canary", "cnn", "2", "--weight", "50", "--auto-rollback"]);
+    wait_routes(&f, &r, "cnn", 2, json!({ "1": 50, "2": 50 }));
+    let load = Load::start_model(&nodes[..2], 2, "cnn");
+    let started = Instant::now();
+    let took = wait_for("the automatic rollback", Duration::from_secs(60), || {
+        // Polled gently: every CLI call is a process on the same two cores as the fabric.
+        std::thread::sleep(Duration::from_millis(300));
+        let status = f.cli(&r, &["rollout", "status", "cnn"]);
+        !status["rollout"]["auto_rolled_back"].is_null()
+    });
+    load.stop();
+    let status = f.cli(&r, &["rollout", "status", "cnn"]);
+    let why = status["rollout"]["auto_rolled_back"].as_str().unwrap_or_default().to_string();
+    eprintln!("FIGURE auto-rollback {} ms after the load started: {why}", started.elapsed().as_millis());
+    assert!(why.contains("p99") || why.contains("error rate"), "{status}");
+    assert_eq!(status["rollout"]["canary"], Value::Null);
+    let _ = took;
+    wait_routes(&f, &r, "cnn", 2, json!({ "1": 100 }));
+    let text = f.cli_as(&r, "operator", &["rollout", "status", "cnn"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("automatically rolled back"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+}
+
+#[test]
+fn a_registry_killed_mid_rollout_loses_nothing_and_nodes_serve_on() {
+    let f = Fabric::new("restart");
+    let registry = f.registry("127.0.0.1:0", &[]);
+    let r = registry.addr.clone();
+    let e1 = f.edge("edge-1", &r, &[]);
+    let e2 = f.edge("edge-2", &r, &[]);
+    let a = agent();
+    f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
+    f.cli(&r, &["deploy", "mlp", "--to", "edge"]);
+    wait_routes(&f, &r, "mlp", 2, json!({ "1": 100 }));
+    f.cli(&r, &["model", "push", "mlp", &model("mlp_alt")]);
+    // The CLI's answer is the acknowledgement; the registry dies right after it.
+    let acked = f.cli(&r, &["rollout", "canary", "mlp", "2", "--weight", "50"]);
+    drop(registry); // SIGKILL
+    for n in [&e1.addr, &e2.addr] {
+        for _ in 0..100 {
+            let (status, version) = infer(&a, n);
+            assert_eq!(status, 200, "{n} failed while the registry was down: {version}");
+        }
+    }
+    // A node restarted while the registry is down serves its last desired state from disk.
+    drop(e2);
+    let e2 = f.edge("edge-2", &r, &[]);
+    wait_for("edge-2 serving offline", Duration::from_secs(30), || infer(&a, &e2.addr).0 == 200);
+    // A cached model file corrupted on disk is found by its digest and fetched again, never served.
+    drop(e1);
+    // The v1 file's digest, computed here (the registry is down).
+    let v1 = support::digest(std::path::Path::new(&model("mlp")));
+    let cached = f.dir.join("edge-1-data/models").join(format!("{v1}.onnx"));
+    assert!(cached.exists(), "edge-1 has no cached {}", cached.display());
+    std::fs::write(&cached, b"not the model any more").expect("corrupt the cache");
+    let registry = f.registry(&r, &[]);
+    let started = Instant::now();
+    let e1 = f.edge("edge-1", &r, &[]);
+    // Same state as acknowledged, and every node converges to it.
+    let status = f.cli(&r, &["rollout", "status", "mlp"]);
+    assert_eq!(status["rollout"], acked["rollout"], "the registry lost or changed state");
+    let took = wait_routes(&f, &r, "mlp", 2, json!({ "1": 50, "2": 50 }));
+    eprintln!("FIGURE nodes converged {} ms after the registry restarted", started.elapsed().as_millis());
+    let _ = took;
+    assert_eq!(support::digest(&cached), v1, "the corrupted cache file was not replaced");
+    let answers: Vec<(u16, String)> = (0..200).map(|_| infer(&a, &e1.addr)).collect();
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{:?}", answers.iter().find(|(s, _)| *s != 200));
+    drop(registry);
+}
+
+fn client(f: &Fabric, registry: &str, id: &str, runtime: &tokio::runtime::Runtime) -> std::sync::Arc<RegistryClient> {
+    let _enter = runtime.enter();
+    let target = RegistryAddr::parse(&format!("registry-1@{registry}")).expect("address");
+    RegistryClient::new(target, &TlsFiles::in_dir(&f.certs, id)).expect("client")
+}
+
+#[test]
+fn bad_uploads_and_borrowed_identities_are_refused() {
+    let f = Fabric::new("refusals");
+    let registry = f.registry("127.0.0.1:0", &["--max-model-mib", "1"]);
+    let r = registry.addr.clone();
+    let blobs = f.dir.join("registry/blobs");
+    let staging = f.dir.join("registry/staging");
+    let nothing_left = || {
+        let count = |d: &std::path::Path| std::fs::read_dir(d).map(|e| e.count()).unwrap_or(0);
+        assert_eq!((count(&blobs), count(&staging)), (0, 0), "an upload left files behind");
+    };
+    let push = |id: &str, file: &str| f.cli_as(&r, id, &["model", "push", "m", file]);
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let corrupt = reference_bad("corrupt");
+    let out = push("operator", &corrupt);
+    assert!(!out.status.success() && stderr(&out).contains("not a usable ONNX model"), "{}", stderr(&out));
+    nothing_left();
+    let out = push("operator", &model("mlp")); // 1.6 MB over the 1 MiB limit
+    assert!(!out.status.success() && stderr(&out).contains("over the registry's limit"), "{}", stderr(&out));
+    nothing_left();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let operator = client(&f, &r, "operator", &runtime);
+    let truncated = runtime.block_on(operator.call(&Request::Push { name: "m".into(), version: None, size: 1000 }));
+    assert!(
+        matches!(&truncated, Err(ProtoError::Refused(e)) if e.message.contains("truncated: 0 of 1000")),
+        "{truncated:?}"
+    );
+    nothing_left();
+    assert!(f.cli(&r, &["model", "list"]).as_array().is_some_and(|l| l.is_empty()));
+
+    // A node's certificate cannot push; an operator's can.
+    let out = push("edge-1", &model("digits"));
+    assert!(!out.status.success() && stderr(&out).contains("needs an operator certificate"), "{}", stderr(&out));
+    let out = push("operator", &model("digits"));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A node reports only for itself.
+    let edge1 = client(&f, &r, "edge-1", &runtime);
+    let as_other = Heartbeat {
+        info: NodeInfo { node_id: "edge-2".into(), role: "edge".into(), labels: BTreeMap::new(), ..Default::default() },
+        ..Default::default()
+    };
+    let refused = runtime.block_on(edge1.call(&Request::Heartbeat(as_other)));
+    assert!(
+        matches!(&refused, Err(ProtoError::Refused(e)) if e.message.contains("cannot report as 'edge-2'")),
+        "{refused:?}"
+    );
+
+    // A version in use cannot be deleted.
+    f.cli(&r, &["deploy", "m", "--to", "edge"]);
+    let out = f.cli_as(&r, "operator", &["model", "rm", "m:1"]);
+    assert!(!out.status.success() && stderr(&out).contains("is in the rollout"), "{}", stderr(&out));
+}
+
+fn reference_bad(name: &str) -> String {
+    fabric_core::reference::build_dir().join("bad-models").join(name).join("model.onnx").display().to_string()
+}

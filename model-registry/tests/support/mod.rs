@@ -1,0 +1,296 @@
+//! Test support: a whole local fabric on loopback (a model-registry, edge-nodes, a cloud-hub, all real
+//! binaries on ephemeral ports), the `fabric` CLI, and closed-loop HTTP clients.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fabric_core::reference;
+use serde_json::{json, Value};
+
+/// A child process, killed (SIGKILL) on drop.
+pub struct Proc {
+    pub child: Child,
+    /// The address it printed.
+    pub addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary of another package of the workspace (built on demand).
+pub fn workspace_binary(package: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug").join(package);
+    if !bin.exists() {
+        let status =
+            Command::new(env!("CARGO")).args(["build", "-p", package, "--bin", package]).status().expect("cargo");
+        assert!(status.success(), "building {package} failed");
+    }
+    bin
+}
+
+/// Spawns `cmd` and waits (60 s at most) for a stdout line starting with `prefix`; returns what follows.
+fn spawn_until(mut cmd: Command, prefix: &'static str) -> Proc {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let _ = tx.send(rest.to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no '{prefix}' line within 60 s"));
+    Proc { child, addr }
+}
+
+/// A test fabric's folder and certificates.
+pub struct Fabric {
+    pub dir: PathBuf,
+    pub certs: PathBuf,
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Fabric {
+    /// A fresh folder with certificates for registry-1, hub-1, edge-1, edge-2 and an operator.
+    pub fn new(name: &str) -> Fabric {
+        let dir = std::env::temp_dir().join(format!("fabric-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = dir.join("certs");
+        let nodes: Vec<(String, fabric_core::tls::Role)> = [
+            ("registry-1", fabric_core::tls::Role::Registry),
+            ("hub-1", fabric_core::tls::Role::Hub),
+            ("edge-1", fabric_core::tls::Role::Edge),
+            ("edge-2", fabric_core::tls::Role::Edge),
+            ("operator", fabric_core::tls::Role::Operator),
+        ]
+        .into_iter()
+        .map(|(n, r)| (n.to_string(), r))
+        .collect();
+        fabric_core::tls::generate_dev_pki(&certs, &nodes).expect("certificates");
+        Fabric { dir, certs }
+    }
+
+    /// Starts the registry on `listen` (e.g. 127.0.0.1:0) with extra flags; returns it and its address.
+    pub fn registry(&self, listen: &str, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_model-registry"));
+        cmd.args(["--listen", listen, "--node-id", "registry-1"])
+            .arg("--data-dir")
+            .arg(self.dir.join("registry"))
+            .arg("--certs")
+            .arg(&self.certs)
+            .args(extra)
+            .env("RUST_LOG", "warn");
+        spawn_until(cmd, "model-registry listening on quic://")
+    }
+
+    /// Starts edge-node `id` (tract) taking its desired state from the registry at `registry`.
+    pub fn edge(&self, id: &str, registry: &str, labels: &[&str]) -> Proc {
+        let repo = self.dir.join(format!("{id}-repo"));
+        std::fs::create_dir_all(&repo).expect("repo");
+        let mut cmd = Command::new(workspace_binary("edge-node"));
+        cmd.args(["--http-addr", "127.0.0.1:0", "--node-id", id])
+            .arg("--model-repository")
+            .arg(&repo)
+            .arg("--certs")
+            .arg(&self.certs)
+            .arg("--registry")
+            .arg(format!("registry-1@{registry}"))
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("{id}-data")))
+            .env("RUST_LOG", "warn");
+        for l in labels {
+            cmd.args(["--label", l]);
+        }
+        spawn_until(cmd, "edge-node listening on ")
+    }
+
+    /// Starts cloud-hub hub-1 (ONNX Runtime) taking its desired state from the registry.
+    pub fn hub(&self, registry: &str) -> Proc {
+        let repo = self.dir.join("hub-repo");
+        std::fs::create_dir_all(&repo).expect("repo");
+        let ort = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
+            std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
+                .expect("run scripts/setup.sh")
+                .trim()
+                .to_string()
+        });
+        let mut cmd = Command::new(workspace_binary("cloud-hub"));
+        cmd.args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--node-id", "hub-1"])
+            .arg("--model-repository")
+            .arg(&repo)
+            .arg("--certs")
+            .arg(&self.certs)
+            .arg("--registry")
+            .arg(format!("registry-1@{registry}"))
+            .arg("--data-dir")
+            .arg(self.dir.join("hub-data"))
+            .env("ORT_DYLIB_PATH", ort)
+            .env("RUST_LOG", "error");
+        let mut hub = spawn_until(cmd, "cloud-hub listening on ");
+        hub.addr = hub.addr.split_whitespace().next().unwrap_or_default().to_string();
+        hub
+    }
+
+    /// Runs `fabric` against the registry with the operator certificate (or `id`'s).
+    pub fn cli_as(&self, registry: &str, id: &str, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_fabric"))
+            .args(args)
+            .env("FABRIC_REGISTRY", format!("registry-1@{registry}"))
+            .env("FABRIC_CERTS", &self.certs)
+            .env("FABRIC_ID", id)
+            .output()
+            .expect("run fabric")
+    }
+
+    /// Runs `fabric ... --output json` as the operator and returns the JSON; panics on failure.
+    pub fn cli(&self, registry: &str, args: &[&str]) -> Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.cli_as(registry, "operator", &all);
+        assert!(out.status.success(), "fabric {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("fabric {args:?}: not JSON ({e})"))
+    }
+}
+
+/// A generated model file.
+pub fn model(name: &str) -> String {
+    reference::model_path(name).display().to_string()
+}
+
+/// An HTTP client that returns error statuses as responses, with bounded waits.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent()
+}
+
+/// A one-row JSON request for the MLP (`mlp`) or the CNN (`cnn`).
+pub fn body_for(model: &str) -> String {
+    let shape: Vec<usize> = if model == "cnn" { vec![1, 3, 64, 64] } else { vec![1, 784] };
+    let n: usize = shape.iter().product();
+    json!({ "inputs": [{ "name": "input", "shape": shape, "datatype": "FP32", "data": vec![0.25f32; n] }] }).to_string()
+}
+
+/// One MLP request (JSON): its status and the version that answered.
+pub fn infer(agent: &ureq::Agent, base: &str) -> (u16, String) {
+    infer_model(agent, base, "mlp", &body_for("mlp"))
+}
+
+/// One request to `model` with `body`: its status and the version that answered (or the error).
+pub fn infer_model(agent: &ureq::Agent, base: &str, model: &str, body: &str) -> (u16, String) {
+    let url = format!("{base}/v2/models/{model}/infer");
+    match agent.post(&url).header("content-type", "application/json").send(body) {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            (
+                status,
+                v["model_version"].as_str().map(str::to_string).unwrap_or_else(|| text.chars().take(200).collect()),
+            )
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Waits up to `limit` for `done`, checking every 20 ms; returns how long it took.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+/// An answer: when sent and received, the status, and the version (or the error).
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub node: usize,
+    pub sent: Instant,
+    pub done: Instant,
+    pub status: u16,
+    pub version: String,
+}
+
+/// Closed-loop clients on several nodes until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub samples: Arc<Mutex<Vec<Sample>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` closed-loop MLP clients per node URL.
+    pub fn start(nodes: &[String], clients: usize) -> Load {
+        Load::start_model(nodes, clients, "mlp")
+    }
+
+    /// `clients` closed-loop clients of `model` per node URL.
+    pub fn start_model(nodes: &[String], clients: usize, model: &'static str) -> Load {
+        let body = Arc::new(body_for(model));
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        for (node, url) in nodes.iter().enumerate() {
+            for _ in 0..clients {
+                let (stop, samples, url, body) = (stop.clone(), samples.clone(), url.clone(), body.clone());
+                threads.push(std::thread::spawn(move || {
+                    let agent = agent();
+                    while !stop.load(Ordering::Relaxed) {
+                        let sent = Instant::now();
+                        let (status, version) = infer_model(&agent, &url, model, &body);
+                        samples.lock().expect("samples").push(Sample {
+                            node,
+                            sent,
+                            done: Instant::now(),
+                            status,
+                            version,
+                        });
+                    }
+                }));
+            }
+        }
+        Load { stop, samples, threads }
+    }
+
+    /// Answers so far.
+    pub fn count(&self) -> usize {
+        self.samples.lock().expect("samples").len()
+    }
+
+    /// Stops the clients; returns every answer.
+    pub fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        Arc::try_unwrap(self.samples).map(|m| m.into_inner().expect("samples")).unwrap_or_default()
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn digest(path: &Path) -> String {
+    fabric_core::registry_proto::sha256_file(path).expect("readable")
+}
