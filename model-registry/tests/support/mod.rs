@@ -27,16 +27,18 @@ impl Drop for Proc {
     }
 }
 
-/// A binary of another package of the workspace (built on demand).
+/// A binary of another package of the workspace, from the same build profile as this test (built on
+/// demand), so `cargo test --release` runs release nodes.
 pub fn workspace_binary(package: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug").join(package);
+    let dir = Path::new(env!("CARGO_BIN_EXE_fabric")).parent().expect("the profile folder").to_path_buf();
+    let bin = dir.join(package);
     if !bin.exists() {
-        let status =
-            Command::new(env!("CARGO")).args(["build", "-p", package, "--bin", package]).status().expect("cargo");
-        assert!(status.success(), "building {package} failed");
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", package, "--bin", package]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().expect("cargo").success(), "building {package} failed");
     }
     bin
 }
