@@ -61,13 +61,14 @@ fn main() -> anyhow::Result<()> {
         };
         let registry = Registry::open(Box::new(store), settings)?;
         let files = fabric_core::tls::TlsFiles::in_dir(&cli.certs, &cli.node_id);
-        let config = fabric_core::tls::server_config(&files).map_err(|e| {
+        let mut config = fabric_core::tls::server_config(&files).map_err(|e| {
             anyhow::anyhow!(
                 "{e} (create development certificates with `fabric certs --out {} --node {}:registry`)",
                 cli.certs.display(),
                 cli.node_id
             )
         })?;
+        config.transport_config(Arc::new(fabric_core::registry_proto::transport()));
         let addr: std::net::SocketAddr =
             cli.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", cli.listen))?;
         let endpoint = quinn::Endpoint::server(config, addr)?;

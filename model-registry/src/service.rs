@@ -12,7 +12,6 @@ use fabric_core::registry_proto::{
 };
 use fabric_core::tls::{self, Identity, Role};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::rollout::{self, AnalysisSettings, Window};
@@ -237,9 +236,12 @@ impl Registry {
         answer
     }
 
-    /// Reads exactly `size` bytes into `staged`, hashing them; refuses short and long streams.
+    /// Reads exactly `size` bytes into `staged`, hashing them; refuses short and long streams. Bytes
+    /// are written in blocks of [`WRITE_BLOCK`] (one trip to the blocking pool each, not one per chunk).
     async fn receive(&self, recv: &mut quinn::RecvStream, staged: &Path, size: u64) -> Result<String, Refusal> {
-        let mut file = tokio::fs::File::create(staged).await.map_err(internal)?;
+        let file = std::fs::File::create(staged).map_err(internal)?;
+        let mut file = Some(file);
+        let mut block: Vec<u8> = Vec::with_capacity(WRITE_BLOCK);
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         let mut got = 0u64;
         loop {
@@ -256,12 +258,16 @@ impl Registry {
                 ));
             }
             context.update(&chunk.bytes);
-            file.write_all(&chunk.bytes).await.map_err(internal)?;
+            block.extend_from_slice(&chunk.bytes);
+            if block.len() >= WRITE_BLOCK {
+                file = Some(write_block(file, std::mem::take(&mut block), false).await?);
+                block.reserve(WRITE_BLOCK);
+            }
         }
         if got != size {
             return Err(Refusal::new("invalid", format!("the upload was truncated: {got} of {size} bytes arrived")));
         }
-        file.sync_all().await.map_err(internal)?;
+        write_block(file, block, true).await?;
         Ok(registry_proto::hex(context.finish().as_ref()))
     }
 
@@ -518,6 +524,25 @@ impl Registry {
             }
         }
     }
+}
+
+/// Bytes an upload buffers before writing them out.
+const WRITE_BLOCK: usize = 4 << 20;
+
+/// Writes a block on the blocking pool (and syncs the file when `last`); hands the file back.
+async fn write_block(file: Option<std::fs::File>, block: Vec<u8>, last: bool) -> Result<std::fs::File, Refusal> {
+    use std::io::Write;
+    let mut file = file.ok_or_else(|| internal("upload file lost"))?;
+    tokio::task::spawn_blocking(move || {
+        file.write_all(&block)?;
+        if last {
+            file.sync_all()?;
+        }
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)
 }
 
 /// What one version did over the nodes' last reports.

@@ -95,11 +95,12 @@ fn rollouts_across_a_fabric_fail_no_request() {
     assert_all_served(&samples);
     let to_v2 = time_to_all(&samples, 3, promoted, rolled_back, "2");
     let to_v1 = time_to_all(&samples, 3, rolled_back, end, "1");
-    eprintln!("FIGURE promote -> 100% v2 per node (ms): {:?}", to_v2.iter().map(|d| d.as_millis()).collect::<Vec<_>>());
-    eprintln!(
-        "FIGURE rollback -> 100% v1 per node (ms): {:?}",
-        to_v1.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
+    let ms = |d: &[Duration]| format!("{:?} ms", d.iter().map(|d| d.as_millis()).collect::<Vec<_>>());
+    support::figure(
+        "promote (canary already warm) -> 100% of answers from v2, per node, after the CLI returned",
+        &ms(&to_v2),
     );
+    support::figure("rollback to a version the nodes had unloaded -> 100% from v1, per node", &ms(&to_v1));
     for (node, (a2, a1)) in to_v2.iter().zip(&to_v1).enumerate() {
         let later = |from: Instant, to: Instant, v: &str| {
             samples.iter().any(|s| s.node == node && s.sent >= from && s.sent < to && s.version == v)
@@ -134,6 +135,17 @@ fn rollouts_across_a_fabric_fail_no_request() {
     for n in &nodes {
         assert_eq!(infer(&a, n), (200, "2".into()));
     }
+    // A shadow reaches every node's routing, and answers still come from the stable version.
+    f.cli(&r, &["rollout", "shadow", "mlp", "3", "--share", "100"]);
+    wait_for("the shadow on every node", Duration::from_secs(60), || {
+        let status = f.cli(&r, &["rollout", "status", "mlp"]);
+        let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.len() == 3 && nodes.iter().all(|n| n["policy"]["shadow"] == json!({ "version": 3, "percent": 100 }))
+    });
+    for n in &nodes {
+        assert_eq!(infer(&a, n), (200, "2".into()));
+    }
+    f.cli(&r, &["rollout", "shadow", "mlp", "3", "--share", "0"]);
 
     // Automatic rollback: a CNN canary with 20x the work (multiply-adds) is rolled back by the
     // analysis, with the reason.
@@ -154,7 +166,10 @@ fn rollouts_across_a_fabric_fail_no_request() {
     load.stop();
     let status = f.cli(&r, &["rollout", "status", "cnn"]);
     let why = status["rollout"]["auto_rolled_back"].as_str().unwrap_or_default().to_string();
-    eprintln!("FIGURE auto-rollback {} ms after the load started: {why}", started.elapsed().as_millis());
+    support::figure(
+        "automatic rollback after the load started",
+        &format!("{} ms ({why})", started.elapsed().as_millis()),
+    );
     assert!(why.contains("p99") || why.contains("error rate"), "{status}");
     assert_eq!(status["rollout"]["canary"], Value::Null);
     let _ = took;
@@ -206,7 +221,10 @@ fn a_registry_killed_mid_rollout_loses_nothing_and_nodes_serve_on() {
     let status = f.cli(&r, &["rollout", "status", "mlp"]);
     assert_eq!(status["rollout"], acked["rollout"], "the registry lost or changed state");
     let took = wait_routes(&f, &r, "mlp", 2, json!({ "1": 50, "2": 50 }));
-    eprintln!("FIGURE nodes converged {} ms after the registry restarted", started.elapsed().as_millis());
+    support::figure(
+        "every node converged after the registry came back (kill -9 mid-rollout; one node restarted with a corrupted cache)",
+        &format!("{} ms", started.elapsed().as_millis()),
+    );
     let _ = took;
     assert_eq!(support::digest(&cached), v1, "the corrupted cache file was not replaced");
     let answers: Vec<(u16, String)> = (0..200).map(|_| infer(&a, &e1.addr)).collect();

@@ -20,8 +20,7 @@ cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo "| what | figure |"
   echo "|---|---|"
 } > "$out"
-cargo test --release --locked -p model-registry --test fabric -- --nocapture --test-threads 1 2>&1 \
-  | grep '^FIGURE' | sed 's/^FIGURE /| /; s/$/ |/; s/: /| /' >> "$out"
+FABRIC_FIGURES="$PWD/$out" cargo test --release --locked -p model-registry --test fabric -- --test-threads 1
 
 work=$(mktemp -d)
 trap 'kill $registry 2>/dev/null; rm -rf "$work"' EXIT

@@ -292,6 +292,18 @@ impl Load {
     }
 }
 
+/// Prints a measured figure, and appends it to the file `$FABRIC_FIGURES` names (the registry
+/// benchmark collects them there; stderr interleaves with the nodes' logs).
+pub fn figure(what: &str, value: &str) {
+    eprintln!("FIGURE {what}: {value}");
+    if let Some(path) = std::env::var_os("FABRIC_FIGURES") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "| {what} | {value} |");
+        }
+    }
+}
+
 /// SHA-256 of a file, hex.
 pub fn digest(path: &Path) -> String {
     fabric_core::registry_proto::sha256_file(path).expect("readable")
