@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export ORT_DYLIB_PATH="$(cat build/ort-dylib-path)"
-cargo build --release --locked -p edge-node -p cloud-hub -p model-registry --bins
+cargo build --release --locked -p edge-node -p cloud-hub -p model-registry -p fabric-cli --bins
 [ -f build/certs/registry-1.pem ] || target/release/fabric certs --out build/certs \
   --node registry-1:registry --node hub-1:hub --node edge-1:edge --node operator:operator
 target/release/model-registry --listen 127.0.0.1:7000 --data-dir build/fabric/registry --certs build/certs &

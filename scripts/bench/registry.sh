@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash scripts/setup.sh
 export ORT_DYLIB_PATH="$(cat build/ort-dylib-path)"
-cargo build --release --locked -p edge-node -p cloud-hub -p model-registry --bins
+cargo build --release --locked -p edge-node -p cloud-hub -p model-registry -p fabric-cli --bins
 mkdir -p build/bench
 out=build/bench/registry.md
 cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')

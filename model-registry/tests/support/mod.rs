@@ -29,12 +29,12 @@ impl Drop for Proc {
 
 /// A binary of another package of the workspace, from the same build profile as this test (built on
 /// demand), so `cargo test --release` runs release nodes.
-pub fn workspace_binary(package: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_fabric")).parent().expect("the profile folder").to_path_buf();
-    let bin = dir.join(package);
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_model-registry")).parent().expect("the profile folder").to_path_buf();
+    let bin = dir.join(name);
     if !bin.exists() {
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", package, "--bin", package]);
+        build.args(["build", "-p", package, "--bin", name]);
         if dir.ends_with("release") {
             build.arg("--release");
         }
@@ -108,7 +108,7 @@ impl Fabric {
     pub fn edge(&self, id: &str, registry: &str, labels: &[&str]) -> Proc {
         let repo = self.dir.join(format!("{id}-repo"));
         std::fs::create_dir_all(&repo).expect("repo");
-        let mut cmd = Command::new(workspace_binary("edge-node"));
+        let mut cmd = Command::new(workspace_binary("edge-node", "edge-node"));
         cmd.args(["--http-addr", "127.0.0.1:0", "--node-id", id])
             .arg("--model-repository")
             .arg(&repo)
@@ -135,7 +135,7 @@ impl Fabric {
                 .trim()
                 .to_string()
         });
-        let mut cmd = Command::new(workspace_binary("cloud-hub"));
+        let mut cmd = Command::new(workspace_binary("cloud-hub", "cloud-hub"));
         cmd.args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--node-id", "hub-1"])
             .arg("--model-repository")
             .arg(&repo)
@@ -154,7 +154,7 @@ impl Fabric {
 
     /// Runs `fabric` against the registry with the operator certificate (or `id`'s).
     pub fn cli_as(&self, registry: &str, id: &str, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_fabric"))
+        Command::new(workspace_binary("fabric-cli", "fabric"))
             .args(args)
             .env("FABRIC_REGISTRY", format!("registry-1@{registry}"))
             .env("FABRIC_CERTS", &self.certs)
