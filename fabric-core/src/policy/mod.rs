@@ -2,6 +2,7 @@
 //! Callers pass `now`; tests drive them with tables of cases.
 
 pub mod admission;
+pub mod autoscale;
 pub mod batching;
 pub mod hub;
 pub mod service_time;
