@@ -611,10 +611,7 @@ impl NodeControl {
 
 /// Refuses names that are not a plain folder name (they become paths in the staging folder).
 fn check_name(name: &str) -> Result<(), ControlError> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
+    if crate::registry_proto::is_plain_name(name) {
         Ok(())
     } else {
         Err(ControlError::Invalid(format!(

@@ -426,6 +426,14 @@ pub fn transport() -> quinn::TransportConfig {
     transport
 }
 
+/// Whether a model name is a plain folder name (letters, digits, `_`, `-`, `.`, not starting with `.`):
+/// names become paths in caches and staging folders.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
 /// SHA-256 of a file, hex (blocking: call off the async threads for large files).
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;

@@ -572,10 +572,7 @@ fn window_json(w: &Window) -> Value {
 }
 
 fn check_name(name: &str) -> Result<(), Refusal> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
+    if registry_proto::is_plain_name(name) {
         Ok(())
     } else {
         Err(Refusal::new("invalid", format!("invalid model name '{name}': use letters, digits, '_', '-' and '.'")))
