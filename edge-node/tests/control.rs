@@ -490,3 +490,28 @@ fn the_load_report_matches_a_known_load() {
     assert!(p50 > 0.0 && p50 <= client_p50 * 1.1, "server p50 {p50} ms, client p50 {client_p50} ms");
     assert_eq!((v["ready_replicas"].as_u64(), v["weight_pct"].as_f64()), (Some(1), Some(100.0)));
 }
+
+#[test]
+fn a_node_on_its_own_sizes_its_pools_to_the_load() {
+    // Short delays so the test is quick; the policy is the same as with the defaults.
+    let config =
+        "[autoscale]\nenabled = true\nmax_replicas = 2\nup_delay_s = 1.0\ndown_delay_s = 2.0\ninterval_ms = 200\n";
+    let args: Vec<String> = ["--admin-addr", "127.0.0.1:0"].iter().map(|s| s.to_string()).collect();
+    let edge = start_edge_with_args(&[("cnn", "max_batch_size = 4\n")], config, &args);
+    let replicas = |edge: &Edge| version_report(edge, "cnn", 1)["target_replicas"].as_u64();
+    assert_eq!(replicas(&edge), Some(1));
+    let data: Vec<u8> = (0..4 * 3 * 64 * 64).flat_map(|i| ((i % 5) as f32 / 5.0).to_le_bytes()).collect();
+    let head = json!({ "inputs": [{ "name": "input", "shape": [4, 3, 64, 64], "datatype": "FP32",
+                                    "parameters": { "binary_data_size": data.len() } }] });
+    let mut body = serde_json::to_vec(&head).expect("json");
+    let n = body.len();
+    body.extend_from_slice(&data);
+    let load = Load::start(&format!("{}/v2/models/cnn/infer", edge.url), 4, (body, n));
+    wait_for("a second replica serving under load", Duration::from_secs(60), || {
+        version_report(&edge, "cnn", 1)["ready_replicas"].as_u64() == Some(2)
+    });
+    assert_eq!(replicas(&edge), Some(2));
+    let samples = load.stop();
+    assert_no_failures(&samples);
+    wait_for("back to one replica when idle", Duration::from_secs(60), || replicas(&edge) == Some(1));
+}

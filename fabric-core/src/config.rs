@@ -248,6 +248,8 @@ pub struct ServingConfig {
     pub admin: AdminConfig,
     /// The model registry this node takes its desired state from.
     pub registry: crate::agent::AgentConfig,
+    /// Sizing the pools to their load when no registry manages the node.
+    pub autoscale: crate::scaler::AutoscaleConfig,
 }
 
 impl ServingConfig {
@@ -327,8 +329,9 @@ mod tests {
         std::fs::write(&file, "[http]\nworkers = 2\n[modles]\npath = \"x\"\n")?;
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
         assert!(
-            err.to_string()
-                .contains("unknown key `modles` (the keys are admin, http, model_defaults, models, ort, registry)"),
+            err.to_string().contains(
+                "unknown key `modles` (the keys are admin, autoscale, http, model_defaults, models, ort, registry)"
+            ),
             "{err}"
         );
         std::fs::write(&file, "[http]\nworkerz = 2\n")?;

@@ -491,8 +491,8 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
     }
 }
 
-/// Starts the registry agent when the config names a registry: the node's identity comes from its
-/// certificate (`tls`), its role must match it.
+/// Starts the registry agent when the config names a registry (the node's identity comes from its
+/// certificate, `tls`, whose role must match), else the node's own autoscaler when it is on.
 pub fn start_agent(
     state: &HttpState,
     serving: &ServingConfig,
@@ -501,6 +501,10 @@ pub fn start_agent(
     http: SocketAddr,
 ) -> Result<(), String> {
     if serving.registry.addr.is_none() {
+        // On its own, the node sizes its pools itself.
+        if serving.autoscale.enabled {
+            crate::scaler::start(state.control.clone(), &serving.autoscale).map_err(|e| e.to_string())?;
+        }
         return Ok(());
     }
     let tls = tls.ok_or("--registry needs the node's certificates: pass --certs")?;

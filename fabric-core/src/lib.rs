@@ -17,7 +17,8 @@
 //! [`repository`], [`config`], [`metrics`], [`serve`] (what the serving binaries share at start);
 //! live control: [`control`] (load, unload, traffic policies, resize, the load report) with its HTTP
 //! faces in [`admin`], [`load_report`] (rolling per-version statistics) and [`shadow`] (shadow traffic);
-//! [`agent`]: the node's side of the model registry (heartbeats, converging to the desired state).
+//! [`agent`]: the node's side of the model registry (heartbeats, converging to the desired state);
+//! [`scaler`]: pools sized to their load when no registry manages the node.
 
 pub mod dtype;
 pub mod io_thread;
@@ -56,6 +57,8 @@ pub mod models;
 pub mod pool;
 #[cfg(feature = "serving")]
 pub mod repository;
+#[cfg(feature = "serving")]
+pub mod scaler;
 #[cfg(feature = "serving")]
 pub mod serve;
 #[cfg(feature = "serving")]

@@ -68,16 +68,19 @@ def main():
             (work / repo / model / "1" / "model.onnx").symlink_to(BUILD / "models" / model / "1" / "model.onnx")
     (work / "hub" / "mlp" / "config.toml").write_text('engine = "tract"\n')
     (work / "edge" / "cnn" / "config.toml").write_text(f"default_timeout_ms = {DEADLINE_MS}\nmax_batch_size = 8\n")
-    (work / "always.toml").write_text('[offload]\nmode = "always"\n')
+    # One replica per model, as the figures in the README were taken (the nodes' autoscaler off).
+    (work / "fixed.toml").write_text('[autoscale]\nenabled = false\n')
+    (work / "always.toml").write_text('[offload]\nmode = "always"\n[autoscale]\nenabled = false\n')
 
     hub, line = start([REL / "cloud-hub", "--model-repository", work / "hub", "--certs", work / "certs",
-                       "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"], "cloud-hub listening")
+                       "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--config", work / "fixed.toml"],
+                      "cloud-hub listening")
     quic = line.split("quic://")[1]
     common = ["--model-repository", work / "edge", "--http-addr", "127.0.0.1:0"]
     via_hub = ["--hub", f"hub-1@{quic}", "--certs", work / "certs"]
-    local, line_local = start([REL / "edge-node", *common], "listening")
+    local, line_local = start([REL / "edge-node", *common, "--config", work / "fixed.toml"], "listening")
     always, line_always = start([REL / "edge-node", *common, *via_hub, "--config", work / "always.toml"], "listening")
-    overflow, line_overflow = start([REL / "edge-node", *common, *via_hub], "listening")
+    overflow, line_overflow = start([REL / "edge-node", *common, *via_hub, "--config", work / "fixed.toml"], "listening")
     url = {name: l.split("listening on ")[1] for name, l in
            [("local", line_local), ("always", line_always), ("overflow", line_overflow)]}
     time.sleep(1.0)  # let the edges connect to the hub

@@ -54,6 +54,12 @@ pub fn start_edge_with_args(models: &[(&str, &str)], config: &str, args: &[Strin
         std::fs::write(repo.join(name).join("config.toml"), model_config).expect("model config");
     }
     let config_file = dir.join("edge.toml");
+    // Tests count on the replica counts they configure: the node's autoscaler stays off unless asked for.
+    let config = if config.contains("[autoscale]") {
+        config.to_string()
+    } else {
+        format!("{config}\n[autoscale]\nenabled = false\n")
+    };
     std::fs::write(&config_file, config).expect("config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
         .arg("--config")
@@ -220,6 +226,11 @@ pub fn start_hub_at(
     std::fs::create_dir_all(repo.join("cnn/1")).expect("repo");
     std::fs::copy(reference::model_path("cnn"), repo.join("cnn/1/model.onnx")).expect("copy");
     let config_file = dir.join(format!("hub-{node_id}.toml"));
+    let config = if config.contains("[autoscale]") {
+        config.to_string()
+    } else {
+        format!("{config}\n[autoscale]\nenabled = false\n")
+    };
     std::fs::write(&config_file, config).expect("hub config");
     let ort = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
         std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))

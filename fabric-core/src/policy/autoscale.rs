@@ -129,8 +129,9 @@ impl Autoscaler {
         let needed = self.clamp((demand / target).ceil() as usize);
         let needed_down = self.clamp((demand / (target * (1.0 - s.hysteresis.clamp(0.0, 0.9)))).ceil() as usize);
         self.recent.push_back((sample.at, needed, needed_down));
+        // Keep the windows, plus the last sample before them (it shows the history covers them).
         let keep = Duration::from_secs_f64(s.up_delay_s.max(s.down_delay_s));
-        while self.recent.front().is_some_and(|(t, _, _)| sample.at.saturating_sub(*t) > keep) {
+        while self.recent.get(1).is_some_and(|(t, _, _)| sample.at.saturating_sub(*t) >= keep) {
             self.recent.pop_front();
         }
         let stay = Decision { replicas: self.clamp(current), reason: String::new() };
@@ -274,6 +275,37 @@ mod tests {
         let down = changes(&h).into_iter().find(|&(t, n)| t > 30 && n < 7).expect("scales down");
         assert!(down.0 >= 120 + 60, "scaled down at {} s, before the down delay after the load ended", down.0);
         assert_eq!(h.last().map(|x| x.1), Some(1));
+    }
+
+    #[test]
+    fn samples_more_often_than_once_a_second_decide_the_same_way() {
+        let settings = AutoscaleSettings { max_replicas: 2, up_delay_s: 1.0, down_delay_s: 2.0, ..Default::default() };
+        let mut a = Autoscaler::new(settings);
+        let mut replicas = 1;
+        let mut history = Vec::new();
+        // 0.2 s apart: 4 s saturated (closed loop: arrivals = served), then 6 s idle.
+        for i in 0..50 {
+            let t = i as f64 * 0.2;
+            let s = if t < 4.0 {
+                LoadSample {
+                    at: Duration::from_secs_f64(t),
+                    arrivals_per_s: 160.0,
+                    served_per_s: 160.0,
+                    utilisation: 0.97,
+                    replicas,
+                    wait_at_target: false,
+                }
+            } else {
+                LoadSample { at: Duration::from_secs_f64(t), replicas, ..Default::default() }
+            };
+            replicas = a.decide(&s, replicas).replicas;
+            history.push((t, replicas));
+        }
+        let up = history.iter().find(|h| h.1 == 2).map(|h| h.0).expect("scales up");
+        assert!((1.0..1.5).contains(&up), "up at {up} s");
+        let down = history.iter().rev().find(|h| h.1 == 2).map(|h| h.0).expect("was up");
+        assert!(down >= 4.0 && down < 7.0, "last at 2 replicas at {down} s: {history:?}");
+        assert_eq!(replicas, 1);
     }
 
     #[test]
