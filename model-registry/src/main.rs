@@ -39,6 +39,9 @@ struct Cli {
     /// Automatic rollback: canary p99 over the stable one's by more than this many percent
     #[arg(long, default_value_t = 100.0)]
     rollback_p99_margin_pct: f64,
+    /// A node is down when its last heartbeat is older than this many milliseconds
+    #[arg(long, default_value_t = 3000)]
+    heartbeat_timeout_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
                 error_margin_pct: cli.rollback_error_margin_pct,
                 p99_margin_pct: cli.rollback_p99_margin_pct,
             },
+            heartbeat_timeout: std::time::Duration::from_millis(cli.heartbeat_timeout_ms),
             ..Settings::default()
         };
         let registry = Registry::open(Box::new(store), settings)?;

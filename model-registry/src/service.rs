@@ -27,6 +27,8 @@ pub struct Settings {
     pub analysis: AnalysisSettings,
     /// How often canaries are analysed.
     pub analysis_every: Duration,
+    /// A node whose last heartbeat is older than this is down (its reports no longer count).
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -35,6 +37,7 @@ impl Default for Settings {
             max_model_bytes: 1 << 30,
             analysis: AnalysisSettings::default(),
             analysis_every: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -388,8 +391,9 @@ impl Registry {
             })
             .collect();
         let analysis = rollout.canary.map(|c| {
-            let stable = rollout.stable.map(|s| window(&nodes, name, s)).unwrap_or_default();
-            let canary = window(&nodes, name, c.version);
+            let stable =
+                rollout.stable.map(|s| window(&nodes, name, s, self.settings.heartbeat_timeout)).unwrap_or_default();
+            let canary = window(&nodes, name, c.version, self.settings.heartbeat_timeout);
             json!({ "stable": window_json(&stable), "canary": window_json(&canary) })
         });
         Ok(
@@ -402,12 +406,17 @@ impl Registry {
         json!(nodes
             .values()
             .map(|n| {
-                let served: f64 = n.report["versions"]
-                    .as_array()
-                    .map(|vs| vs.iter().map(|v| v["served_per_s"].as_f64().unwrap_or(0.0)).sum())
-                    .unwrap_or(0.0);
+                let sum = |key: &str| -> f64 {
+                    n.report["versions"]
+                        .as_array()
+                        .map(|vs| vs.iter().map(|v| v[key].as_f64().unwrap_or(0.0)).sum())
+                        .unwrap_or(0.0)
+                };
+                let (served, restarts) = (sum("served_per_s"), sum("restarts"));
                 json!({
                     "node": n.info.node_id,
+                    "state": node_state(n.last_seen.elapsed(), self.settings.heartbeat_timeout),
+                    "restarts": restarts,
                     "role": n.info.role,
                     "labels": n.info.labels,
                     "http": n.info.http,
@@ -511,8 +520,8 @@ impl Registry {
                 .iter()
                 .filter_map(|(name, r)| {
                     let c = r.canary.filter(|c| c.auto_rollback)?;
-                    let stable = window(&nodes, name, r.stable?);
-                    let canary = window(&nodes, name, c.version);
+                    let stable = window(&nodes, name, r.stable?, self.settings.heartbeat_timeout);
+                    let canary = window(&nodes, name, c.version, self.settings.heartbeat_timeout);
                     rollout::analyse(&stable, &canary, &self.settings.analysis).map(|why| (name.clone(), why))
                 })
                 .collect()
@@ -546,9 +555,9 @@ async fn write_block(file: Option<std::fs::File>, block: Vec<u8>, last: bool) ->
 }
 
 /// What one version did over the nodes' last reports.
-fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64) -> Window {
+fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64, timeout: Duration) -> Window {
     let mut w = Window::default();
-    for n in nodes.values().filter(|n| n.last_seen.elapsed() < Duration::from_secs(5)) {
+    for n in nodes.values().filter(|n| node_state(n.last_seen.elapsed(), timeout) == "up") {
         for v in n.report["versions"].as_array().into_iter().flatten() {
             if v["name"] != name || v["version"] != version {
                 continue;
@@ -565,6 +574,16 @@ fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64) -> Win
         }
     }
     w
+}
+
+/// Whether a node is up: its last heartbeat is at most `timeout` old (heartbeats come at least every
+/// second, long polls included).
+pub fn node_state(since_heartbeat: Duration, timeout: Duration) -> &'static str {
+    if since_heartbeat <= timeout {
+        "up"
+    } else {
+        "down"
+    }
 }
 
 fn window_json(w: &Window) -> Value {
@@ -638,4 +657,17 @@ async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::Se
     }
     let _ = registry_proto::write_frame(&mut send, &reply).await;
     let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_down_after_the_heartbeat_timeout() {
+        let timeout = Duration::from_secs(3);
+        for (age_ms, want) in [(0, "up"), (1_000, "up"), (3_000, "up"), (3_001, "down"), (60_000, "down")] {
+            assert_eq!(node_state(Duration::from_millis(age_ms), timeout), want, "{age_ms} ms");
+        }
+    }
 }

@@ -229,6 +229,21 @@ fn a_registry_killed_mid_rollout_loses_nothing_and_nodes_serve_on() {
     assert_eq!(support::digest(&cached), v1, "the corrupted cache file was not replaced");
     let answers: Vec<(u16, String)> = (0..200).map(|_| infer(&a, &e1.addr)).collect();
     assert!(answers.iter().all(|(s, _)| *s == 200), "{:?}", answers.iter().find(|(s, _)| *s != 200));
+    // A node that stops heartbeating is marked down (3 s), the others stay up.
+    drop(e2);
+    wait_for("edge-2 marked down", Duration::from_secs(30), || {
+        let nodes = f.cli(&r, &["nodes"]);
+        let state = |id: &str| {
+            nodes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["node"] == id)
+                .map(|n| n["state"].clone())
+                .unwrap_or_default()
+        };
+        state("edge-2") == "down" && state("edge-1") == "up"
+    });
     drop(registry);
 }
 

@@ -377,17 +377,22 @@ fn show_status(v: &Value) {
 }
 
 fn show_nodes(v: &Value) {
-    println!("{:<12} {:<5} {:<20} {:>9} {:>10} {}", "NODE", "ROLE", "LABELS", "HEARTBEAT", "SERVED/S", "READY");
+    println!(
+        "{:<12} {:<5} {:<5} {:<20} {:>9} {:>10} {:>8} {}",
+        "NODE", "STATE", "ROLE", "LABELS", "HEARTBEAT", "SERVED/S", "RESTARTS", "READY"
+    );
     for n in v.as_array().into_iter().flatten() {
         let labels: Vec<String> =
             n["labels"].as_object().into_iter().flatten().map(|(k, v)| format!("{k}={}", text(v))).collect();
         println!(
-            "{:<12} {:<5} {:<20} {:>7}ms {:>10.0} {}",
+            "{:<12} {:<5} {:<5} {:<20} {:>7}ms {:>10.0} {:>8} {}",
             text(&n["node"]),
+            text(&n["state"]),
             text(&n["role"]),
             labels.join(","),
             text(&n["last_heartbeat_ms"]),
             n["served_per_s"].as_f64().unwrap_or(0.0),
+            n["restarts"].as_f64().unwrap_or(0.0),
             n["ready"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join(" ")).unwrap_or_default()
         );
     }
