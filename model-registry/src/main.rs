@@ -42,6 +42,18 @@ struct Cli {
     /// A node is down when its last heartbeat is older than this many milliseconds
     #[arg(long, default_value_t = 3000)]
     heartbeat_timeout_ms: u64,
+    /// Keep the deployments' replica counts fixed instead of scaling them to each node's load
+    #[arg(long)]
+    no_autoscale: bool,
+    /// Autoscaling: utilisation to keep each replica at (0-1)
+    #[arg(long, default_value_t = 0.6)]
+    autoscale_target: f64,
+    /// Autoscaling: seconds more replicas must be needed before adding one (a load step adds at once)
+    #[arg(long, default_value_t = 2.0)]
+    autoscale_up_delay_s: f64,
+    /// Autoscaling: seconds after the last change, and of lower load, before removing replicas
+    #[arg(long, default_value_t = 60.0)]
+    autoscale_down_delay_s: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +73,14 @@ fn main() -> anyhow::Result<()> {
                 p99_margin_pct: cli.rollback_p99_margin_pct,
             },
             heartbeat_timeout: std::time::Duration::from_millis(cli.heartbeat_timeout_ms),
+            // max_replicas 0: each node's cores.
+            autoscale: (!cli.no_autoscale).then(|| fabric_core::policy::autoscale::AutoscaleSettings {
+                max_replicas: 0,
+                target_utilisation: cli.autoscale_target,
+                up_delay_s: cli.autoscale_up_delay_s,
+                down_delay_s: cli.autoscale_down_delay_s,
+                ..Default::default()
+            }),
             ..Settings::default()
         };
         let registry = Registry::open(Box::new(store), settings)?;

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fabric_core::policy::traffic::{Shadow, TrafficPolicy};
 use fabric_core::registry_proto::{DesiredModel, DesiredVersion, NodeInfo, Refusal, RolloutAction, Target};
 
-use crate::state::{Canary, Deployment, RegistryState, Rollout, ShadowRoute};
+use crate::state::{scaled_key, Canary, Deployment, RegistryState, Rollout, ShadowRoute};
 
 /// Applies `change` to the rollout of `name`; returns the new rollout and a line for its history.
 pub fn apply(state: &RegistryState, name: &str, change: &RolloutAction) -> Result<(Rollout, String), Refusal> {
@@ -139,10 +139,16 @@ pub fn desired_for(state: &RegistryState, node: &NodeInfo, ready: &BTreeSet<(Str
             keep.sort_unstable();
             keep.dedup();
         }
+        let scaled = state.scaled.get(&node.node_id);
         let wanted: Vec<DesiredVersion> = keep
             .into_iter()
             .filter_map(|v| versions.get(&v))
-            .map(|m| DesiredVersion { version: m.version, digest: m.digest.clone(), size: m.size, replicas })
+            .map(|m| {
+                // The autoscaler's count once it has decided one, else the deployment's.
+                let replicas =
+                    scaled.and_then(|s| s.get(&scaled_key(name, m.version))).map_or(replicas, |s| s.replicas);
+                DesiredVersion { version: m.version, digest: m.digest.clone(), size: m.size, replicas }
+            })
             .collect();
         out.push(DesiredModel { name: name.clone(), versions: wanted, policy });
     }

@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::rollout::{self, AnalysisSettings, Window};
-use crate::state::{now_ms, Deployment, ModelVersion, RegistryState};
+use crate::state::{now_ms, scaled_key, Deployment, ModelVersion, RegistryState, Scaled};
 use crate::store::Store;
+use fabric_core::policy::autoscale::{AutoscaleSettings, Autoscaler, LoadSample};
 
 /// The registry's settings.
 #[derive(Clone, Debug)]
@@ -29,6 +30,9 @@ pub struct Settings {
     pub analysis_every: Duration,
     /// A node whose last heartbeat is older than this is down (its reports no longer count).
     pub heartbeat_timeout: Duration,
+    /// How deployed versions are scaled on each node (`max_replicas` 0: the node's cores); `None`:
+    /// the deployment's replica count, fixed.
+    pub autoscale: Option<AutoscaleSettings>,
 }
 
 impl Default for Settings {
@@ -38,6 +42,7 @@ impl Default for Settings {
             analysis: AnalysisSettings::default(),
             analysis_every: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(3),
+            autoscale: Some(AutoscaleSettings { max_replicas: 0, ..AutoscaleSettings::default() }),
         }
     }
 }
@@ -60,6 +65,9 @@ pub struct Registry {
     /// Bumped on every change a node's desired state may depend on (long polls wake on it).
     changed: watch::Sender<u64>,
     settings: Settings,
+    /// One autoscaler per node and version, fed by that node's heartbeats.
+    scalers: Mutex<BTreeMap<(String, String, u64), Autoscaler>>,
+    started: Instant,
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
@@ -77,6 +85,8 @@ impl Registry {
             nodes: Mutex::new(BTreeMap::new()),
             changed,
             settings,
+            scalers: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
         }))
     }
 
@@ -381,8 +391,20 @@ impl Registry {
                     .as_array()
                     .map(|vs| vs.iter().filter(|v| v["name"] == name).cloned().collect())
                     .unwrap_or_default();
+                let prefix = format!("{name}:");
+                let scaled: BTreeMap<&String, &Scaled> = state
+                    .scaled
+                    .get(&n.info.node_id)
+                    .map(|s| s.iter().filter(|(k, _)| k.starts_with(&prefix)).collect())
+                    .unwrap_or_default();
+                let replicas: Option<BTreeMap<String, usize>> = desired
+                    .iter()
+                    .find(|m| m.name == name)
+                    .map(|m| m.versions.iter().map(|v| (v.version.to_string(), v.replicas)).collect());
                 json!({
                     "node": n.info.node_id,
+                    "replicas": replicas,
+                    "autoscaled": scaled,
                     "ready": n.ready.iter().filter(|(m, _)| m == name).map(|(_, v)| v).collect::<Vec<_>>(),
                     "policy": desired.iter().find(|m| m.name == name).and_then(|m| m.policy.clone()),
                     "converged": n.applied == DesiredState::fingerprint(&desired),
@@ -481,6 +503,7 @@ impl Registry {
         if ready_changed {
             self.notify();
         }
+        self.autoscale(&info);
         let mut changes = self.changed.subscribe();
         let until = tokio::time::Instant::now() + Duration::from_millis(heartbeat.wait_ms.min(5_000));
         loop {
@@ -491,6 +514,66 @@ impl Registry {
             match tokio::time::timeout_at(until, changes.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => return Ok(json!(desired)),
+            }
+        }
+    }
+
+    /// Feeds a node's fresh report to the autoscalers of the versions deployed there; a change of
+    /// replica count is a transition (durable, with its reason) that reaches the node as desired state.
+    fn autoscale(&self, info: &NodeInfo) {
+        let Some(mut settings) = self.settings.autoscale else { return };
+        if settings.max_replicas == 0 {
+            settings.max_replicas = info.cores.max(1);
+        }
+        let state = self.state();
+        let (report, desired) = match self.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(&info.node_id) {
+            Some(n) => (n.report.clone(), rollout::desired_for(&state, &n.info, &n.ready)),
+            None => return,
+        };
+        let mut changes = Vec::new();
+        {
+            let mut scalers = self.scalers.lock().unwrap_or_else(|p| p.into_inner());
+            for m in &desired {
+                for dv in &m.versions {
+                    let reported = report["versions"].as_array().into_iter().flatten();
+                    let Some(v) =
+                        reported.into_iter().find(|v| v["name"] == m.name.as_str() && v["version"] == dv.version)
+                    else {
+                        continue;
+                    };
+                    if v["loading_replicas"].as_u64().unwrap_or(0) > 0 || !v["last_load_error"].is_null() {
+                        continue;
+                    }
+                    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+                    let sample = LoadSample {
+                        at: self.started.elapsed(),
+                        arrivals_per_s: f("arrivals_per_s"),
+                        served_per_s: f("served_per_s"),
+                        utilisation: f("utilisation"),
+                        replicas: v["ready_replicas"].as_u64().unwrap_or(0) as usize,
+                        wait_at_target: ["over_wait_target", "would_miss_deadline", "queue_full"]
+                            .iter()
+                            .any(|k| v["rejected_per_s"][*k].as_f64().is_some_and(|r| r > 0.0)),
+                    };
+                    let key = (info.node_id.clone(), m.name.clone(), dv.version);
+                    let scaler = scalers.entry(key).or_insert_with(|| Autoscaler::new(settings));
+                    let decision = scaler.decide(&sample, dv.replicas);
+                    if decision.replicas != dv.replicas {
+                        changes.push((m.name.clone(), dv.version, dv.replicas, decision));
+                    }
+                }
+            }
+        }
+        for (model, version, from, decision) in changes {
+            tracing::info!(node = %info.node_id, %model, version, from, to = decision.replicas, "autoscaling: {}", decision.reason);
+            let node = info.node_id.clone();
+            let result = self.transition(|state| {
+                let scaled = Scaled { replicas: decision.replicas, reason: decision.reason.clone(), at_ms: now_ms() };
+                state.scaled.entry(node).or_default().insert(scaled_key(&model, version), scaled);
+                Ok(Value::Null)
+            });
+            if let Err(e) = result {
+                tracing::error!(%model, version, "cannot record the autoscaling decision: {e}");
             }
         }
     }

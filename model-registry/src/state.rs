@@ -18,6 +18,25 @@ pub struct RegistryState {
     pub deployments: BTreeMap<String, Vec<Deployment>>,
     /// Each deployed model's rollout.
     pub rollouts: BTreeMap<String, Rollout>,
+    /// Replica counts the autoscaler decided, by node, then `model:version`.
+    #[serde(default)]
+    pub scaled: BTreeMap<String, BTreeMap<String, Scaled>>,
+}
+
+/// An autoscaling decision for one model version on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scaled {
+    /// Replicas to run.
+    pub replicas: usize,
+    /// Why.
+    pub reason: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// The key of a version in [`RegistryState::scaled`].
+pub fn scaled_key(model: &str, version: u64) -> String {
+    format!("{model}:{version}")
 }
 
 /// An immutable model version.

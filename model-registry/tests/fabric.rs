@@ -311,3 +311,32 @@ fn bad_uploads_and_borrowed_identities_are_refused() {
 fn reference_bad(name: &str) -> String {
     fabric_core::reference::build_dir().join("bad-models").join(name).join("model.onnx").display().to_string()
 }
+
+#[test]
+fn the_registry_scales_a_deployment_to_its_load() {
+    let f = Fabric::new("autoscale");
+    let registry = f.registry("127.0.0.1:0", &["--autoscale-up-delay-s", "1", "--autoscale-down-delay-s", "2"]);
+    let r = registry.addr.clone();
+    let e1 = f.edge("edge-1", &r, &[]);
+    f.cli(&r, &["model", "push", "cnn", &model("cnn")]);
+    f.cli(&r, &["deploy", "cnn", "--to", "edge"]);
+    wait_routes(&f, &r, "cnn", 1, json!({ "1": 100 }));
+    let replicas = || f.cli(&r, &["rollout", "status", "cnn"])["nodes"][0]["replicas"]["1"].as_u64();
+    assert_eq!(replicas(), Some(1));
+    let load = Load::start_model(std::slice::from_ref(&e1.addr), 4, "cnn");
+    let started = Instant::now();
+    wait_for("a second replica decided under load", Duration::from_secs(60), || replicas() == Some(2));
+    support::figure(
+        "registry autoscaling: load started -> second replica decided (CNN, closed loop)",
+        &format!("{} ms", started.elapsed().as_millis()),
+    );
+    let status = f.cli(&r, &["rollout", "status", "cnn"]);
+    assert!(
+        status["nodes"][0]["autoscaled"]["cnn:1"]["reason"].as_str().is_some_and(|r| r.contains("demand")),
+        "{status}"
+    );
+    wait_routes(&f, &r, "cnn", 1, json!({ "1": 100 }));
+    let samples = load.stop();
+    assert!(samples.iter().all(|s| s.status == 200), "{:?}", samples.iter().find(|s| s.status != 200));
+    wait_for("back to one replica when idle", Duration::from_secs(60), || replicas() == Some(1));
+}

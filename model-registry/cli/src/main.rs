@@ -360,15 +360,19 @@ fn show_status(v: &Value) {
             );
         }
     }
-    println!("{:<12} {:<10} {:<10} {:<30}", "NODE", "READY", "CONVERGED", "WEIGHTS");
+    println!("{:<12} {:<10} {:<10} {:<20} {:<16}", "NODE", "READY", "CONVERGED", "WEIGHTS", "REPLICAS");
     for n in v["nodes"].as_array().into_iter().flatten() {
         println!(
-            "{:<12} {:<10} {:<10} {:<30}",
+            "{:<12} {:<10} {:<10} {:<20} {:<16}",
             text(&n["node"]),
             n["ready"].to_string(),
             text(&n["converged"]),
-            n["policy"]["weights"].to_string()
+            n["policy"]["weights"].to_string(),
+            n["replicas"].to_string()
         );
+        for (version, s) in n["autoscaled"].as_object().into_iter().flatten() {
+            println!("  autoscaled {version} to {}: {}", text(&s["replicas"]), text(&s["reason"]));
+        }
     }
     println!("history:");
     for e in v["rollout"]["history"].as_array().into_iter().flatten() {
