@@ -377,6 +377,37 @@ async fn a_replica_that_fails_to_reload_is_retried_and_the_pool_says_why() {
 }
 
 #[actix_rt::test]
+async fn a_replica_that_keeps_crashing_is_reported_and_replaced_with_backoff() {
+    let loads = Arc::new(AtomicUsize::new(0));
+    let pool = ModelPool::start(
+        "mlp",
+        "1",
+        injected_factory("mlp", Faults::default(), loads.clone()),
+        PoolConfig::default(),
+        Metrics::new("t"),
+    )
+    .await
+    .expect("loads");
+    for crash in 1..=3u64 {
+        let err = pool.infer(marked(f32::NAN), soon(10_000)).await.expect_err("panics");
+        assert!(matches!(err, PoolError::ReplicaFailed(_)), "{err}");
+        if crash < 3 {
+            wait_for(&pool, "replaced", |s| s.replicas == 1).await;
+        }
+    }
+    // The third panic within a minute is a crash loop: said, and the replacement backs off.
+    wait_for(&pool, "the crash loop reported", |s| {
+        s.restarts == 3 && s.last_error.as_deref().is_some_and(|e| e.contains("crash loop: 3 replica panics"))
+    })
+    .await;
+    let loads_at_loop = loads.load(Ordering::SeqCst);
+    // Meanwhile requests get a precise refusal, and the pool recovers by itself after the backoff.
+    wait_for(&pool, "replaced after the backoff", |s| s.replicas == 1).await;
+    pool.infer(row(1.0), soon(10_000)).await.expect("served after the backoff");
+    assert_eq!(loads.load(Ordering::SeqCst), loads_at_loop + 1, "one replacement, not a loop");
+}
+
+#[actix_rt::test]
 async fn a_hung_engine_call_is_cut_by_the_watchdog_and_the_replica_replaced() {
     let faults = Faults { hang_marker: Some(1234.5), ..Faults::default() };
     let config = PoolConfig { watchdog: Some(Duration::from_millis(300)), ..PoolConfig::default() };

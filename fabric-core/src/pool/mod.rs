@@ -289,7 +289,14 @@ pub struct ModelPool {
     retry_at: Option<Instant>,
     /// Resizes waiting for the replica count to reach the target.
     resize_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// When replicas panicked recently (within [`CRASH_WINDOW`]): a crash loop is replaced with backoff.
+    crashes: std::collections::VecDeque<Instant>,
 }
+
+/// How far back replica panics count towards a crash loop.
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// Panics within [`CRASH_WINDOW`] that make a crash loop (replacements then back off like failed loads).
+const CRASH_LOOP: usize = 3;
 
 impl ModelPool {
     /// Loads the first replica (so load errors surface here), warms it, and starts the pool.
@@ -346,6 +353,7 @@ impl ModelPool {
             retry_backoff: MIN_LOAD_RETRY,
             retry_at: None,
             resize_waiters: Vec::new(),
+            crashes: std::collections::VecDeque::new(),
         };
         let addr = ModelPool::create(move |ctx| {
             let mut pool = pool;

@@ -9,7 +9,7 @@ use actix::prelude::*;
 
 use super::replica::{self, panic_message};
 use super::warmup::warm;
-use super::{ModelPool, ReplicaGone, MAX_LOAD_RETRY, MIN_LOAD_RETRY};
+use super::{ModelPool, ReplicaGone, CRASH_LOOP, CRASH_WINDOW, MAX_LOAD_RETRY, MIN_LOAD_RETRY};
 use crate::engine::Engine;
 
 /// How often the watchdog looks at running batches (and expires hopeless queued requests).
@@ -43,8 +43,10 @@ impl ModelPool {
 
     /// Starts a replica thread for a loaded, warmed engine (unless the pool shrank meanwhile).
     pub(super) fn add_replica(&mut self, engine: Box<dyn Engine>, ctx: &mut Context<Self>) {
-        // A load worked: the next failure starts its backoff afresh.
-        self.retry_backoff = MIN_LOAD_RETRY;
+        // A load worked: the next failure starts its backoff afresh (unless replicas keep crashing).
+        if self.crashes.len() < CRASH_LOOP {
+            self.retry_backoff = MIN_LOAD_RETRY;
+        }
         if self.active_replicas() >= self.target_replicas {
             return; // scaled down while this one loaded
         }
@@ -160,6 +162,21 @@ impl Handler<ReplicaGone> for ModelPool {
     fn handle(&mut self, msg: ReplicaGone, ctx: &mut Context<Self>) {
         tracing::error!(model = %self.label.0, version = %self.label.1, "replica panicked, replacing it: {}", msg.reason);
         self.restarts += 1;
+        let now = Instant::now();
+        self.crashes.push_back(now);
+        while self.crashes.front().is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW) {
+            self.crashes.pop_front();
+        }
+        if self.crashes.len() >= CRASH_LOOP {
+            // Not a tight loop: the replacement waits like a failed load, and the pool says it is failing.
+            let reason = format!(
+                "crash loop: {} replica panics within {} s, replacing with backoff (last: {})",
+                self.crashes.len(),
+                CRASH_WINDOW.as_secs(),
+                msg.reason
+            );
+            self.load_failed(reason, ctx);
+        }
         self.converge(ctx);
         self.intake.replacement_started();
     }
