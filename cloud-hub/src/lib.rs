@@ -117,7 +117,7 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     }
     state.ready.store(true, Ordering::Release);
     let http_bound = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
-    http::start_agent(&state, serving, Some(&files), fabric_core::tls::Role::Hub, http_bound)
+    http::start_registry_or_autoscaler(&state, serving, Some(&files), fabric_core::tls::Role::Hub, http_bound)
         .map_err(anyhow::Error::msg)?;
     tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded.loaded, failed = loaded.failed.len(), "cloud-hub ready");
     on_ready(HubAddrs { http: http_bound, quic: quic_bound });

@@ -46,8 +46,14 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
     }
     state.ready.store(true, Ordering::Release);
     let addr = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no address"))?;
-    http::start_agent(&state, serving, config.offload.tls.as_ref(), fabric_core::tls::Role::Edge, addr)
-        .map_err(anyhow::Error::msg)?;
+    http::start_registry_or_autoscaler(
+        &state,
+        serving,
+        config.offload.tls.as_ref(),
+        fabric_core::tls::Role::Edge,
+        addr,
+    )
+    .map_err(anyhow::Error::msg)?;
     tracing::info!(%addr, models = loaded.loaded, failed = loaded.failed.len(), hubs = config.offload.hubs.len(),
         ms = started.elapsed().as_millis() as u64, "edge-node ready");
     on_ready(addr);

@@ -493,7 +493,7 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
 
 /// Starts the registry agent when the config names a registry (the node's identity comes from its
 /// certificate, `tls`, whose role must match), else the node's own autoscaler when it is on.
-pub fn start_agent(
+pub fn start_registry_or_autoscaler(
     state: &HttpState,
     serving: &ServingConfig,
     tls: Option<&crate::tls::TlsFiles>,
