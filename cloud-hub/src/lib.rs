@@ -13,6 +13,7 @@ use fabric_core::config::{AdminConfig, HttpConfig, RepositoryConfig, ServingConf
 use fabric_core::engine::EngineKind;
 use fabric_core::http::{self, HttpState};
 use fabric_core::metrics::Metrics;
+use fabric_core::scaler::AutoscaleConfig;
 use fabric_core::serve;
 use fabric_core::tls::{self, TlsFiles};
 use fabric_core::wire::WireLimits;
@@ -59,6 +60,9 @@ pub struct HubConfig {
     pub quic: QuicConfig,
 }
 
+/// Seconds a model may sit idle on a hub before it goes to zero replicas (its file stays loaded on disk).
+pub const HUB_IDLE_TO_ZERO_S: f64 = 300.0;
+
 impl Default for HubConfig {
     fn default() -> Self {
         let defaults = ServingConfig::default();
@@ -67,6 +71,8 @@ impl Default for HubConfig {
                 http: HttpConfig { addr: "127.0.0.1:8100".into(), ..defaults.http },
                 models: RepositoryConfig { engine: EngineKind::Ort, ..defaults.models },
                 admin: AdminConfig { addr: "127.0.0.1:8101".into(), ..defaults.admin },
+                // Hubs serve many models for many edges: an idle one frees its replicas.
+                autoscale: AutoscaleConfig { idle_to_zero_s: HUB_IDLE_TO_ZERO_S, ..defaults.autoscale },
                 ..defaults
             },
             quic: QuicConfig::default(),
@@ -117,12 +123,37 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     }
     state.ready.store(true, Ordering::Release);
     let http_bound = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
-    http::start_registry_or_autoscaler(&state, serving, Some(&files), fabric_core::tls::Role::Hub, http_bound)
-        .map_err(anyhow::Error::msg)?;
+    http::start_registry_or_autoscaler(
+        &state,
+        serving,
+        Some(&files),
+        fabric_core::tls::Role::Hub,
+        http_bound,
+        Some(quic_bound),
+    )
+    .map_err(anyhow::Error::msg)?;
     tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded.loaded, failed = loaded.failed.len(), "cloud-hub ready");
     on_ready(HubAddrs { http: http_bound, quic: quic_bound });
     server.await?;
     endpoint.close(fabric_core::wire::codes::SHUTDOWN.into(), b"hub shutting down");
     tracing::info!("cloud-hub stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_keeps_the_hub_defaults_it_does_not_set() {
+        let path = std::env::temp_dir().join(format!("hub-defaults-{}.toml", std::process::id()));
+        std::fs::write(&path, "[http]\naddr = \"127.0.0.1:9999\"\n[autoscale]\nup_delay_s = 5.0\n").expect("write");
+        let config: HubConfig = fabric_core::config::load_role_config(&path).expect("loads");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(config.serving.http.addr, "127.0.0.1:9999");
+        assert_eq!(config.serving.models.engine, EngineKind::Ort, "the hub's engine, not the shared default");
+        assert_eq!(config.serving.admin.addr, "127.0.0.1:8101");
+        assert_eq!(config.serving.autoscale.up_delay_s, 5.0);
+        assert_eq!(config.serving.autoscale.idle_to_zero_s, HUB_IDLE_TO_ZERO_S, "kept within a table the file sets");
+    }
 }

@@ -35,7 +35,9 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
     let started = std::time::Instant::now();
     let serving = &config.serving;
     let metrics = Metrics::new("fabric");
-    let offloader = offload::Offloader::start(&config.offload)?;
+    // With a registry, the hubs it lists are learnt as they heartbeat (besides any configured here).
+    let registry = serving.registry.addr.is_some() && config.offload.tls.is_some();
+    let offloader = offload::Offloader::start(&config.offload, registry, Some(metrics.clone()))?;
     let loaded = serve::load_models(serving, &metrics).await?;
     let overflow = offloader.map(|o| o as Arc<dyn Overflow>);
     let state = web::Data::new(HttpState::new("edge-node", loaded.models, metrics, serving, overflow));
@@ -52,6 +54,7 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
         config.offload.tls.as_ref(),
         fabric_core::tls::Role::Edge,
         addr,
+        None,
     )
     .map_err(anyhow::Error::msg)?;
     tracing::info!(%addr, models = loaded.loaded, failed = loaded.failed.len(), hubs = config.offload.hubs.len(),

@@ -1,6 +1,11 @@
 //! Offload to cloud hubs over QUIC (mutual TLS): one connection per configured hub, kept open and
 //! re-established with exponential backoff; one bidirectional stream per offloaded request.
 //!
+//! Hubs come from the config (`--hub`) and from the model registry, whose desired state lists every
+//! hub with its QUIC address and whether it heartbeats: a hub the registry says is down is not used
+//! (it may still be connected), one it names anew gets a link, and one whose address moved is
+//! reconnected there.
+//!
 //! A hub that answers "busy" or vanishes mid-request is skipped for the next one while the deadline
 //! allows; past that the caller gets a precise error (or serves locally). Each hub's load report and
 //! measured answer time feed the admission decision ([`Overflow::view`]).
@@ -16,8 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric_core::dispatch::{Offloaded, Overflow, OverflowError};
+use fabric_core::metrics::Metrics;
 use fabric_core::policy::admission::OffloadView;
 use fabric_core::policy::hub::{self, HubHealth, Reported};
+use fabric_core::registry_proto::HubEntry;
 use fabric_core::tensor::{NamedTensor, Tensor};
 use fabric_core::tls::{self, Role, TlsFiles};
 use fabric_core::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
@@ -145,6 +152,12 @@ pub enum OffloadSetupError {
 
 /// One hub's link: connection (when up), reported load, measured answer time.
 struct HubLink {
+    /// Where it came from: the config (kept for the life of the process) or the registry.
+    from_registry: bool,
+    /// The registry says it stopped heartbeating: not used until it comes back.
+    down: AtomicBool,
+    /// Replaced or dropped: its connector closes the connection and ends.
+    retired: AtomicBool,
     /// `host:port` as configured (resolved at each connect).
     addr: String,
     server_name: String,
@@ -157,6 +170,8 @@ struct HubLink {
     proven: AtomicBool,
     /// Connection attempts since start.
     attempts: AtomicU64,
+    /// Where its state and attempts are counted.
+    metrics: Option<Metrics>,
 }
 
 impl HubLink {
@@ -204,7 +219,12 @@ impl HubLink {
 
 /// The offload client: hub links and the QUIC endpoint they share.
 pub struct Offloader {
-    hubs: Vec<Arc<HubLink>>,
+    hubs: std::sync::RwLock<Vec<Arc<HubLink>>>,
+    /// What a new link needs: the QUIC thread, the endpoints, the reconnect backoff bounds.
+    io: tokio::runtime::Handle,
+    endpoints: Endpoints,
+    backoff: (Duration, Duration),
+    metrics: Option<Metrics>,
     limits: WireLimits,
     next_id: AtomicU64,
     mode: OffloadMode,
@@ -219,9 +239,14 @@ enum Attempt {
 }
 
 impl Offloader {
-    /// Opens the endpoint and starts a connector task per hub, on a QUIC thread of their own.
-    pub fn start(config: &OffloadConfig) -> Result<Option<Arc<Offloader>>, OffloadSetupError> {
-        if config.hubs.is_empty() {
+    /// Opens the endpoint and starts a connector task per hub, on a QUIC thread of their own. With no
+    /// hub configured, starts only when `registry` says the registry will name them.
+    pub fn start(
+        config: &OffloadConfig,
+        registry: bool,
+        metrics: Option<Metrics>,
+    ) -> Result<Option<Arc<Offloader>>, OffloadSetupError> {
+        if config.hubs.is_empty() && !registry {
             return Ok(None);
         }
         let files = config.tls.as_ref().ok_or(OffloadSetupError::NoTls)?;
@@ -255,53 +280,74 @@ impl Offloader {
             };
             Endpoints { v4, v6 }
         };
-        let hubs = config
-            .hubs
-            .iter()
-            .map(|h| {
-                Ok(Arc::new(HubLink {
-                    addr: h.addr.clone(),
-                    server_name: h.server_name()?,
-                    conn: Mutex::new(None),
-                    name: Mutex::new(h.addr.clone()),
-                    in_flight: AtomicU32::new(0),
-                    health: Mutex::new(HubHealth::default()),
-                    proven: AtomicBool::new(false),
-                    attempts: AtomicU64::new(0),
-                }))
-            })
-            .collect::<Result<Vec<_>, OffloadSetupError>>()?;
         let (min, max) =
             (Duration::from_millis(config.reconnect_min_ms.max(1)), Duration::from_millis(config.reconnect_max_ms));
-        for link in &hubs {
-            io.spawn(keep_connected(endpoints.clone(), link.clone(), min, max.max(min)));
+        let offloader = Offloader {
+            hubs: std::sync::RwLock::new(Vec::new()),
+            io,
+            endpoints,
+            backoff: (min, max.max(min)),
+            metrics,
+            limits: config.limits,
+            next_id: AtomicU64::new(1),
+            mode: config.mode,
+        };
+        for h in &config.hubs {
+            offloader.add_link(h.addr.clone(), h.server_name()?, false, false);
         }
-        Ok(Some(Arc::new(Offloader { hubs, limits: config.limits, next_id: AtomicU64::new(1), mode: config.mode })))
+        Ok(Some(Arc::new(offloader)))
     }
 
-    /// Hubs that are connected and have room, least loaded first.
+    /// Starts a link to `addr` (checking `server_name` in its certificate) and its connector.
+    fn add_link(&self, addr: String, server_name: String, from_registry: bool, down: bool) {
+        let link = Arc::new(HubLink {
+            from_registry,
+            down: AtomicBool::new(down),
+            retired: AtomicBool::new(false),
+            name: Mutex::new(server_name.clone()),
+            addr,
+            server_name,
+            conn: Mutex::new(None),
+            in_flight: AtomicU32::new(0),
+            health: Mutex::new(HubHealth::default()),
+            proven: AtomicBool::new(false),
+            attempts: AtomicU64::new(0),
+            metrics: self.metrics.clone(),
+        });
+        link.publish();
+        self.io.spawn(keep_connected(self.endpoints.clone(), link.clone(), self.backoff.0, self.backoff.1));
+        self.hubs.write().unwrap_or_else(|p| p.into_inner()).push(link);
+    }
+
+    fn links(&self) -> Vec<Arc<HubLink>> {
+        self.hubs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Hubs that are up, connected and have room, the soonest expected answer first.
     fn candidates(&self) -> Vec<(Arc<HubLink>, quinn::Connection)> {
         let now = Instant::now();
         let up: Vec<_> = self
-            .hubs
-            .iter()
-            .filter(|h| h.has_room(now))
-            .filter_map(|h| h.connection().map(|c| (h.clone(), c)))
+            .links()
+            .into_iter()
+            .filter(|h| !h.down.load(Ordering::Relaxed) && h.has_room(now))
+            .filter_map(|h| h.connection().map(|c| (h, c)))
             .collect();
-        let loads: Vec<u32> =
-            up.iter().map(|(h, _)| h.reported_in_flight(now) + h.in_flight.load(Ordering::Relaxed)).collect();
+        let costs: Vec<(u32, Duration)> = up
+            .iter()
+            .map(|(h, c)| (h.reported_in_flight(now) + h.in_flight.load(Ordering::Relaxed), h.expected(c)))
+            .collect();
         let mut slots: Vec<Option<(Arc<HubLink>, quinn::Connection)>> = up.into_iter().map(Some).collect();
-        hub::by_load(&loads).into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect()
+        hub::by_expected_answer(&costs).into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect()
     }
 
     /// Hubs connected right now.
     pub fn connected(&self) -> usize {
-        self.hubs.iter().filter(|h| h.connection().is_some()).count()
+        self.links().iter().filter(|h| h.connection().is_some()).count()
     }
 
     /// Connection attempts to all hubs since start (reconnects included).
     pub fn connect_attempts(&self) -> u64 {
-        self.hubs.iter().map(|h| h.attempts.load(Ordering::Relaxed)).sum()
+        self.links().iter().map(|h| h.attempts.load(Ordering::Relaxed)).sum()
     }
 
     async fn attempt(
@@ -407,6 +453,9 @@ async fn keep_connected(endpoints: Endpoints, link: Arc<HubLink>, min: Duration,
     let mut backoff = min;
     let mut logged_down = false;
     loop {
+        if link.retired.load(Ordering::Relaxed) {
+            return;
+        }
         link.attempts.fetch_add(1, Ordering::Relaxed);
         link.proven.store(false, Ordering::Relaxed);
         let attempt = endpoints.connect(&link.addr, &link.server_name).await;
@@ -418,16 +467,28 @@ async fn keep_connected(endpoints: Endpoints, link: Arc<HubLink>, min: Duration,
             Ok((conn, id)) => {
                 tracing::info!(hub = %link.addr, node = %id.node_id, "connected to hub");
                 if let Ok(mut name) = link.name.lock() {
-                    *name = id.node_id.clone();
+                    if *name != id.node_id {
+                        // Known by its node id from now on: the series under the configured name goes.
+                        if let Some(m) = &link.metrics {
+                            let _ = m.hub_usable.remove_label_values(&[name.as_str()]);
+                        }
+                        *name = id.node_id.clone();
+                    }
                 }
                 if let Ok(mut slot) = link.conn.lock() {
                     *slot = Some(conn.clone());
+                }
+                link.publish();
+                if link.retired.load(Ordering::Relaxed) {
+                    // Retired while connecting: `retire` found no connection to close.
+                    conn.close(0u32.into(), b"hub no longer listed");
                 }
                 tokio::spawn(read_load_reports(conn.clone(), link.clone()));
                 let reason = conn.closed().await;
                 if let Ok(mut slot) = link.conn.lock() {
                     *slot = None;
                 }
+                link.publish();
                 if link.proven.load(Ordering::Relaxed) {
                     tracing::warn!(hub = %link.addr, "hub connection lost: {reason}; reconnecting");
                     backoff = min;
@@ -481,7 +542,73 @@ async fn read_load_reports(conn: quinn::Connection, link: Arc<HubLink>) {
     }
 }
 
+impl HubLink {
+    /// Stops using this link: its connection closes (requests on it finish or fail over) and its
+    /// connector ends.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        if let Some(conn) = self.connection() {
+            conn.close(0u32.into(), b"hub no longer listed");
+        }
+        self.publish();
+    }
+
+    fn label(&self) -> String {
+        self.name.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    /// Publishes whether the edge offloads to this hub now.
+    fn publish(&self) {
+        if let Some(m) = &self.metrics {
+            let usable = !self.retired.load(Ordering::Relaxed)
+                && !self.down.load(Ordering::Relaxed)
+                && self.connection().is_some();
+            m.hub_usable.with_label_values(&[&self.label()]).set(i64::from(usable));
+        }
+    }
+
+    /// Counts one offload attempt's outcome.
+    fn count(&self, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.offload_attempts.with_label_values(&[&self.label(), outcome]).inc();
+        }
+    }
+}
+
 impl Overflow for Offloader {
+    fn set_hubs(&self, hubs: &[HubEntry]) {
+        let links = self.links();
+        for entry in hubs {
+            // A hub is the same hub by its node id (the name its certificate carries).
+            let known: Vec<&Arc<HubLink>> = links
+                .iter()
+                .filter(|l| !l.retired.load(Ordering::Relaxed))
+                .filter(|l| l.name.lock().is_ok_and(|n| *n == entry.node_id) || l.server_name == entry.node_id)
+                .collect();
+            for link in &known {
+                let was_down = link.down.swap(!entry.up, Ordering::Relaxed);
+                link.publish();
+                if was_down != !entry.up {
+                    if entry.up {
+                        tracing::info!(hub = %entry.node_id, "the registry says hub is up again: offloading to it");
+                    } else {
+                        tracing::warn!(hub = %entry.node_id, "the registry says hub is down: no offload to it until it heartbeats");
+                    }
+                }
+            }
+            let moved: Vec<&&Arc<HubLink>> = known.iter().filter(|l| l.from_registry && l.addr != entry.addr).collect();
+            for link in &moved {
+                tracing::info!(hub = %entry.node_id, from = %link.addr, to = %entry.addr, "hub moved");
+                link.retire();
+            }
+            if known.is_empty() || moved.len() == known.len() {
+                tracing::info!(hub = %entry.node_id, addr = %entry.addr, up = entry.up, "hub learnt from the registry");
+                self.add_link(entry.addr.clone(), entry.node_id.clone(), true, !entry.up);
+            }
+        }
+        self.hubs.write().unwrap_or_else(|p| p.into_inner()).retain(|l| !l.retired.load(Ordering::Relaxed));
+    }
+
     fn view(&self) -> Option<OffloadView> {
         self.candidates().first().map(|(h, c)| OffloadView { expected: h.expected(c) })
     }
@@ -513,9 +640,13 @@ impl Overflow for Offloader {
                 };
                 let name = link.name.lock().map(|n| n.clone()).unwrap_or_default();
                 match result {
-                    Ok(outputs) => return Ok(Offloaded { outputs, served_by: format!("hub {name}") }),
+                    Ok(outputs) => {
+                        link.count("served");
+                        return Ok(Offloaded { outputs, served_by: format!("hub {name}") });
+                    }
                     Err(Attempt::Invalid(msg)) => return Err(OverflowError::Invalid(msg)),
                     Err(Attempt::Next(msg)) => {
+                        link.count(if msg.starts_with("Busy") { "busy" } else { "failed" });
                         tracing::debug!(hub = %name, "offload attempt failed: {msg}");
                         failures.push(format!("{name}: {msg}"));
                     }

@@ -96,7 +96,7 @@ fn offloader(hub: &str, name: &str, files: TlsFiles) -> std::sync::Arc<Offloader
         tls: Some(files),
         ..OffloadConfig::default()
     };
-    Offloader::start(&config).expect("offloader").expect("a hub is configured")
+    Offloader::start(&config, false, None).expect("offloader").expect("a hub is configured")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,5 +204,5 @@ async fn hubs_are_reached_by_dns_name_or_ipv6_and_must_carry_the_name_asked_for(
 
 fn offloader_for(hub: HubEndpoint, files: TlsFiles) -> std::sync::Arc<Offloader> {
     let config = OffloadConfig { hubs: vec![hub], tls: Some(files), ..OffloadConfig::default() };
-    Offloader::start(&config).expect("offloader").expect("a hub is configured")
+    Offloader::start(&config, false, None).expect("offloader").expect("a hub is configured")
 }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::control::{ControlError, NodeControl, Source};
+use crate::dispatch::Overflow;
 use crate::registry_proto::{DesiredState, Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
 use crate::tls::TlsFiles;
 
@@ -41,7 +42,7 @@ impl Default for AgentConfig {
             addr: None,
             data_dir: PathBuf::from("fabric-data"),
             labels: Default::default(),
-            heartbeat_ms: 1000,
+            heartbeat_ms: 500,
         }
     }
 }
@@ -65,6 +66,8 @@ enum ConvergeError {
 
 struct Agent {
     control: Arc<NodeControl>,
+    /// Where an edge offloads: told the hubs each desired state lists.
+    overflow: Option<Arc<dyn Overflow>>,
     client: Arc<RegistryClient>,
     info: NodeInfo,
     dir: PathBuf,
@@ -79,6 +82,7 @@ pub fn start(
     config: &AgentConfig,
     tls: &TlsFiles,
     control: Arc<NodeControl>,
+    overflow: Option<Arc<dyn Overflow>>,
     info: NodeInfo,
 ) -> Result<(), AgentError> {
     let Some(addr) = &config.addr else { return Ok(()) };
@@ -92,6 +96,7 @@ pub fn start(
     };
     let agent = Arc::new(Agent {
         control,
+        overflow,
         client,
         info,
         dir: config.data_dir.clone(),
@@ -116,6 +121,7 @@ impl Agent {
         let mut applied = 0u64;
         // Serve the last desired state at once, registry or not.
         if let Some(desired) = self.persisted() {
+            self.tell_hubs(&desired);
             self.managed.lock().await.extend(managed_by(&desired));
             match self.converge(&desired).await {
                 Ok(()) => {
@@ -160,6 +166,7 @@ impl Agent {
             if desired.revision == applied {
                 continue;
             }
+            self.tell_hubs(&desired);
             self.persist(&desired);
             match self.converge(&desired).await {
                 Ok(()) => applied = desired.revision,
@@ -168,6 +175,13 @@ impl Agent {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+    }
+
+    /// Hands the hubs of a desired state to the offloader (edges).
+    fn tell_hubs(&self, desired: &DesiredState) {
+        if let Some(overflow) = &self.overflow {
+            overflow.set_hubs(&desired.hubs);
         }
     }
 
@@ -195,12 +209,19 @@ impl Agent {
                 match self.control.loaded(&model.name, v.version) {
                     None => {
                         let path = self.model_file(&v.digest).await?;
+                        // Loaded with a replica even when scaled to zero: the load checks the file and
+                        // measures the cold start; the pool then goes to zero.
                         let config =
                             ModelConfig { replicas: v.replicas.max(1), ..self.control.model_defaults().clone() };
                         self.control.load_version(&model.name, v.version, Source::Path(path), config, false).await?;
+                        if v.replicas == 0 {
+                            self.control
+                                .reconfigure(&model.name, v.version, &serde_json::json!({ "replicas": 0 }))
+                                .await?;
+                        }
                     }
-                    Some(m) if m.config.replicas != v.replicas.max(1) => {
-                        let change = serde_json::json!({ "replicas": v.replicas.max(1) });
+                    Some(m) if m.config.replicas != v.replicas => {
+                        let change = serde_json::json!({ "replicas": v.replicas });
                         self.control.reconfigure(&model.name, v.version, &change).await?;
                     }
                     Some(_) => {}

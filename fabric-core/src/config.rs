@@ -273,9 +273,11 @@ pub enum ConfigError {
     UnknownKey { path: String, key: String, expected: String },
 }
 
-/// Reads a role's config file, refusing top-level keys it does not have. (serde cannot deny unknown
-/// fields of a struct that flattens another, so the top level is checked against the keys of the
-/// default config; the tables below deny their own unknown keys.)
+/// Reads a role's config file over the role's defaults (keys it sets win, table by table: a hub's
+/// file that sets only `[http]` keeps the hub's engine and autoscaling defaults), refusing top-level
+/// keys it does not have. (serde cannot deny unknown fields of a struct that flattens another, so the
+/// top level is checked against the keys of the default config; the tables below deny their own
+/// unknown keys.)
 pub fn load_role_config<T>(path: &Path) -> Result<T, ConfigError>
 where
     T: serde::de::DeserializeOwned + Serialize + Default,
@@ -293,7 +295,21 @@ where
             expected: expected.join(", "),
         });
     }
-    table.try_into().map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+    let mut merged = known;
+    merge_tables(&mut merged, table);
+    merged.try_into().map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+}
+
+/// Puts `over` on top of `base`: tables merge key by key, anything else replaces.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => merge_tables(below, above),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
 }
 
 /// Applies a per-model TOML file on top of the defaults (keys it sets win).

@@ -131,7 +131,7 @@ pub struct VersionReport {
     pub name: String,
     /// Version.
     pub version: u64,
-    /// Whether it can take requests now (a replica is ready).
+    /// Whether it can take requests now (a replica is ready, or it is scaled to zero: a request wakes one).
     pub ready: bool,
     /// This version's share of versionless traffic under the policy, in percent.
     pub weight_pct: f64,
@@ -151,9 +151,13 @@ pub struct VersionReport {
     pub restarts: u64,
     /// Why its last replica load failed, while it is short of replicas.
     pub last_load_error: Option<String>,
+    /// The last measured time to load and warm a replica, in milliseconds (the wait after scale to zero).
+    pub cold_start_ms: Option<f64>,
     /// Rates and latencies over the last few seconds.
     #[serde(flatten)]
     pub window: WindowReport,
+    /// The same over the last second (what autoscaling reads).
+    pub recent: WindowReport,
 }
 
 /// One model name in the load report: its policy, shadow comparison and failed loads.
@@ -487,7 +491,7 @@ impl NodeControl {
         self.models
             .all()
             .into_iter()
-            .filter(|m| m.pool.ready_replicas() > 0)
+            .filter(|m| m.pool.serving())
             .map(|m| crate::registry_proto::ReadyVersion { name: m.name.clone(), version: m.version })
             .collect()
     }
@@ -521,10 +525,12 @@ impl NodeControl {
     ) -> Result<ModelConfig, ControlError> {
         let model = self.models.route(name, Some(&version.to_string()))?;
         let wanted = model_config_with_json(&model.config, changes).map_err(ControlError::Invalid)?;
-        if wanted.replicas == 0 {
-            return Err(ControlError::Invalid("replicas must be at least 1".into()));
-        }
         let only_replicas = ModelConfig { replicas: model.config.replicas, ..wanted.clone() } == model.config;
+        if wanted.replicas == 0 && !only_replicas {
+            return Err(ControlError::Invalid(
+                "replicas 0 (scale to zero) cannot be combined with other changes: set the other settings first".into(),
+            ));
+        }
         if only_replicas {
             let started = Instant::now();
             model.pool.resize(wanted.replicas).await.map_err(|reason| ControlError::Resize {
@@ -578,7 +584,7 @@ impl NodeControl {
             versions.push(VersionReport {
                 name: model.name.clone(),
                 version: model.version,
-                ready: ready_replicas > 0,
+                ready: model.pool.serving(),
                 weight_pct,
                 target_replicas: status.as_ref().map_or(0, |s| s.target),
                 ready_replicas,
@@ -587,8 +593,10 @@ impl NodeControl {
                 queue_depth: status.as_ref().map_or(0, |s| s.queued),
                 in_flight: stats.in_flight(),
                 restarts: status.as_ref().map_or(0, |s| s.restarts),
+                cold_start_ms: status.as_ref().and_then(|s| s.cold_start).map(|d| d.as_secs_f64() * 1e3),
                 last_load_error: status.and_then(|s| s.last_error),
                 window: stats.report(now, ready_replicas),
+                recent: stats.recent(now, ready_replicas),
             });
         }
         let models = self

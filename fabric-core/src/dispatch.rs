@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 
 use crate::metrics::Metrics;
 use crate::models::ServedModel;
-use crate::policy::admission::{Admission, OffloadView, Rejection};
+use crate::policy::admission::{Admission, OffloadView};
 use crate::pool::{PoolError, Refused};
 use crate::tensor::NamedTensor;
 
@@ -47,6 +47,8 @@ pub trait Overflow: Send + Sync {
     fn always(&self) -> bool {
         false
     }
+    /// The hubs the registry knows (added, moved, marked up or down); hubs configured by hand stay.
+    fn set_hubs(&self, _hubs: &[crate::registry_proto::HubEntry]) {}
     /// Serves one request elsewhere, answering by the deadline.
     fn infer<'a>(
         &'a self,
@@ -93,6 +95,11 @@ impl Dispatcher {
         Dispatcher { server_name: server_name.to_string(), overflow, metrics }
     }
 
+    /// Where overflow goes, if anywhere.
+    pub fn overflow(&self) -> Option<&Arc<dyn Overflow>> {
+        self.overflow.as_ref()
+    }
+
     fn count(&self, model: &ServedModel, route: &str) {
         self.metrics.routes.with_label_values(&[model.name.as_str(), &model.version_str(), route]).inc();
     }
@@ -116,13 +123,7 @@ impl Dispatcher {
         match (route, view) {
             (Admission::Reject(why), _) => {
                 self.count(model, "rejected");
-                Err(DispatchError::Pool(match why {
-                    Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
-                    Rejection::WouldMissDeadline { expected, budget } => {
-                        PoolError::WouldMissDeadline { expected, budget }
-                    }
-                    Rejection::NoReplicas => PoolError::NotReady,
-                }))
+                Err(DispatchError::Pool(PoolError::from(why)))
             }
             (Admission::Offload, _) => {
                 self.count(model, "offload");
@@ -213,5 +214,6 @@ fn is_overload(e: &PoolError) -> bool {
             | PoolError::QueueFull { .. }
             | PoolError::WouldMissDeadline { .. }
             | PoolError::NotReady
+            | PoolError::ColdStart { .. }
     )
 }

@@ -179,7 +179,7 @@ async fn ready(state: web::Data<HttpState>) -> HttpResponse {
 
 /// Why a served model version cannot take requests now, if it cannot.
 fn not_ready(model: &ServedModel) -> Option<String> {
-    (model.pool.ready_replicas() == 0).then(|| "no replica is loaded".to_string())
+    (!model.pool.serving()).then(|| "no replica is loaded".to_string())
 }
 
 /// Triton's repository index: every model version known, with its state and the reason when it is
@@ -499,6 +499,7 @@ pub fn start_registry_or_autoscaler(
     tls: Option<&crate::tls::TlsFiles>,
     role: crate::tls::Role,
     http: SocketAddr,
+    quic: Option<SocketAddr>,
 ) -> Result<(), String> {
     if serving.registry.addr.is_none() {
         // On its own, the node sizes its pools itself.
@@ -527,8 +528,10 @@ pub fn start_registry_or_autoscaler(
         memory_mib,
         gpu: None,
         http: format!("http://{http}"),
+        quic: quic.map(|a| a.to_string()),
     };
-    crate::agent::start(&serving.registry, tls, state.control.clone(), info).map_err(|e| e.to_string())
+    let overflow = state.dispatcher.overflow().cloned();
+    crate::agent::start(&serving.registry, tls, state.control.clone(), overflow, info).map_err(|e| e.to_string())
 }
 
 /// Binds the API on the configured address; returns the server (to run) and the bound addresses.

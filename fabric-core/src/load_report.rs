@@ -18,6 +18,8 @@ use serde::Serialize;
 pub const SLOT: Duration = Duration::from_millis(250);
 /// Slots in the ring: the report covers the last `SLOTS - 1` full slots and the current one.
 const SLOTS: usize = 16;
+/// Full slots in the short window autoscaling reads ([`LoadStats::recent`]).
+const RECENT_SLOTS: usize = 4;
 /// Latency buckets: bucket `i` holds latencies up to `MIN_LATENCY_US * GROWTH^i`.
 const BUCKETS: usize = 400;
 const MIN_LATENCY_US: f64 = 10.0;
@@ -173,11 +175,23 @@ impl LoadStats {
         self.with_slot(now, |s| s.busy += took);
     }
 
-    /// The report over the window ending at `now`, for a pool of `replicas` replicas.
+    /// The report over the window ending at `now` (the last `SLOTS - 2` full slots and the current
+    /// one: about 3.5-3.75 s), for a pool of `replicas` replicas.
     pub fn report(&self, now: Instant, replicas: usize) -> WindowReport {
+        self.report_over(now, replicas, SLOTS - 2)
+    }
+
+    /// The report over the last second (4 full slots and the current one): what autoscaling reads, so
+    /// that a step shows within a second instead of being averaged into the longer window.
+    pub fn recent(&self, now: Instant, replicas: usize) -> WindowReport {
+        self.report_over(now, replicas, RECENT_SLOTS)
+    }
+
+    /// The report over the last `full_slots` full slots and the current one.
+    fn report_over(&self, now: Instant, replicas: usize, full_slots: usize) -> WindowReport {
         let elapsed = now.saturating_duration_since(self.start);
         let current = (elapsed.as_nanos() / SLOT.as_nanos()) as u64;
-        let oldest = current.saturating_sub(SLOTS as u64 - 2);
+        let oldest = current.saturating_sub(full_slots.min(SLOTS - 2) as u64);
         // The window: the full slots kept, plus the part of the current slot gone by (never longer than
         // the time since start).
         let into_current = elapsed.saturating_sub(SLOT * current as u32);

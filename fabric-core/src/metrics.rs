@@ -26,6 +26,10 @@ pub struct Metrics {
     pub compute_duration: HistogramVec,
     /// Model version loads carried out (at start and live), by model and outcome (loaded, failed).
     pub model_loads: IntCounterVec,
+    /// An edge's hubs: 1 while it offloads to the hub (connected, not marked down by the registry).
+    pub hub_usable: IntGaugeVec,
+    /// An edge's offload attempts by hub and outcome (served, busy, failed).
+    pub offload_attempts: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -74,6 +78,20 @@ impl Metrics {
                 "model_loads_total",
                 "Model version loads by model and outcome",
                 &["model", "outcome"],
+            ),
+            hub_usable: {
+                let opts = Opts::new(
+                    format!("{prefix}_hub_usable"),
+                    "1 while this edge offloads to the hub (connected, not marked down)",
+                );
+                let g = IntGaugeVec::new(opts, &["hub"]).expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            offload_attempts: counter(
+                "offload_attempts_total",
+                "Offload attempts by hub and outcome (served, busy, failed)",
+                &["hub", "outcome"],
             ),
             registry,
             prefix: prefix.to_string(),

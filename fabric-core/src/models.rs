@@ -216,7 +216,7 @@ impl ModelSet {
         if let Some(policy) = &policy {
             policy.validate(|v| match family.versions.get(&v) {
                 None => Err("not loaded".into()),
-                Some(m) if m.pool.ready_replicas() == 0 => Err("no replica ready".into()),
+                Some(m) if !m.pool.serving() => Err("no replica ready".into()),
                 Some(_) => Ok(()),
             })?;
         }

@@ -82,6 +82,20 @@ pub struct NodeInfo {
     pub gpu: Option<String>,
     /// Its HTTP API (for `fabric nodes`).
     pub http: String,
+    /// A hub's QUIC infer service, `host:port` (edges learn the hubs from the registry).
+    #[serde(default)]
+    pub quic: Option<String>,
+}
+
+/// A hub as the registry tells edges of it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HubEntry {
+    /// Node id (the name its certificate carries).
+    pub node_id: String,
+    /// Its QUIC infer service, `host:port`.
+    pub addr: String,
+    /// Whether it heartbeats (a hub that stopped is down: edges stop offloading to it).
+    pub up: bool,
 }
 
 /// A model version a node serves and has ready.
@@ -141,12 +155,20 @@ pub struct DesiredState {
     pub revision: u64,
     /// Models to serve; anything else the registry placed there is unloaded.
     pub models: Vec<DesiredModel>,
+    /// For edges: the hubs to offload to, up or down.
+    #[serde(default)]
+    pub hubs: Vec<HubEntry>,
 }
 
 impl DesiredState {
-    /// The fingerprint of `models` (stable across runs: FNV-1a over the JSON).
-    pub fn fingerprint(models: &[DesiredModel]) -> u64 {
-        let text = serde_json::to_vec(models).unwrap_or_default();
+    /// The desired state of `models` and `hubs`, from the registry's state `generation`.
+    pub fn new(generation: u64, models: Vec<DesiredModel>, hubs: Vec<HubEntry>) -> DesiredState {
+        DesiredState { generation, revision: Self::fingerprint(&(&models, &hubs)), models, hubs }
+    }
+
+    /// The fingerprint of what a node is asked for (stable across runs: FNV-1a over the JSON).
+    pub fn fingerprint(content: &impl Serialize) -> u64 {
+        let text = serde_json::to_vec(content).unwrap_or_default();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in text {
             h ^= u64::from(b);
@@ -487,7 +509,7 @@ mod tests {
             policy: Some(TrafficPolicy::pinned(1)),
         }];
         assert_eq!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&models.clone()));
-        assert_ne!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&[]));
+        assert_ne!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&Vec::<DesiredModel>::new()));
         assert_eq!(hex(&[0, 15, 255]), "000fff");
     }
 }

@@ -30,6 +30,10 @@ pub struct AutoscaleConfig {
     pub down_delay_s: f64,
     /// Scale down only if the smaller count stays this share under the target.
     pub hysteresis: f64,
+    /// Seconds without a request before a version goes to zero replicas (0: never; hubs: 300).
+    /// A request that arrives then is held while a replica loads, or refused at once (503) if its
+    /// deadline cannot wait for it.
+    pub idle_to_zero_s: f64,
     /// Milliseconds between decisions.
     pub interval_ms: u64,
 }
@@ -45,7 +49,8 @@ impl Default for AutoscaleConfig {
             up_delay_s: policy.up_delay_s,
             down_delay_s: policy.down_delay_s,
             hysteresis: policy.hysteresis,
-            interval_ms: 1000,
+            idle_to_zero_s: policy.idle_to_zero_s,
+            interval_ms: 250,
         }
     }
 }
@@ -60,6 +65,7 @@ impl AutoscaleConfig {
             up_delay_s: self.up_delay_s,
             down_delay_s: self.down_delay_s,
             hysteresis: self.hysteresis,
+            idle_to_zero_s: self.idle_to_zero_s,
         }
     }
 }
@@ -90,19 +96,11 @@ async fn run(control: Arc<NodeControl>, settings: AutoscaleSettings, interval: D
         scalers.retain(|(name, version), _| report.versions.iter().any(|v| &v.name == name && v.version == *version));
         for v in &report.versions {
             // A version that is still loading replicas, or failing to, is left alone.
-            if v.loading_replicas > 0 || v.last_load_error.is_some() || v.target_replicas == 0 {
+            let asleep = v.target_replicas == 0;
+            if v.loading_replicas > 0 || v.last_load_error.is_some() || (asleep && settings.idle_to_zero_s <= 0.0) {
                 continue;
             }
-            let sample = LoadSample {
-                at: origin.elapsed(),
-                arrivals_per_s: v.window.arrivals_per_s,
-                served_per_s: v.window.served_per_s,
-                utilisation: v.window.utilisation,
-                replicas: v.ready_replicas,
-                wait_at_target: ["over_wait_target", "would_miss_deadline", "queue_full"]
-                    .iter()
-                    .any(|k| v.window.rejected_per_s.get(*k).is_some_and(|r| *r > 0.0)),
-            };
+            let sample = LoadSample::from_report(&serde_json::to_value(v).unwrap_or_default(), origin.elapsed());
             let scaler = scalers.entry((v.name.clone(), v.version)).or_insert_with(|| Autoscaler::new(settings));
             let decision = scaler.decide(&sample, v.target_replicas);
             if decision.replicas == v.target_replicas {

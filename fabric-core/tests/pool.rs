@@ -286,6 +286,8 @@ struct Faults {
     fail_every: Option<usize>,
     /// An input whose first value is this hangs the call for 5 s.
     hang_marker: Option<f32>,
+    /// A delay in each load (a slow cold start).
+    load_delay: Duration,
 }
 
 /// A real engine with injected faults.
@@ -333,6 +335,7 @@ fn injected_factory(model: &str, faults: Faults, loads: Arc<AtomicUsize>) -> Eng
             let reason = format!("injected load failure #{n}");
             return Err(EngineError::Load { engine: EngineKind::Tract, path: path.display().to_string(), reason });
         }
+        std::thread::sleep(faults.load_delay);
         let inner = engine::load(EngineKind::Tract, &path, &EngineOptions::default())?;
         Ok(Box::new(Injected { inner, faults, calls: 0 }) as Box<dyn Engine>)
     })
@@ -456,4 +459,57 @@ async fn an_engine_failing_every_third_call_fails_only_those_requests() {
     assert_eq!(failed, 3, "one call in three fails");
     let status = pool.status().await.expect("status");
     assert_eq!((status.replicas, status.restarts), (1, 0), "an engine error does not replace the replica: {status:?}");
+}
+
+#[actix_rt::test]
+async fn scaled_to_zero_a_request_wakes_a_replica_or_is_refused_at_once_when_it_cannot_wait() {
+    let faults =
+        Faults { load_delay: Duration::from_millis(300), delay: Duration::from_millis(5), ..Faults::default() };
+    let config = PoolConfig { max_batch_size: 4, ..PoolConfig::default() };
+    let pool = ModelPool::start(
+        "mlp",
+        "1",
+        injected_factory("mlp", faults, Arc::new(AtomicUsize::new(0))),
+        config,
+        Metrics::new("t"),
+    )
+    .await
+    .expect("pool starts");
+    // Requests queued when the pool goes to zero are all served: the last replica leaves after them.
+    let queued: Vec<_> = (0..20)
+        .map(|i| {
+            let pool = pool.clone();
+            actix_rt::spawn(async move { pool.infer(row(i as f32), soon(30_000)).await })
+        })
+        .collect();
+    wait_for(&pool, "requests queued", |s| s.busy == 1).await;
+    pool.resize(0).await.expect("scales to zero");
+    for handle in queued {
+        handle.await.expect("join").expect("a request queued before scale to zero is served");
+    }
+    let status = pool.status().await.expect("status");
+    assert_eq!((status.target, status.replicas, status.queued), (0, 0, 0), "{status:?}");
+    let cold = status.cold_start.expect("cold start measured");
+    assert!(cold >= Duration::from_millis(300), "cold start {cold:?} includes the 300 ms load");
+    assert!(pool.serving(), "a pool at zero still takes requests");
+    // Requests that can wait are held while a replica loads, and all served.
+    let woken: Vec<_> = (0..8)
+        .map(|i| {
+            let pool = pool.clone();
+            actix_rt::spawn(async move { pool.infer(row(i as f32), soon(20_000)).await })
+        })
+        .collect();
+    for handle in woken {
+        handle.await.expect("join").expect("served after the wake");
+    }
+    let status = pool.status().await.expect("status");
+    assert_eq!((status.target, status.replicas), (1, 1), "one replica woken: {status:?}");
+    // Back at zero, a deadline shorter than the cold start is refused at once, precisely (ColdStart
+    // is admission's refusal: a request that had waited would end DeadlineExceeded), and the request,
+    // demand all the same, wakes a replica for the next ones.
+    pool.resize(0).await.expect("scales to zero");
+    let err = pool.infer(row(1.0), soon(100)).await.expect_err("cannot wait for a load");
+    assert!(matches!(err, PoolError::ColdStart { .. }), "{err}");
+    assert!(err.to_string().contains("scaled to zero"), "{err}");
+    wait_for(&pool, "woken by the refused request", |s| s.target == 1 && s.replicas == 1).await;
 }

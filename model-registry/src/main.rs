@@ -54,6 +54,10 @@ struct Cli {
     /// Autoscaling: seconds after the last change, and of lower load, before removing replicas
     #[arg(long, default_value_t = 60.0)]
     autoscale_down_delay_s: f64,
+    /// Autoscaling: seconds a model may sit idle on a hub before it goes to zero replicas (0: never);
+    /// the next request waits for a replica to load if its deadline allows, else gets a 503 at once
+    #[arg(long, default_value_t = 300.0)]
+    hub_idle_to_zero_s: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 down_delay_s: cli.autoscale_down_delay_s,
                 ..Default::default()
             }),
+            hub_idle_to_zero_s: cli.hub_idle_to_zero_s,
             ..Settings::default()
         };
         let registry = Registry::open(Box::new(store), settings)?;

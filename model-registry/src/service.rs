@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric_core::registry_proto::{
-    self, DesiredState, Heartbeat, NodeInfo, Refusal, Reply, Request, RolloutAction, MAX_FRAME,
+    self, DesiredState, Heartbeat, HubEntry, NodeInfo, Refusal, Reply, Request, RolloutAction, MAX_FRAME,
 };
 use fabric_core::tls::{self, Identity, Role};
 use serde_json::{json, Value};
@@ -33,6 +33,8 @@ pub struct Settings {
     /// How deployed versions are scaled on each node (`max_replicas` 0: the node's cores); `None`:
     /// the deployment's replica count, fixed.
     pub autoscale: Option<AutoscaleSettings>,
+    /// Seconds a version may sit idle on a hub before it goes to zero replicas (0: never).
+    pub hub_idle_to_zero_s: f64,
 }
 
 impl Default for Settings {
@@ -43,6 +45,7 @@ impl Default for Settings {
             analysis_every: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(3),
             autoscale: Some(AutoscaleSettings { max_replicas: 0, ..AutoscaleSettings::default() }),
+            hub_idle_to_zero_s: 300.0,
         }
     }
 }
@@ -67,6 +70,8 @@ pub struct Registry {
     settings: Settings,
     /// One autoscaler per node and version, fed by that node's heartbeats.
     scalers: Mutex<BTreeMap<(String, String, u64), Autoscaler>>,
+    /// Each node's up/down state at the last liveness tick.
+    liveness: Mutex<BTreeMap<String, bool>>,
     started: Instant,
 }
 
@@ -86,6 +91,7 @@ impl Registry {
             changed,
             settings,
             scalers: Mutex::new(BTreeMap::new()),
+            liveness: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
         }))
     }
@@ -382,6 +388,7 @@ impl Registry {
             Refusal::new("not_found", format!("model '{name}' has no rollout: `fabric deploy {name} --to ...` first"))
         })?;
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let timeout = self.settings.heartbeat_timeout;
         let per_node: Vec<Value> = nodes
             .values()
             .filter(|n| state.deployments.get(name).is_some_and(|ds| ds.iter().any(|d| rollout::targets(d, &n.info))))
@@ -407,7 +414,7 @@ impl Registry {
                     "autoscaled": scaled,
                     "ready": n.ready.iter().filter(|(m, _)| m == name).map(|(_, v)| v).collect::<Vec<_>>(),
                     "policy": desired.iter().find(|m| m.name == name).and_then(|m| m.policy.clone()),
-                    "converged": n.applied == DesiredState::fingerprint(&desired),
+                    "converged": n.applied == DesiredState::new(0, desired.clone(), hubs_for(&nodes, &n.info, timeout)).revision,
                     "versions": versions,
                 })
             })
@@ -457,11 +464,41 @@ impl Registry {
     fn desired(&self, node_id: &str) -> DesiredState {
         let state = self.state();
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let models = match nodes.get(node_id) {
-            Some(n) => rollout::desired_for(&state, &n.info, &n.ready),
-            None => Vec::new(),
+        let (models, hubs) = match nodes.get(node_id) {
+            Some(n) => (
+                rollout::desired_for(&state, &n.info, &n.ready),
+                hubs_for(&nodes, &n.info, self.settings.heartbeat_timeout),
+            ),
+            None => (Vec::new(), Vec::new()),
         };
-        DesiredState { generation: state.generation, revision: DesiredState::fingerprint(&models), models }
+        DesiredState::new(state.generation, models, hubs)
+    }
+
+    /// One liveness tick: when a node has gone down (or come back) since the last tick, long polls
+    /// wake, so edges hear of a hub that stopped heartbeating within a tick of its timeout.
+    pub fn check_liveness(&self) {
+        let now_up: BTreeMap<String, bool> = {
+            let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes
+                .iter()
+                .map(|(id, n)| (id.clone(), node_state(n.last_seen.elapsed(), self.settings.heartbeat_timeout) == "up"))
+                .collect()
+        };
+        let mut last = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != now_up {
+            for (id, up) in &now_up {
+                if last.get(id) != Some(up) {
+                    if *up {
+                        tracing::info!(node = %id, "node up");
+                    } else {
+                        tracing::warn!(node = %id, "node down: no heartbeat for {} ms", self.settings.heartbeat_timeout.as_millis());
+                    }
+                }
+            }
+            *last = now_up;
+            drop(last);
+            self.notify();
+        }
     }
 
     /// A node reports; answers its desired state at once if it differs from what the node applied,
@@ -525,6 +562,9 @@ impl Registry {
         if settings.max_replicas == 0 {
             settings.max_replicas = info.cores.max(1);
         }
+        if info.role == Role::Hub.as_str() {
+            settings.idle_to_zero_s = self.settings.hub_idle_to_zero_s;
+        }
         let state = self.state();
         let (report, desired) = match self.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(&info.node_id) {
             Some(n) => (n.report.clone(), rollout::desired_for(&state, &n.info, &n.ready)),
@@ -544,17 +584,7 @@ impl Registry {
                     if v["loading_replicas"].as_u64().unwrap_or(0) > 0 || !v["last_load_error"].is_null() {
                         continue;
                     }
-                    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-                    let sample = LoadSample {
-                        at: self.started.elapsed(),
-                        arrivals_per_s: f("arrivals_per_s"),
-                        served_per_s: f("served_per_s"),
-                        utilisation: f("utilisation"),
-                        replicas: v["ready_replicas"].as_u64().unwrap_or(0) as usize,
-                        wait_at_target: ["over_wait_target", "would_miss_deadline", "queue_full"]
-                            .iter()
-                            .any(|k| v["rejected_per_s"][*k].as_f64().is_some_and(|r| r > 0.0)),
-                    };
+                    let sample = LoadSample::from_report(v, self.started.elapsed());
                     let key = (info.node_id.clone(), m.name.clone(), dv.version);
                     let scaler = scalers.entry(key).or_insert_with(|| Autoscaler::new(settings));
                     let decision = scaler.decide(&sample, dv.replicas);
@@ -659,6 +689,27 @@ fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64, timeou
     w
 }
 
+/// The hubs an edge offloads to (none for other roles): every hub that has heartbeated since the
+/// registry started, with its QUIC address and whether it is up. A hub not heard of since a registry
+/// restart is simply not listed; edges keep what they knew of it (no restart marks hubs down).
+fn hubs_for(nodes: &BTreeMap<String, NodeRecord>, node: &NodeInfo, timeout: Duration) -> Vec<HubEntry> {
+    if node.role != Role::Edge.as_str() {
+        return Vec::new();
+    }
+    nodes
+        .values()
+        .filter(|n| n.info.role == Role::Hub.as_str())
+        .filter_map(|n| {
+            let addr = n.info.quic.clone()?;
+            Some(HubEntry {
+                node_id: n.info.node_id.clone(),
+                addr,
+                up: node_state(n.last_seen.elapsed(), timeout) == "up",
+            })
+        })
+        .collect()
+}
+
 /// Whether a node is up: its last heartbeat is at most `timeout` old (heartbeats come at least every
 /// second, long polls included).
 pub fn node_state(since_heartbeat: Duration, timeout: Duration) -> &'static str {
@@ -681,6 +732,9 @@ fn check_name(name: &str) -> Result<(), Refusal> {
     }
 }
 
+/// How often node liveness is checked (a hub that stopped is known down within this of its timeout).
+const LIVENESS_TICK: Duration = Duration::from_millis(250);
+
 /// Serves the registry on `endpoint` until it closes.
 pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>) {
     let ticker = registry.clone();
@@ -689,6 +743,14 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>) {
         loop {
             every.tick().await;
             ticker.analyse();
+        }
+    });
+    let ticker = registry.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(LIVENESS_TICK);
+        loop {
+            every.tick().await;
+            ticker.check_liveness();
         }
     });
     while let Some(incoming) = endpoint.accept().await {

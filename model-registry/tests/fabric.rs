@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fabric_core::registry_proto::{Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
 use fabric_core::tls::TlsFiles;
 use serde_json::{json, Value};
-use support::{agent, infer, model, wait_for, Fabric, Load, Sample};
+use support::{agent, body_for, body_with_timeout, infer, infer_served, model, wait_for, Fabric, Load, Sample};
 
 /// Waits until every one of `nodes` nodes routes `name` by `want` and has converged.
 fn wait_routes(f: &Fabric, registry: &str, name: &str, nodes: usize, want: Value) -> Duration {
@@ -344,4 +344,134 @@ fn the_registry_scales_a_deployment_to_its_load() {
     let samples = load.stop();
     assert!(samples.iter().all(|s| s.status == 200), "{:?}", samples.iter().find(|s| s.status != 200));
     wait_for("back to one replica when idle", Duration::from_secs(60), || replicas() == Some(1));
+}
+
+/// Who served each answer, counted.
+fn served_by(samples: &[Sample]) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for s in samples {
+        *by.entry(s.served_by.clone()).or_default() += 1;
+    }
+    by
+}
+
+#[test]
+fn hubs_learnt_from_the_registry_scale_to_zero_share_offload_and_survive_a_kill() {
+    let f = Fabric::new("hubs");
+    let registry = f.registry("127.0.0.1:0", &["--hub-idle-to-zero-s", "2"]);
+    let r = registry.addr.clone();
+    let mut hub1 = f.hub_as("hub-1", &r);
+    let hub2 = f.hub_as("hub-2", &r);
+    // No --hub: the edge learns the hubs from the registry. Everything offloaded while a hub is usable.
+    let edge = f.edge_with("edge-1", &r, &[], Some("[offload]\nmode = \"always\"\n"));
+    let a = agent();
+    f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
+    f.cli(&r, &["deploy", "mlp", "--to", "all"]);
+    wait_routes(&f, &r, "mlp", 3, json!({ "1": 100 }));
+
+    // Idle for 2 s, each hub goes to zero replicas; the model stays loaded (and ready to wake).
+    let hub_replicas = |id: &str| -> Option<u64> {
+        let status = f.cli(&r, &["rollout", "status", "mlp"]);
+        let node = status["nodes"].as_array()?.iter().find(|n| n["node"] == id)?.clone();
+        node["replicas"]["1"].as_u64()
+    };
+    let idle = Instant::now();
+    wait_for("both hubs at zero replicas", Duration::from_secs(60), || {
+        hub_replicas("hub-1") == Some(0) && hub_replicas("hub-2") == Some(0)
+    });
+    support::figure(
+        "hubs idle -> both at zero replicas (idle window 2 s)",
+        &format!("{} ms", idle.elapsed().as_millis()),
+    );
+    let reason = f.cli(&r, &["rollout", "status", "mlp"]).to_string();
+    assert!(reason.contains("scaled to zero"), "{reason}");
+
+    // Straight to hub-1 at zero over HTTP: a request that can wait is held while a replica loads,
+    // and served...
+    let cold = Instant::now();
+    let (status, text, _) = infer_served(&a, &hub1.addr, "mlp", &body_with_timeout("mlp", 30_000_000));
+    assert_eq!(status, 200, "{text}");
+    support::figure(
+        "hub cold start, MLP (ONNX Runtime): request at zero replicas -> answer",
+        &format!("{} ms", cold.elapsed().as_millis()),
+    );
+    // ...and at hub-2 (still at zero), one whose deadline is shorter than a replica's load gets a
+    // precise 503 at once; it wakes a replica all the same.
+    let (status, text, _) = infer_served(&a, &hub2.addr, "mlp", &body_with_timeout("mlp", 1_000));
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("scaled to zero"), "{text}");
+    let woken = || f.cli(&r, &["rollout", "status", "mlp"]).to_string().contains("woken from zero");
+    wait_for("the hubs woken by their requests", Duration::from_secs(30), || {
+        let awake = |id: &str| hub_replicas(id).is_some_and(|n| n >= 1);
+        awake("hub-1") && awake("hub-2") && woken()
+    });
+    // Idle again, both back at zero; then an offloaded request wakes a hub too (the edge, whose
+    // patience with a hub is short, serves that one itself; the hub is woken for the next ones).
+    wait_for("both hubs at zero again", Duration::from_secs(60), || {
+        hub_replicas("hub-1") == Some(0) && hub_replicas("hub-2") == Some(0)
+    });
+    let (status, text, _) = infer_served(&a, &edge.addr, "mlp", &body_for("mlp"));
+    assert_eq!(status, 200, "{text}");
+    wait_for("a hub woken by offload", Duration::from_secs(30), || {
+        hub_replicas("hub-1").is_some_and(|n| n >= 1) || hub_replicas("hub-2").is_some_and(|n| n >= 1)
+    });
+
+    // Load through the edge: both hubs take offload.
+    let load = Load::start(std::slice::from_ref(&edge.addr), 4);
+    wait_for("both hubs serving the edge's offload", Duration::from_secs(60), || {
+        let by = served_by(&load.samples.lock().expect("samples"));
+        by.contains_key("hub hub-1") && by.contains_key("hub hub-2")
+    });
+
+    // kill -9 of hub-1 under load: nothing lost; the registry marks it down, the edge stops using it.
+    let killed = Instant::now();
+    let _ = hub1.child.kill();
+    let _ = hub1.child.wait();
+    let state = |id: &str| -> String {
+        let nodes = f.cli(&r, &["nodes"]);
+        let node = nodes.as_array().into_iter().flatten().find(|n| n["node"] == id).cloned().unwrap_or_default();
+        node["state"].as_str().unwrap_or_default().to_string()
+    };
+    // The edge's own view (its metrics): hub-1 no longer used, then no attempt on it while load goes on.
+    let metric = |name: &str| -> f64 {
+        let text =
+            a.get(&format!("{}/metrics", edge.addr)).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok());
+        text.unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    };
+    wait_for("hub-1 unused by the edge", Duration::from_secs(30), || {
+        metric("fabric_hub_usable{hub=\"hub-1\"}") == 0.0 && state("hub-1") == "down"
+    });
+    support::figure(
+        "hub kill -9 -> marked down by the registry and unused by the edge (heartbeat timeout 3 s)",
+        &format!("{} ms", killed.elapsed().as_millis()),
+    );
+    let attempts = metric("fabric_offload_attempts_total{hub=\"hub-1\"");
+    let after_down = Instant::now();
+    wait_for("requests after hub-1 went down", Duration::from_secs(30), || {
+        load.samples.lock().expect("samples").iter().filter(|s| s.sent > after_down).count() >= 200
+    });
+    assert_eq!(metric("fabric_offload_attempts_total{hub=\"hub-1\""), attempts, "no attempt on a hub marked down");
+    {
+        let samples = load.samples.lock().expect("samples");
+        let late: Vec<&Sample> = samples.iter().filter(|s| s.sent > after_down).collect();
+        assert!(late.iter().any(|s| s.served_by == "hub hub-2"), "offload moved to hub-2: {:?}", served_by(&samples));
+    }
+
+    // hub-1 restarted: it heartbeats again, is up, and takes offload again.
+    let _hub1 = f.hub_as("hub-1", &r);
+    let back = Instant::now();
+    wait_for("hub-1 serving the edge's offload again", Duration::from_secs(60), || {
+        load.samples.lock().expect("samples").iter().any(|s| s.sent > back && s.served_by == "hub hub-1")
+    });
+    let samples = load.stop();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.status != 200).collect();
+    assert!(failed.is_empty(), "{} of {} failed, first {:?}", failed.len(), samples.len(), failed.first());
+    support::figure(
+        "hub kill -9 under offload load: answers (all 200) by server",
+        &format!("{} answers, {:?}", samples.len(), served_by(&samples)),
+    );
 }

@@ -24,6 +24,11 @@ pub struct PoolLoad {
     pub busy_replicas: usize,
     /// Replicas being loaded (a replacement, or a retry after a failed load).
     pub loading: usize,
+    /// Scaled to zero: the first request admitted wakes a replica.
+    pub asleep: bool,
+    /// With no replica ready: how long until one is expected to be (the measured load and warm-up
+    /// time, less what a load in progress has done); `None`: not measured.
+    pub cold_wait: Option<Duration>,
 }
 
 /// How latency-first admission trades the local queue against a hub and the deadline.
@@ -68,6 +73,8 @@ pub enum Rejection {
     WouldMissDeadline { expected: Duration, budget: Duration },
     /// The model has no replica.
     NoReplicas,
+    /// No replica is ready and one cannot be loaded before the deadline (margin kept).
+    ColdStart { expected: Duration, budget: Duration },
 }
 
 /// The decision.
@@ -137,11 +144,18 @@ pub fn admit_or_offload(
     let usable = input.budget.saturating_sub(pct(input.budget, input.settings.margin_pct));
     // Can it be served here before the deadline, margin kept? And is its wait short enough to prefer here?
     let local: Result<bool, Rejection> = if input.load.replicas == 0 {
-        // A replica is on its way: queue, unless a hub can take it now.
-        if input.load.loading > 0 && input.load.queued_requests < input.queue_capacity {
-            Ok(false)
-        } else {
+        // A replica is on its way (or will be woken): queue if it can be ready in time, unless a hub can
+        // take the request now.
+        let coming = input.load.loading > 0 || input.load.asleep;
+        let expected = input.load.cold_wait.map(|w| w + batch_time(input.rows.max(1)).unwrap_or_default());
+        if !coming {
             Err(Rejection::NoReplicas)
+        } else if input.load.queued_requests >= input.queue_capacity {
+            Err(Rejection::QueueFull { capacity: input.queue_capacity })
+        } else if let Some(expected) = expected.filter(|e| *e > usable) {
+            Err(Rejection::ColdStart { expected, budget: usable })
+        } else {
+            Ok(false)
         }
     } else if input.load.queued_requests >= input.queue_capacity {
         Err(Rejection::QueueFull { capacity: input.queue_capacity })
@@ -180,13 +194,20 @@ mod tests {
             budget: MS * budget_ms,
             queue_capacity: 100,
             max_batch_size: 8,
-            load: PoolLoad { queued_requests, queued_rows, replicas, busy_replicas: busy, loading: 0 },
+            load: PoolLoad { queued_requests, queued_rows, replicas, busy_replicas: busy, ..Default::default() },
             settings: AdmissionSettings { local_wait_pct: 25, margin_pct: 20 },
         }
     }
 
     fn loading(mut i: AdmissionInput, n: usize) -> AdmissionInput {
         i.load.loading = n;
+        i
+    }
+
+    /// Scaled to zero, a replica taking `cold_ms` to load (unknown: `None`).
+    fn asleep(mut i: AdmissionInput, cold_ms: Option<u32>) -> AdmissionInput {
+        i.load.asleep = true;
+        i.load.cold_wait = cold_ms.map(|ms| MS * ms);
         i
     }
 
@@ -200,6 +221,15 @@ mod tests {
             ("queue full", input(1, 100, 100, 100, 1, 1), Admission::Reject(Rejection::QueueFull { capacity: 100 })),
             ("no replicas", input(1, 100, 0, 0, 0, 0), Admission::Reject(Rejection::NoReplicas)),
             ("no replicas, one loading: queue for it", loading(input(1, 100, 0, 0, 0, 0), 1), Admission::Local),
+            // Scaled to zero: a 50 ms load and a 1.25 ms batch fit 80% of 100 ms, not 80% of 60 ms.
+            ("asleep, the load fits: queue and wake", asleep(input(1, 100, 0, 0, 0, 0), Some(50)), Admission::Local),
+            ("asleep, load not measured: queue and wake", asleep(input(1, 100, 0, 0, 0, 0), None), Admission::Local),
+            ("asleep, the load does not fit", asleep(input(1, 60, 0, 0, 0, 0), Some(50)),
+                Admission::Reject(Rejection::ColdStart { expected: MS * 51 + MS / 4, budget: MS * 48 })),
+            ("asleep, queue full", asleep(input(1, 100, 100, 100, 0, 0), Some(50)),
+                Admission::Reject(Rejection::QueueFull { capacity: 100 })),
+            ("loading, the rest of the load does not fit", AdmissionInput { load: PoolLoad { loading: 1, cold_wait: Some(MS * 90), ..Default::default() }, ..input(1, 100, 0, 0, 0, 0) },
+                Admission::Reject(Rejection::ColdStart { expected: MS * 91 + MS / 4, budget: MS * 80 })),
             // 40 rows ahead + 1 = 6 batches of 8, one replica, busy: 7 rounds x 3 ms = 21 ms; 80% of 25 ms is 20 ms.
             ("deep queue, finish inside the margin", input(1, 25, 40, 40, 1, 1),
                 Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 20 })),
@@ -237,6 +267,7 @@ mod tests {
             ("queue full, hub fits", input(1, 100, 100, 100, 1, 1), hub(5), Admission::Offload),
             ("no replicas, hub fits", input(1, 100, 0, 0, 0, 0), hub(5), Admission::Offload),
             ("replica loading, hub fits: offload now", loading(input(1, 100, 0, 0, 0, 0), 1), hub(5), Admission::Offload),
+            ("asleep, hub fits: offload now", asleep(input(1, 100, 0, 0, 0, 0), Some(50)), hub(5), Admission::Offload),
         ];
         for (label, inp, view, want) in cases {
             assert_eq!(admit_or_offload(&inp, time, view), want, "{label}");

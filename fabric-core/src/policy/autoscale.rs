@@ -37,6 +37,9 @@ pub struct AutoscaleSettings {
     pub down_delay_s: f64,
     /// Scale down only if the smaller count would stay this share under the target (0-1).
     pub hysteresis: f64,
+    /// Scale to zero after this many seconds without a request (0: never). A request that arrives
+    /// at zero wakes a replica (the pool holds it meanwhile); the next sample confirms the wake.
+    pub idle_to_zero_s: f64,
 }
 
 impl Default for AutoscaleSettings {
@@ -48,6 +51,7 @@ impl Default for AutoscaleSettings {
             up_delay_s: 2.0,
             down_delay_s: 60.0,
             hysteresis: 0.2,
+            idle_to_zero_s: 0.0,
         }
     }
 }
@@ -69,6 +73,28 @@ pub struct LoadSample {
     pub wait_at_target: bool,
 }
 
+/// Rejection kinds that mean admission found the queue wait at its target.
+const WAIT_AT_TARGET: [&str; 3] = ["over_wait_target", "would_miss_deadline", "queue_full"];
+
+impl LoadSample {
+    /// The sample in one version of a node's load report (JSON, as nodes send it in heartbeats): its
+    /// one-second window (`recent`) when present, else the longer one.
+    pub fn from_report(version: &serde_json::Value, at: Duration) -> LoadSample {
+        let window = if version["recent"].is_object() { &version["recent"] } else { version };
+        let f = |k: &str| window[k].as_f64().unwrap_or(0.0);
+        LoadSample {
+            at,
+            arrivals_per_s: f("arrivals_per_s"),
+            served_per_s: f("served_per_s"),
+            utilisation: f("utilisation"),
+            replicas: version["ready_replicas"].as_u64().unwrap_or(0) as usize,
+            wait_at_target: WAIT_AT_TARGET
+                .iter()
+                .any(|k| window["rejected_per_s"][*k].as_f64().is_some_and(|r| r > 0.0)),
+        }
+    }
+}
+
 /// A decision.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
@@ -82,8 +108,8 @@ pub struct Decision {
 #[derive(Clone, Debug)]
 pub struct Autoscaler {
     settings: AutoscaleSettings,
-    /// (time, replicas needed at the target, replicas needed with the down hysteresis).
-    recent: VecDeque<(Duration, usize, usize)>,
+    /// (time, replicas needed at the target, replicas needed with the down hysteresis, idle).
+    recent: VecDeque<(Duration, usize, usize, bool)>,
     last_change: Option<Duration>,
 }
 
@@ -128,11 +154,22 @@ impl Autoscaler {
         let target = s.target_utilisation.clamp(0.05, 1.0);
         let needed = self.clamp((demand / target).ceil() as usize);
         let needed_down = self.clamp((demand / (target * (1.0 - s.hysteresis.clamp(0.0, 0.9)))).ceil() as usize);
-        self.recent.push_back((sample.at, needed, needed_down));
+        let idle = sample.arrivals_per_s <= 0.0;
+        self.recent.push_back((sample.at, needed, needed_down, idle));
         // Keep the windows, plus the last sample before them (it shows the history covers them).
-        let keep = Duration::from_secs_f64(s.up_delay_s.max(s.down_delay_s));
-        while self.recent.get(1).is_some_and(|(t, _, _)| sample.at.saturating_sub(*t) >= keep) {
+        let keep = Duration::from_secs_f64(s.up_delay_s.max(s.down_delay_s).max(s.idle_to_zero_s));
+        while self.recent.get(1).is_some_and(|(t, ..)| sample.at.saturating_sub(*t) >= keep) {
             self.recent.pop_front();
+        }
+        let to_zero = s.idle_to_zero_s > 0.0;
+        if to_zero && current == 0 {
+            // Scaled to zero: stay, unless requests arrive (the pool has woken a replica for them).
+            if idle {
+                return Decision { replicas: 0, reason: String::new() };
+            }
+            // Until a replica has measured the work, one; after, what the measured demand needs.
+            let to = if sample.replicas == 0 { 1 } else { needed.max(1) };
+            return self.change(sample.at, to, format!("woken from zero by {:.1} requests/s", sample.arrivals_per_s));
         }
         let stay = Decision { replicas: self.clamp(current), reason: String::new() };
         if current < s.min_replicas || current > s.max_replicas {
@@ -156,9 +193,9 @@ impl Autoscaler {
         }
         // Up, sustained: every sample of the up window needs more.
         let window: Vec<usize> =
-            self.recent.iter().filter(|(t, _, _)| *t >= since(s.up_delay_s)).map(|(_, n, _)| *n).collect();
+            self.recent.iter().filter(|(t, ..)| *t >= since(s.up_delay_s)).map(|(_, n, ..)| *n).collect();
         let held_for = |d: f64| {
-            self.recent.front().is_some_and(|(t, _, _)| sample.at.saturating_sub(*t) >= Duration::from_secs_f64(d))
+            self.recent.front().is_some_and(|(t, ..)| sample.at.saturating_sub(*t) >= Duration::from_secs_f64(d))
         };
         let covers = held_for(s.up_delay_s);
         if needed > current && covers && window.iter().all(|&n| n > current) {
@@ -169,15 +206,24 @@ impl Autoscaler {
                 format!("demand above target for {:.0} s: {demand:.2} replicas", s.up_delay_s),
             );
         }
+        let quiet_for =
+            |d: f64| self.last_change.is_none_or(|t| sample.at.saturating_sub(t) >= Duration::from_secs_f64(d));
+        // To zero: no request for the whole idle window, and no change within it.
+        if to_zero
+            && quiet_for(s.idle_to_zero_s)
+            && held_for(s.idle_to_zero_s)
+            && self.recent.iter().filter(|(t, ..)| *t >= since(s.idle_to_zero_s)).all(|(.., idle)| *idle)
+        {
+            return self.change(sample.at, 0, format!("idle for {:.0} s: scaled to zero", s.idle_to_zero_s));
+        }
         // Down: the whole down window, with hysteresis, needs fewer, and the last change is that old.
-        let quiet =
-            self.last_change.is_none_or(|t| sample.at.saturating_sub(t) >= Duration::from_secs_f64(s.down_delay_s));
+        let quiet = quiet_for(s.down_delay_s);
         let covers = held_for(s.down_delay_s);
         let most = self
             .recent
             .iter()
-            .filter(|(t, _, _)| *t >= since(s.down_delay_s))
-            .map(|(_, _, n)| *n)
+            .filter(|(t, ..)| *t >= since(s.down_delay_s))
+            .map(|(_, _, n, _)| *n)
             .max()
             .unwrap_or(current);
         if quiet && covers && most < current {
@@ -306,6 +352,33 @@ mod tests {
         let down = history.iter().rev().find(|h| h.1 == 2).map(|h| h.0).expect("was up");
         assert!(down >= 4.0 && down < 7.0, "last at 2 replicas at {down} s: {history:?}");
         assert_eq!(replicas, 1);
+    }
+
+    #[test]
+    fn idle_goes_to_zero_after_its_window_and_a_request_wakes_it() {
+        let settings = AutoscaleSettings { max_replicas: 4, idle_to_zero_s: 10.0, ..Default::default() };
+        // 20 s at 50/s, 30 s idle, then 50/s again.
+        let trace: Vec<f64> = (0..80).map(|t| if (20..50).contains(&t) { 0.0 } else { 50.0 }).collect();
+        let mut a = Autoscaler::new(settings);
+        let mut replicas = 1;
+        let mut history = Vec::new();
+        for (t, &arrivals) in trace.iter().enumerate() {
+            // At zero, the pool has woken a replica for the first arrivals by the time of the sample.
+            let ready = if replicas == 0 && arrivals > 0.0 { 1 } else { replicas };
+            let d = a.decide(&sample(t as f64, arrivals, 100.0, ready), replicas);
+            replicas = d.replicas;
+            history.push((t, replicas));
+        }
+        let zero = history.iter().find(|h| h.1 == 0).map(|h| h.0).expect("scales to zero");
+        assert_eq!(zero, 30, "idle from 20 s, 10 s window: {history:?}");
+        assert!(history[30..50].iter().all(|h| h.1 == 0), "stays at zero while idle: {history:?}");
+        assert_eq!(history[50].1, 1, "the first sample with requests wakes it: {history:?}");
+        assert!(history[50..].iter().all(|h| h.1 == 1), "{history:?}");
+        // Without an idle window, idle load never goes below min.
+        let mut never = Autoscaler::new(AutoscaleSettings::default());
+        for t in 0..400 {
+            assert_eq!(never.decide(&sample(t as f64, 0.0, 100.0, 1), 1).replicas, 1);
+        }
     }
 
     #[test]

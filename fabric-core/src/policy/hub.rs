@@ -54,11 +54,16 @@ impl Default for HubHealth {
     }
 }
 
-/// Orders hubs for a request: the least loaded first (their reported load plus what this edge has in
-/// flight to them); equal loads keep their configured order.
-pub fn by_load(loads: &[u32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..loads.len()).collect();
-    order.sort_by_key(|&i| loads[i]);
+/// Orders hubs for a request by when their answer is expected: each hub's measured answer time
+/// times one plus the requests ahead of this one there (its reported load plus what this edge has in
+/// flight to it), soonest first; equal costs keep their order. So idle hubs are tried fastest first,
+/// and load spreads to the slower ones as the fast one's queue grows.
+pub fn by_expected_answer(hubs: &[(u32, Duration)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..hubs.len()).collect();
+    order.sort_by_key(|&i| {
+        let (load, answer) = hubs[i];
+        answer.saturating_mul(load.saturating_add(1))
+    });
     order
 }
 
@@ -189,7 +194,16 @@ mod tests {
         assert_eq!(h.patience(rtt2), 80 * MS, "four usual answer times");
         h.answered_in(70 * MS); // a timeout: 20 + (70 - 20) / 5
         assert_eq!(h.expected(rtt2), 30 * MS);
-        assert_eq!(by_load(&[5, 1, 3, 1]), vec![1, 3, 2, 0], "least loaded first, ties in order");
+        // (load, answer time) -> order: equal answer times by load, ties in order; a fast hub first
+        // until its queue makes it slower than an idle slow one.
+        let cases: [(&[(u32, Duration)], Vec<usize>); 3] = [
+            (&[(5, MS), (1, MS), (3, MS), (1, MS)], vec![1, 3, 2, 0]),
+            (&[(0, 5 * MS), (0, 2 * MS)], vec![1, 0]),
+            (&[(0, 5 * MS), (3, 2 * MS)], vec![0, 1]),
+        ];
+        for (hubs, want) in cases {
+            assert_eq!(by_expected_answer(hubs), want, "{hubs:?}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::queue::Intake;
-use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas, Stop};
+use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas, Stop, Wake};
 use crate::load_report::{LoadStats, Outcome};
 use crate::model::ModelMetadata;
 use crate::policy::admission::{Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad};
@@ -109,7 +109,11 @@ impl PoolHandle {
         };
         let (reply, rx) = oneshot::channel();
         let pending = Pending { inputs, rows, shape_key, arrived, deadline, reply };
-        if let Err((error, refused)) = self.intake.submit(pending, hub) {
+        let (wake, queued) = self.intake.submit(pending, hub);
+        if wake {
+            self.addr.do_send(Wake);
+        }
+        if let Err((error, refused)) = queued {
             // Turned away at the door: with a hub at hand, the inputs go back for it.
             let inputs = hub.map(|_| self.named(refused.inputs));
             return Err(Refused { error, inputs });
@@ -180,6 +184,11 @@ impl PoolHandle {
     /// Replicas ready to serve now (without a round trip to the pool actor).
     pub fn ready_replicas(&self) -> usize {
         self.intake.counts().0
+    }
+
+    /// Whether it takes requests now: a replica is ready, or it is scaled to zero and a request wakes one.
+    pub fn serving(&self) -> bool {
+        self.intake.serving()
     }
 }
 

@@ -45,7 +45,7 @@ use crate::engine::{Engine, EngineError};
 use crate::load_report::LoadStats;
 use crate::metrics::Metrics;
 use crate::model::InputError;
-use crate::policy::admission::AdmissionSettings;
+use crate::policy::admission::{AdmissionSettings, Rejection};
 use crate::policy::batching::Queued;
 use crate::policy::service_time::ServiceTimes;
 use crate::tensor::{NamedTensor, Tensor};
@@ -141,6 +141,9 @@ pub enum PoolError {
     /// No replica is loaded.
     #[error("model is not ready: no replica is loaded")]
     NotReady,
+    /// No replica is ready (scaled to zero, or loading) and one cannot be ready before the deadline.
+    #[error("no replica is ready (scaled to zero or loading) and one takes about {:.0} ms to be ready, but only {:.0} ms are left before the deadline: retry with a longer timeout, or keep a replica (autoscale.idle_to_zero_s = 0)", expected.as_secs_f64() * 1e3, budget.as_secs_f64() * 1e3)]
+    ColdStart { expected: Duration, budget: Duration },
     /// With a hub at hand, the expected wait here is over the local target: the caller offloads it.
     #[error("expected wait of {:.1} ms is over the local target of {:.1} ms while a hub can take it", wait.as_secs_f64() * 1e3, target.as_secs_f64() * 1e3)]
     OverWaitTarget { wait: Duration, target: Duration },
@@ -164,6 +167,7 @@ impl PoolError {
             PoolError::QueueFull { .. }
             | PoolError::WouldMissDeadline { .. }
             | PoolError::NotReady
+            | PoolError::ColdStart { .. }
             | PoolError::OverWaitTarget { .. }
             | PoolError::Stopped => ErrorCode::Busy,
             PoolError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
@@ -179,10 +183,22 @@ impl PoolError {
             PoolError::WouldMissDeadline { .. } => "would_miss_deadline",
             PoolError::DeadlineExceeded { .. } => "deadline_exceeded",
             PoolError::NotReady => "not_ready",
+            PoolError::ColdStart { .. } => "cold_start",
             PoolError::OverWaitTarget { .. } => "over_wait_target",
             PoolError::ReplicaFailed(_) => "replica_failed",
             PoolError::Engine(_) => "engine_error",
             PoolError::Stopped => "stopped",
+        }
+    }
+}
+
+impl From<Rejection> for PoolError {
+    fn from(why: Rejection) -> Self {
+        match why {
+            Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
+            Rejection::WouldMissDeadline { expected, budget } => PoolError::WouldMissDeadline { expected, budget },
+            Rejection::NoReplicas => PoolError::NotReady,
+            Rejection::ColdStart { expected, budget } => PoolError::ColdStart { expected, budget },
         }
     }
 }
@@ -209,6 +225,13 @@ pub struct SetReplicas {
 }
 
 impl Message for SetReplicas {
+    type Result = ();
+}
+
+/// A request arrived while the pool is scaled to zero: load a replica (unless one was wanted meanwhile).
+pub struct Wake;
+
+impl Message for Wake {
     type Result = ();
 }
 
@@ -243,6 +266,8 @@ pub struct PoolStatus {
     pub restarts: u64,
     /// Why the last replica load failed, while the pool is short of its target.
     pub last_error: Option<String>,
+    /// The last measured time to load and warm a replica (what a request waits after scale to zero).
+    pub cold_start: Option<Duration>,
 }
 
 struct Pending {
@@ -309,6 +334,7 @@ impl ModelPool {
         config: PoolConfig,
         metrics: Metrics,
     ) -> Result<PoolHandle, EngineError> {
+        let load_started = Instant::now();
         let first = {
             let factory = factory.clone();
             actix_rt::task::spawn_blocking(move || factory())
@@ -335,10 +361,14 @@ impl ModelPool {
         for (rows, took) in timings {
             service.record(rows, took);
         }
-        let target = config.replicas.max(1);
+        // Loaded once even for a target of 0 (the metadata and the cold-start time come from it; the
+        // engine is then dropped: the pool starts scaled to zero).
+        let target = config.replicas;
         let stats = Arc::new(LoadStats::default());
         let intake =
             Arc::new(Intake::new(config, batched, batch_cap, service, label.clone(), metrics.clone(), stats.clone()));
+        intake.set_target(target);
+        intake.record_cold_start(load_started.elapsed());
         let pool = ModelPool {
             label,
             factory,
@@ -393,13 +423,31 @@ impl Handler<SetReplicas> for ModelPool {
     type Result = ();
 
     fn handle(&mut self, msg: SetReplicas, ctx: &mut Context<Self>) {
-        self.target_replicas = msg.target;
+        if msg.target == 0 && self.target_replicas > 0 {
+            tracing::info!(model = %self.label.0, version = %self.label.1, "scaling to zero (the model stays loaded: a request wakes a replica)");
+        }
+        self.set_target(msg.target);
         // A fresh resize gets its own backoff: a new target is worth an immediate try.
         self.retry_at = None;
         self.retry_backoff = MIN_LOAD_RETRY;
         self.resize_waiters.extend(msg.done);
         self.converge(ctx);
         self.answer_resizes(None);
+    }
+}
+
+impl Handler<Wake> for ModelPool {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Wake, ctx: &mut Context<Self>) {
+        if self.target_replicas == 0 {
+            tracing::info!(model = %self.label.0, version = %self.label.1,
+                cold_start_ms = self.intake.cold_start().map(|d| d.as_millis() as u64),
+                "a request arrived at zero replicas: waking one");
+            self.set_target(1);
+            self.retry_at = None;
+            self.converge(ctx);
+        }
     }
 }
 
@@ -424,6 +472,7 @@ impl Handler<GetStatus> for ModelPool {
             queued,
             restarts: self.restarts,
             last_error: self.last_error.clone(),
+            cold_start: self.intake.cold_start(),
         })
     }
 }

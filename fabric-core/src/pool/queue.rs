@@ -14,7 +14,7 @@ use super::handle::admission_input;
 use super::{Pending, PoolConfig, PoolError, PoolReply, ReplyTx};
 use crate::load_report::LoadStats;
 use crate::metrics::Metrics;
-use crate::policy::admission::{self, Admission, OffloadView, PoolLoad, Rejection};
+use crate::policy::admission::{self, Admission, OffloadView, PoolLoad};
 use crate::policy::batching::{self, BatchConfig, BatchDecision, Queued};
 use crate::policy::service_time::ServiceTimes;
 use crate::tensor::Tensor;
@@ -67,6 +67,13 @@ struct State {
     abandoned: HashSet<u64>,
     next_batch: u64,
     stopped: bool,
+    /// Replicas wanted (set by the supervisor): 0 means scaled to zero.
+    target: usize,
+    /// Scaled to zero and a wake-up already sent (one is enough).
+    waking: bool,
+    /// When the current loads began (none loading: `None`), and the last measured load + warm-up time.
+    loading_since: Option<Instant>,
+    cold_start: Option<Duration>,
 }
 
 /// The queue and its replicas' shared state.
@@ -117,6 +124,10 @@ impl Intake {
             abandoned: HashSet::new(),
             next_batch: 0,
             stopped: false,
+            target: 1,
+            waking: false,
+            loading_since: None,
+            cold_start: None,
         };
         Intake { state: Mutex::new(state), work: Condvar::new(), config, batched, batch_cap, label, metrics, stats }
     }
@@ -131,12 +142,22 @@ impl Intake {
     }
 
     fn load(&self, st: &State) -> PoolLoad {
+        let replicas = st.replicas.saturating_sub(st.retire);
+        let loading = st.loading + st.replacing;
+        // With no replica ready, the wait for one: a whole load when asleep, what is left of one loading.
+        let cold_wait = match (replicas, st.loading_since) {
+            (0, Some(since)) if loading > 0 => st.cold_start.map(|c| c.saturating_sub(since.elapsed())),
+            (0, _) => st.cold_start,
+            _ => None,
+        };
         PoolLoad {
             queued_requests: st.queue.len(),
             queued_rows: st.queued_rows,
-            replicas: st.replicas.saturating_sub(st.retire),
+            replicas,
             busy_replicas: st.busy,
-            loading: st.loading + st.replacing,
+            loading,
+            asleep: st.target == 0,
+            cold_wait,
         }
     }
 
@@ -160,12 +181,21 @@ impl Intake {
         admission::admit_or_offload(&input, |n| st.service.estimate(n), hub)
     }
 
-    /// Queues a request, or says at once why not (handing its inputs back).
-    pub(super) fn submit(&self, request: Pending, hub: Option<OffloadView>) -> Result<(), (PoolError, Pending)> {
+    /// Queues a request, or says at once why not (handing its inputs back). The flag says the pool is
+    /// scaled to zero and the caller must wake it: the first request to arrive does, whether it can
+    /// wait for the load or not (a request refused for its short deadline is still demand: the next
+    /// ones find a replica).
+    pub(super) fn submit(
+        &self,
+        request: Pending,
+        hub: Option<OffloadView>,
+    ) -> (bool, Result<(), (PoolError, Pending)>) {
         let mut st = self.lock();
         if st.stopped {
-            return Err((PoolError::Stopped, request));
+            return (false, Err((PoolError::Stopped, request)));
         }
+        let wake = st.target == 0 && !st.waking;
+        st.waking |= wake;
         let input = self.input(&st, request.rows, request.deadline.saturating_duration_since(Instant::now()));
         let estimate = |n: usize| st.service.estimate(n);
         let decision = match admission::admit(&input, estimate) {
@@ -179,23 +209,14 @@ impl Intake {
                 self.metrics.queue_depth.with_label_values(&self.labels()).set(st.queue.len() as i64);
                 drop(st);
                 self.work.notify_one();
-                Ok(())
+                (wake, Ok(()))
             }
             Admission::Offload => {
                 let wait = admission::expected_times(&input, estimate).map(|(w, _)| w).unwrap_or_default();
                 let target = input.budget.saturating_mul(input.settings.local_wait_pct.min(100)) / 100;
-                Err((PoolError::OverWaitTarget { wait, target }, request))
+                (wake, Err((PoolError::OverWaitTarget { wait, target }, request)))
             }
-            Admission::Reject(why) => {
-                let error = match why {
-                    Rejection::QueueFull { capacity } => PoolError::QueueFull { capacity },
-                    Rejection::WouldMissDeadline { expected, budget } => {
-                        PoolError::WouldMissDeadline { expected, budget }
-                    }
-                    Rejection::NoReplicas => PoolError::NotReady,
-                };
-                Err((error, request))
-            }
+            Admission::Reject(why) => (wake, Err((PoolError::from(why), request))),
         }
     }
 
@@ -248,7 +269,8 @@ impl Intake {
                 st.replicas = st.replicas.saturating_sub(1);
                 return Err(Leave::Stopped);
             }
-            if st.retire > 0 {
+            // The last replica does not leave while requests wait (scale to zero never strands them).
+            if st.retire > 0 && (st.replicas > 1 || st.queue.is_empty()) {
                 st.retire -= 1;
                 st.replicas = st.replicas.saturating_sub(1);
                 return Err(Leave::Retired);
@@ -348,13 +370,50 @@ impl Intake {
 
     /// Sets how many replicas are loading (for admission and status).
     pub(super) fn set_loading(&self, n: usize) {
-        self.lock().loading = n;
+        let mut st = self.lock();
+        if n == 0 {
+            st.loading_since = None;
+        } else if st.loading == 0 {
+            st.loading_since = Some(Instant::now());
+        }
+        st.loading = n;
+    }
+
+    /// Sets the replica target (0: scaled to zero, requests wake a replica).
+    pub(super) fn set_target(&self, n: usize) {
+        let mut st = self.lock();
+        st.target = n;
+        st.waking = false;
+    }
+
+    /// Records how long loading and warming a replica took.
+    pub(super) fn record_cold_start(&self, took: Duration) {
+        self.lock().cold_start = Some(took);
+    }
+
+    /// The last measured load + warm-up time of a replica.
+    pub(super) fn cold_start(&self) -> Option<Duration> {
+        self.lock().cold_start
+    }
+
+    /// Whether the pool can take requests: a replica is ready, or it is scaled to zero (a request wakes one).
+    pub(super) fn serving(&self) -> bool {
+        let st = self.lock();
+        st.replicas > st.retire || st.target == 0
     }
 
     /// Asks `n` replicas to leave (idle ones first: they are the first to look).
     pub(super) fn retire(&self, n: usize) {
         self.lock().retire += n;
         self.work.notify_all();
+    }
+
+    /// Takes back up to `n` requests to leave that replicas have not acted on; returns how many.
+    pub(super) fn unretire(&self, n: usize) -> usize {
+        let mut st = self.lock();
+        let kept = st.retire.min(n);
+        st.retire -= kept;
+        kept
     }
 
     /// Replicas that stay (running, less those asked to leave), and how many run a batch.

@@ -16,18 +16,26 @@ use crate::engine::Engine;
 pub(super) const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 impl ModelPool {
-    /// Runs the warm-up batches on a fresh engine (seeding the service-time table), then adds it.
-    pub(super) fn warm_and_add(&mut self, engine: Box<dyn Engine>, ctx: &mut Context<Self>) {
+    /// Sets the replica target (the queue's admission reads it: at 0, requests wake a replica).
+    pub(super) fn set_target(&mut self, n: usize) {
+        self.target_replicas = n;
+        self.intake.set_target(n);
+    }
+
+    /// Runs the warm-up batches on a fresh engine (seeding the service-time table), then adds it;
+    /// `load_started` is when its load began (load and warm-up make the cold-start time).
+    pub(super) fn warm_and_add(&mut self, engine: Box<dyn Engine>, load_started: Instant, ctx: &mut Context<Self>) {
         let warmup = self.warmup.clone();
         self.set_loading(self.loading + 1);
         let fut = actix_rt::task::spawn_blocking(move || warm(engine, &warmup));
-        ctx.spawn(fut.into_actor(self).map(|result, pool, ctx| {
+        ctx.spawn(fut.into_actor(self).map(move |result, pool, ctx| {
             pool.set_loading(pool.loading - 1);
             match result {
                 Ok((engine, timings)) => {
                     for (rows, took) in timings {
                         pool.intake.record_service(rows, took);
                     }
+                    pool.intake.record_cold_start(load_started.elapsed());
                     pool.add_replica(engine, ctx);
                 }
                 Err(e) => pool.load_failed(format!("the warm-up thread failed: {e}"), ctx),
@@ -96,15 +104,18 @@ impl ModelPool {
                 }
                 self.retry_at = None;
             }
-            for _ in 0..(self.target_replicas - active - self.loading) {
+            // Replicas asked to leave but still running stay instead of loading new ones.
+            let kept = self.intake.unretire(self.target_replicas - active - self.loading);
+            for _ in 0..(self.target_replicas - active - kept - self.loading) {
                 let factory = self.factory.clone();
+                let load_started = Instant::now();
                 self.set_loading(self.loading + 1);
                 let fut = actix_rt::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(|| factory())));
-                ctx.spawn(fut.into_actor(self).map(|result, pool, ctx| {
+                ctx.spawn(fut.into_actor(self).map(move |result, pool, ctx| {
                     pool.set_loading(pool.loading - 1);
                     let failure = match result {
                         Ok(Ok(Ok(engine))) => {
-                            pool.warm_and_add(engine, ctx);
+                            pool.warm_and_add(engine, load_started, ctx);
                             None
                         }
                         Ok(Ok(Err(e))) => Some(e.to_string()),

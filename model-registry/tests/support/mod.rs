@@ -72,7 +72,7 @@ impl Drop for Fabric {
 }
 
 impl Fabric {
-    /// A fresh folder with certificates for registry-1, hub-1, edge-1, edge-2 and an operator.
+    /// A fresh folder with certificates for registry-1, hub-1, hub-2, edge-1, edge-2 and an operator.
     pub fn new(name: &str) -> Fabric {
         let dir = std::env::temp_dir().join(format!("fabric-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -80,6 +80,7 @@ impl Fabric {
         let nodes: Vec<(String, fabric_core::tls::Role)> = [
             ("registry-1", fabric_core::tls::Role::Registry),
             ("hub-1", fabric_core::tls::Role::Hub),
+            ("hub-2", fabric_core::tls::Role::Hub),
             ("edge-1", fabric_core::tls::Role::Edge),
             ("edge-2", fabric_core::tls::Role::Edge),
             ("operator", fabric_core::tls::Role::Operator),
@@ -106,6 +107,11 @@ impl Fabric {
 
     /// Starts edge-node `id` (tract) taking its desired state from the registry at `registry`.
     pub fn edge(&self, id: &str, registry: &str, labels: &[&str]) -> Proc {
+        self.edge_with(id, registry, labels, None)
+    }
+
+    /// Like [`edge`](Self::edge), with a config file of this content.
+    pub fn edge_with(&self, id: &str, registry: &str, labels: &[&str], config: Option<&str>) -> Proc {
         let repo = self.dir.join(format!("{id}-repo"));
         std::fs::create_dir_all(&repo).expect("repo");
         let mut cmd = Command::new(workspace_binary("edge-node", "edge-node"));
@@ -118,16 +124,26 @@ impl Fabric {
             .arg(format!("registry-1@{registry}"))
             .arg("--data-dir")
             .arg(self.dir.join(format!("{id}-data")))
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", std::env::var("EDGE_LOG").unwrap_or_else(|_| "warn".into()));
         for l in labels {
             cmd.args(["--label", l]);
+        }
+        if let Some(text) = config {
+            let path = self.dir.join(format!("{id}.toml"));
+            std::fs::write(&path, text).expect("edge config");
+            cmd.arg("--config").arg(path);
         }
         spawn_until(cmd, "edge-node listening on ")
     }
 
     /// Starts cloud-hub hub-1 (ONNX Runtime) taking its desired state from the registry.
     pub fn hub(&self, registry: &str) -> Proc {
-        let repo = self.dir.join("hub-repo");
+        self.hub_as("hub-1", registry)
+    }
+
+    /// Starts cloud-hub `id` (ONNX Runtime) taking its desired state from the registry.
+    pub fn hub_as(&self, id: &str, registry: &str) -> Proc {
+        let repo = self.dir.join(format!("{id}-repo"));
         std::fs::create_dir_all(&repo).expect("repo");
         let ort = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
             std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
@@ -136,7 +152,7 @@ impl Fabric {
                 .to_string()
         });
         let mut cmd = Command::new(workspace_binary("cloud-hub", "cloud-hub"));
-        cmd.args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--node-id", "hub-1"])
+        cmd.args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--node-id", id])
             .arg("--model-repository")
             .arg(&repo)
             .arg("--certs")
@@ -144,7 +160,7 @@ impl Fabric {
             .arg("--registry")
             .arg(format!("registry-1@{registry}"))
             .arg("--data-dir")
-            .arg(self.dir.join("hub-data"))
+            .arg(self.dir.join(format!("{id}-data")))
             .env("ORT_DYLIB_PATH", ort)
             .env("RUST_LOG", "error");
         let mut hub = spawn_until(cmd, "cloud-hub listening on ");
@@ -201,6 +217,13 @@ pub fn infer(agent: &ureq::Agent, base: &str) -> (u16, String) {
 
 /// One request to `model` with `body`: its status and the version that answered (or the error).
 pub fn infer_model(agent: &ureq::Agent, base: &str, model: &str, body: &str) -> (u16, String) {
+    let (status, version, _) = infer_served(agent, base, model, body);
+    (status, version)
+}
+
+/// One request to `model` with `body`: its status, the version that answered (or the error), and
+/// who served it (`node`, or `hub <id>` for an edge that offloaded it).
+pub fn infer_served(agent: &ureq::Agent, base: &str, model: &str, body: &str) -> (u16, String, String) {
     let url = format!("{base}/v2/models/{model}/infer");
     match agent.post(&url).header("content-type", "application/json").send(body) {
         Ok(mut r) => {
@@ -209,11 +232,19 @@ pub fn infer_model(agent: &ureq::Agent, base: &str, model: &str, body: &str) -> 
             let v: Value = serde_json::from_str(&text).unwrap_or_default();
             (
                 status,
-                v["model_version"].as_str().map(str::to_string).unwrap_or_else(|| text.chars().take(200).collect()),
+                v["model_version"].as_str().map(str::to_string).unwrap_or_else(|| text.chars().take(300).collect()),
+                v["parameters"]["served_by"].as_str().unwrap_or_default().to_string(),
             )
         }
-        Err(e) => (0, e.to_string()),
+        Err(e) => (0, e.to_string(), String::new()),
     }
+}
+
+/// A one-row JSON request for `model` with a `timeout` parameter (microseconds).
+pub fn body_with_timeout(model: &str, timeout_us: u64) -> String {
+    let mut body: Value = serde_json::from_str(&body_for(model)).expect("json");
+    body["parameters"] = json!({ "timeout": timeout_us });
+    body.to_string()
 }
 
 /// Waits up to `limit` for `done`, checking every 20 ms; returns how long it took.
@@ -234,6 +265,8 @@ pub struct Sample {
     pub done: Instant,
     pub status: u16,
     pub version: String,
+    /// Who served it (`hub <id>` when offloaded).
+    pub served_by: String,
 }
 
 /// Closed-loop clients on several nodes until stopped.
@@ -262,13 +295,14 @@ impl Load {
                     let agent = agent();
                     while !stop.load(Ordering::Relaxed) {
                         let sent = Instant::now();
-                        let (status, version) = infer_model(&agent, &url, model, &body);
+                        let (status, version, served_by) = infer_served(&agent, &url, model, &body);
                         samples.lock().expect("samples").push(Sample {
                             node,
                             sent,
                             done: Instant::now(),
                             status,
                             version,
+                            served_by,
                         });
                     }
                 }));
