@@ -442,10 +442,32 @@ impl Registry {
                         .unwrap_or(0.0)
                 };
                 let (served, restarts) = (sum("served_per_s"), sum("restarts"));
+                let versions = n.report["versions"].as_array().cloned().unwrap_or_default();
+                // Per model version: replicas replaced (panics, watchdog), and the ones failing now
+                // (a load that keeps failing, or a crash loop: replaced with backoff, not in a tight loop).
+                let restarts_by_version: BTreeMap<String, u64> = versions
+                    .iter()
+                    .filter(|v| v["restarts"].as_u64().unwrap_or(0) > 0)
+                    .map(|v| (format!("{}:{}", text_of(&v["name"]), v["version"]), v["restarts"].as_u64().unwrap_or(0)))
+                    .collect();
+                let failing: Vec<Value> = versions
+                    .iter()
+                    .filter(|v| !v["last_load_error"].is_null())
+                    .map(|v| {
+                        json!({
+                            "model": v["name"],
+                            "version": v["version"],
+                            "restarts": v["restarts"],
+                            "reason": v["last_load_error"],
+                        })
+                    })
+                    .collect();
                 json!({
                     "node": n.info.node_id,
                     "state": node_state(n.last_seen.elapsed(), self.settings.heartbeat_timeout),
                     "restarts": restarts,
+                    "restarts_by_version": restarts_by_version,
+                    "failing": failing,
                     "role": n.info.role,
                     "labels": n.info.labels,
                     "http": n.info.http,
@@ -722,6 +744,11 @@ pub fn node_state(since_heartbeat: Duration, timeout: Duration) -> &'static str 
 
 fn window_json(w: &Window) -> Value {
     json!({ "requests": w.answered.round(), "error_pct": w.error_pct(), "p99_ms": w.p99_ms })
+}
+
+/// A JSON string's text (empty for anything else).
+fn text_of(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
 }
 
 fn check_name(name: &str) -> Result<(), Refusal> {

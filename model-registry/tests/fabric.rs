@@ -313,37 +313,67 @@ fn reference_bad(name: &str) -> String {
 }
 
 #[test]
-fn the_registry_scales_a_deployment_to_its_load() {
+fn a_load_step_on_an_edge_and_a_hub_scales_up_and_back_and_answers_every_request() {
     let f = Fabric::new("autoscale");
     // A low utilisation target: on a machine busy with other work the test's clients offer less load,
     // and the decision must still come from that load.
     let registry = f.registry(
         "127.0.0.1:0",
-        &["--autoscale-target", "0.2", "--autoscale-up-delay-s", "1", "--autoscale-down-delay-s", "2"],
+        &[
+            "--autoscale-target",
+            "0.2",
+            "--autoscale-up-delay-s",
+            "1",
+            "--autoscale-down-delay-s",
+            "2",
+            "--hub-idle-to-zero-s",
+            "0",
+        ],
     );
     let r = registry.addr.clone();
-    let e1 = f.edge("edge-1", &r, &[]);
+    let _hub = f.hub(&r);
+    let edge = f.edge("edge-1", &r, &[]);
     f.cli(&r, &["model", "push", "cnn", &model("cnn")]);
-    f.cli(&r, &["deploy", "cnn", "--to", "edge"]);
-    wait_routes(&f, &r, "cnn", 1, json!({ "1": 100 }));
-    let replicas = || f.cli(&r, &["rollout", "status", "cnn"])["nodes"][0]["replicas"]["1"].as_u64();
+    f.cli(&r, &["deploy", "cnn", "--to", "all"]);
+    wait_routes(&f, &r, "cnn", 2, json!({ "1": 100 }));
+    let edge_status = || -> Value {
+        let status = f.cli(&r, &["rollout", "status", "cnn"]);
+        status["nodes"].as_array().into_iter().flatten().find(|n| n["node"] == "edge-1").cloned().unwrap_or_default()
+    };
+    let replicas = || edge_status()["replicas"]["1"].as_u64();
+    let ready = || edge_status()["versions"][0]["ready_replicas"].as_u64();
     assert_eq!(replicas(), Some(1));
-    let load = Load::start_model(std::slice::from_ref(&e1.addr), 4, "cnn");
-    let started = Instant::now();
+    // 1x: one closed-loop client (about one replica's worth); then 8x: eight.
+    let base = Load::start_model(std::slice::from_ref(&edge.addr), 1, "cnn");
+    wait_for("the 1x load running", Duration::from_secs(30), || base.count() >= 20);
+    let step = Instant::now();
+    let burst = Load::start_model(std::slice::from_ref(&edge.addr), 7, "cnn");
     wait_for("a second replica decided under load", Duration::from_secs(60), || replicas() == Some(2));
+    let decided = step.elapsed();
+    wait_for("the second replica serving", Duration::from_secs(60), || ready() == Some(2));
     support::figure(
-        "registry autoscaling: load started -> second replica decided (CNN, closed loop)",
-        &format!("{} ms", started.elapsed().as_millis()),
+        "load step on an edge (CNN, 1 -> 8 closed-loop clients): step -> second replica decided / serving",
+        &format!("{} ms / {} ms", decided.as_millis(), step.elapsed().as_millis()),
     );
-    let status = f.cli(&r, &["rollout", "status", "cnn"]);
-    assert!(
-        status["nodes"][0]["autoscaled"]["cnn:1"]["reason"].as_str().is_some_and(|r| r.contains("demand")),
-        "{status}"
+    let reason = edge_status()["autoscaled"]["cnn:1"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("demand") || reason.contains("step") || reason.contains("queue"), "{reason}");
+    let mut samples = burst.stop();
+    samples.extend(base.stop());
+    // Every request answered: served (here or by the hub), or refused with the deadline's precise 503.
+    let precise = |s: &Sample| s.status == 503 && (s.version.contains("deadline") || s.version.contains("queue"));
+    let lost: Vec<&Sample> = samples.iter().filter(|s| s.status != 200 && !precise(s)).collect();
+    assert!(lost.is_empty(), "{} of {} not answered properly, first {:?}", lost.len(), samples.len(), lost.first());
+    let refused = samples.iter().filter(|s| precise(s)).count();
+    support::figure(
+        "load step on an edge + hub: answers by server, and 503s the deadline forced",
+        &format!("{} answers {:?}, {refused} refused", samples.len(), served_by(&samples)),
     );
-    wait_routes(&f, &r, "cnn", 1, json!({ "1": 100 }));
-    let samples = load.stop();
-    assert!(samples.iter().all(|s| s.status == 200), "{:?}", samples.iter().find(|s| s.status != 200));
+    let idle = Instant::now();
     wait_for("back to one replica when idle", Duration::from_secs(60), || replicas() == Some(1));
+    support::figure(
+        "load step on an edge: load ended -> back to one replica (down delay 2 s)",
+        &format!("{} ms", idle.elapsed().as_millis()),
+    );
 }
 
 /// Who served each answer, counted.
@@ -367,17 +397,21 @@ fn hubs_learnt_from_the_registry_scale_to_zero_share_offload_and_survive_a_kill(
     let a = agent();
     f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
     f.cli(&r, &["deploy", "mlp", "--to", "all"]);
+    f.cli(&r, &["model", "push", "cnn", &model("cnn")]);
+    f.cli(&r, &["deploy", "cnn", "--to", "hub"]);
     wait_routes(&f, &r, "mlp", 3, json!({ "1": 100 }));
+    wait_routes(&f, &r, "cnn", 2, json!({ "1": 100 }));
 
     // Idle for 2 s, each hub goes to zero replicas; the model stays loaded (and ready to wake).
-    let hub_replicas = |id: &str| -> Option<u64> {
-        let status = f.cli(&r, &["rollout", "status", "mlp"]);
+    let replicas_of = |model: &str, id: &str| -> Option<u64> {
+        let status = f.cli(&r, &["rollout", "status", model]);
         let node = status["nodes"].as_array()?.iter().find(|n| n["node"] == id)?.clone();
         node["replicas"]["1"].as_u64()
     };
+    let hub_replicas = |id: &str| replicas_of("mlp", id);
     let idle = Instant::now();
     wait_for("both hubs at zero replicas", Duration::from_secs(60), || {
-        hub_replicas("hub-1") == Some(0) && hub_replicas("hub-2") == Some(0)
+        hub_replicas("hub-1") == Some(0) && hub_replicas("hub-2") == Some(0) && replicas_of("cnn", "hub-1") == Some(0)
     });
     support::figure(
         "hubs idle -> both at zero replicas (idle window 2 s)",
@@ -393,6 +427,13 @@ fn hubs_learnt_from_the_registry_scale_to_zero_share_offload_and_survive_a_kill(
     assert_eq!(status, 200, "{text}");
     support::figure(
         "hub cold start, MLP (ONNX Runtime): request at zero replicas -> answer",
+        &format!("{} ms", cold.elapsed().as_millis()),
+    );
+    let cold = Instant::now();
+    let (status, text, _) = infer_served(&a, &hub1.addr, "cnn", &body_with_timeout("cnn", 30_000_000));
+    assert_eq!(status, 200, "{text}");
+    support::figure(
+        "hub cold start, CNN (ONNX Runtime): request at zero replicas -> answer",
         &format!("{} ms", cold.elapsed().as_millis()),
     );
     // ...and at hub-2 (still at zero), one whose deadline is shorter than a replica's load gets a

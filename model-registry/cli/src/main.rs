@@ -399,5 +399,15 @@ fn show_nodes(v: &Value) {
             n["restarts"].as_f64().unwrap_or(0.0),
             n["ready"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join(" ")).unwrap_or_default()
         );
+        for f in n["failing"].as_array().into_iter().flatten() {
+            println!(
+                "{:<12} FAILING {}:{} ({} restarts): {}",
+                "",
+                text(&f["model"]),
+                text(&f["version"]),
+                text(&f["restarts"]),
+                text(&f["reason"])
+            );
+        }
     }
 }
