@@ -1,23 +1,130 @@
 #!/usr/bin/env bash
 # The main job: a whole local fabric on this machine, nothing installed by hand.
-#   - a model-registry on quic://127.0.0.1:7000 (state in build/fabric/registry)
-#   - a cloud-hub (ONNX Runtime, CPU fallback here) on http://127.0.0.1:8100 and quic://127.0.0.1:4433
-#   - an edge-node (tract) on http://127.0.0.1:8000, offloading its overflow to that hub over QUIC
-# The hub and the edge serve the generated models from build/models and whatever the registry deploys
-# to them (`target/release/fabric ...`, see the README's walkthrough). Development certificates in
-# build/certs. Ctrl-C stops all three.
+#
+#   bash scripts/run-fabric.sh [--no-build] [--bin-dir DIR] [--data DIR] [--base-port N]
+#
+# Installs what it needs (scripts/setup.sh: a Python venv, the generated and trained models, the ONNX
+# Runtime library), builds the release binaries, makes development certificates, and starts on
+# loopback:
+#   - a model-registry  quic://127.0.0.1:7000      (embedded store: redb in DATA/registry)
+#   - a cloud-hub        http://127.0.0.1:8100, quic://127.0.0.1:4433 (ONNX Runtime; CPU here)
+#   - an edge-node       http://127.0.0.1:8000     (tract; offloads overflow to the hubs it learns
+#                                                   from the registry)
+# then pushes the trained digits classifier to the registry, deploys it to both nodes, waits until
+# both serve it, and prints the endpoints and the next commands to paste. Ctrl-C stops everything.
+# A second run reuses the state (DATA, default build/fabric): the registry remembers the model and the
+# nodes serve it from their caches at once.
+#
+#   --no-build      use the binaries as they are (CI builds them itself)
+#   --bin-dir DIR   where the binaries are (default target/release)
+#   --data DIR      state and logs (default build/fabric)
+#   --base-port N   registry N, hub QUIC N+1, edge HTTP N+2, hub HTTP N+3 (default 7000, 4433, 8000, 8100)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+build=1
+bin=target/release
+data=build/fabric
+registry_port=7000 hub_quic=4433 edge_http=8000 hub_http=8100
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-build) build=0 ;;
+    --bin-dir) bin="$2"; shift ;;
+    --data) data="$2"; shift ;;
+    --base-port) registry_port="$2"; hub_quic=$(($2 + 1)); edge_http=$(($2 + 2)); hub_http=$(($2 + 3)); shift ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run-fabric.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
 bash scripts/setup.sh
 export ORT_DYLIB_PATH="$(cat build/ort-dylib-path)"
-cargo build --release --locked -p edge-node -p cloud-hub -p model-registry -p fabric-cli --bins
-[ -f build/certs/registry-1.pem ] || target/release/fabric certs --out build/certs \
-  --node registry-1:registry --node hub-1:hub --node edge-1:edge --node operator:operator
-target/release/model-registry --listen 127.0.0.1:7000 --data-dir build/fabric/registry --certs build/certs &
-registry=$!
-target/release/cloud-hub --model-repository build/models --certs build/certs --node-id hub-1 \
-  --registry registry-1@127.0.0.1:7000 --data-dir build/fabric/hub-1 &
-hub=$!
-trap 'kill $hub $registry 2>/dev/null; wait $hub $registry 2>/dev/null' EXIT
-target/release/edge-node --model-repository build/models --hub hub-1@127.0.0.1:4433 --certs build/certs --node-id edge-1 \
-  --registry registry-1@127.0.0.1:7000 --data-dir build/fabric/edge-1 --label site=local "$@"
+if [ "$build" = 1 ]; then
+  echo "==> building the release binaries (a few minutes the first time)"
+  cargo build --release --locked -p edge-node -p cloud-hub -p model-registry -p fabric-cli --bins
+fi
+for b in model-registry cloud-hub edge-node fabric; do
+  [ -x "$bin/$b" ] || { echo "run-fabric.sh: $bin/$b is missing: build it, or drop --no-build" >&2; exit 1; }
+done
+
+certs="$data/certs"
+mkdir -p "$data/logs" "$data/edge-1/repo" "$data/hub-1/repo"
+[ -f "$certs/registry-1.pem" ] || "$bin/fabric" certs --out "$certs" \
+  --node registry-1:registry --node hub-1:hub --node edge-1:edge --node operator:operator > /dev/null
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  if [ ${#pids[@]} -gt 0 ]; then
+    echo "==> stopping the fabric"
+    kill "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
+  echo "==> stopped (state kept in $data; run again to reuse it)"
+}
+trap stop EXIT
+trap 'exit 130' INT TERM
+
+# Starts a process with its log in $data/logs/NAME.log and waits (60 s) for its listening line.
+start() {
+  local name=$1 line=$2
+  shift 2
+  : > "$data/logs/$name.log"
+  "$@" > "$data/logs/$name.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 600); do
+    grep -q "$line" "$data/logs/$name.log" && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || { echo "$name exited; its log:" >&2; tail -20 "$data/logs/$name.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "$name did not start within 60 s; its log: $data/logs/$name.log" >&2
+  exit 1
+}
+
+registry="registry-1@127.0.0.1:$registry_port"
+export RUST_LOG=${RUST_LOG:-info}
+start registry "listening on" "$bin/model-registry" --listen "127.0.0.1:$registry_port" \
+  --data-dir "$data/registry" --certs "$certs"
+start hub-1 "cloud-hub listening on" "$bin/cloud-hub" --model-repository "$data/hub-1/repo" --certs "$certs" \
+  --node-id hub-1 --http-addr "127.0.0.1:$hub_http" --quic-addr "127.0.0.1:$hub_quic" \
+  --registry "$registry" --data-dir "$data/hub-1"
+start edge-1 "edge-node listening on" "$bin/edge-node" --model-repository "$data/edge-1/repo" --certs "$certs" \
+  --node-id edge-1 --http-addr "127.0.0.1:$edge_http" --registry "$registry" --data-dir "$data/edge-1" \
+  --label site=local
+
+fabric() { FABRIC_REGISTRY="$registry" FABRIC_CERTS="$certs" FABRIC_ID=operator "$bin/fabric" "$@"; }
+if ! fabric model list --output json | grep -q '"name": *"digits"'; then
+  echo "==> pushing the trained digits classifier (build/models/digits/1/model.onnx)"
+  fabric model push digits build/models/digits/1/model.onnx > /dev/null
+fi
+fabric deploy digits --to all > /dev/null
+echo "==> waiting for both nodes to serve digits"
+for url in "http://127.0.0.1:$edge_http" "http://127.0.0.1:$hub_http"; do
+  for i in $(seq 600); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$url/v2/models/digits/ready")" = 200 ] && break
+    [ "$i" = 600 ] && { echo "digits not ready on $url within 60 s; logs in $data/logs" >&2; exit 1; }
+    sleep 0.1
+  done
+done
+
+cat <<EOF
+
+The fabric is up (logs in $data/logs):
+  model-registry  quic://127.0.0.1:$registry_port
+  cloud-hub       http://127.0.0.1:$hub_http   quic://127.0.0.1:$hub_quic
+  edge-node       http://127.0.0.1:$edge_http  (KServe v2; offloads overflow to the hub)
+
+Next, in another shell:
+  export FABRIC_REGISTRY=$registry FABRIC_CERTS=$certs
+  $bin/fabric nodes
+  $bin/fabric rollout status digits
+  curl -s http://127.0.0.1:$edge_http/v2/models/digits | python3 -m json.tool
+  .venv/bin/python examples/edge_app.py --url 127.0.0.1:$edge_http          # digits through the edge
+  bash examples/canary.sh                                        # retrain, canary, promote, auto-rollback
+
+fabric ready (Ctrl-C stops everything)
+EOF
+wait -n "${pids[@]}" || true
+echo "a fabric process exited; see $data/logs" >&2
+exit 1

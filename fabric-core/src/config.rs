@@ -312,6 +312,63 @@ fn merge_tables(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+/// Checks a configuration reference (a Markdown page whose tables list keys as `` | `a.b` | ``)
+/// against a role's config type `T`: returns each key `T` has that the sections named in `sections`
+/// do not document, and each documented key `T` does not accept. Empty: the page and the code agree.
+pub fn reference_mismatches<T>(reference: &str, sections: &[&str]) -> Vec<String>
+where
+    T: serde::de::DeserializeOwned + Serialize + Default,
+{
+    let mut documented = Vec::new();
+    let mut in_section = false;
+    for line in reference.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            in_section = sections.contains(&heading.trim());
+        } else if in_section {
+            if let Some(key) = line.strip_prefix("| `").and_then(|rest| rest.split('`').next()) {
+                documented.push(key.to_string());
+            }
+        }
+    }
+    let mut have = Vec::new();
+    if let Ok(table) = toml::Table::try_from(T::default()) {
+        leaf_keys(&table, "", &mut have);
+    }
+    let mut problems: Vec<String> =
+        have.iter().filter(|k| !documented.contains(k)).map(|k| format!("undocumented key `{k}`")).collect();
+    for key in documented.iter().filter(|k| !have.contains(k)) {
+        // A key without a default (certificates, tokens): the parser must know it. A value of the wrong
+        // type is fine here; an unknown key is not.
+        let text = format!("{key} = \"x\"\n");
+        let unknown = match toml::from_str::<toml::Table>(&text) {
+            Ok(table) => {
+                let known = toml::Table::try_from(T::default()).unwrap_or_default();
+                let top = table.keys().next().cloned().unwrap_or_default();
+                let mut merged = known.clone();
+                merge_tables(&mut merged, table);
+                !known.contains_key(&top)
+                    || merged.try_into::<T>().is_err_and(|e| e.to_string().contains("unknown field"))
+            }
+            Err(_) => true,
+        };
+        if unknown {
+            problems.push(format!("documented key `{key}` does not exist"));
+        }
+    }
+    problems
+}
+
+/// The dotted paths of every value in `table` (an empty table counts as a value).
+fn leaf_keys(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let path = format!("{prefix}{key}");
+        match value {
+            toml::Value::Table(inner) if !inner.is_empty() => leaf_keys(inner, &format!("{path}."), out),
+            _ => out.push(path),
+        }
+    }
+}
+
 /// Applies a per-model TOML file on top of the defaults (keys it sets win).
 pub fn model_config_with_overrides(defaults: &ModelConfig, path: &Path) -> Result<ModelConfig, ConfigError> {
     let text = std::fs::read_to_string(path)

@@ -156,7 +156,7 @@ pub struct VersionReport {
     /// Rates and latencies over the last few seconds.
     #[serde(flatten)]
     pub window: WindowReport,
-    /// The same over the last second (what autoscaling reads).
+    /// The same over the last 0.5-0.75 s (what autoscaling reads).
     pub recent: WindowReport,
 }
 

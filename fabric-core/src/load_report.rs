@@ -19,7 +19,7 @@ pub const SLOT: Duration = Duration::from_millis(250);
 /// Slots in the ring: the report covers the last `SLOTS - 1` full slots and the current one.
 const SLOTS: usize = 16;
 /// Full slots in the short window autoscaling reads ([`LoadStats::recent`]).
-const RECENT_SLOTS: usize = 4;
+const RECENT_SLOTS: usize = 2;
 /// Latency buckets: bucket `i` holds latencies up to `MIN_LATENCY_US * GROWTH^i`.
 const BUCKETS: usize = 400;
 const MIN_LATENCY_US: f64 = 10.0;
@@ -181,8 +181,9 @@ impl LoadStats {
         self.report_over(now, replicas, SLOTS - 2)
     }
 
-    /// The report over the last second (4 full slots and the current one): what autoscaling reads, so
-    /// that a step shows within a second instead of being averaged into the longer window.
+    /// The report over the last half second or so (2 full slots and the current one): what
+    /// autoscaling reads, so that a step shows within half a second instead of being averaged into the
+    /// longer window.
     pub fn recent(&self, now: Instant, replicas: usize) -> WindowReport {
         self.report_over(now, replicas, RECENT_SLOTS)
     }

@@ -71,14 +71,19 @@ pub struct LoadSample {
     pub replicas: usize,
     /// Whether admission found the queue wait at its target (requests refused or offloaded for it).
     pub wait_at_target: bool,
+    /// Requests waiting in the queue when the sample was taken.
+    pub queued: usize,
 }
+
+/// Utilisation at which replicas count as saturated (with requests waiting: a fast-path scale-up).
+const SATURATED: f64 = 0.9;
 
 /// Rejection kinds that mean admission found the queue wait at its target.
 const WAIT_AT_TARGET: [&str; 3] = ["over_wait_target", "would_miss_deadline", "queue_full"];
 
 impl LoadSample {
     /// The sample in one version of a node's load report (JSON, as nodes send it in heartbeats): its
-    /// one-second window (`recent`) when present, else the longer one.
+    /// short window (`recent`, 0.5-0.75 s) when present, else the longer one.
     pub fn from_report(version: &serde_json::Value, at: Duration) -> LoadSample {
         let window = if version["recent"].is_object() { &version["recent"] } else { version };
         let f = |k: &str| window[k].as_f64().unwrap_or(0.0);
@@ -88,6 +93,7 @@ impl LoadSample {
             served_per_s: f("served_per_s"),
             utilisation: f("utilisation"),
             replicas: version["ready_replicas"].as_u64().unwrap_or(0) as usize,
+            queued: version["queue_depth"].as_u64().unwrap_or(0) as usize,
             wait_at_target: WAIT_AT_TARGET
                 .iter()
                 .any(|k| window["rejected_per_s"][*k].as_f64().is_some_and(|r| r > 0.0)),
@@ -180,11 +186,20 @@ impl Autoscaler {
             );
         }
         let since = |d: f64| sample.at.saturating_sub(Duration::from_secs_f64(d));
-        // Up, fast path: a step (twice the work the current count takes at the target), or a queue held
-        // at its wait target.
+        // Up, fast path: a step (twice the work the current count takes at the target), a queue held
+        // at its wait target, or saturation: replicas busy all the time with requests waiting behind
+        // them (a closed-loop step: arrivals can only equal what the replicas serve, so the demand
+        // computed from them stays at the current count while the queue says more).
         let step = demand >= 2.0 * current.max(1) as f64 * target;
-        if needed > current && (step || sample.wait_at_target) {
-            let why = if step { "load step" } else { "queue wait at its target" };
+        let saturated = sample.utilisation >= SATURATED && sample.queued >= sample.replicas.max(1);
+        if needed > current && (step || sample.wait_at_target || saturated) {
+            let why = if step {
+                "load step"
+            } else if sample.wait_at_target {
+                "queue wait at its target"
+            } else {
+                "replicas saturated with requests waiting"
+            };
             return self.change(
                 sample.at,
                 needed,
@@ -256,6 +271,7 @@ mod tests {
             utilisation: if capacity > 0.0 { served / capacity } else { 0.0 },
             replicas,
             wait_at_target: arrivals > capacity,
+            queued: 0,
         }
     }
 
@@ -285,6 +301,15 @@ mod tests {
             let d = a.decide(&sample(0.0, arrivals, 100.0, current), current);
             assert_eq!(d.replicas, want, "{arrivals}/s on {current}: {d:?}");
         }
+        // A closed-loop step: arrivals equal what one replica serves (demand 1.0, not a "step"), but
+        // the replica is busy all the time with 11 requests waiting: up at once.
+        let closed = LoadSample { served_per_s: 100.0, utilisation: 0.98, queued: 11, ..sample(0.0, 100.0, 100.0, 1) };
+        let d = Autoscaler::new(settings).decide(&closed, 1);
+        assert_eq!(d.replicas, 2, "{d:?}");
+        assert!(d.reason.contains("saturated"), "{d:?}");
+        // Busy but nothing waiting: not saturation (waits for the up delay).
+        let busy = LoadSample { queued: 0, ..closed };
+        assert_eq!(Autoscaler::new(settings).decide(&busy, 1).replicas, 1);
     }
 
     /// Replays a trace (arrivals per second, one sample a second) through a simulated pool of 100
@@ -340,6 +365,7 @@ mod tests {
                     utilisation: 0.97,
                     replicas,
                     wait_at_target: false,
+                    queued: 0,
                 }
             } else {
                 LoadSample { at: Duration::from_secs_f64(t), replicas, ..Default::default() }
