@@ -5,6 +5,7 @@
 #   build/models, reference/    models and reference outputs (scripts/gen_models.py)
 #   build/ort-old/              an old ONNX Runtime (1.20) for the "library too old" error test
 #   build/ort-dylib-path        full path of the ONNX Runtime library the fabric should load
+#   Debian packages             prometheus, chromium, systemd, curl (when missing)
 #
 # Re-running does only what changed: the venv is rebuilt when requirements.txt changes, the models
 # when gen_models.py or the requirements change.
@@ -14,6 +15,21 @@ PYTHON=${PYTHON:-python3}
 mkdir -p build
 
 step() { printf '==> %s\n' "$*"; }
+
+# Debian packages the tests use: Prometheus and promtool (alert rules, a real scrape), Chromium (the
+# registry's status page, headless), systemd-analyze (the units), curl (the main command's checks).
+missing=()
+command -v prometheus > /dev/null && command -v promtool > /dev/null || missing+=(prometheus)
+command -v chromium > /dev/null || missing+=(chromium)
+command -v systemd-analyze > /dev/null || missing+=(systemd)
+command -v curl > /dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null
+fi
 
 if [ ! -x .venv/bin/python ]; then
   step "creating Python venv in .venv"

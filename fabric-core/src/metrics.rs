@@ -3,11 +3,25 @@
 
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+/// One metric a serving process exports, as the metrics reference (docs/metrics.md) lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricDefinition {
+    /// Full name (`fabric_requests_total`).
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// Label names.
+    pub labels: Vec<String>,
+    /// What it means.
+    pub help: String,
+}
+
 /// Every metric a serving process exports.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     prefix: String,
+    definitions: Vec<MetricDefinition>,
     /// Inference requests received, by model, version and outcome (ok, or the error kind).
     pub requests: IntCounterVec,
     /// Where requests went: local, offload or rejected (admission's decision).
@@ -41,17 +55,29 @@ impl Metrics {
     pub fn new(prefix: &str) -> Metrics {
         let registry = Registry::new();
         let mv = &["model", "version"];
+        let definitions = std::cell::RefCell::new(Vec::new());
+        let define = |name: &str, kind: &'static str, labels: &[&str], help: &str| {
+            definitions.borrow_mut().push(MetricDefinition {
+                name: format!("{prefix}_{name}"),
+                kind,
+                labels: labels.iter().map(|l| l.to_string()).collect(),
+                help: help.to_string(),
+            });
+        };
         let counter = |name: &str, help: &str, labels: &[&str]| {
+            define(name, "counter", labels, help);
             let c = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels).expect("valid metric");
             registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(format!("{prefix}_{name}"), help), mv).expect("valid metric");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            define(name, "gauge", labels, help);
+            let g = IntGaugeVec::new(Opts::new(format!("{prefix}_{name}"), help), labels).expect("valid metric");
             registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            define(name, "histogram", mv, help);
             let opts = HistogramOpts::new(format!("{prefix}_{name}"), help).buckets(buckets.to_vec());
             let h = HistogramVec::new(opts, mv).expect("valid metric");
             registry.register(Box::new(h.clone())).expect("unique metric");
@@ -68,8 +94,8 @@ impl Metrics {
                 "Admission decisions by model, version and route",
                 &["model", "version", "route"],
             ),
-            queue_depth: gauge("queue_depth", "Requests waiting in the model's queue"),
-            replicas: gauge("replicas", "Replicas serving the model"),
+            queue_depth: gauge("queue_depth", "Requests waiting in the model's queue", mv),
+            replicas: gauge("replicas", "Replicas serving the model", mv),
             batch_size: histogram("batch_size", "Rows per batch run by a replica", BATCH_BUCKETS),
             request_duration: histogram("request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS),
             queue_duration: histogram("queue_duration_seconds", "Time waiting in the queue", LATENCY_BUCKETS),
@@ -79,15 +105,11 @@ impl Metrics {
                 "Model version loads by model and outcome",
                 &["model", "outcome"],
             ),
-            hub_usable: {
-                let opts = Opts::new(
-                    format!("{prefix}_hub_usable"),
-                    "1 while this edge offloads to the hub (connected, not marked down)",
-                );
-                let g = IntGaugeVec::new(opts, &["hub"]).expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            hub_usable: gauge(
+                "hub_usable",
+                "1 while this edge offloads to the hub (connected, not marked down)",
+                &["hub"],
+            ),
             offload_attempts: counter(
                 "offload_attempts_total",
                 "Offload attempts by hub and outcome (served, busy, failed)",
@@ -95,7 +117,13 @@ impl Metrics {
             ),
             registry,
             prefix: prefix.to_string(),
+            definitions: definitions.take(),
         }
+    }
+
+    /// What every metric is: name, kind, labels, meaning (the metrics reference is checked against it).
+    pub fn definitions(&self) -> &[MetricDefinition] {
+        &self.definitions
     }
 
     /// Drops every series of one model version (after an unload), so /metrics stops showing it.

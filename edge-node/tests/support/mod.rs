@@ -131,6 +131,10 @@ impl Reply {
     }
 
     /// The `error` message of an error body.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     pub fn error(&self) -> String {
         self.json()["error"].as_str().unwrap_or_default().to_string()
     }

@@ -34,16 +34,18 @@ pub(super) fn spawn(
                 let mut outputs = per_request.into_iter();
                 let rows = batch.rows;
                 let finished = Instant::now();
+                // Counted before the answers go out: once the last request is answered its version may
+                // be unloaded and its metric series dropped, and a late count would bring them back.
+                intake.finish(batch.id, batch.rows, Some(took));
                 answer_all(&batch.replies, || match outputs.next() {
                     Some(outputs) => Ok(PoolReply { outputs, batch_rows: rows, finished }),
                     None => Err(PoolError::Engine("the engine returned fewer outputs than requests".into())),
                 });
-                intake.finish(batch.id, batch.rows, Some(took));
             }
             Ok(Err(e)) => {
                 let message = e.to_string();
-                answer_all(&batch.replies, || Err(PoolError::Engine(message.clone())));
                 intake.finish(batch.id, batch.rows, None);
+                answer_all(&batch.replies, || Err(PoolError::Engine(message.clone())));
             }
             Err(panic) => {
                 let message = panic_message(&*panic);
