@@ -3,7 +3,7 @@
 
   1. retrain the digits classifier with other settings (same inputs and outputs) and push it;
   2. canary it at 10%, then 50% of the traffic, showing `fabric rollout status`, then promote it;
-  3. push a deliberately bad version (same signature, hidden layers with hundreds of times the work)
+  3. push a deliberately bad version (same signature, hidden layers with thousands of times the work)
      as a 50% canary with automatic rollback, and watch the registry roll it back by itself.
 
 Traffic runs through the edge the whole time (a few threads of Triton's client); every request must be
@@ -130,8 +130,8 @@ def main():
         fabric("rollout", "promote", "digits", show=True)
         wait_until("the promotion", lambda: fabric("rollout", "status", "digits")["rollout"]["stable"] == v2)
 
-        print("==> a deliberately bad version: four hidden layers of 1024 (hundreds of times the work)")
-        train((1024, 1024, 1024, 1024), 3, 2, f"{work}/v3.onnx")
+        print("==> a deliberately bad version: four hidden layers of 2048 (thousands of times the work)")
+        train((2048, 2048, 2048, 2048), 1, 2, f"{work}/v3.onnx")
         v3 = fabric("model", "push", "digits", f"{work}/v3.onnx")["version"]
         print(f"    pushed as digits version {v3}; canary at 50% with automatic rollback")
         fabric("rollout", "canary", "digits", str(v3), "--weight", "50", "--auto-rollback", show=True)

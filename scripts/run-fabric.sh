@@ -121,7 +121,8 @@ Next, in another shell:
   $bin/fabric rollout status digits
   curl -s http://127.0.0.1:$edge_http/v2/models/digits | python3 -m json.tool
   .venv/bin/python examples/edge_app.py --url 127.0.0.1:$edge_http          # digits through the edge
-  bash examples/canary.sh                                        # retrain, canary, promote, auto-rollback
+  .venv/bin/python examples/canary.py --url 127.0.0.1:$edge_http --registry $registry --certs $certs --fabric $bin/fabric
+                                             # retrain, canary 10% -> 50%, promote, a bad version rolled back
 
 fabric ready (Ctrl-C stops everything)
 EOF

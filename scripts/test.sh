@@ -15,3 +15,6 @@ if compgen -G "tests/python/test_*.py" > /dev/null; then
   echo "==> pytest tests/python (tritonclient against edge-node)"
   .venv/bin/python -m pytest -q tests/python
 fi
+
+echo "==> the main command and the examples (scripts/test-examples.sh)"
+bash scripts/test-examples.sh
