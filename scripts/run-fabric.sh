@@ -6,7 +6,8 @@
 # Installs what it needs (scripts/setup.sh: a Python venv, the generated and trained models, the ONNX
 # Runtime library), builds the release binaries, makes development certificates, and starts on
 # loopback:
-#   - a model-registry  quic://127.0.0.1:7000      (embedded store: redb in DATA/registry)
+#   - a model-registry  quic://127.0.0.1:7000      (embedded store: redb in DATA/registry), its
+#                        status page on http://127.0.0.1:7080
 #   - a cloud-hub        http://127.0.0.1:8100, quic://127.0.0.1:4433 (ONNX Runtime; CPU here)
 #   - an edge-node       http://127.0.0.1:8000     (tract; offloads overflow to the hubs it learns
 #                                                   from the registry)
@@ -18,21 +19,24 @@
 #   --no-build      use the binaries as they are (CI builds them itself)
 #   --bin-dir DIR   where the binaries are (default target/release)
 #   --data DIR      state and logs (default build/fabric)
-#   --base-port N   registry N, hub QUIC N+1, edge HTTP N+2, hub HTTP N+3 (default 7000, 4433, 8000, 8100)
+#   --base-port N   registry N, hub QUIC N+1, edge HTTP N+2, hub HTTP N+3, status page N+4
+#                   (default 7000, 4433, 8000, 8100, 7080)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build=1
 bin=target/release
 data=build/fabric
-registry_port=7000 hub_quic=4433 edge_http=8000 hub_http=8100
+registry_port=7000 hub_quic=4433 edge_http=8000 hub_http=8100 page_port=7080
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) build=0 ;;
     --bin-dir) bin="$2"; shift ;;
     --data) data="$2"; shift ;;
-    --base-port) registry_port="$2"; hub_quic=$(($2 + 1)); edge_http=$(($2 + 2)); hub_http=$(($2 + 3)); shift ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --base-port)
+      registry_port="$2" hub_quic=$(($2 + 1)) edge_http=$(($2 + 2)) hub_http=$(($2 + 3)) page_port=$(($2 + 4))
+      shift ;;
+    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run-fabric.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -85,6 +89,7 @@ start() {
 registry="registry-1@127.0.0.1:$registry_port"
 export RUST_LOG=${RUST_LOG:-info}
 start registry "listening on" "$bin/model-registry" --listen "127.0.0.1:$registry_port" \
+  --http-addr "127.0.0.1:$page_port" \
   --data-dir "$data/registry" --certs "$certs"
 start hub-1 "cloud-hub listening on" "$bin/cloud-hub" --model-repository "$data/hub-1/repo" --certs "$certs" \
   --node-id hub-1 --http-addr "127.0.0.1:$hub_http" --quic-addr "127.0.0.1:$hub_quic" \
@@ -111,7 +116,7 @@ done
 cat <<EOF
 
 The fabric is up (logs in $data/logs):
-  model-registry  quic://127.0.0.1:$registry_port
+  model-registry  quic://127.0.0.1:$registry_port  status page http://127.0.0.1:$page_port
   cloud-hub       http://127.0.0.1:$hub_http   quic://127.0.0.1:$hub_quic
   edge-node       http://127.0.0.1:$edge_http  (KServe v2; offloads overflow to the hub)
 
@@ -119,6 +124,7 @@ Next, in another shell:
   export FABRIC_REGISTRY=$registry FABRIC_CERTS=$certs
   $bin/fabric nodes
   $bin/fabric rollout status digits
+  $bin/fabric top                                              # the status page, in the terminal
   curl -s http://127.0.0.1:$edge_http/v2/models/digits | python3 -m json.tool
   .venv/bin/python examples/edge_app.py --url 127.0.0.1:$edge_http          # digits through the edge
   .venv/bin/python examples/canary.py --url 127.0.0.1:$edge_http --registry $registry --certs $certs --fabric $bin/fabric

@@ -4,7 +4,8 @@
 # the registry and send everything to a hub while one is usable). It pushes the MLP, deploys it
 # everywhere, drives traffic through both edges, shows how the offload spreads over the hubs (from
 # the edges' own metrics), kills hub-1 (SIGKILL) under that traffic and shows the offload moving to
-# hub-2 with every request still answered, then stops everything.
+# hub-2 with every request still answered, then stops everything. The registry's status page is on
+# http://127.0.0.1:9080 meanwhile.
 #
 #   bash examples/cluster/run.sh [--bin-dir target/release]     (run scripts/run-fabric.sh once first,
 #                                                               or build: cargo build --release)
@@ -33,7 +34,7 @@ start() {  # name, the line it prints when listening, command...
   echo "$name did not start; see $data/logs/$name.log" >&2
   exit 1
 }
-start registry "listening on" "$bin/model-registry" --listen 127.0.0.1:9000 --data-dir "$data/registry" \
+start registry "listening on" "$bin/model-registry" --listen 127.0.0.1:9000 --http-addr 127.0.0.1:9080 --data-dir "$data/registry" \
   --certs "$data/certs" --hub-idle-to-zero-s 0
 start hub-1 "listening on" "$bin/cloud-hub" --config examples/cluster/hub-1.toml
 hub1=${pids[-1]}

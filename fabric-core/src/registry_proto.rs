@@ -198,6 +198,8 @@ pub enum Request {
     RolloutStatus { name: String },
     /// Every node known.
     Nodes,
+    /// Everything at once, for `fabric top` and the status page: nodes, models, rollouts.
+    Overview,
     /// A node reports; the answer is its desired state.
     Heartbeat(Heartbeat),
     /// A model file by digest (its bytes follow the answer).

@@ -6,9 +6,11 @@
 //! - [`state`]: the durable state (one value, written whole per transition);
 //! - [`store`]: where it is kept (the `Store` trait; redb by default) and the model files;
 //! - [`rollout`]: pure policy: rollout transitions, each node's desired state, canary analysis;
-//! - [`service`]: the QUIC service carrying requests out.
+//! - [`service`]: the QUIC service carrying requests out;
+//! - [`status_page`]: the read-only status page (HTTP).
 
 pub mod rollout;
 pub mod service;
 pub mod state;
+pub mod status_page;
 pub mod store;

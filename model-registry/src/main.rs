@@ -18,6 +18,9 @@ struct Cli {
     /// UDP address of the QUIC control API
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: String,
+    /// The read-only status page (HTML, live): its HTTP address, or "off"
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    http_addr: String,
     /// Folder for the database and the model files
     #[arg(long, default_value = "registry-data")]
     data_dir: PathBuf,
@@ -102,6 +105,16 @@ fn main() -> anyhow::Result<()> {
             cli.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", cli.listen))?;
         let endpoint = quinn::Endpoint::server(config, addr)?;
         let bound = endpoint.local_addr()?;
+        if cli.http_addr != "off" {
+            let page = model_registry::status_page::start(Arc::clone(&registry), &cli.http_addr).map_err(|e| {
+                anyhow::anyhow!(
+                    "the status page cannot listen on {}: {e} (pass another --http-addr, or --http-addr off)",
+                    cli.http_addr
+                )
+            })?;
+            // A line scripts and tests wait for (before the listening line).
+            println!("model-registry status page on http://{page}");
+        }
         tracing::info!(%bound, data = %cli.data_dir.display(), "model-registry ready");
         println!("model-registry listening on quic://{bound}");
         let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&registry)));

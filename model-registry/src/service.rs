@@ -168,6 +168,10 @@ impl Registry {
                 operator()?;
                 Ok(self.nodes())
             }
+            Request::Overview => {
+                operator()?;
+                Ok(self.overview())
+            }
             Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await,
             Request::Fetch { .. } => Err(Refusal::new("invalid", "fetch is answered on its stream")),
         }
@@ -428,6 +432,24 @@ impl Registry {
         Ok(
             json!({ "name": name, "generation": state.generation, "rollout": rollout, "analysis": analysis, "nodes": per_node }),
         )
+    }
+
+    /// Nodes, models and rollouts in one value (read-only): what `fabric top` and the status page show.
+    pub fn overview(&self) -> Value {
+        let state = self.state();
+        let models: Vec<Value> = state
+            .models
+            .iter()
+            .map(|(name, versions)| {
+                json!({
+                    "name": name,
+                    "versions": versions.values().map(|m| json!({ "version": m.version, "size": m.size, "digest": m.digest })).collect::<Vec<_>>(),
+                    "deployments": state.deployments.get(name),
+                    "status": self.status(name).ok(),
+                })
+            })
+            .collect();
+        json!({ "generation": state.generation, "nodes": self.nodes(), "models": models })
     }
 
     fn nodes(&self) -> Value {

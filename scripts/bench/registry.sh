@@ -44,7 +44,7 @@ model.ir_version = 8
 onnx.save(model, sys.argv[1])
 PY
 target/release/fabric certs --out "$work/certs" --node registry-1:registry --node operator:operator > /dev/null
-target/release/model-registry --listen 127.0.0.1:0 --data-dir "$work/registry" --certs "$work/certs" > "$work/registry.out" 2>/dev/null &
+target/release/model-registry --listen 127.0.0.1:0 --http-addr off --data-dir "$work/registry" --certs "$work/certs" > "$work/registry.out" 2>/dev/null &
 registry=$!
 for _ in $(seq 50); do grep -q quic:// "$work/registry.out" 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/.*quic:\/\///p' "$work/registry.out")

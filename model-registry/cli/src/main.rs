@@ -81,6 +81,16 @@ enum Command {
     Rollout(RolloutCommand),
     /// Every node: id, role, labels, last heartbeat, versions ready, load.
     Nodes,
+    /// The fabric live, in the terminal: nodes, models, rollouts with their traffic split, per-version
+    /// latency and errors, autoscaling decisions (the registry's status page, refreshed every second).
+    Top {
+        /// Print once and exit (for scripts)
+        #[arg(long)]
+        once: bool,
+        /// Milliseconds between refreshes
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,8 +260,76 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
             (call(Request::Rollout { name, change }).await?, show_rollout_change)
         }
         Command::Nodes => (call(Request::Nodes).await?, show_nodes),
+        Command::Top { once, interval_ms } => loop {
+            let overview = call(Request::Overview).await?;
+            if once || cli.output == Output::Json {
+                return print(&overview, cli.output, show_top);
+            }
+            // Clear the screen and draw from the top left.
+            print!("\x1b[2J\x1b[H");
+            show_top(&overview);
+            let _ = std::io::stdout().flush();
+            tokio::time::sleep(std::time::Duration::from_millis(interval_ms.max(100))).await;
+        },
     };
     print(&answer, cli.output, show)
+}
+
+/// `fabric top`: the nodes, then each model's rollout, traffic split, per-version figures and
+/// autoscaling decisions.
+fn show_top(v: &Value) {
+    println!("fabric top: registry generation {}", text(&v["generation"]));
+    println!();
+    show_nodes(&v["nodes"]);
+    for m in v["models"].as_array().into_iter().flatten() {
+        println!();
+        let versions: Vec<String> =
+            m["versions"].as_array().into_iter().flatten().map(|v| format!("v{}", text(&v["version"]))).collect();
+        let status = &m["status"];
+        if status.is_null() {
+            println!("{} ({}): not deployed", text(&m["name"]), versions.join(" "));
+            continue;
+        }
+        let r = &status["rollout"];
+        let canary = if r["canary"].is_null() {
+            "none".to_string()
+        } else {
+            format!("v{} at {}%", text(&r["canary"]["version"]), text(&r["canary"]["weight"]))
+        };
+        println!("{} ({}): stable v{}  canary {canary}", text(&m["name"]), versions.join(" "), text(&r["stable"]));
+        if let Some(why) = r["auto_rolled_back"].as_str() {
+            println!("  automatically rolled back: {why}");
+        }
+        // Per version, summed over the nodes' report windows.
+        let mut by: std::collections::BTreeMap<u64, (f64, f64, f64, f64)> = Default::default();
+        for n in status["nodes"].as_array().into_iter().flatten() {
+            for v in n["versions"].as_array().into_iter().flatten() {
+                let e = by.entry(v["version"].as_u64().unwrap_or(0)).or_default();
+                let rejected: f64 =
+                    v["rejected_per_s"].as_object().map(|o| o.values().filter_map(Value::as_f64).sum()).unwrap_or(0.0);
+                let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+                e.0 += f("served_per_s") + f("offloaded_per_s") + rejected;
+                e.1 += rejected;
+                e.2 = e.2.max(f("p99_ms"));
+                e.3 += f("weight_pct") / status["nodes"].as_array().map_or(1.0, |a| a.len().max(1) as f64);
+            }
+        }
+        println!("  {:<8} {:>8} {:>10} {:>8} {:>9}", "VERSION", "SPLIT", "REQUESTS/S", "ERRORS", "P99 MS");
+        for (version, (rate, errors, p99, weight)) in by {
+            let error_pct = if rate > 0.0 { 100.0 * errors / rate } else { 0.0 };
+            println!("  {:<8} {:>7.0}% {rate:>10.1} {error_pct:>7.1}% {p99:>9.2}", format!("v{version}"), weight);
+        }
+        for n in status["nodes"].as_array().into_iter().flatten() {
+            for (key, d) in n["autoscaled"].as_object().into_iter().flatten() {
+                println!(
+                    "  autoscaled {} {key}: {} replicas ({})",
+                    text(&n["node"]),
+                    text(&d["replicas"]),
+                    text(&d["reason"])
+                );
+            }
+        }
+    }
 }
 
 /// Turns a protocol error into advice.

@@ -44,19 +44,30 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
 }
 
 /// Spawns `cmd` and waits (60 s at most) for a stdout line starting with `prefix`; returns what follows.
-fn spawn_until(mut cmd: Command, prefix: &'static str) -> Proc {
+fn spawn_until(cmd: Command, prefix: &'static str) -> Proc {
+    spawn_until_all(cmd, &[prefix]).0
+}
+
+/// Spawns `cmd` and waits (60 s at most) for stdout lines starting with each of `prefixes`, in order;
+/// returns the process (its address: what followed the last prefix) and what followed each.
+fn spawn_until_all(mut cmd: Command, prefixes: &[&'static str]) -> (Proc, Vec<String>) {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
+    let wanted = prefixes.to_vec();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(prefix) {
+            if let Some(rest) = wanted.iter().find_map(|p| line.strip_prefix(p)) {
                 let _ = tx.send(rest.to_string());
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no '{prefix}' line within 60 s"));
-    Proc { child, addr }
+    let found: Vec<String> = prefixes
+        .iter()
+        .map(|p| rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no '{p}' line within 60 s")))
+        .collect();
+    let addr = found.last().cloned().unwrap_or_default();
+    (Proc { child, addr }, found)
 }
 
 /// A test fabric's folder and certificates.
@@ -94,15 +105,22 @@ impl Fabric {
 
     /// Starts the registry on `listen` (e.g. 127.0.0.1:0) with extra flags; returns it and its address.
     pub fn registry(&self, listen: &str, extra: &[&str]) -> Proc {
+        self.registry_with_page(listen, extra).0
+    }
+
+    /// Like [`registry`](Self::registry), also returning its status page's URL.
+    pub fn registry_with_page(&self, listen: &str, extra: &[&str]) -> (Proc, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_model-registry"));
-        cmd.args(["--listen", listen, "--node-id", "registry-1"])
+        cmd.args(["--listen", listen, "--node-id", "registry-1", "--http-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.dir.join("registry"))
             .arg("--certs")
             .arg(&self.certs)
             .args(extra)
             .env("RUST_LOG", "warn");
-        spawn_until(cmd, "model-registry listening on quic://")
+        let (proc, lines) =
+            spawn_until_all(cmd, &["model-registry status page on ", "model-registry listening on quic://"]);
+        (proc, lines[0].clone())
     }
 
     /// Starts edge-node `id` (tract) taking its desired state from the registry at `registry`.
