@@ -341,6 +341,19 @@ fn injected_factory(model: &str, faults: Faults, loads: Arc<AtomicUsize>) -> Eng
     })
 }
 
+/// A pool of the MLP whose engines have `faults` (loads counted apart).
+async fn start_faulty(faults: Faults, config: PoolConfig) -> PoolHandle {
+    ModelPool::start(
+        "mlp",
+        "1",
+        injected_factory("mlp", faults, Arc::new(AtomicUsize::new(0))),
+        config,
+        Metrics::new("t"),
+    )
+    .await
+    .expect("pool starts")
+}
+
 fn marked(value: f32) -> Vec<NamedTensor> {
     let mut r = row(0.0);
     let mut data = r[0].tensor.as_slice::<f32>().expect("f32").into_owned();
@@ -414,15 +427,7 @@ async fn a_replica_that_keeps_crashing_is_reported_and_replaced_with_backoff() {
 async fn a_hung_engine_call_is_cut_by_the_watchdog_and_the_replica_replaced() {
     let faults = Faults { hang_marker: Some(1234.5), ..Faults::default() };
     let config = PoolConfig { watchdog: Some(Duration::from_millis(300)), ..PoolConfig::default() };
-    let pool = ModelPool::start(
-        "mlp",
-        "1",
-        injected_factory("mlp", faults, Arc::new(AtomicUsize::new(0))),
-        config,
-        Metrics::new("t"),
-    )
-    .await
-    .expect("pool");
+    let pool = start_faulty(faults, config).await;
     let started = Instant::now();
     let err = pool.infer(marked(1234.5), soon(30_000)).await.expect_err("hangs");
     assert!(matches!(err, PoolError::ReplicaFailed(ref m) if m.contains("watchdog")), "{err}");
@@ -466,15 +471,7 @@ async fn scaled_to_zero_a_request_wakes_a_replica_or_is_refused_at_once_when_it_
     let faults =
         Faults { load_delay: Duration::from_millis(300), delay: Duration::from_millis(5), ..Faults::default() };
     let config = PoolConfig { max_batch_size: 4, ..PoolConfig::default() };
-    let pool = ModelPool::start(
-        "mlp",
-        "1",
-        injected_factory("mlp", faults, Arc::new(AtomicUsize::new(0))),
-        config,
-        Metrics::new("t"),
-    )
-    .await
-    .expect("pool starts");
+    let pool = start_faulty(faults, config).await;
     // Requests queued when the pool goes to zero are all served: the last replica leaves after them.
     let queued: Vec<_> = (0..20)
         .map(|i| {
