@@ -588,7 +588,7 @@ impl Overflow for Offloader {
             for link in &known {
                 let was_down = link.down.swap(!entry.up, Ordering::Relaxed);
                 link.publish();
-                if was_down != !entry.up {
+                if was_down == entry.up {
                     if entry.up {
                         tracing::info!(hub = %entry.node_id, "the registry says hub is up again: offloading to it");
                     } else {

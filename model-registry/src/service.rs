@@ -463,7 +463,10 @@ impl Registry {
                         .map(|vs| vs.iter().map(|v| v[key].as_f64().unwrap_or(0.0)).sum())
                         .unwrap_or(0.0)
                 };
-                let (served, restarts) = (sum("served_per_s"), sum("restarts"));
+                let up = node_state(n.last_seen.elapsed(), self.settings.heartbeat_timeout) == "up";
+                // A node that stopped heartbeating serves nothing we know of: its last report is stale.
+                let served = if up { sum("served_per_s") } else { 0.0 };
+                let restarts = sum("restarts");
                 let versions = n.report["versions"].as_array().cloned().unwrap_or_default();
                 // Per model version: replicas replaced (panics, watchdog), and the ones failing now
                 // (a load that keeps failing, or a crash loop: replaced with backoff, not in a tight loop).

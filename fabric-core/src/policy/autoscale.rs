@@ -376,7 +376,7 @@ mod tests {
         let up = history.iter().find(|h| h.1 == 2).map(|h| h.0).expect("scales up");
         assert!((1.0..1.5).contains(&up), "up at {up} s");
         let down = history.iter().rev().find(|h| h.1 == 2).map(|h| h.0).expect("was up");
-        assert!(down >= 4.0 && down < 7.0, "last at 2 replicas at {down} s: {history:?}");
+        assert!((4.0..7.0).contains(&down), "last at 2 replicas at {down} s: {history:?}");
         assert_eq!(replicas, 1);
     }
 
