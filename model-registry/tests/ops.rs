@@ -122,3 +122,28 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
         alerts["data"]["alerts"].as_array().into_iter().flatten().filter(|a| a["state"] == "firing").collect();
     assert!(firing.is_empty(), "{firing:?}");
 }
+
+#[test]
+fn the_configuration_reference_lists_every_registry_flag() {
+    let help = Command::new(env!("CARGO_BIN_EXE_model-registry")).arg("--help").output().expect("--help runs");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: std::collections::BTreeSet<String> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', ',']).next())
+        .filter(|f| !["help", "version"].contains(f))
+        .map(|f| format!("--{f}"))
+        .collect();
+    assert!(flags.len() > 10, "{help}");
+    let page = std::fs::read_to_string(repo().join("docs/configuration.md")).expect("docs/configuration.md");
+    let section = page.split("## model-registry flags").nth(1).expect("a model-registry section");
+    let documented: std::collections::BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<_> = flags.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&flags).collect();
+    assert!(missing.is_empty() && stale.is_empty(), "undocumented: {missing:?}; documented but gone: {stale:?}");
+}
