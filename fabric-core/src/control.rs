@@ -135,6 +135,8 @@ pub struct VersionReport {
     pub ready: bool,
     /// This version's share of versionless traffic under the policy, in percent.
     pub weight_pct: f64,
+    /// Whether its replicas run on a GPU.
+    pub on_gpu: bool,
     /// Replicas wanted.
     pub target_replicas: usize,
     /// Replicas ready.
@@ -586,6 +588,7 @@ impl NodeControl {
                 version: model.version,
                 ready: model.pool.serving(),
                 weight_pct,
+                on_gpu: model.pool.on_gpu(),
                 target_replicas: status.as_ref().map_or(0, |s| s.target),
                 ready_replicas,
                 loading_replicas: status.as_ref().map_or(0, |s| s.loading),

@@ -101,7 +101,9 @@ async fn run(control: Arc<NodeControl>, settings: AutoscaleSettings, interval: D
                 continue;
             }
             let sample = LoadSample::from_report(&serde_json::to_value(v).unwrap_or_default(), origin.elapsed());
-            let scaler = scalers.entry((v.name.clone(), v.version)).or_insert_with(|| Autoscaler::new(settings));
+            let scaler = scalers
+                .entry((v.name.clone(), v.version))
+                .or_insert_with(|| Autoscaler::new(settings.for_device(v.on_gpu)));
             let decision = scaler.decide(&sample, v.target_replicas);
             if decision.replicas == v.target_replicas {
                 continue;

@@ -633,7 +633,8 @@ impl Registry {
                     }
                     let sample = LoadSample::from_report(v, self.started.elapsed());
                     let key = (info.node_id.clone(), m.name.clone(), dv.version);
-                    let scaler = scalers.entry(key).or_insert_with(|| Autoscaler::new(settings));
+                    let on_gpu = v["on_gpu"].as_bool().unwrap_or(false);
+                    let scaler = scalers.entry(key).or_insert_with(|| Autoscaler::new(settings.for_device(on_gpu)));
                     let decision = scaler.decide(&sample, dv.replicas);
                     if decision.replicas != dv.replicas {
                         changes.push((m.name.clone(), dv.version, dv.replicas, decision));

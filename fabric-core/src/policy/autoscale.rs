@@ -56,6 +56,23 @@ impl Default for AutoscaleSettings {
     }
 }
 
+/// Most replicas of one model version on one GPU: one runs while the next one's inputs are copied;
+/// more only contend for the same device (measured on an H100: 16 replicas of the CNN, one per core,
+/// served less than one replica would).
+pub const GPU_MAX_REPLICAS: usize = 2;
+
+impl AutoscaleSettings {
+    /// These settings for a pool on a GPU (`on_gpu`): at most [`GPU_MAX_REPLICAS`]; unchanged otherwise.
+    pub fn for_device(self, on_gpu: bool) -> AutoscaleSettings {
+        if on_gpu {
+            let max = self.max_replicas.min(GPU_MAX_REPLICAS).max(1);
+            AutoscaleSettings { max_replicas: max, min_replicas: self.min_replicas.min(max), ..self }
+        } else {
+            self
+        }
+    }
+}
+
 /// One load sample of a model version.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LoadSample {
@@ -284,6 +301,20 @@ mod tests {
             assert!((d - want).abs() < 1e-9, "{arrivals}/s on {replicas}: {d}, want {want}");
         }
         assert_eq!(Autoscaler::demand(&LoadSample { arrivals_per_s: 5.0, ..Default::default() }), 1.0);
+    }
+
+    #[test]
+    fn a_gpu_pool_is_capped_at_a_few_replicas() {
+        let cpu = AutoscaleSettings { min_replicas: 1, max_replicas: 16, ..Default::default() };
+        // (on a GPU, min, max) -> (min, max)
+        let cases = [(false, 1, 16, 1, 16), (true, 1, 16, 1, 2), (true, 1, 1, 1, 1), (true, 4, 16, 2, 2)];
+        for (on_gpu, min, max, want_min, want_max) in cases {
+            let s = AutoscaleSettings { min_replicas: min, max_replicas: max, ..cpu }.for_device(on_gpu);
+            assert_eq!((s.min_replicas, s.max_replicas), (want_min, want_max), "gpu {on_gpu}, {min}-{max}");
+        }
+        // A 10x step on a GPU pool: two replicas, not ten.
+        let mut a = Autoscaler::new(cpu.for_device(true));
+        assert_eq!(a.decide(&sample(0.0, 1000.0, 100.0, 1), 1).replicas, 2);
     }
 
     #[test]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU check: cloud-hub (release) serving the CNN with ONNX Runtime's GPU build, providers
+# TensorRT > CUDA > CPU as shipped, then CPU only, on the same machine; open-loop load (binary
+# tensors, one row per request, 1 s deadline) from the compiled generator at 2,000, 6,000 and
+# 12,000 requests/s for 6 s each. Prints, per run: the provider the hub's log names, the generator's
+# JSON line (goodput = answers within the deadline per second; late; p50/p99), replicas and mean
+# batch rows from /metrics.
+#
+#   ORT_GPU_LIB=/path/to/onnxruntime/capi/libonnxruntime.so.1.31.1 bash scripts/bench/gpu.sh [BIN_DIR]
+#
+# Needs an NVIDIA GPU, the onnxruntime-gpu wheel's libraries (ORT_GPU_LIB; the CUDA 13 build of
+# 1.31.1) and CUDA 13's runtime, cuBLAS, cuDNN and cuFFT on LD_LIBRARY_PATH (for example from the
+# nvidia-* Python packages), and BIN_DIR (default target/release) holding cloud-hub, fabric and
+# examples/openloop (`cargo build --release -p cloud-hub -p fabric-cli -p edge-node --example openloop`).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+bin=${1:-target/release}
+: "${ORT_GPU_LIB:?set ORT_GPU_LIB to the libonnxruntime.so of the GPU build}"
+export ORT_DYLIB_PATH=$ORT_GPU_LIB
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/repo/cnn/1"
+cp build/models/cnn/1/model.onnx "$work/repo/cnn/1/"
+printf 'max_batch_size = 32\n' > "$work/repo/cnn/config.toml"
+"$bin/fabric" certs --out "$work/certs" --node hub-1:hub > /dev/null
+# One CNN row as a binary-tensor request; the header's length goes to the generator.
+hl=$(python3 - "$work/cnn.bin" <<'PY'
+import json, struct, sys
+data = struct.pack("<12288f", *[(i % 17) / 17.0 for i in range(12288)])
+head = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32",
+                               "parameters": {"binary_data_size": len(data)}}],
+                   "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]}).encode()
+open(sys.argv[1], "wb").write(head + data)
+print(len(head))
+PY
+)
+nvidia-smi -L
+echo "cores: $(nproc)"
+for run in gpu cpu; do
+  if [ $run = gpu ]; then providers='"tensorrt", "cuda", "cpu"'; else providers='"cpu"'; fi
+  printf '[http]\naddr = "127.0.0.1:0"\n[models]\npath = "%s"\nengine = "ort"\n[ort]\nproviders = [%s]\n[quic]\naddr = "127.0.0.1:0"\n' \
+    "$work/repo" "$providers" > "$work/hub-$run.toml"
+  RUST_LOG=info "$bin/cloud-hub" --config "$work/hub-$run.toml" --certs "$work/certs" --node-id hub-1 > "$work/hub-$run.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 600); do grep -q "listening on" "$work/hub-$run.log" && break; sleep 0.2; done
+  url=$(grep -o "listening on http://[0-9.:]*" "$work/hub-$run.log" | head -1 | sed 's/listening on //')
+  echo "== $run ($url)"
+  sed 's/\x1b\[[0-9;]*m//g' "$work/hub-$run.log" | grep -E "session ready" | head -1
+  for rate in 2000 6000 12000; do
+    echo "$run, $rate/s offered: $("$bin/examples/openloop" "$url/v2/models/cnn/infer" "$work/cnn.bin" "$hl" $rate 6 1000)"
+  done
+  curl -s "$url/metrics" | grep -E '^fabric_replicas|^fabric_batch_size_(sum|count)'
+  kill $pid
+  wait $pid 2> /dev/null
+done
