@@ -99,7 +99,15 @@ start edge-1 "edge-node listening on" "$bin/edge-node" --model-repository "$data
   --label site=local
 
 fabric() { FABRIC_REGISTRY="$registry" FABRIC_CERTS="$certs" FABRIC_ID=operator "$bin/fabric" "$@"; }
-if ! fabric model list --output json | grep -q '"name": *"digits"'; then
+# What the registry already holds (a second run reuses it); retried, since a busy machine can take a
+# moment to answer the first call.
+models=""
+for i in $(seq 30); do
+  models=$(fabric model list --output json 2> "$data/logs/fabric.err") && break
+  [ "$i" = 30 ] && { echo "cannot list the registry's models: $(cat "$data/logs/fabric.err")" >&2; exit 1; }
+  sleep 0.5
+done
+if ! grep -q '"name": *"digits"' <<< "$models"; then
   echo "==> pushing the trained digits classifier (build/models/digits/1/model.onnx)"
   fabric model push digits build/models/digits/1/model.onnx > /dev/null
 fi

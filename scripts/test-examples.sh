@@ -55,7 +55,8 @@ stop_fabric
 echo "==> main command again: reuses its state"
 start_fabric
 if grep -q "pushing the trained digits" "$log"; then
-  echo "the second run pushed the model again instead of reusing the registry's state" >&2
+  echo "the second run pushed the model again instead of reusing the registry's state; its output:" >&2
+  cat "$log" >&2
   exit 1
 fi
 timeout 120 .venv/bin/python examples/edge_app.py --url 127.0.0.1:17402 --senders 2
