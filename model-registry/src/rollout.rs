@@ -192,6 +192,14 @@ pub struct Window {
     pub errors: f64,
     /// The highest p99 over the nodes, in milliseconds.
     pub p99_ms: Option<f64>,
+    /// Requests answered per second, summed over the nodes.
+    pub per_s: f64,
+    /// The highest median over the nodes, in milliseconds.
+    pub p50_ms: Option<f64>,
+    /// Replicas ready, summed over the nodes.
+    pub replicas: u64,
+    /// Its share of versionless traffic, averaged over the nodes that serve it, in percent.
+    pub weight_pct: f64,
 }
 
 impl Window {
@@ -419,7 +427,8 @@ mod tests {
     #[test]
     fn analysis_rolls_back_only_on_enough_evidence() {
         let s = AnalysisSettings::default();
-        let w = |answered: f64, errors: f64, p99: f64| Window { answered, errors, p99_ms: Some(p99) };
+        let w =
+            |answered: f64, errors: f64, p99: f64| Window { answered, errors, p99_ms: Some(p99), ..Window::default() };
         let cases = [
             (w(1000.0, 0.0, 2.0), w(10.0, 10.0, 50.0), false, "too few canary requests"),
             (w(1000.0, 0.0, 2.0), w(100.0, 2.0, 2.5), false, "within both margins"),

@@ -441,11 +441,28 @@ impl Registry {
             .models
             .iter()
             .map(|(name, versions)| {
+                // Each version's figures over the nodes' last reports, summed once here for every
+                // viewer (the status page, `fabric top`).
+                let live: Vec<Value> = {
+                    let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+                    versions
+                        .keys()
+                        .map(|&v| {
+                            let w = window(&nodes, name, v, self.settings.heartbeat_timeout);
+                            json!({
+                                "version": v, "weight_pct": w.weight_pct, "requests_per_s": w.per_s,
+                                "error_pct": w.error_pct(), "p50_ms": w.p50_ms, "p99_ms": w.p99_ms,
+                                "replicas": w.replicas,
+                            })
+                        })
+                        .collect()
+                };
                 json!({
                     "name": name,
                     "versions": versions.values().map(|m| json!({ "version": m.version, "size": m.size, "digest": m.digest })).collect::<Vec<_>>(),
                     "deployments": state.deployments.get(name),
                     "status": self.status(name).ok(),
+                    "live": live,
                 })
             })
             .collect();
@@ -718,6 +735,11 @@ async fn write_block(file: Option<std::fs::File>, block: Vec<u8>, last: bool) ->
 /// What one version did over the nodes' last reports.
 fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64, timeout: Duration) -> Window {
     let mut w = Window::default();
+    let mut serving = 0u32;
+    let highest = |so_far: Option<f64>, new: Option<f64>| match (so_far, new) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     for n in nodes.values().filter(|n| node_state(n.last_seen.elapsed(), timeout) == "up") {
         for v in n.report["versions"].as_array().into_iter().flatten() {
             if v["name"] != name || v["version"] != version {
@@ -729,10 +751,16 @@ fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64, timeou
                 v["rejected_per_s"].as_object().map(|m| m.values().filter_map(Value::as_f64).sum()).unwrap_or(0.0);
             w.answered += (ok + rejected) * secs;
             w.errors += rejected * secs;
-            if let Some(p99) = v["p99_ms"].as_f64() {
-                w.p99_ms = Some(w.p99_ms.map_or(p99, |m: f64| m.max(p99)));
-            }
+            w.per_s += ok + rejected;
+            w.p99_ms = highest(w.p99_ms, v["p99_ms"].as_f64());
+            w.p50_ms = highest(w.p50_ms, v["p50_ms"].as_f64());
+            w.replicas += v["ready_replicas"].as_u64().unwrap_or(0);
+            w.weight_pct += v["weight_pct"].as_f64().unwrap_or(0.0);
+            serving += 1;
         }
+    }
+    if serving > 0 {
+        w.weight_pct /= f64::from(serving);
     }
     w
 }

@@ -300,24 +300,16 @@ fn show_top(v: &Value) {
         if let Some(why) = r["auto_rolled_back"].as_str() {
             println!("  automatically rolled back: {why}");
         }
-        // Per version, summed over the nodes' report windows.
-        let mut by: std::collections::BTreeMap<u64, (f64, f64, f64, f64)> = Default::default();
-        for n in status["nodes"].as_array().into_iter().flatten() {
-            for v in n["versions"].as_array().into_iter().flatten() {
-                let e = by.entry(v["version"].as_u64().unwrap_or(0)).or_default();
-                let rejected: f64 =
-                    v["rejected_per_s"].as_object().map(|o| o.values().filter_map(Value::as_f64).sum()).unwrap_or(0.0);
-                let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-                e.0 += f("served_per_s") + f("offloaded_per_s") + rejected;
-                e.1 += rejected;
-                e.2 = e.2.max(f("p99_ms"));
-                e.3 += f("weight_pct") / status["nodes"].as_array().map_or(1.0, |a| a.len().max(1) as f64);
-            }
-        }
+        // Per version, summed over the nodes' last reports by the registry; versions that serve.
         println!("  {:<8} {:>8} {:>10} {:>8} {:>9}", "VERSION", "SPLIT", "REQUESTS/S", "ERRORS", "P99 MS");
-        for (version, (rate, errors, p99, weight)) in by {
-            let error_pct = if rate > 0.0 { 100.0 * errors / rate } else { 0.0 };
-            println!("  {:<8} {:>7.0}% {rate:>10.1} {error_pct:>7.1}% {p99:>9.2}", format!("v{version}"), weight);
+        for v in m["live"].as_array().into_iter().flatten() {
+            let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+            if f("replicas") == 0.0 && f("requests_per_s") == 0.0 && f("weight_pct") == 0.0 {
+                continue;
+            }
+            let (version, weight, rate, errors, p99) =
+                (text(&v["version"]), f("weight_pct"), f("requests_per_s"), f("error_pct"), f("p99_ms"));
+            println!("  {:<8} {weight:>7.0}% {rate:>10.1} {errors:>7.1}% {p99:>9.2}", format!("v{version}"));
         }
         for n in status["nodes"].as_array().into_iter().flatten() {
             for (key, d) in n["autoscaled"].as_object().into_iter().flatten() {
