@@ -224,7 +224,8 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
     .expect("response");
     let message = head.result.expect_err("refused").1;
     assert!(message.contains("request tensors not received within"), "{message}");
-    assert!(started.elapsed() < Duration::from_secs(3), "held until the read timeout: {:?}", started.elapsed());
+    // Anything under the 5 s read timeout shows the budget cut it (a wide margin over the 300 ms budget).
+    assert!(started.elapsed() < Duration::from_millis(4_500), "held until the read timeout: {:?}", started.elapsed());
     drop(send);
 
     // The connection survived all of that.
