@@ -7,6 +7,12 @@
 //! registry only gives to versions this node reported ready), and last unload, after draining, the
 //! versions the registry placed here and no longer wants. The desired state is kept on disk
 //! (`<data_dir>/desired.json`): a node that restarts while the registry is down serves it again.
+//!
+//! Cadence: the registry holds an idle node's heartbeat for up to `idle_heartbeat_ms`; the agent
+//! checks its report every 250 ms and sends a fresh heartbeat at once when it says something the
+//! registry acts on ([`crate::policy::cadence`]). A registry that cannot be reached is retried with
+//! jittered backoff ([`crate::policy::backoff`]), so a fleet does not come back in one wave. The model
+//! cache is kept within `cache_budget_mib` ([`crate::policy::cache`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelConfig;
 use crate::control::{ControlError, NodeControl, Source};
 use crate::dispatch::Overflow;
+use crate::policy::backoff::{seed_of, Backoff};
+use crate::policy::cache::{evictions, CachedFile};
+use crate::policy::cadence::{report_early, VersionActivity};
 use crate::registry_proto::{DesiredState, Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
 use crate::tls::TlsFiles;
 
@@ -32,8 +41,14 @@ pub struct AgentConfig {
     /// Labels deployments select nodes by (`site = "berlin"`).
     pub labels: std::collections::BTreeMap<String, String>,
     /// Longest the registry may hold a heartbeat's answer, in milliseconds (the node reports at least
-    /// this often).
+    /// this often while it serves traffic or is in a rollout under analysis).
     pub heartbeat_ms: u64,
+    /// Longest the registry may hold it while the node is idle, in milliseconds (the node still
+    /// reports at once when its load changes).
+    pub idle_heartbeat_ms: u64,
+    /// Most MiB of model files kept in `<data_dir>/models`: the versions the node serves always stay,
+    /// then the most recently used; the oldest go first.
+    pub cache_budget_mib: u64,
 }
 
 impl Default for AgentConfig {
@@ -43,6 +58,8 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("fabric-data"),
             labels: Default::default(),
             heartbeat_ms: 500,
+            idle_heartbeat_ms: 10_000,
+            cache_budget_mib: 4096,
         }
     }
 }
@@ -72,6 +89,8 @@ struct Agent {
     info: NodeInfo,
     dir: PathBuf,
     heartbeat_ms: u64,
+    idle_heartbeat_ms: u64,
+    cache_budget: u64,
     /// Versions the registry placed on this node.
     managed: tokio::sync::Mutex<BTreeSet<(String, u64)>>,
 }
@@ -101,6 +120,8 @@ pub fn start(
         info,
         dir: config.data_dir.clone(),
         heartbeat_ms: config.heartbeat_ms.max(100),
+        idle_heartbeat_ms: config.idle_heartbeat_ms.max(config.heartbeat_ms.max(100)),
+        cache_budget: config.cache_budget_mib.saturating_mul(1 << 20),
         managed: tokio::sync::Mutex::new(BTreeSet::new()),
     });
     tracing::info!(registry = %addr, node = %agent.info.node_id, "registry agent started");
@@ -131,35 +152,48 @@ impl Agent {
                 Err(e) => tracing::warn!("the last desired state does not converge yet: {e}"),
             }
         }
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CAP, seed_of(&self.info.node_id));
         loop {
+            let report = self.control.report().await;
+            let sent = activity(&report);
             let heartbeat = Heartbeat {
                 info: self.info.clone(),
                 applied,
                 ready: self.control.ready_versions(),
-                report: serde_json::to_value(self.control.report().await).unwrap_or_default(),
+                report: serde_json::to_value(report).unwrap_or_default(),
                 wait_ms: self.heartbeat_ms,
+                max_wait_ms: self.idle_heartbeat_ms,
             };
-            let desired = match self.client.call(&Request::Heartbeat(heartbeat)).await {
-                Ok(value) => {
-                    serde_json::from_value::<DesiredState>(value).map_err(|e| ProtoError::Malformed(e.to_string()))
-                }
-                Err(e) => Err(e),
+            // Bounded: a registry that vanished mid-poll is noticed even before QUIC's idle timeout.
+            let limit = Duration::from_millis(self.idle_heartbeat_ms) + Duration::from_secs(10);
+            let request = Request::Heartbeat(heartbeat);
+            let call = tokio::time::timeout(limit, self.client.call(&request));
+            let answer = tokio::select! {
+                answer = call => answer.unwrap_or_else(|_| Err(ProtoError::Io("no heartbeat answer in time".into()))),
+                // Something the registry acts on: report it now rather than when the hold ends.
+                () = self.load_moved(&sent) => continue,
             };
+            let desired = answer.and_then(|value| {
+                serde_json::from_value::<DesiredState>(value).map_err(|e| ProtoError::Malformed(e.to_string()))
+            });
             let desired = match desired {
                 Ok(d) => {
-                    if failures > 0 {
+                    if backoff.failures() > 0 {
                         tracing::info!("registry reachable again");
                     }
-                    failures = 0;
+                    backoff.reset();
                     d
                 }
                 Err(e) => {
-                    failures += 1;
+                    let delay = backoff.next_delay();
+                    let failures = backoff.failures();
                     if failures == 1 || failures % 30 == 0 {
-                        tracing::warn!("registry unreachable, serving the last desired state ({failures} tries): {e}");
+                        tracing::warn!(
+                            "registry unreachable, serving the last desired state ({failures} tries, next in {} ms): {e}",
+                            delay.as_millis()
+                        );
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
@@ -169,12 +203,70 @@ impl Agent {
             self.tell_hubs(&desired);
             self.persist(&desired);
             match self.converge(&desired).await {
-                Ok(()) => applied = desired.revision,
+                Ok(()) => {
+                    applied = desired.revision;
+                    self.trim_cache(&desired).await;
+                }
                 Err(e) => {
                     tracing::warn!("converging to generation {} failed, retrying: {e}", desired.generation);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+    }
+
+    /// Returns once the node's load report says something the registry acts on, compared with `sent`.
+    async fn load_moved(&self, sent: &[VersionActivity]) {
+        loop {
+            tokio::time::sleep(REPORT_CHECK).await;
+            if report_early(sent, &activity(&self.control.report().await)) {
+                return;
+            }
+        }
+    }
+
+    /// Deletes cached model files over the budget: never one `desired` wants, oldest first.
+    async fn trim_cache(&self, desired: &DesiredState) {
+        let wanted: BTreeSet<String> =
+            desired.models.iter().flat_map(|m| m.versions.iter().map(|v| v.digest.clone())).collect();
+        let dir = self.dir.join("models");
+        let budget = self.cache_budget;
+        let trimmed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut files = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().to_string();
+                let Some(digest) = name.strip_suffix(".onnx") else { continue };
+                let meta = entry.metadata()?;
+                let last_used = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                files.push(CachedFile {
+                    digest: digest.to_string(),
+                    size: meta.len(),
+                    last_used,
+                    in_use: wanted.contains(digest),
+                });
+            }
+            let gone = evictions(&files, budget);
+            for digest in &gone {
+                std::fs::remove_file(dir.join(format!("{digest}.onnx")))?;
+            }
+            Ok(gone)
+        })
+        .await;
+        match trimmed {
+            Ok(Ok(gone)) if !gone.is_empty() => {
+                tracing::info!(
+                    files = gone.len(),
+                    budget_mib = budget >> 20,
+                    "model cache trimmed to its budget: {gone:?}"
+                )
+            }
+            Ok(Err(e)) => tracing::warn!("cannot trim the model cache: {e}"),
+            _ => {}
         }
     }
 
@@ -257,6 +349,7 @@ impl Agent {
         let path = self.cached(digest);
         if path.exists() {
             if digest_of(&path).await.as_deref() == Some(digest) {
+                touch(&path);
                 return Ok(path);
             }
             tracing::warn!(%digest, "cached model file does not match its digest (corrupted on disk): fetching it again");
@@ -273,6 +366,37 @@ impl Agent {
                 Err(ConvergeError::Fetch(format!("fetched model file has digest {got:?}, wanted {digest}")))
             }
         }
+    }
+}
+
+/// First retry delay after the registry could not be reached, and the most it grows to.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_CAP: Duration = Duration::from_secs(10);
+/// How often the agent looks at its load report while a heartbeat is held.
+const REPORT_CHECK: Duration = Duration::from_millis(250);
+
+/// What the registry acts on in a load report.
+fn activity(report: &crate::control::NodeReport) -> Vec<VersionActivity> {
+    report
+        .versions
+        .iter()
+        .map(|v| VersionActivity {
+            name: v.name.clone(),
+            version: v.version,
+            ready: v.ready,
+            loading: v.loading_replicas,
+            restarts: v.restarts,
+            failing: v.last_load_error.is_some(),
+            arrivals_per_s: v.recent.arrivals_per_s,
+            queue_depth: v.queue_depth,
+        })
+        .collect()
+}
+
+/// Marks a cached file as just used (its modification time), for the cache budget's "oldest first".
+fn touch(path: &Path) {
+    if let Ok(file) = std::fs::File::options().append(true).open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
     }
 }
 

@@ -120,6 +120,25 @@ pub struct Heartbeat {
     pub report: Value,
     /// Longest the registry may hold the answer, in milliseconds.
     pub wait_ms: u64,
+    /// Longest the registry may hold it while the node is idle (nothing to watch: no traffic, no
+    /// rollout under analysis), in milliseconds; 0: `wait_ms`. The node reports early when its load
+    /// changes ([`crate::policy::cadence`]), so an idle node costs the registry little.
+    #[serde(default)]
+    pub max_wait_ms: u64,
+}
+
+/// Which nodes `fabric nodes` lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeQuery {
+    /// Labels a node must carry (all of them).
+    pub labels: BTreeMap<String, String>,
+    /// `up` or `down`.
+    pub state: Option<String>,
+    /// `edge` or `hub`.
+    pub role: Option<String>,
+    /// At most this many (0 or none: all), nodes that need attention first, then by id.
+    pub limit: Option<usize>,
 }
 
 /// One version a node should serve.
@@ -194,10 +213,15 @@ pub enum Request {
     Deploy { name: String, to: Target, labels: BTreeMap<String, String>, replicas: usize },
     /// Change a model's rollout.
     Rollout { name: String, change: RolloutAction },
-    /// A model's rollout, with per-node state.
-    RolloutStatus { name: String },
-    /// Every node known.
-    Nodes,
+    /// A model's rollout: counts per version and per state, and per-node detail for at most `limit`
+    /// nodes (those not converged or down first; default 20, 0: all).
+    RolloutStatus {
+        name: String,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// The nodes the query selects.
+    Nodes(#[serde(default)] NodeQuery),
     /// Everything at once, for `fabric top` and the status page: nodes, models, rollouts.
     Overview,
     /// A node reports; the answer is its desired state.
@@ -308,25 +332,40 @@ impl std::fmt::Display for RegistryAddr {
 /// A connection to the registry (reconnects on the next call after it drops).
 pub struct RegistryClient {
     endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
     target: RegistryAddr,
     connection: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
+/// How often a registry connection proves it is alive when nothing else flows (a held heartbeat).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A registry connection silent for this long is dead (a registry that restarted resets it at once:
+/// its stateless-reset key survives restarts).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl RegistryClient {
     /// A client presenting the certificate in `files` (call inside a tokio runtime).
     pub fn new(target: RegistryAddr, files: &TlsFiles) -> Result<Arc<RegistryClient>, ProtoError> {
-        let mut config = tls::client_config(files).map_err(|e| ProtoError::Setup(e.to_string()))?;
-        let mut transport = transport();
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        transport
-            .max_idle_timeout(Some(Duration::from_secs(5).try_into().map_err(|e| ProtoError::Setup(format!("{e}")))?));
-        config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if target.resolve()?.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|e| ProtoError::Setup(format!("{e}")))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ProtoError::Setup(e.to_string()))?;
-        endpoint.set_default_client_config(config);
-        Ok(Arc::new(RegistryClient { endpoint, target, connection: tokio::sync::Mutex::new(None) }))
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ProtoError::Setup(e.to_string()))?;
+        Self::on_endpoint(endpoint, target, files)
+    }
+
+    /// A client on an existing endpoint (many clients, each with its own certificate, can share one
+    /// socket: the fleet simulator does).
+    pub fn on_endpoint(
+        endpoint: quinn::Endpoint,
+        target: RegistryAddr,
+        files: &TlsFiles,
+    ) -> Result<Arc<RegistryClient>, ProtoError> {
+        let mut config = tls::client_config(files).map_err(|e| ProtoError::Setup(e.to_string()))?;
+        let mut transport = transport();
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|e| ProtoError::Setup(format!("{e}")))?));
+        config.transport_config(Arc::new(transport));
+        Ok(Arc::new(RegistryClient { endpoint, config, target, connection: tokio::sync::Mutex::new(None) }))
     }
 
     /// The registry's address.
@@ -342,7 +381,7 @@ impl RegistryClient {
         let addr = self.target.resolve()?;
         let connecting = self
             .endpoint
-            .connect(addr, &self.target.server_name)
+            .connect_with(self.config.clone(), addr, &self.target.server_name)
             .map_err(|e| ProtoError::Io(format!("connecting to {}: {e}", self.target)))?;
         let c = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await

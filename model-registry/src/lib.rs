@@ -3,12 +3,14 @@
 //! roll back, automatic rollback), and answers every node's heartbeat with the state it should
 //! converge to. Reached over QUIC with mutual TLS; the `fabric` CLI drives it.
 //!
-//! - [`state`]: the durable state (one value, written whole per transition);
-//! - [`store`]: where it is kept (the `Store` trait; redb by default) and the model files;
+//! - [`state`]: the durable state (models, deployments, rollouts; autoscaling records beside it);
+//! - [`store`]: where it is kept, per key (the `Store` trait; redb by default), and the model files;
+//! - [`fleet`]: the nodes' last heartbeats, their wake-ups, the hub list, liveness and retention;
 //! - [`rollout`]: pure policy: rollout transitions, each node's desired state, canary analysis;
 //! - [`service`]: the QUIC service carrying requests out;
 //! - [`status_page`]: the read-only status page (HTTP).
 
+pub mod fleet;
 pub mod rollout;
 pub mod service;
 pub mod state;

@@ -61,6 +61,59 @@ struct Cli {
     /// the next request waits for a replica to load if its deadline allows, else gets a 503 at once
     #[arg(long, default_value_t = 300.0)]
     hub_idle_to_zero_s: f64,
+    /// Longest an idle node's heartbeat is held, in milliseconds (nodes with traffic, in a canary
+    /// under analysis, and hubs report every 500 ms; an idle node reports at once when its load changes)
+    #[arg(long, default_value_t = 10_000)]
+    idle_heartbeat_ms: u64,
+    /// A node down for longer than this many seconds is forgotten, with its autoscaling records
+    #[arg(long, default_value_t = 86_400)]
+    forget_nodes_after_s: u64,
+    /// QUIC handshakes in progress at most; more are refused at once and the nodes retry with
+    /// jittered backoff (a whole fleet reconnecting after a restart is admitted in waves)
+    #[arg(long, default_value_t = 256)]
+    max_handshakes: usize,
+    /// UDP receive and send buffer of the QUIC socket, in MiB (the kernel may cap it: net.core.rmem_max)
+    #[arg(long, default_value_t = 8)]
+    socket_buffer_mib: usize,
+    /// Runtime threads (0: one per core)
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// The UDP socket of the QUIC endpoint, with buffers sized for a fleet (the kernel's default, about
+/// 200 KiB, drops datagrams once about a thousand nodes heartbeat).
+fn fleet_socket(addr: std::net::SocketAddr, buffer: usize) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (what, set) in [
+        ("receive", Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>),
+        ("send", Socket::set_send_buffer_size),
+    ] {
+        if let Err(e) = set(&socket, buffer) {
+            tracing::warn!("cannot size the UDP {what} buffer to {buffer} bytes: {e}");
+        }
+    }
+    let (got_recv, got_send) = (socket.recv_buffer_size()?, socket.send_buffer_size()?);
+    if got_recv < buffer {
+        // Linux doubles what it grants and caps it at net.core.rmem_max.
+        tracing::warn!(
+            "UDP receive buffer is {got_recv} bytes, under the {buffer} asked for: raise net.core.rmem_max for fleets of thousands of nodes"
+        );
+    }
+    tracing::debug!(recv = got_recv, send = got_send, "QUIC socket buffers");
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A stateless-reset key derived from the registry's private key: a registry restarted with the same
+/// certificate resets the connections of its previous run on their next packet, so nodes reconnect at
+/// once instead of waiting for the idle timeout.
+fn reset_key(key_file: &std::path::Path) -> anyhow::Result<ring::hmac::Key> {
+    let secret = std::fs::read(key_file).map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(b"fabric registry stateless reset v1");
+    context.update(&secret);
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, context.finish().as_ref()))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,7 +122,9 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let threads =
+        if cli.threads > 0 { cli.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
     runtime.block_on(async move {
         let store = RedbStore::open(&cli.data_dir)?;
         let settings = Settings {
@@ -89,6 +144,8 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             }),
             hub_idle_to_zero_s: cli.hub_idle_to_zero_s,
+            idle_heartbeat: std::time::Duration::from_millis(cli.idle_heartbeat_ms),
+            forget_after: std::time::Duration::from_secs(cli.forget_nodes_after_s),
             ..Settings::default()
         };
         let registry = Registry::open(Box::new(store), settings)?;
@@ -103,7 +160,9 @@ fn main() -> anyhow::Result<()> {
         config.transport_config(Arc::new(fabric_core::registry_proto::transport()));
         let addr: std::net::SocketAddr =
             cli.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", cli.listen))?;
-        let endpoint = quinn::Endpoint::server(config, addr)?;
+        let socket = fleet_socket(addr, cli.socket_buffer_mib << 20)?;
+        let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&files.key)?));
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, Arc::new(quinn::TokioRuntime))?;
         let bound = endpoint.local_addr()?;
         if cli.http_addr != "off" {
             let page = model_registry::status_page::start(Arc::clone(&registry), &cli.http_addr).map_err(|e| {
@@ -117,13 +176,15 @@ fn main() -> anyhow::Result<()> {
         }
         tracing::info!(%bound, data = %cli.data_dir.display(), "model-registry ready");
         println!("model-registry listening on quic://{bound}");
-        let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&registry)));
+        let admission = service::Admission { max_handshakes: cli.max_handshakes.max(1) };
+        let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&registry), admission));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
         endpoint.close(0u32.into(), b"registry shutting down");
+        registry.flush_scaled();
         serving.abort();
         Ok(())
     })

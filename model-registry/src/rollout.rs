@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use fabric_core::policy::traffic::{Shadow, TrafficPolicy};
 use fabric_core::registry_proto::{DesiredModel, DesiredVersion, NodeInfo, Refusal, RolloutAction, Target};
 
-use crate::state::{scaled_key, Canary, Deployment, RegistryState, Rollout, ShadowRoute};
+use crate::state::{scaled_key, Canary, Deployment, RegistryState, Rollout, Scaled, ShadowRoute};
 
 /// Applies `change` to the rollout of `name`; returns the new rollout and a line for its history.
 pub fn apply(state: &RegistryState, name: &str, change: &RolloutAction) -> Result<(Rollout, String), Refusal> {
@@ -122,8 +122,13 @@ pub fn targets(deployment: &Deployment, node: &NodeInfo) -> bool {
     role && deployment.labels.iter().all(|(k, v)| node.labels.get(k) == Some(v))
 }
 
-/// What `node` should serve, given what it has `ready` now.
-pub fn desired_for(state: &RegistryState, node: &NodeInfo, ready: &BTreeSet<(String, u64)>) -> Vec<DesiredModel> {
+/// What `node` should serve, given what it has `ready` now and the autoscaler's counts for it.
+pub fn desired_for(
+    state: &RegistryState,
+    node: &NodeInfo,
+    ready: &BTreeSet<(String, u64)>,
+    scaled: Option<&BTreeMap<String, Scaled>>,
+) -> Vec<DesiredModel> {
     let mut out = Vec::new();
     for (name, deployments) in &state.deployments {
         let replicas = deployments.iter().filter(|d| targets(d, node)).map(|d| d.replicas).max();
@@ -139,7 +144,6 @@ pub fn desired_for(state: &RegistryState, node: &NodeInfo, ready: &BTreeSet<(Str
             keep.sort_unstable();
             keep.dedup();
         }
-        let scaled = state.scaled.get(&node.node_id);
         let wanted: Vec<DesiredVersion> = keep
             .into_iter()
             .filter_map(|v| versions.get(&v))
@@ -386,7 +390,7 @@ mod tests {
         let node = NodeInfo { node_id: "n".into(), role: "edge".into(), ..Default::default() };
         let desired = |ready: &[u64]| {
             let ready: BTreeSet<(String, u64)> = ready.iter().map(|&v| ("m".to_string(), v)).collect();
-            let m = desired_for(&state, &node, &ready).remove(0);
+            let m = desired_for(&state, &node, &ready, None).remove(0);
             (
                 m.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
                 m.policy.map(|p| p.weights.into_iter().collect::<Vec<_>>()),

@@ -1,22 +1,31 @@
 //! The registry service: requests from the CLI and the nodes over QUIC, carried out against the state
-//! (every change one durable transition, in order) and the nodes' last heartbeats (in memory: they
-//! are re-learnt within a second of a restart).
+//! (every change one durable transition, in order, writing only the keys it changed) and the fleet's
+//! last heartbeats (in memory, [`crate::fleet`]: re-learnt from the next heartbeats after a restart).
+//!
+//! What a heartbeat costs is its own node's work: the state is a shared snapshot (no copy per
+//! heartbeat), the desired state is computed once per change and per group of nodes that get the
+//! same answer (role, labels, versions ready, replica counts: [`GroupKey`]), the hub list is kept up
+//! to date as hubs change, and a change wakes only the held heartbeats whose answer it changes. A
+//! node that is idle (no traffic, no canary under analysis, not a hub) is held longer
+//! (`Settings::idle_heartbeat`); it reports at once when its load changes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use fabric_core::registry_proto::{
-    self, DesiredState, Heartbeat, HubEntry, NodeInfo, Refusal, Reply, Request, RolloutAction, MAX_FRAME,
+    self, DesiredState, Heartbeat, NodeInfo, NodeQuery, Refusal, Reply, Request, RolloutAction, MAX_FRAME,
 };
 use fabric_core::tls::{self, Identity, Role};
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
+use crate::fleet::{Fleet, NodeRecord};
 use crate::rollout::{self, AnalysisSettings, Window};
 use crate::state::{now_ms, scaled_key, Deployment, ModelVersion, RegistryState, Scaled};
-use crate::store::Store;
+use crate::store::{scaled_record_key, Change, Store};
 use fabric_core::policy::autoscale::{AutoscaleSettings, Autoscaler, LoadSample};
 
 /// The registry's settings.
@@ -28,13 +37,18 @@ pub struct Settings {
     pub analysis: AnalysisSettings,
     /// How often canaries are analysed.
     pub analysis_every: Duration,
-    /// A node whose last heartbeat is older than this is down (its reports no longer count).
+    /// A node whose last heartbeat is older than this (plus the longer hold of an idle node) is down
+    /// (its reports no longer count).
     pub heartbeat_timeout: Duration,
     /// How deployed versions are scaled on each node (`max_replicas` 0: the node's cores); `None`:
     /// the deployment's replica count, fixed.
     pub autoscale: Option<AutoscaleSettings>,
     /// Seconds a version may sit idle on a hub before it goes to zero replicas (0: never).
     pub hub_idle_to_zero_s: f64,
+    /// Longest an idle node's heartbeat is held (it may ask for less).
+    pub idle_heartbeat: Duration,
+    /// A node down for longer than this is forgotten, with everything kept for it.
+    pub forget_after: Duration,
 }
 
 impl Default for Settings {
@@ -46,32 +60,54 @@ impl Default for Settings {
             heartbeat_timeout: Duration::from_secs(3),
             autoscale: Some(AutoscaleSettings { max_replicas: 0, ..AutoscaleSettings::default() }),
             hub_idle_to_zero_s: 300.0,
+            idle_heartbeat: Duration::from_secs(10),
+            forget_after: Duration::from_secs(24 * 3600),
         }
     }
 }
 
-/// What the registry knows of a node from its last heartbeat.
-struct NodeRecord {
-    info: NodeInfo,
+/// What decides a node's desired state besides the registry's state: nodes with equal keys get the
+/// same answer, computed once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    generation: u64,
+    /// The hub list's version (edges only; 0 for hubs).
+    hubs: u64,
+    role: String,
+    labels: BTreeMap<String, String>,
     ready: BTreeSet<(String, u64)>,
-    report: Value,
-    applied: u64,
-    last_seen: Instant,
+    scaled: Vec<(String, usize)>,
 }
 
-/// The registry: state, store, nodes.
+/// A desired state and its JSON, shared by every node of its group.
+struct Desired {
+    state: DesiredState,
+    value: Value,
+}
+
+/// Groups cached before the cache is emptied (it is emptied by every transition anyway).
+const DESIRED_CACHE: usize = 4096;
+/// The most a fast heartbeat is held, in milliseconds.
+const FAST_HOLD_MS: u64 = 5_000;
+
+/// The registry: state, store, fleet.
 pub struct Registry {
     store: Box<dyn Store>,
-    /// Revision in the store, and the state.
-    state: Mutex<(u64, RegistryState)>,
-    nodes: Mutex<BTreeMap<String, NodeRecord>>,
-    /// Bumped on every change a node's desired state may depend on (long polls wake on it).
-    changed: watch::Sender<u64>,
+    /// The state: a snapshot replaced whole by each transition.
+    state: RwLock<Arc<RegistryState>>,
+    /// The store's revision; held while writing, so writes are ordered.
+    revision: Mutex<u64>,
+    fleet: Fleet,
+    /// Autoscaling decisions by node, then `model:version`.
+    scaled: DashMap<String, BTreeMap<String, Scaled>>,
+    /// Decisions not written yet (store key, record or `None` to delete): one write per tick.
+    unsaved: Mutex<BTreeMap<String, Option<Scaled>>>,
+    desired: DashMap<GroupKey, Arc<Desired>>,
+    /// Desired states computed (cache misses), for the benchmark and tests.
+    computed: AtomicU64,
     settings: Settings,
     /// One autoscaler per node and version, fed by that node's heartbeats.
-    scalers: Mutex<BTreeMap<(String, String, u64), Autoscaler>>,
-    /// Each node's up/down state at the last liveness tick.
-    liveness: Mutex<BTreeMap<String, bool>>,
+    scalers: DashMap<(String, String, u64), Autoscaler>,
     started: Instant,
 }
 
@@ -79,43 +115,114 @@ fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::new("internal", e.to_string())
 }
 
+/// Activity in a node's report that the registry watches closely (traffic, a queue, a load).
+fn active(report: &Value) -> bool {
+    report["versions"].as_array().into_iter().flatten().any(|v| {
+        v["arrivals_per_s"].as_f64().unwrap_or(0.0) > 0.0
+            || v["queue_depth"].as_u64().unwrap_or(0) > 0
+            || v["loading_replicas"].as_u64().unwrap_or(0) > 0
+    })
+}
+
 impl Registry {
     /// Opens the registry on `store`, with the state last written.
     pub fn open(store: Box<dyn Store>, settings: Settings) -> Result<Arc<Registry>, crate::store::StoreError> {
-        let current = store.load()?.unwrap_or_default();
-        let (changed, _) = watch::channel(0);
+        let stored = store.load()?.unwrap_or_default();
         Ok(Arc::new(Registry {
             store,
-            state: Mutex::new(current),
-            nodes: Mutex::new(BTreeMap::new()),
-            changed,
+            state: RwLock::new(Arc::new(stored.state)),
+            revision: Mutex::new(stored.revision),
+            fleet: Fleet::default(),
+            scaled: stored.scaled.into_iter().collect(),
+            unsaved: Mutex::new(BTreeMap::new()),
+            desired: DashMap::new(),
+            computed: AtomicU64::new(0),
             settings,
-            scalers: Mutex::new(BTreeMap::new()),
-            liveness: Mutex::new(BTreeMap::new()),
+            scalers: DashMap::new(),
             started: Instant::now(),
         }))
     }
 
-    fn state(&self) -> RegistryState {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+    /// The current state (a shared snapshot).
+    pub fn state(&self) -> Arc<RegistryState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn notify(&self) {
-        self.changed.send_modify(|n| *n += 1);
+    /// The fleet's node table.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
     }
 
-    /// Runs one transition: `change` edits a copy of the state; the copy is written (one atomic write)
-    /// and only then becomes the state. Transitions are serialised, so they are ordered.
+    /// Desired states computed so far (each serves every node of its group until the next change).
+    pub fn desired_computed(&self) -> u64 {
+        self.computed.load(Ordering::Relaxed)
+    }
+
+    /// Runs one transition: `change` edits a copy of the state; the keys it changed are written (one
+    /// atomic write) and only then is the copy the state. Transitions are serialised, so they are
+    /// ordered. Held heartbeats whose answer changes are woken.
     fn transition(&self, change: impl FnOnce(&mut RegistryState) -> Result<Value, Refusal>) -> Reply {
-        let mut current = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = current.1.clone();
+        let mut revision = self.revision.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.state();
+        let mut next = (*current).clone();
         let answer = change(&mut next)?;
         next.generation += 1;
-        let revision = self.store.save(current.0, &next).map_err(internal)?;
-        *current = (revision, next);
-        drop(current);
-        self.notify();
+        let changes = crate::store::diff(&current, &next);
+        *revision = self.store.write(*revision, &changes).map_err(internal)?;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        drop(revision);
+        self.desired.clear();
+        self.wake_changed(|_| true);
         Ok(answer)
+    }
+
+    /// Wakes the held heartbeats (of nodes `concerned` selects) whose desired state now differs from
+    /// what they applied.
+    fn wake_changed(&self, concerned: impl Fn(&NodeInfo) -> bool) {
+        for id in self.fleet.waiting() {
+            let Some((info, ready, applied)) = self.fleet.with(&id, |n| (n.info.clone(), n.ready.clone(), n.applied))
+            else {
+                continue;
+            };
+            if concerned(&info) && self.desired_of(&info, &ready).state.revision != applied {
+                self.fleet.wake(&id);
+            }
+        }
+    }
+
+    /// The desired state of a node with `info` and `ready`, from the group cache.
+    fn desired_of(&self, info: &NodeInfo, ready: &BTreeSet<(String, u64)>) -> Arc<Desired> {
+        let state = self.state();
+        let edge = info.role == Role::Edge.as_str();
+        let (hubs, hubs_version) = if edge { self.fleet.hubs() } else { (Arc::new(Vec::new()), 0) };
+        let scaled = self.scaled.get(&info.node_id).map(|s| s.clone());
+        let key = GroupKey {
+            generation: state.generation,
+            hubs: hubs_version,
+            role: info.role.clone(),
+            labels: info.labels.clone(),
+            ready: ready.clone(),
+            scaled: scaled.iter().flatten().map(|(k, s)| (k.clone(), s.replicas)).collect(),
+        };
+        if let Some(d) = self.desired.get(&key) {
+            return d.clone();
+        }
+        let models = rollout::desired_for(&state, info, ready, scaled.as_ref());
+        let desired = DesiredState::new(state.generation, models, hubs.to_vec());
+        let value = json!(desired);
+        let computed = Arc::new(Desired { state: desired, value });
+        if self.desired.len() >= DESIRED_CACHE {
+            self.desired.clear();
+        }
+        self.desired.insert(key, computed.clone());
+        self.computed.fetch_add(1, Ordering::Relaxed);
+        computed
+    }
+
+    /// A node's desired state now (`None`: not known).
+    fn desired_for_node(&self, id: &str) -> Option<Arc<Desired>> {
+        let (info, ready) = self.fleet.with(id, |n| (n.info.clone(), n.ready.clone()))?;
+        Some(self.desired_of(&info, &ready))
     }
 
     /// Carries out one request from `peer`; a push reads its bytes from `recv`.
@@ -139,41 +246,34 @@ impl Registry {
                 operator()?;
                 self.push(peer, &name, version, size, recv).await
             }
-            Request::ListModels => {
+            Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await,
+            Request::Fetch { .. } => Err(Refusal::new("invalid", "fetch is answered on its stream")),
+            other => {
                 operator()?;
+                self.read_or_change(other)
+            }
+        }
+    }
+
+    /// The operator requests that need no stream: reads and transitions.
+    pub fn read_or_change(&self, request: Request) -> Reply {
+        match request {
+            Request::ListModels => {
                 let state = self.state();
                 Ok(json!(state.models.values().flat_map(|v| v.values()).collect::<Vec<_>>()))
             }
-            Request::ShowModel { name, version } => {
-                operator()?;
-                self.show(&name, version)
-            }
-            Request::RemoveModel { name, version } => {
-                operator()?;
-                self.remove(&name, version)
-            }
+            Request::ShowModel { name, version } => self.show(&name, version),
+            Request::RemoveModel { name, version } => self.remove(&name, version),
             Request::Deploy { name, to, labels, replicas } => {
-                operator()?;
                 self.deploy(&name, Deployment { to, labels, replicas: replicas.max(1) })
             }
-            Request::Rollout { name, change } => {
-                operator()?;
-                self.rollout(&name, &change, None)
+            Request::Rollout { name, change } => self.rollout(&name, &change, None),
+            Request::RolloutStatus { name, limit } => self.status(&name, limit.unwrap_or(DETAIL_NODES)),
+            Request::Nodes(query) => Ok(self.nodes(&query)),
+            Request::Overview => Ok(self.overview()),
+            Request::Push { .. } | Request::Heartbeat(_) | Request::Fetch { .. } => {
+                Err(Refusal::new("invalid", "this request needs its stream"))
             }
-            Request::RolloutStatus { name } => {
-                operator()?;
-                self.status(&name)
-            }
-            Request::Nodes => {
-                operator()?;
-                Ok(self.nodes())
-            }
-            Request::Overview => {
-                operator()?;
-                Ok(self.overview())
-            }
-            Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await,
-            Request::Fetch { .. } => Err(Refusal::new("invalid", "fetch is answered on its stream")),
         }
     }
 
@@ -312,14 +412,13 @@ impl Registry {
     }
 
     fn remove(&self, name: &str, version: u64) -> Reply {
-        let on_nodes: Vec<String> = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|n| n.ready.contains(&(name.to_string(), version)))
-            .map(|n| n.info.node_id.clone())
-            .collect();
+        let mut on_nodes = Vec::new();
+        self.fleet.each(|n| {
+            if n.ready.contains(&(name.to_string(), version)) {
+                on_nodes.push(n.info.node_id.clone());
+            }
+        });
+        on_nodes.sort();
         let mut digest = None;
         let answer = self.transition(|state| {
             if let Some(r) = state.rollouts.get(name).filter(|r| r.versions().contains(&version)) {
@@ -329,9 +428,12 @@ impl Registry {
                 ));
             }
             if !on_nodes.is_empty() {
+                let shown: Vec<&str> = on_nodes.iter().take(10).map(String::as_str).collect();
+                let more = on_nodes.len().saturating_sub(shown.len());
+                let more = if more > 0 { format!(" and {more} more") } else { String::new() };
                 return Err(Refusal::new(
                     "conflict",
-                    format!("{name}:{version} is still loaded on {}", on_nodes.join(", ")),
+                    format!("{name}:{version} is still loaded on {}{more}", shown.join(", ")),
                 ));
             }
             let versions =
@@ -386,188 +488,165 @@ impl Registry {
         })
     }
 
-    fn status(&self, name: &str) -> Reply {
+    /// A model's rollout: counts over the nodes it targets (per state, per version ready, per route),
+    /// and per-node detail for at most `limit` of them (0: all), those that need attention first.
+    fn status(&self, name: &str, limit: usize) -> Reply {
         let state = self.state();
         let rollout = state.rollouts.get(name).ok_or_else(|| {
             Refusal::new("not_found", format!("model '{name}' has no rollout: `fabric deploy {name} --to ...` first"))
         })?;
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let timeout = self.settings.heartbeat_timeout;
-        let per_node: Vec<Value> = nodes
-            .values()
-            .filter(|n| state.deployments.get(name).is_some_and(|ds| ds.iter().any(|d| rollout::targets(d, &n.info))))
-            .map(|n| {
-                let desired = rollout::desired_for(&state, &n.info, &n.ready);
-                let versions: Vec<Value> = n.report["versions"]
-                    .as_array()
-                    .map(|vs| vs.iter().filter(|v| v["name"] == name).cloned().collect())
-                    .unwrap_or_default();
-                let prefix = format!("{name}:");
-                let scaled: BTreeMap<&String, &Scaled> = state
-                    .scaled
-                    .get(&n.info.node_id)
-                    .map(|s| s.iter().filter(|(k, _)| k.starts_with(&prefix)).collect())
-                    .unwrap_or_default();
-                let replicas: Option<BTreeMap<String, usize>> = desired
-                    .iter()
-                    .find(|m| m.name == name)
-                    .map(|m| m.versions.iter().map(|v| (v.version.to_string(), v.replicas)).collect());
-                json!({
-                    "node": n.info.node_id,
-                    "replicas": replicas,
-                    "autoscaled": scaled,
-                    "ready": n.ready.iter().filter(|(m, _)| m == name).map(|(_, v)| v).collect::<Vec<_>>(),
-                    "policy": desired.iter().find(|m| m.name == name).and_then(|m| m.policy.clone()),
-                    "converged": n.applied == DesiredState::new(0, desired.clone(), hubs_for(&nodes, &n.info, timeout)).revision,
-                    "versions": versions,
-                })
-            })
-            .collect();
+        let deployments = state.deployments.get(name);
+        // Pass 1, over the fleet: counts, and which nodes get detail.
+        let (mut total, mut up, mut converged) = (0usize, 0usize, 0usize);
+        let mut ready_on: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut routes: BTreeMap<String, (Value, usize)> = BTreeMap::new();
+        let mut candidates: Vec<(bool, String)> = Vec::new();
+        self.fleet.each(|n| {
+            if !deployments.is_some_and(|ds| ds.iter().any(|d| rollout::targets(d, &n.info))) {
+                return;
+            }
+            total += 1;
+            let is_up = n.is_up(timeout);
+            up += usize::from(is_up);
+            let desired = self.desired_of(&n.info, &n.ready);
+            let done = n.applied == desired.state.revision;
+            converged += usize::from(done);
+            for (_, v) in n.ready.iter().filter(|(m, _)| m == name) {
+                *ready_on.entry(*v).or_default() += 1;
+            }
+            let policy = desired.state.models.iter().find(|m| m.name == name).and_then(|m| m.policy.clone());
+            let weights = json!(policy.map(|p| p.weights));
+            routes.entry(weights.to_string()).or_insert((weights, 0)).1 += 1;
+            candidates.push((is_up && done, n.info.node_id.clone()));
+        });
+        candidates.sort();
+        if limit > 0 {
+            candidates.truncate(limit);
+        }
+        let per_node: Vec<Value> = candidates.iter().filter_map(|(_, id)| self.node_status(&state, name, id)).collect();
+        let nodes = &self.fleet;
         let analysis = rollout.canary.map(|c| {
-            let stable =
-                rollout.stable.map(|s| window(&nodes, name, s, self.settings.heartbeat_timeout)).unwrap_or_default();
-            let canary = window(&nodes, name, c.version, self.settings.heartbeat_timeout);
+            let stable = rollout.stable.map(|s| window(&nodes, name, s, timeout)).unwrap_or_default();
+            let canary = window(&nodes, name, c.version, timeout);
             json!({ "stable": window_json(&stable), "canary": window_json(&canary) })
         });
-        Ok(
-            json!({ "name": name, "generation": state.generation, "rollout": rollout, "analysis": analysis, "nodes": per_node }),
-        )
+        let summary = json!({
+            "nodes": total, "up": up, "down": total - up, "converged": converged, "not_converged": total - converged,
+            "ready": ready_on.iter().map(|(v, n)| (v.to_string(), *n)).collect::<BTreeMap<_, _>>(),
+            "routes": routes.into_values().map(|(weights, n)| json!({ "weights": weights, "nodes": n })).collect::<Vec<_>>(),
+        });
+        Ok(json!({
+            "name": name, "generation": state.generation, "rollout": rollout, "analysis": analysis,
+            "summary": summary, "nodes": per_node,
+        }))
+    }
+
+    /// One node's part in a model's rollout.
+    fn node_status(&self, state: &RegistryState, name: &str, id: &str) -> Option<Value> {
+        let desired = self.desired_for_node(id)?;
+        let prefix = format!("{name}:");
+        let scaled: BTreeMap<String, Scaled> = self
+            .scaled
+            .get(id)
+            .map(|s| s.iter().filter(|(k, _)| k.starts_with(&prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        let model = desired.state.models.iter().find(|m| m.name == name);
+        let replicas: Option<BTreeMap<String, usize>> =
+            model.map(|m| m.versions.iter().map(|v| (v.version.to_string(), v.replicas)).collect());
+        let _ = state;
+        self.fleet.with(id, |n| {
+            let versions: Vec<Value> = n.report["versions"]
+                .as_array()
+                .map(|vs| vs.iter().filter(|v| v["name"] == name).cloned().collect())
+                .unwrap_or_default();
+            json!({
+                "node": id,
+                "state": if n.is_up(self.settings.heartbeat_timeout) { "up" } else { "down" },
+                "replicas": replicas,
+                "autoscaled": scaled,
+                "ready": n.ready.iter().filter(|(m, _)| m == name).map(|(_, v)| v).collect::<Vec<_>>(),
+                "policy": model.and_then(|m| m.policy.clone()),
+                "converged": n.applied == desired.state.revision,
+                "versions": versions,
+            })
+        })
     }
 
     /// Nodes, models and rollouts in one value (read-only): what `fabric top` and the status page show.
+    /// Nodes as counts, and the nodes that need attention (down or failing) first, at most
+    /// [`OVERVIEW_NODES`] of them.
     pub fn overview(&self) -> Value {
         let state = self.state();
+        let nodes = &self.fleet;
+        let timeout = self.settings.heartbeat_timeout;
         let models: Vec<Value> = state
             .models
             .iter()
             .map(|(name, versions)| {
                 // Each version's figures over the nodes' last reports, summed once here for every
                 // viewer (the status page, `fabric top`).
-                let live: Vec<Value> = {
-                    let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-                    versions
-                        .keys()
-                        .map(|&v| {
-                            let w = window(&nodes, name, v, self.settings.heartbeat_timeout);
-                            json!({
-                                "version": v, "weight_pct": w.weight_pct, "requests_per_s": w.per_s,
-                                "error_pct": w.error_pct(), "p50_ms": w.p50_ms, "p99_ms": w.p99_ms,
-                                "replicas": w.replicas,
-                            })
-                        })
-                        .collect()
-                };
-                json!({
-                    "name": name,
-                    "versions": versions.values().map(|m| json!({ "version": m.version, "size": m.size, "digest": m.digest })).collect::<Vec<_>>(),
-                    "deployments": state.deployments.get(name),
-                    "status": self.status(name).ok(),
-                    "live": live,
-                })
-            })
-            .collect();
-        json!({ "generation": state.generation, "nodes": self.nodes(), "models": models })
-    }
-
-    fn nodes(&self) -> Value {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        json!(nodes
-            .values()
-            .map(|n| {
-                let sum = |key: &str| -> f64 {
-                    n.report["versions"]
-                        .as_array()
-                        .map(|vs| vs.iter().map(|v| v[key].as_f64().unwrap_or(0.0)).sum())
-                        .unwrap_or(0.0)
-                };
-                let up = node_state(n.last_seen.elapsed(), self.settings.heartbeat_timeout) == "up";
-                // A node that stopped heartbeating serves nothing we know of: its last report is stale.
-                let served = if up { sum("served_per_s") } else { 0.0 };
-                let restarts = sum("restarts");
-                let versions = n.report["versions"].as_array().cloned().unwrap_or_default();
-                // Per model version: replicas replaced (panics, watchdog), and the ones failing now
-                // (a load that keeps failing, or a crash loop: replaced with backoff, not in a tight loop).
-                let restarts_by_version: BTreeMap<String, u64> = versions
-                    .iter()
-                    .filter(|v| v["restarts"].as_u64().unwrap_or(0) > 0)
-                    .map(|v| (format!("{}:{}", text_of(&v["name"]), v["version"]), v["restarts"].as_u64().unwrap_or(0)))
-                    .collect();
-                let failing: Vec<Value> = versions
-                    .iter()
-                    .filter(|v| !v["last_load_error"].is_null())
-                    .map(|v| {
+                let live: Vec<Value> = versions
+                    .keys()
+                    .map(|&v| {
+                        let w = window(&nodes, name, v, timeout);
                         json!({
-                            "model": v["name"],
-                            "version": v["version"],
-                            "restarts": v["restarts"],
-                            "reason": v["last_load_error"],
+                            "version": v, "weight_pct": w.weight_pct, "requests_per_s": w.per_s,
+                            "error_pct": w.error_pct(), "p50_ms": w.p50_ms, "p99_ms": w.p99_ms,
+                            "replicas": w.replicas,
                         })
                     })
                     .collect();
                 json!({
-                    "node": n.info.node_id,
-                    "state": node_state(n.last_seen.elapsed(), self.settings.heartbeat_timeout),
-                    "restarts": restarts,
-                    "restarts_by_version": restarts_by_version,
-                    "failing": failing,
-                    "role": n.info.role,
-                    "labels": n.info.labels,
-                    "http": n.info.http,
-                    "last_heartbeat_ms": n.last_seen.elapsed().as_millis() as u64,
-                    "ready": n.ready.iter().map(|(m, v)| format!("{m}:{v}")).collect::<Vec<_>>(),
-                    "served_per_s": served,
-                    "cores": n.info.cores,
-                    "memory_mib": n.info.memory_mib,
-                    "engines": n.info.engines,
-                    "gpu": n.info.gpu,
+                    "name": name,
+                    "versions": versions.values().map(|m| json!({ "version": m.version, "size": m.size, "digest": m.digest })).collect::<Vec<_>>(),
+                    "deployments": state.deployments.get(name),
+                    "status": self.status(name, DETAIL_NODES).ok(),
+                    "live": live,
                 })
             })
-            .collect::<Vec<_>>())
+            .collect();
+        let mut counts: BTreeMap<String, BTreeMap<&str, usize>> = BTreeMap::new();
+        self.fleet.each(|n| {
+            let state = if n.is_up(timeout) { "up" } else { "down" };
+            *counts.entry(n.info.role.clone()).or_default().entry(state).or_default() += 1;
+        });
+        let shown = self.nodes(&NodeQuery { limit: Some(OVERVIEW_NODES), ..Default::default() });
+        json!({
+            "generation": state.generation,
+            "node_counts": counts,
+            "nodes_total": self.fleet.len(),
+            "nodes": shown,
+            "models": models,
+        })
     }
 
-    fn desired(&self, node_id: &str) -> DesiredState {
-        let state = self.state();
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let (models, hubs) = match nodes.get(node_id) {
-            Some(n) => (
-                rollout::desired_for(&state, &n.info, &n.ready),
-                hubs_for(&nodes, &n.info, self.settings.heartbeat_timeout),
-            ),
-            None => (Vec::new(), Vec::new()),
-        };
-        DesiredState::new(state.generation, models, hubs)
-    }
-
-    /// One liveness tick: when a node has gone down (or come back) since the last tick, long polls
-    /// wake, so edges hear of a hub that stopped heartbeating within a tick of its timeout.
-    pub fn check_liveness(&self) {
-        let now_up: BTreeMap<String, bool> = {
-            let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-            nodes
-                .iter()
-                .map(|(id, n)| (id.clone(), node_state(n.last_seen.elapsed(), self.settings.heartbeat_timeout) == "up"))
-                .collect()
-        };
-        let mut last = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != now_up {
-            for (id, up) in &now_up {
-                if last.get(id) != Some(up) {
-                    if *up {
-                        tracing::info!(node = %id, "node up");
-                    } else {
-                        tracing::warn!(node = %id, "node down: no heartbeat for {} ms", self.settings.heartbeat_timeout.as_millis());
-                    }
-                }
+    /// The nodes `query` selects: those that need attention (down, or a version failing) first, then
+    /// by id; at most `query.limit`.
+    fn nodes(&self, query: &NodeQuery) -> Value {
+        let timeout = self.settings.heartbeat_timeout;
+        let mut selected: Vec<(bool, String)> = Vec::new();
+        self.fleet.each(|n| {
+            let up = n.is_up(timeout);
+            let state_ok = query.state.as_deref().is_none_or(|s| s == if up { "up" } else { "down" });
+            let role_ok = query.role.as_deref().is_none_or(|r| r == n.info.role);
+            let labels_ok = query.labels.iter().all(|(k, v)| n.info.labels.get(k) == Some(v));
+            if state_ok && role_ok && labels_ok {
+                selected.push((up && !failing(&n.report), n.info.node_id.clone()));
             }
-            *last = now_up;
-            drop(last);
-            self.notify();
+        });
+        selected.sort();
+        if let Some(limit) = query.limit.filter(|&l| l > 0) {
+            selected.truncate(limit);
         }
+        json!(selected.iter().filter_map(|(_, id)| self.fleet.with(id, |n| node_json(n, timeout))).collect::<Vec<_>>())
     }
 
     /// A node reports; answers its desired state at once if it differs from what the node applied,
-    /// else when it changes or after the node's `wait_ms` (at most 5 s).
-    async fn heartbeat(&self, peer: &Identity, heartbeat: Heartbeat) -> Reply {
+    /// else when a change concerns it or after its hold: the node's `wait_ms` (at most 5 s) while it
+    /// is watched (a hub, traffic, a canary under analysis), else up to its `max_wait_ms` and the
+    /// registry's idle hold.
+    pub async fn heartbeat(&self, peer: &Identity, heartbeat: Heartbeat) -> Reply {
         let info = heartbeat.info;
         if info.node_id != peer.node_id {
             return Err(Refusal::new(
@@ -585,61 +664,75 @@ impl Registry {
             ));
         }
         let ready: BTreeSet<(String, u64)> = heartbeat.ready.into_iter().map(|r| (r.name, r.version)).collect();
-        let ready_changed = {
-            let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-            let before = nodes.get(&info.node_id).map(|n| n.ready.clone());
-            let id = info.node_id.clone();
-            nodes.insert(
-                id,
-                NodeRecord {
-                    info: info.clone(),
-                    ready: ready.clone(),
-                    report: heartbeat.report,
-                    applied: heartbeat.applied,
-                    last_seen: Instant::now(),
-                },
-            );
-            before.as_ref() != Some(&ready)
-        };
-        if ready_changed {
-            self.notify();
+        // Subscribed before anything is computed, so a change from here on is not missed.
+        let mut changes = self.fleet.subscribe(&info.node_id);
+        let fast_ms = heartbeat.wait_ms.min(FAST_HOLD_MS);
+        let watched = info.role == Role::Hub.as_str() || active(&heartbeat.report);
+        let (hubs_changed, came_back) = self.fleet.record(NodeRecord {
+            info: info.clone(),
+            ready: ready.clone(),
+            report: heartbeat.report,
+            applied: heartbeat.applied,
+            last_seen: Instant::now(),
+            slack: Duration::ZERO,
+            up: true,
+        });
+        if came_back {
+            tracing::info!(node = %info.node_id, "node up again");
         }
-        self.autoscale(&info);
-        let mut changes = self.changed.subscribe();
-        let until = tokio::time::Instant::now() + Duration::from_millis(heartbeat.wait_ms.min(5_000));
+        if hubs_changed {
+            self.wake_changed(|n| n.role == Role::Edge.as_str());
+        }
+        let mut desired = self.desired_of(&info, &ready);
+        if self.autoscale(&info, &desired) {
+            desired = self.desired_of(&info, &ready);
+        }
+        let analysed = {
+            let state = self.state();
+            desired
+                .state
+                .models
+                .iter()
+                .any(|m| state.rollouts.get(&m.name).is_some_and(|r| r.canary.is_some_and(|c| c.auto_rollback)))
+        };
+        let hold_ms = if watched || analysed {
+            fast_ms
+        } else {
+            heartbeat
+                .max_wait_ms
+                .max(heartbeat.wait_ms)
+                .min(self.settings.idle_heartbeat.as_millis() as u64)
+                .max(fast_ms)
+        };
+        self.fleet.set_slack(&info.node_id, Duration::from_millis(hold_ms - fast_ms));
+        let until = tokio::time::Instant::now() + Duration::from_millis(hold_ms);
         loop {
-            let desired = self.desired(&info.node_id);
-            if desired.revision != heartbeat.applied {
-                return Ok(json!(desired));
+            if desired.state.revision != heartbeat.applied {
+                return Ok(desired.value.clone());
             }
             match tokio::time::timeout_at(until, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return Ok(json!(desired)),
+                Ok(Ok(())) => desired = self.desired_of(&info, &ready),
+                _ => return Ok(desired.value.clone()),
             }
         }
     }
 
     /// Feeds a node's fresh report to the autoscalers of the versions deployed there; a change of
-    /// replica count is a transition (durable, with its reason) that reaches the node as desired state.
-    fn autoscale(&self, info: &NodeInfo) {
-        let Some(mut settings) = self.settings.autoscale else { return };
+    /// replica count takes effect at once (the node's next answer carries it) and is written with the
+    /// tick's other decisions ([`Registry::flush_scaled`]). Returns whether any count changed.
+    fn autoscale(&self, info: &NodeInfo, desired: &Desired) -> bool {
+        let Some(mut settings) = self.settings.autoscale else { return false };
         if settings.max_replicas == 0 {
             settings.max_replicas = info.cores.max(1);
         }
         if info.role == Role::Hub.as_str() {
             settings.idle_to_zero_s = self.settings.hub_idle_to_zero_s;
         }
-        let state = self.state();
-        let (report, desired) = match self.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(&info.node_id) {
-            Some(n) => (n.report.clone(), rollout::desired_for(&state, &n.info, &n.ready)),
-            None => return,
-        };
         let mut changes = Vec::new();
-        {
-            let mut scalers = self.scalers.lock().unwrap_or_else(|p| p.into_inner());
-            for m in &desired {
+        self.fleet.with(&info.node_id, |n| {
+            for m in &desired.state.models {
                 for dv in &m.versions {
-                    let reported = report["versions"].as_array().into_iter().flatten();
+                    let reported = n.report["versions"].as_array().into_iter().flatten();
                     let Some(v) =
                         reported.into_iter().find(|v| v["name"] == m.name.as_str() && v["version"] == dv.version)
                     else {
@@ -651,25 +744,87 @@ impl Registry {
                     let sample = LoadSample::from_report(v, self.started.elapsed());
                     let key = (info.node_id.clone(), m.name.clone(), dv.version);
                     let on_gpu = v["on_gpu"].as_bool().unwrap_or(false);
-                    let scaler = scalers.entry(key).or_insert_with(|| Autoscaler::new(settings.for_device(on_gpu)));
+                    let mut scaler =
+                        self.scalers.entry(key).or_insert_with(|| Autoscaler::new(settings.for_device(on_gpu)));
                     let decision = scaler.decide(&sample, dv.replicas);
                     if decision.replicas != dv.replicas {
                         changes.push((m.name.clone(), dv.version, dv.replicas, decision));
                     }
                 }
             }
-        }
+        });
+        let changed = !changes.is_empty();
         for (model, version, from, decision) in changes {
             tracing::info!(node = %info.node_id, %model, version, from, to = decision.replicas, "autoscaling: {}", decision.reason);
-            let node = info.node_id.clone();
-            let result = self.transition(|state| {
-                let scaled = Scaled { replicas: decision.replicas, reason: decision.reason.clone(), at_ms: now_ms() };
-                state.scaled.entry(node).or_default().insert(scaled_key(&model, version), scaled);
-                Ok(Value::Null)
-            });
-            if let Err(e) = result {
-                tracing::error!(%model, version, "cannot record the autoscaling decision: {e}");
+            let key = scaled_key(&model, version);
+            let scaled = Scaled { replicas: decision.replicas, reason: decision.reason.clone(), at_ms: now_ms() };
+            self.scaled.entry(info.node_id.clone()).or_default().insert(key.clone(), scaled.clone());
+            self.unsaved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(scaled_record_key(&info.node_id, &key), Some(scaled));
+        }
+        changed
+    }
+
+    /// Writes the autoscaling decisions since the last call, in one durable write (called every
+    /// [`FLUSH_TICK`]); a failed write is kept for the next one.
+    pub fn flush_scaled(&self) {
+        let pending = std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
+        if pending.is_empty() {
+            return;
+        }
+        let changes: Vec<Change> = pending
+            .iter()
+            .map(|(k, v)| match v {
+                Some(s) => Change::Put(k.clone(), serde_json::to_vec(s).unwrap_or_default()),
+                None => Change::Delete(k.clone()),
+            })
+            .collect();
+        let mut revision = self.revision.lock().unwrap_or_else(|p| p.into_inner());
+        match self.store.write(*revision, &changes) {
+            Ok(r) => *revision = r,
+            Err(e) => {
+                tracing::error!(decisions = changes.len(), "cannot record autoscaling decisions (retried): {e}");
+                let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+                for (k, v) in pending {
+                    unsaved.entry(k).or_insert(v);
+                }
             }
+        }
+    }
+
+    /// One liveness tick: nodes down (or back), the hub list updated (waking only edges), nodes gone
+    /// for longer than the retention forgotten with their autoscaling records.
+    pub fn check_liveness(&self) {
+        let tick = self.fleet.tick(self.settings.heartbeat_timeout, self.settings.forget_after);
+        for id in &tick.down {
+            tracing::warn!(node = %id, "node down: no heartbeat for {} ms", self.settings.heartbeat_timeout.as_millis());
+        }
+        for id in &tick.up {
+            tracing::info!(node = %id, "node up");
+        }
+        if !tick.forgotten.is_empty() {
+            let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &tick.forgotten {
+                if let Some((_, records)) = self.scaled.remove(id) {
+                    for key in records.keys() {
+                        unsaved.insert(scaled_record_key(id, key), None);
+                    }
+                }
+            }
+            drop(unsaved);
+            let gone: BTreeSet<&String> = tick.forgotten.iter().collect();
+            self.scalers.retain(|(node, _, _), _| !gone.contains(node));
+            tracing::info!(
+                nodes = tick.forgotten.len(),
+                "forgot nodes down for over {} s: {:?}",
+                self.settings.forget_after.as_secs(),
+                tick.forgotten
+            );
+        }
+        if tick.hubs_changed {
+            self.wake_changed(|n| n.role == Role::Edge.as_str());
         }
     }
 
@@ -691,19 +846,17 @@ impl Registry {
     /// stable version by the configured margins.
     pub fn analyse(&self) {
         let state = self.state();
-        let decisions: Vec<(String, String)> = {
-            let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-            state
-                .rollouts
-                .iter()
-                .filter_map(|(name, r)| {
-                    let c = r.canary.filter(|c| c.auto_rollback)?;
-                    let stable = window(&nodes, name, r.stable?, self.settings.heartbeat_timeout);
-                    let canary = window(&nodes, name, c.version, self.settings.heartbeat_timeout);
-                    rollout::analyse(&stable, &canary, &self.settings.analysis).map(|why| (name.clone(), why))
-                })
-                .collect()
-        };
+        let timeout = self.settings.heartbeat_timeout;
+        let decisions: Vec<(String, String)> = state
+            .rollouts
+            .iter()
+            .filter_map(|(name, r)| {
+                let c = r.canary.filter(|c| c.auto_rollback)?;
+                let stable = window(&self.fleet, name, r.stable?, timeout);
+                let canary = window(&self.fleet, name, c.version, timeout);
+                rollout::analyse(&stable, &canary, &self.settings.analysis).map(|why| (name.clone(), why))
+            })
+            .collect();
         for (name, why) in decisions {
             tracing::warn!(model = %name, "automatic rollback: {why}");
             if let Err(e) = self.rollout(&name, &RolloutAction::Rollback, Some(why)) {
@@ -732,15 +885,68 @@ async fn write_block(file: Option<std::fs::File>, block: Vec<u8>, last: bool) ->
     .map_err(internal)
 }
 
+/// Per-node detail in `rollout status` unless asked otherwise.
+pub const DETAIL_NODES: usize = 20;
+/// Nodes listed one by one in the overview (the rest are counted).
+pub const OVERVIEW_NODES: usize = 50;
+
+/// Whether a node's report says a version is failing (a load that keeps failing, a crash loop).
+fn failing(report: &Value) -> bool {
+    report["versions"].as_array().into_iter().flatten().any(|v| !v["last_load_error"].is_null())
+}
+
+/// One node as `fabric nodes` shows it.
+fn node_json(n: &NodeRecord, timeout: Duration) -> Value {
+    let sum = |key: &str| -> f64 {
+        n.report["versions"].as_array().map(|vs| vs.iter().map(|v| v[key].as_f64().unwrap_or(0.0)).sum()).unwrap_or(0.0)
+    };
+    let up = n.is_up(timeout);
+    // A node that stopped heartbeating serves nothing we know of: its last report is stale.
+    let served = if up { sum("served_per_s") } else { 0.0 };
+    let versions = n.report["versions"].as_array().cloned().unwrap_or_default();
+    // Per model version: replicas replaced (panics, watchdog), and the ones failing now (a load that
+    // keeps failing, or a crash loop: replaced with backoff, not in a tight loop).
+    let restarts_by_version: BTreeMap<String, u64> = versions
+        .iter()
+        .filter(|v| v["restarts"].as_u64().unwrap_or(0) > 0)
+        .map(|v| (format!("{}:{}", text_of(&v["name"]), v["version"]), v["restarts"].as_u64().unwrap_or(0)))
+        .collect();
+    let failing: Vec<Value> = versions
+        .iter()
+        .filter(|v| !v["last_load_error"].is_null())
+        .map(|v| json!({ "model": v["name"], "version": v["version"], "restarts": v["restarts"], "reason": v["last_load_error"] }))
+        .collect();
+    json!({
+        "node": n.info.node_id,
+        "state": if up { "up" } else { "down" },
+        "restarts": sum("restarts"),
+        "restarts_by_version": restarts_by_version,
+        "failing": failing,
+        "role": n.info.role,
+        "labels": n.info.labels,
+        "http": n.info.http,
+        "last_heartbeat_ms": n.last_seen.elapsed().as_millis() as u64,
+        "ready": n.ready.iter().map(|(m, v)| format!("{m}:{v}")).collect::<Vec<_>>(),
+        "served_per_s": served,
+        "cores": n.info.cores,
+        "memory_mib": n.info.memory_mib,
+        "engines": n.info.engines,
+        "gpu": n.info.gpu,
+    })
+}
+
 /// What one version did over the nodes' last reports.
-fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64, timeout: Duration) -> Window {
+fn window(fleet: &Fleet, name: &str, version: u64, timeout: Duration) -> Window {
     let mut w = Window::default();
     let mut serving = 0u32;
     let highest = |so_far: Option<f64>, new: Option<f64>| match (so_far, new) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    for n in nodes.values().filter(|n| node_state(n.last_seen.elapsed(), timeout) == "up") {
+    fleet.each(|n| {
+        if !n.is_up(timeout) {
+            return;
+        }
         for v in n.report["versions"].as_array().into_iter().flatten() {
             if v["name"] != name || v["version"] != version {
                 continue;
@@ -758,42 +964,11 @@ fn window(nodes: &BTreeMap<String, NodeRecord>, name: &str, version: u64, timeou
             w.weight_pct += v["weight_pct"].as_f64().unwrap_or(0.0);
             serving += 1;
         }
-    }
+    });
     if serving > 0 {
         w.weight_pct /= f64::from(serving);
     }
     w
-}
-
-/// The hubs an edge offloads to (none for other roles): every hub that has heartbeated since the
-/// registry started, with its QUIC address and whether it is up. A hub not heard of since a registry
-/// restart is simply not listed; edges keep what they knew of it (no restart marks hubs down).
-fn hubs_for(nodes: &BTreeMap<String, NodeRecord>, node: &NodeInfo, timeout: Duration) -> Vec<HubEntry> {
-    if node.role != Role::Edge.as_str() {
-        return Vec::new();
-    }
-    nodes
-        .values()
-        .filter(|n| n.info.role == Role::Hub.as_str())
-        .filter_map(|n| {
-            let addr = n.info.quic.clone()?;
-            Some(HubEntry {
-                node_id: n.info.node_id.clone(),
-                addr,
-                up: node_state(n.last_seen.elapsed(), timeout) == "up",
-            })
-        })
-        .collect()
-}
-
-/// Whether a node is up: its last heartbeat is at most `timeout` old (heartbeats come at least every
-/// second, long polls included).
-pub fn node_state(since_heartbeat: Duration, timeout: Duration) -> &'static str {
-    if since_heartbeat <= timeout {
-        "up"
-    } else {
-        "down"
-    }
 }
 
 fn window_json(w: &Window) -> Value {
@@ -815,9 +990,25 @@ fn check_name(name: &str) -> Result<(), Refusal> {
 
 /// How often node liveness is checked (a hub that stopped is known down within this of its timeout).
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
+/// How often autoscaling decisions are written (one write for all of them).
+pub const FLUSH_TICK: Duration = Duration::from_millis(250);
+
+/// How many QUIC handshakes the registry runs at once; more are refused at once (the node retries
+/// with jittered backoff) rather than left to time out.
+#[derive(Clone, Copy, Debug)]
+pub struct Admission {
+    /// Handshakes in progress at most.
+    pub max_handshakes: usize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission { max_handshakes: 256 }
+    }
+}
 
 /// Serves the registry on `endpoint` until it closes.
-pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>) {
+pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission: Admission) {
     let ticker = registry.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(ticker.settings.analysis_every);
@@ -834,13 +1025,46 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>) {
             ticker.check_liveness();
         }
     });
+    let ticker = registry.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(FLUSH_TICK);
+        loop {
+            every.tick().await;
+            ticker.flush_scaled();
+        }
+    });
+    let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let reporter = refused.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            let n = reporter.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                tracing::warn!(
+                    refused = n,
+                    "QUIC handshakes refused in the last 5 s: too many at once (nodes retry with backoff)"
+                );
+            }
+        }
+    });
     while let Some(incoming) = endpoint.accept().await {
+        if handshaking.load(Ordering::Acquire) >= admission.max_handshakes {
+            refused.fetch_add(1, Ordering::Relaxed);
+            incoming.refuse();
+            continue;
+        }
+        handshaking.fetch_add(1, Ordering::AcqRel);
         let registry = registry.clone();
+        let handshaking = handshaking.clone();
         tokio::spawn(async move {
-            let connection = match incoming.await {
+            let connected = incoming.await;
+            handshaking.fetch_sub(1, Ordering::AcqRel);
+            let connection = match connected {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!("QUIC handshake refused: {e}");
+                    tracing::debug!("QUIC handshake refused: {e}");
                     return;
                 }
             };
@@ -877,7 +1101,11 @@ async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::Se
         let _ = send.finish();
         return;
     }
-    let reply = registry.handle(peer, request, &mut recv).await;
+    // A node that gave up on its held heartbeat (it reports afresh) stops the stream: stop holding.
+    let reply = tokio::select! {
+        reply = registry.handle(peer, request, &mut recv) => reply,
+        _ = send.stopped() => return,
+    };
     if let Err(e) = &reply {
         tracing::info!(peer = %peer.node_id, kind = %e.kind, "request refused: {}", e.message);
     }
@@ -888,12 +1116,178 @@ async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::Se
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Rollout;
+    use crate::store::RedbStore;
+    use fabric_core::registry_proto::{ReadyVersion, Target};
 
-    #[test]
-    fn nodes_are_down_after_the_heartbeat_timeout() {
-        let timeout = Duration::from_secs(3);
-        for (age_ms, want) in [(0, "up"), (1_000, "up"), (3_000, "up"), (3_001, "down"), (60_000, "down")] {
-            assert_eq!(node_state(Duration::from_millis(age_ms), timeout), want, "{age_ms} ms");
+    fn registry(name: &str, settings: Settings) -> (Arc<Registry>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("registry-service-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = RedbStore::open(&dir).expect("store");
+        (Registry::open(Box::new(store), settings).expect("registry"), dir)
+    }
+
+    fn settings() -> Settings {
+        Settings { autoscale: None, ..Settings::default() }
+    }
+
+    fn version(name: &str, v: u64) -> ModelVersion {
+        ModelVersion {
+            name: name.into(),
+            version: v,
+            digest: format!("{name}{v}"),
+            size: 1,
+            inputs: Value::Null,
+            outputs: Value::Null,
+            pushed_by: "operator".into(),
+            pushed_at: 0,
         }
+    }
+
+    /// Models `a` (deployed to edges at site x) and `b` (site y), versions 1 and 2, stable 1.
+    fn two_models(r: &Registry) {
+        r.transition(|s| {
+            for (name, site) in [("a", "x"), ("b", "y")] {
+                let versions = s.models.entry(name.into()).or_default();
+                versions.insert(1, version(name, 1));
+                versions.insert(2, version(name, 2));
+                let labels = BTreeMap::from([("site".to_string(), site.to_string())]);
+                s.deployments.insert(name.into(), vec![Deployment { to: Target::Edge, labels, replicas: 1 }]);
+                s.rollouts.insert(name.into(), Rollout { stable: Some(1), ..Default::default() });
+            }
+            Ok(Value::Null)
+        })
+        .expect("set up");
+    }
+
+    fn node(id: &str, role: Role, site: &str) -> (Identity, NodeInfo) {
+        let info = NodeInfo {
+            node_id: id.into(),
+            role: role.as_str().into(),
+            labels: BTreeMap::from([("site".to_string(), site.to_string())]),
+            quic: (role == Role::Hub).then(|| "127.0.0.1:4433".to_string()),
+            ..Default::default()
+        };
+        (Identity { node_id: id.into(), role }, info)
+    }
+
+    fn beat(info: &NodeInfo, applied: u64, ready: &[(&str, u64)]) -> Heartbeat {
+        Heartbeat {
+            info: info.clone(),
+            applied,
+            ready: ready.iter().map(|(n, v)| ReadyVersion { name: n.to_string(), version: *v }).collect(),
+            report: json!({ "versions": [] }),
+            wait_ms: 500,
+            max_wait_ms: 30_000,
+        }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let limit = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < limit, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_only_the_nodes_it_concerns() {
+        let (r, dir) = registry("wakes", settings());
+        two_models(&r);
+        // The hub first: a hub joining changes every edge's answer (its hub list).
+        let nodes = [
+            node("hub-1", Role::Hub, "x"),
+            node("edge-x1", Role::Edge, "x"),
+            node("edge-x2", Role::Edge, "x"),
+            node("edge-y1", Role::Edge, "y"),
+        ];
+        // Each node converges (its first answer), then holds a heartbeat with what it applied.
+        let mut held = BTreeMap::new();
+        for (peer, info) in &nodes {
+            let model = if info.labels["site"] == "x" { "a" } else { "b" };
+            let first = r.heartbeat(peer, beat(info, 0, &[])).await.expect("first answer");
+            let ready: Vec<(&str, u64)> = if info.role == "edge" { vec![(model, 1)] } else { vec![] };
+            let desired: DesiredState = serde_json::from_value(first).expect("desired");
+            let revision = r.desired_of(info, &ready.iter().map(|(m, v)| (m.to_string(), *v)).collect()).state.revision;
+            assert!(desired.models.iter().all(|m| m.name == model), "{} got {:?}", info.node_id, desired.models);
+            let (r, peer, hb) = (r.clone(), peer.clone(), beat(info, revision, &ready));
+            held.insert(info.node_id.clone(), tokio::spawn(async move { r.heartbeat(&peer, hb).await }));
+        }
+        until("four held heartbeats", || r.fleet.waiting().len() == 4).await;
+        // A canary of model a: the two site-x edges wake and get it; edge-y1 and the hub do not.
+        r.rollout("a", &RolloutAction::Canary { version: 2, weight: 10, auto_rollback: false }, None).expect("canary");
+        for id in ["edge-x1", "edge-x2"] {
+            let answer = held.remove(id).expect("held").await.expect("task").expect("answer");
+            let desired: DesiredState = serde_json::from_value(answer).expect("desired");
+            let versions: Vec<u64> = desired.models[0].versions.iter().map(|v| v.version).collect();
+            assert_eq!(versions, [1, 2], "{id} was told the canary");
+            assert_eq!(r.fleet.wakes_of(id), 1, "{id}");
+        }
+        assert_eq!((r.fleet.wakes_of("edge-y1"), r.fleet.wakes_of("hub-1")), (0, 0));
+        assert!(held.values().all(|h| !h.is_finished()), "a node the canary does not concern answered");
+        // A hub that moves (or goes down) wakes the edges, never the hubs.
+        let (peer, mut info) = node("hub-1", Role::Hub, "x");
+        info.quic = Some("127.0.0.1:4434".into());
+        let hub2 = r.clone();
+        tokio::spawn(async move { hub2.heartbeat(&peer, beat(&info, 0, &[])).await });
+        let answer = held.remove("edge-y1").expect("held").await.expect("task").expect("answer");
+        let desired: DesiredState = serde_json::from_value(answer).expect("desired");
+        assert_eq!(desired.hubs.iter().map(|h| h.addr.as_str()).collect::<Vec<_>>(), ["127.0.0.1:4434"]);
+        assert_eq!(r.fleet.wakes_of("edge-y1"), 1);
+        assert_eq!(r.fleet.wakes_of("hub-1"), 0, "the hub's own change does not wake hubs");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn nodes_of_one_group_share_one_desired_state() {
+        let (r, dir) = registry("groups", settings());
+        two_models(&r);
+        let before = r.desired_computed();
+        for i in 0..200 {
+            let (peer, info) = node(&format!("edge-{i}"), Role::Edge, if i % 2 == 0 { "x" } else { "y" });
+            r.heartbeat(&peer, beat(&info, 0, &[])).await.expect("answer");
+        }
+        // Two groups (site x, site y), each computed once.
+        assert_eq!(r.desired_computed() - before, 2);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn nodes_gone_longer_than_the_retention_are_forgotten_with_their_records() {
+        let settings = Settings {
+            heartbeat_timeout: Duration::from_millis(50),
+            idle_heartbeat: Duration::from_millis(1),
+            forget_after: Duration::from_millis(1),
+            ..settings()
+        };
+        let (r, dir) = registry("forget", settings.clone());
+        two_models(&r);
+        for id in ["edge-1", "edge-2"] {
+            let (peer, info) = node(id, Role::Edge, "x");
+            r.heartbeat(&peer, beat(&info, 0, &[])).await.expect("answer");
+            let scaled = Scaled { replicas: 2, reason: "test".into(), at_ms: 1 };
+            r.scaled.entry(id.into()).or_default().insert(scaled_key("a", 1), scaled.clone());
+            r.unsaved.lock().expect("lock").insert(scaled_record_key(id, &scaled_key("a", 1)), Some(scaled));
+        }
+        r.flush_scaled();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // edge-2 heartbeats again; edge-1 stays silent: down at one tick, forgotten at the next.
+        let (peer, info) = node("edge-2", Role::Edge, "x");
+        r.heartbeat(&peer, beat(&info, 0, &[])).await.expect("answer");
+        r.check_liveness();
+        assert_eq!(r.fleet.with("edge-1", |n| n.up), Some(false));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        r.check_liveness();
+        assert!(r.fleet.with("edge-1", |_| ()).is_none(), "edge-1 is still known");
+        // edge-2 can only be forgotten on a tick after one that marked it down.
+        assert!(r.fleet.with("edge-2", |_| ()).is_some(), "edge-2 was forgotten");
+        assert!(!r.scaled.contains_key("edge-1"));
+        assert!(r.scalers.iter().all(|s| s.key().0 != "edge-1"));
+        r.flush_scaled();
+        drop(r);
+        let stored = RedbStore::open(&dir).expect("store").load().expect("load").expect("stored");
+        assert!(!stored.scaled.contains_key("edge-1"), "the forgotten node's records are still stored");
+        assert!(stored.scaled.contains_key("edge-2"), "a live node's records were lost");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

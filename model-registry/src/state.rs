@@ -1,5 +1,7 @@
-//! The registry's durable state: model versions, deployments and rollouts. One value, written whole
-//! by every transition (see [`crate::store`]), so a transition is one atomic write.
+//! The registry's durable state: model versions, deployments and rollouts, kept per key by the store
+//! (see [`crate::store`]); a transition edits a copy and writes only the keys it changed. The
+//! autoscaling records ([`ScaledTable`]) grow with the fleet, so they live beside it, not in it: a
+//! transition never copies them.
 
 use std::collections::BTreeMap;
 
@@ -18,10 +20,10 @@ pub struct RegistryState {
     pub deployments: BTreeMap<String, Vec<Deployment>>,
     /// Each deployed model's rollout.
     pub rollouts: BTreeMap<String, Rollout>,
-    /// Replica counts the autoscaler decided, by node, then `model:version`.
-    #[serde(default)]
-    pub scaled: BTreeMap<String, BTreeMap<String, Scaled>>,
 }
+
+/// Replica counts the autoscaler decided, by node, then `model:version` ([`scaled_key`]).
+pub type ScaledTable = BTreeMap<String, BTreeMap<String, Scaled>>;
 
 /// An autoscaling decision for one model version on one node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +36,7 @@ pub struct Scaled {
     pub at_ms: u64,
 }
 
-/// The key of a version in [`RegistryState::scaled`].
+/// The key of a version in a node's autoscaling records.
 pub fn scaled_key(model: &str, version: u64) -> String {
     format!("{model}:{version}")
 }

@@ -3,7 +3,10 @@
 
 pub mod admission;
 pub mod autoscale;
+pub mod backoff;
 pub mod batching;
+pub mod cache;
+pub mod cadence;
 pub mod hub;
 pub mod service_time;
 pub mod traffic;

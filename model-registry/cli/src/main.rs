@@ -6,7 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use fabric_core::registry_proto::{ProtoError, RegistryAddr, RegistryClient, Request, RolloutAction, Target};
+use fabric_core::registry_proto::{
+    NodeQuery, ProtoError, RegistryAddr, RegistryClient, Request, RolloutAction, Target,
+};
 use fabric_core::tls::{generate_dev_pki_with_names, NodeCert, TlsFiles};
 use serde_json::Value;
 
@@ -79,8 +81,24 @@ enum Command {
     /// Rollouts: status, pin, canary, shadow, promote, rollback.
     #[command(subcommand)]
     Rollout(RolloutCommand),
-    /// Every node: id, role, labels, last heartbeat, versions ready, load.
-    Nodes,
+    /// Nodes: id, role, labels, last heartbeat, versions ready, load; those that need attention (down,
+    /// a version failing) first.
+    ///
+    /// Example: fabric nodes --state down --label site=berlin --limit 20
+    Nodes {
+        /// Only nodes with these labels, as k=v,k2=v2
+        #[arg(long = "label", value_parser = parse_labels, default_value = "")]
+        labels: BTreeMap<String, String>,
+        /// Only nodes up, or down
+        #[arg(long, value_parser = ["up", "down"])]
+        state: Option<String>,
+        /// Only edges, or hubs
+        #[arg(long, value_parser = ["edge", "hub"])]
+        role: Option<String>,
+        /// At most this many (0: all)
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// The fabric live, in the terminal: nodes, models, rollouts with their traffic split, per-version
     /// latency and errors, autoscaling decisions (the registry's status page, refreshed every second).
     Top {
@@ -115,8 +133,14 @@ enum ModelCommand {
 
 #[derive(Subcommand, Debug)]
 enum RolloutCommand {
-    /// The rollout, each node's routing and readiness, and the canary analysis.
-    Status { name: String },
+    /// The rollout: nodes per state, per version ready and per route, the canary analysis, and each
+    /// node's routing and readiness for the nodes that need attention first.
+    Status {
+        name: String,
+        /// Nodes shown one by one (0: all); the rest are counted
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Every request to one version.
     Pin { name: String, version: u64 },
     /// A share of requests to a canary version.
@@ -245,8 +269,8 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollout(command) => {
             let (name, change) = match command {
-                RolloutCommand::Status { name } => {
-                    let answer = call(Request::RolloutStatus { name }).await?;
+                RolloutCommand::Status { name, limit } => {
+                    let answer = call(Request::RolloutStatus { name, limit: Some(limit) }).await?;
                     return print(&answer, cli.output, show_status);
                 }
                 RolloutCommand::Pin { name, version } => (name, RolloutAction::Pin { version }),
@@ -259,7 +283,16 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
             };
             (call(Request::Rollout { name, change }).await?, show_rollout_change)
         }
-        Command::Nodes => (call(Request::Nodes).await?, show_nodes),
+        Command::Nodes { labels, state, role, limit } => {
+            let query = NodeQuery { labels, state, role, limit: Some(limit) };
+            let answer = call(Request::Nodes(query)).await?;
+            if cli.output == Output::Table && limit > 0 && answer.as_array().is_some_and(|a| a.len() == limit) {
+                show_nodes(&answer);
+                println!("(the first {limit}: --limit 0 for all)");
+                return Ok(());
+            }
+            (answer, show_nodes)
+        }
         Command::Top { once, interval_ms } => loop {
             let overview = call(Request::Overview).await?;
             if once || cli.output == Output::Json {
@@ -280,6 +313,15 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
 fn show_top(v: &Value) {
     println!("fabric top: registry generation {}", text(&v["generation"]));
     println!();
+    let counts: Vec<String> = v["node_counts"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(role, c)| {
+            format!("{role}s: {} up, {} down", c["up"].as_u64().unwrap_or(0), c["down"].as_u64().unwrap_or(0))
+        })
+        .collect();
+    println!("{} nodes ({})", text(&v["nodes_total"]), counts.join("; "));
     show_nodes(&v["nodes"]);
     for m in v["models"].as_array().into_iter().flatten() {
         println!();
@@ -430,11 +472,27 @@ fn show_status(v: &Value) {
             );
         }
     }
-    println!("{:<12} {:<10} {:<10} {:<20} {:<16}", "NODE", "READY", "CONVERGED", "WEIGHTS", "REPLICAS");
+    let s = &v["summary"];
+    println!(
+        "nodes: {} ({} up, {} down; {} converged, {} converging)",
+        text(&s["nodes"]),
+        text(&s["up"]),
+        text(&s["down"]),
+        text(&s["converged"]),
+        text(&s["not_converged"])
+    );
+    let ready: Vec<String> =
+        s["ready"].as_object().into_iter().flatten().map(|(v, n)| format!("v{v} on {}", text(n))).collect();
+    println!("ready: {}", if ready.is_empty() { "-".to_string() } else { ready.join(", ") });
+    for r in s["routes"].as_array().into_iter().flatten() {
+        println!("route {} on {} nodes", r["weights"], text(&r["nodes"]));
+    }
+    println!("{:<12} {:<5} {:<10} {:<10} {:<20} {:<16}", "NODE", "STATE", "READY", "CONVERGED", "WEIGHTS", "REPLICAS");
     for n in v["nodes"].as_array().into_iter().flatten() {
         println!(
-            "{:<12} {:<10} {:<10} {:<20} {:<16}",
+            "{:<12} {:<5} {:<10} {:<10} {:<20} {:<16}",
             text(&n["node"]),
+            text(&n["state"]),
             n["ready"].to_string(),
             text(&n["converged"]),
             n["policy"]["weights"].to_string(),
@@ -443,6 +501,10 @@ fn show_status(v: &Value) {
         for (version, s) in n["autoscaled"].as_object().into_iter().flatten() {
             println!("  autoscaled {version} to {}: {}", text(&s["replicas"]), text(&s["reason"]));
         }
+    }
+    let shown = v["nodes"].as_array().map_or(0, Vec::len);
+    if s["nodes"].as_u64().is_some_and(|n| n as usize > shown) {
+        println!("(nodes that need attention first: {shown} of {}; --limit 0 for all)", text(&s["nodes"]));
     }
     println!("history:");
     for e in v["rollout"]["history"].as_array().into_iter().flatten() {
