@@ -164,12 +164,19 @@ impl Agent {
                 wait_ms: self.heartbeat_ms,
                 max_wait_ms: self.idle_heartbeat_ms,
             };
-            // Bounded: a registry that vanished mid-poll is noticed even before QUIC's idle timeout.
-            let limit = Duration::from_millis(self.idle_heartbeat_ms) + Duration::from_secs(10);
+            // The registry answers within the hold it may take (at most `idle_heartbeat_ms`): a poll
+            // unanswered well after it is a registry that vanished, noticed before QUIC's idle timeout.
+            let limit = Duration::from_millis(self.idle_heartbeat_ms) + ANSWER_MARGIN;
             let request = Request::Heartbeat(heartbeat);
             let call = tokio::time::timeout(limit, self.client.call(&request));
             let answer = tokio::select! {
-                answer = call => answer.unwrap_or_else(|_| Err(ProtoError::Io("no heartbeat answer in time".into()))),
+                answer = call => match answer {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        self.client.forget_connection().await;
+                        Err(ProtoError::Io("no heartbeat answer in time".into()))
+                    }
+                },
                 // Something the registry acts on: report it now rather than when the hold ends.
                 () = self.load_moved(&sent) => continue,
             };
@@ -371,7 +378,9 @@ impl Agent {
 
 /// First retry delay after the registry could not be reached, and the most it grows to.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
-const RETRY_CAP: Duration = Duration::from_secs(10);
+const RETRY_CAP: Duration = Duration::from_secs(5);
+/// How much later than its longest hold a heartbeat's answer may come before the registry is deemed gone.
+const ANSWER_MARGIN: Duration = Duration::from_secs(3);
 /// How often the agent looks at its load report while a heartbeat is held.
 const REPORT_CHECK: Duration = Duration::from_millis(250);
 
@@ -388,7 +397,7 @@ fn activity(report: &crate::control::NodeReport) -> Vec<VersionActivity> {
             restarts: v.restarts,
             failing: v.last_load_error.is_some(),
             arrivals_per_s: v.recent.arrivals_per_s,
-            queue_depth: v.queue_depth,
+            busy: v.window.arrivals_per_s > 0.0 || v.queue_depth > 0 || v.in_flight > 0,
         })
         .collect()
 }

@@ -278,6 +278,16 @@ pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, message: &T
     send.write_all(&body).await.map_err(|e| ProtoError::Io(e.to_string()))
 }
 
+/// Writes one frame whose body is already serialised JSON.
+pub async fn write_raw_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<(), ProtoError> {
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::Malformed(format!("frame of {} bytes over the {MAX_FRAME} limit", body.len())));
+    }
+    let len = u32::try_from(body.len()).map_err(|e| ProtoError::Malformed(e.to_string()))?;
+    send.write_all(&len.to_be_bytes()).await.map_err(|e| ProtoError::Io(e.to_string()))?;
+    send.write_all(body).await.map_err(|e| ProtoError::Io(e.to_string()))
+}
+
 /// Reads one frame of at most `max` bytes.
 pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<T, ProtoError> {
     let mut len = [0u8; 4];
@@ -337,11 +347,17 @@ pub struct RegistryClient {
     connection: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
-/// How often a registry connection proves it is alive when nothing else flows (a held heartbeat).
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
-/// A registry connection silent for this long is dead (a registry that restarted resets it at once:
-/// its stateless-reset key survives restarts).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Times a connect the registry refused (too many handshakes at once) is tried again before failing.
+const REFUSED_RETRIES: u32 = 4;
+
+/// How long a registry connection may be silent before it sends a keep-alive: longer than an idle
+/// node's held heartbeat (10 s), so a healthy node sends none (at 10,000 nodes, keep-alives every
+/// 2 s were most of the registry's packets).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// A registry connection silent for this long is dead. A registry that restarted resets it at the
+/// next packet (its stateless-reset key survives restarts); a call that gets no answer in time drops
+/// the connection at once ([`RegistryClient::forget_connection`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl RegistryClient {
     /// A client presenting the certificate in `files` (call inside a tokio runtime).
@@ -379,16 +395,42 @@ impl RegistryClient {
             return Ok(c.clone());
         }
         let addr = self.target.resolve()?;
-        let connecting = self
-            .endpoint
-            .connect_with(self.config.clone(), addr, &self.target.server_name)
-            .map_err(|e| ProtoError::Io(format!("connecting to {}: {e}", self.target)))?;
-        let c = tokio::time::timeout(Duration::from_secs(5), connecting)
-            .await
-            .map_err(|_| ProtoError::Io(format!("no answer from the registry at {} within 5 s", self.target)))?
-            .map_err(|e| ProtoError::Io(format!("connecting to the registry at {}: {e}", self.target)))?;
-        *held = Some(c.clone());
-        Ok(c)
+        // A registry busy with a fleet's handshakes refuses new ones at once: try again a few times,
+        // jittered, before the caller sees it (the CLI during a fleet's reconnect, say).
+        let mut backoff = crate::policy::backoff::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            crate::policy::backoff::seed_of(&format!("{:?}", std::time::SystemTime::now())),
+        );
+        loop {
+            let connecting = self
+                .endpoint
+                .connect_with(self.config.clone(), addr, &self.target.server_name)
+                .map_err(|e| ProtoError::Io(format!("connecting to {}: {e}", self.target)))?;
+            let connected = tokio::time::timeout(Duration::from_secs(5), connecting)
+                .await
+                .map_err(|_| ProtoError::Io(format!("no answer from the registry at {} within 5 s", self.target)))?;
+            match connected {
+                Ok(c) => {
+                    *held = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(quinn::ConnectionError::ConnectionClosed(close))
+                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+                        && backoff.failures() < REFUSED_RETRIES =>
+                {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => return Err(ProtoError::Io(format!("connecting to the registry at {}: {e}", self.target))),
+            }
+        }
+    }
+
+    /// Drops the connection (the next call makes a new one): for a call that got no answer in time.
+    pub async fn forget_connection(&self) {
+        if let Some(c) = self.connection.lock().await.take() {
+            c.close(0u32.into(), b"no answer in time");
+        }
     }
 
     /// Sends a request and reads its answer.

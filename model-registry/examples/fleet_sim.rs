@@ -56,7 +56,7 @@ fn parse_args() -> anyhow::Result<Args> {
         model2: PathBuf::from("build/models/mlp_alt/1/model.onnx"),
         work: std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id())),
         out: None,
-        endpoints: 8,
+        endpoints: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,7 +73,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--out" => a.out = Some(value()?.into()),
             "--endpoints" => a.endpoints = value()?.parse()?,
             "--help" | "-h" => {
-                println!("fleet_sim [--nodes N] [--hubs H] [--ramp-s S] [--steady-s S] [--registry-bin F] [--model F] [--model2 F] [--work DIR] [--out F.json] [--endpoints E]");
+                println!("fleet_sim [--nodes N] [--hubs H] [--ramp-s S] [--steady-s S] [--registry-bin F] [--model F] [--model2 F] [--work DIR] [--out F.json] [--endpoints E (0: one per 250 nodes)]");
                 std::process::exit(0);
             }
             other => bail!("unknown flag {other} (--help lists them)"),
@@ -89,6 +89,8 @@ struct Seen {
     connected: AtomicUsize,
     /// Failed heartbeats (connects included).
     errors: AtomicU64,
+    /// The same, by the start of their message.
+    error_kinds: Mutex<BTreeMap<String, u64>>,
     /// Heartbeats answered.
     answers: AtomicU64,
     /// When each node first saw the change being measured (`None`: not yet).
@@ -139,8 +141,7 @@ impl Node {
         let started = Instant::now();
         let mut applied = 0u64;
         let mut ready: Vec<ReadyVersion> = Vec::new();
-        let mut backoff =
-            Backoff::new(Duration::from_millis(250), Duration::from_secs(10), seed_of(&self.info.node_id));
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5), seed_of(&self.info.node_id));
         let mut counted_epoch = u64::MAX;
         loop {
             let heartbeat = Heartbeat {
@@ -151,13 +152,25 @@ impl Node {
                 wait_ms: 500,
                 max_wait_ms: 10_000,
             };
-            let answer =
-                tokio::time::timeout(Duration::from_secs(20), self.client.call(&Request::Heartbeat(heartbeat)))
-                    .await
-                    .unwrap_or_else(|_| Err(fabric_core::registry_proto::ProtoError::Io("no answer in 20 s".into())));
+            // As the agent: an answer later than the longest hold plus 3 s means the registry is gone.
+            let request = Request::Heartbeat(heartbeat);
+            let answer = match tokio::time::timeout(Duration::from_secs(13), self.client.call(&request)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.client.forget_connection().await;
+                    Err(fabric_core::registry_proto::ProtoError::Io("no answer in 13 s".into()))
+                }
+            };
             let desired = match answer.map(serde_json::from_value::<DesiredState>) {
                 Ok(Ok(d)) => d,
-                Ok(Err(_)) | Err(_) => {
+                failed => {
+                    let why = match failed {
+                        Err(e) => e.to_string(),
+                        Ok(Err(e)) => format!("malformed answer: {e}"),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    let kind: String = why.chars().take(60).collect();
+                    *self.seen.error_kinds.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += 1;
                     self.seen.errors.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
@@ -391,8 +404,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let seen = Arc::new(Seen::default());
     let epoch = Arc::new(AtomicU64::new(0));
     let bind: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    // One UDP socket per 250 simulated nodes (default), as a few hundred processes would have.
+    let sockets = if args.endpoints > 0 { args.endpoints } else { (args.nodes / 250).max(4) };
     let endpoints: Vec<quinn::Endpoint> =
-        (0..args.endpoints.max(1)).map(|_| quinn::Endpoint::client(bind)).collect::<Result<_, _>>()?;
+        (0..sockets).map(|_| quinn::Endpoint::client(bind)).collect::<Result<_, _>>()?;
     let total = ids.len();
     let started = Instant::now();
     for (i, (id, role)) in ids.iter().enumerate() {
@@ -523,9 +538,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let killed = Instant::now();
     registry.kill_and_restart()?;
     let restarted = killed.elapsed().as_secs_f64();
+    let mut progress = Vec::new();
     while seen.connected.load(Ordering::Acquire) < total && killed.elapsed() < Duration::from_secs(180) {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = killed.elapsed().as_secs() as usize;
+        if progress.len() <= second {
+            progress.push(seen.connected.load(Ordering::Acquire));
+        }
     }
+    eprintln!("reconnected per second since the kill: {progress:?}");
     let back = killed.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let down = operator
@@ -544,6 +565,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("restart: {restart}");
     results.insert("restart".into(), restart);
 
+    results.insert("error_kinds".into(), json!(*seen.error_kinds.lock().unwrap_or_else(|p| p.into_inner())));
     let results = Value::Object(results);
     println!("{}", serde_json::to_string_pretty(&results)?);
     if let Some(out) = &args.out {

@@ -68,9 +68,9 @@ struct Cli {
     /// A node down for longer than this many seconds is forgotten, with its autoscaling records
     #[arg(long, default_value_t = 86_400)]
     forget_nodes_after_s: u64,
-    /// QUIC handshakes in progress at most; more are refused at once and the nodes retry with
-    /// jittered backoff (a whole fleet reconnecting after a restart is admitted in waves)
-    #[arg(long, default_value_t = 256)]
+    /// QUIC handshakes in progress at most; one that cannot start within 1 s is refused at once and
+    /// the node retries with jittered backoff (a whole fleet reconnecting after a restart comes in waves)
+    #[arg(long, default_value_t = 32)]
     max_handshakes: usize,
     /// UDP receive and send buffer of the QUIC socket, in MiB (the kernel may cap it: net.core.rmem_max)
     #[arg(long, default_value_t = 8)]
@@ -108,12 +108,20 @@ fn fleet_socket(addr: std::net::SocketAddr, buffer: usize) -> anyhow::Result<std
 /// A stateless-reset key derived from the registry's private key: a registry restarted with the same
 /// certificate resets the connections of its previous run on their next packet, so nodes reconnect at
 /// once instead of waiting for the idle timeout.
-fn reset_key(key_file: &std::path::Path) -> anyhow::Result<ring::hmac::Key> {
+/// The connection ids it hands out are keyed the same way: a restarted registry recognises its
+/// previous run's ids (quinn only resets connections whose id it can validate).
+fn restart_keys(key_file: &std::path::Path) -> anyhow::Result<(ring::hmac::Key, u64)> {
     let secret = std::fs::read(key_file).map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    context.update(b"fabric registry stateless reset v1");
-    context.update(&secret);
-    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, context.finish().as_ref()))
+    let derive = |label: &[u8]| {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(label);
+        context.update(&secret);
+        context.finish()
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(b"fabric registry stateless reset v1").as_ref());
+    let cid = derive(b"fabric registry connection ids v1");
+    let cid_key = u64::from_be_bytes(cid.as_ref()[..8].try_into().map_err(|_| anyhow::anyhow!("digest too short"))?);
+    Ok((reset, cid_key))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -161,7 +169,14 @@ fn main() -> anyhow::Result<()> {
         let addr: std::net::SocketAddr =
             cli.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", cli.listen))?;
         let socket = fleet_socket(addr, cli.socket_buffer_mib << 20)?;
-        let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&files.key)?));
+        let (reset, cid_key) = restart_keys(&files.key)?;
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset));
+        endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+        // quinn sends at most one stateless reset per 20 ms by default (and datagrams read in one
+        // batch share one timestamp): after a restart, most of a fleet would wait out the idle
+        // timeout instead. A reset is always smaller than the packet that caused it, so sending one
+        // per stray packet amplifies nothing.
+        endpoint_config.min_reset_interval(std::time::Duration::ZERO);
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, Arc::new(quinn::TokioRuntime))?;
         let bound = endpoint.local_addr()?;
         if cli.http_addr != "off" {
@@ -176,7 +191,7 @@ fn main() -> anyhow::Result<()> {
         }
         tracing::info!(%bound, data = %cli.data_dir.display(), "model-registry ready");
         println!("model-registry listening on quic://{bound}");
-        let admission = service::Admission { max_handshakes: cli.max_handshakes.max(1) };
+        let admission = service::Admission { max_handshakes: cli.max_handshakes.max(1), ..Default::default() };
         let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&registry), admission));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -79,10 +79,12 @@ pub struct GroupKey {
     scaled: Vec<(String, usize)>,
 }
 
-/// A desired state and its JSON, shared by every node of its group.
-struct Desired {
-    state: DesiredState,
-    value: Value,
+/// A desired state and its answer frame, serialised once and shared by every node of its group.
+pub struct Desired {
+    /// What the nodes of the group should serve.
+    pub state: DesiredState,
+    /// The answer as it goes on the wire (a `Reply`'s JSON).
+    frame: Vec<u8>,
 }
 
 /// Groups cached before the cache is emptied (it is emptied by every transition anyway).
@@ -105,6 +107,8 @@ pub struct Registry {
     desired: DashMap<GroupKey, Arc<Desired>>,
     /// Desired states computed (cache misses), for the benchmark and tests.
     computed: AtomicU64,
+    /// A hub came (back) or moved since the last liveness tick: edges are woken then.
+    hubs_moved: std::sync::atomic::AtomicBool,
     settings: Settings,
     /// One autoscaler per node and version, fed by that node's heartbeats.
     scalers: DashMap<(String, String, u64), Autoscaler>,
@@ -137,6 +141,7 @@ impl Registry {
             unsaved: Mutex::new(BTreeMap::new()),
             desired: DashMap::new(),
             computed: AtomicU64::new(0),
+            hubs_moved: std::sync::atomic::AtomicBool::new(false),
             settings,
             scalers: DashMap::new(),
             started: Instant::now(),
@@ -209,8 +214,8 @@ impl Registry {
         }
         let models = rollout::desired_for(&state, info, ready, scaled.as_ref());
         let desired = DesiredState::new(state.generation, models, hubs.to_vec());
-        let value = json!(desired);
-        let computed = Arc::new(Desired { state: desired, value });
+        let frame = serde_json::to_vec(&Ok::<&DesiredState, Refusal>(&desired)).unwrap_or_default();
+        let computed = Arc::new(Desired { state: desired, frame });
         if self.desired.len() >= DESIRED_CACHE {
             self.desired.clear();
         }
@@ -246,7 +251,7 @@ impl Registry {
                 operator()?;
                 self.push(peer, &name, version, size, recv).await
             }
-            Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await,
+            Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await.map(|d| json!(d.state)),
             Request::Fetch { .. } => Err(Refusal::new("invalid", "fetch is answered on its stream")),
             other => {
                 operator()?;
@@ -646,7 +651,7 @@ impl Registry {
     /// else when a change concerns it or after its hold: the node's `wait_ms` (at most 5 s) while it
     /// is watched (a hub, traffic, a canary under analysis), else up to its `max_wait_ms` and the
     /// registry's idle hold.
-    pub async fn heartbeat(&self, peer: &Identity, heartbeat: Heartbeat) -> Reply {
+    pub async fn heartbeat(&self, peer: &Identity, heartbeat: Heartbeat) -> Result<Arc<Desired>, Refusal> {
         let info = heartbeat.info;
         if info.node_id != peer.node_id {
             return Err(Refusal::new(
@@ -681,7 +686,9 @@ impl Registry {
             tracing::info!(node = %info.node_id, "node up again");
         }
         if hubs_changed {
-            self.wake_changed(|n| n.role == Role::Edge.as_str());
+            // Edges hear of it at the next liveness tick: a hub flapping wakes them at most 4 times
+            // a second, not once per heartbeat.
+            self.hubs_moved.store(true, Ordering::Release);
         }
         let mut desired = self.desired_of(&info, &ready);
         if self.autoscale(&info, &desired) {
@@ -708,11 +715,11 @@ impl Registry {
         let until = tokio::time::Instant::now() + Duration::from_millis(hold_ms);
         loop {
             if desired.state.revision != heartbeat.applied {
-                return Ok(desired.value.clone());
+                return Ok(desired);
             }
             match tokio::time::timeout_at(until, changes.changed()).await {
                 Ok(Ok(())) => desired = self.desired_of(&info, &ready),
-                _ => return Ok(desired.value.clone()),
+                _ => return Ok(desired),
             }
         }
     }
@@ -823,7 +830,7 @@ impl Registry {
                 tick.forgotten
             );
         }
-        if tick.hubs_changed {
+        if tick.hubs_changed | self.hubs_moved.swap(false, Ordering::AcqRel) {
             self.wake_changed(|n| n.role == Role::Edge.as_str());
         }
     }
@@ -944,7 +951,8 @@ fn window(fleet: &Fleet, name: &str, version: u64, timeout: Duration) -> Window 
         (a, b) => a.or(b),
     };
     fleet.each(|n| {
-        if !n.is_up(timeout) {
+        // Only nodes that serve it (no allocation: this runs over the whole fleet).
+        if !n.is_up(timeout) || !n.ready.iter().any(|(m, v)| m == name && *v == version) {
             return;
         }
         for v in n.report["versions"].as_array().into_iter().flatten() {
@@ -990,20 +998,24 @@ fn check_name(name: &str) -> Result<(), Refusal> {
 
 /// How often node liveness is checked (a hub that stopped is known down within this of its timeout).
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
+/// Longest a QUIC handshake may take (as long as a node waits for one).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
 /// How often autoscaling decisions are written (one write for all of them).
 pub const FLUSH_TICK: Duration = Duration::from_millis(250);
 
-/// How many QUIC handshakes the registry runs at once; more are refused at once (the node retries
-/// with jittered backoff) rather than left to time out.
+/// How many QUIC handshakes the registry runs at once: one that cannot start within `queue_wait`
+/// is refused (the node retries with jittered backoff) rather than left to time out.
 #[derive(Clone, Copy, Debug)]
 pub struct Admission {
     /// Handshakes in progress at most.
     pub max_handshakes: usize,
+    /// Longest a handshake waits for its turn before it is refused.
+    pub queue_wait: Duration,
 }
 
 impl Default for Admission {
     fn default() -> Self {
-        Admission { max_handshakes: 256 }
+        Admission { max_handshakes: 32, queue_wait: Duration::from_secs(1) }
     }
 }
 
@@ -1033,7 +1045,7 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission
             ticker.flush_scaled();
         }
     });
-    let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let turns = Arc::new(tokio::sync::Semaphore::new(admission.max_handshakes.max(1)));
     let refused = Arc::new(AtomicU64::new(0));
     let reporter = refused.clone();
     tokio::spawn(async move {
@@ -1050,17 +1062,26 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission
         }
     });
     while let Some(incoming) = endpoint.accept().await {
-        if handshaking.load(Ordering::Acquire) >= admission.max_handshakes {
-            refused.fetch_add(1, Ordering::Relaxed);
-            incoming.refuse();
-            continue;
-        }
-        handshaking.fetch_add(1, Ordering::AcqRel);
         let registry = registry.clone();
-        let handshaking = handshaking.clone();
+        let (turns, refused) = (turns.clone(), refused.clone());
         tokio::spawn(async move {
-            let connected = incoming.await;
-            handshaking.fetch_sub(1, Ordering::AcqRel);
+            // A burst (a fleet reconnecting) waits its turn briefly; beyond that it is refused at
+            // once, which the node hears immediately, instead of a handshake that times out.
+            let Ok(Ok(turn)) = tokio::time::timeout(admission.queue_wait, turns.acquire_owned()).await else {
+                refused.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+                return;
+            };
+            // Bounded like the node's own connect (5 s): a handshake whose client gave up must not
+            // hold a turn until QUIC's idle timeout.
+            let connected = match tokio::time::timeout(HANDSHAKE_LIMIT, incoming).await {
+                Ok(connected) => connected,
+                Err(_) => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            drop(turn);
             let connection = match connected {
                 Ok(c) => c,
                 Err(e) => {
@@ -1102,9 +1123,23 @@ async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::Se
         return;
     }
     // A node that gave up on its held heartbeat (it reports afresh) stops the stream: stop holding.
-    let reply = tokio::select! {
-        reply = registry.handle(peer, request, &mut recv) => reply,
-        _ = send.stopped() => return,
+    let reply = match request {
+        Request::Heartbeat(heartbeat) => {
+            let answer = tokio::select! {
+                answer = registry.heartbeat(peer, heartbeat) => answer,
+                _ = send.stopped() => return,
+            };
+            match answer {
+                // The group's answer, serialised once.
+                Ok(desired) => {
+                    let _ = registry_proto::write_raw_frame(&mut send, &desired.frame).await;
+                    let _ = send.finish();
+                    return;
+                }
+                Err(refusal) => Err(refusal),
+            }
+        }
+        request => registry.handle(peer, request, &mut recv).await,
     };
     if let Err(e) = &reply {
         tracing::info!(peer = %peer.node_id, kind = %e.kind, "request refused: {}", e.message);
@@ -1207,7 +1242,7 @@ mod tests {
             let model = if info.labels["site"] == "x" { "a" } else { "b" };
             let first = r.heartbeat(peer, beat(info, 0, &[])).await.expect("first answer");
             let ready: Vec<(&str, u64)> = if info.role == "edge" { vec![(model, 1)] } else { vec![] };
-            let desired: DesiredState = serde_json::from_value(first).expect("desired");
+            let desired = first.state.clone();
             let revision = r.desired_of(info, &ready.iter().map(|(m, v)| (m.to_string(), *v)).collect()).state.revision;
             assert!(desired.models.iter().all(|m| m.name == model), "{} got {:?}", info.node_id, desired.models);
             let (r, peer, hb) = (r.clone(), peer.clone(), beat(info, revision, &ready));
@@ -1218,7 +1253,7 @@ mod tests {
         r.rollout("a", &RolloutAction::Canary { version: 2, weight: 10, auto_rollback: false }, None).expect("canary");
         for id in ["edge-x1", "edge-x2"] {
             let answer = held.remove(id).expect("held").await.expect("task").expect("answer");
-            let desired: DesiredState = serde_json::from_value(answer).expect("desired");
+            let desired = &answer.state;
             let versions: Vec<u64> = desired.models[0].versions.iter().map(|v| v.version).collect();
             assert_eq!(versions, [1, 2], "{id} was told the canary");
             assert_eq!(r.fleet.wakes_of(id), 1, "{id}");
@@ -1230,8 +1265,10 @@ mod tests {
         info.quic = Some("127.0.0.1:4434".into());
         let hub2 = r.clone();
         tokio::spawn(async move { hub2.heartbeat(&peer, beat(&info, 0, &[])).await });
+        until("the hub's new address", || r.fleet.hubs().0.first().is_some_and(|h| h.addr.ends_with("4434"))).await;
+        r.check_liveness();
         let answer = held.remove("edge-y1").expect("held").await.expect("task").expect("answer");
-        let desired: DesiredState = serde_json::from_value(answer).expect("desired");
+        let desired = &answer.state;
         assert_eq!(desired.hubs.iter().map(|h| h.addr.as_str()).collect::<Vec<_>>(), ["127.0.0.1:4434"]);
         assert_eq!(r.fleet.wakes_of("edge-y1"), 1);
         assert_eq!(r.fleet.wakes_of("hub-1"), 0, "the hub's own change does not wake hubs");

@@ -50,7 +50,8 @@ fn rollouts_across_a_fabric_fail_no_request() {
     let r = registry.addr.clone();
     let hub = f.hub(&r);
     let e1 = f.edge("edge-1", &r, &["site=berlin"]);
-    let e2 = f.edge("edge-2", &r, &["site=paris"]);
+    // edge-2 keeps no model file it is not asked to serve (a cache budget of 0 MiB).
+    let e2 = f.edge_with("edge-2", &r, &["site=paris"], Some("[registry]\ncache_budget_mib = 0\n"));
     let nodes = vec![e1.addr.clone(), e2.addr.clone(), hub.addr.clone()];
     let a = agent();
 
@@ -135,6 +136,25 @@ fn rollouts_across_a_fabric_fail_no_request() {
     for n in &nodes {
         assert_eq!(infer(&a, n), (200, "2".into()));
     }
+    // The cache budget: edge-2 keeps only v2's file (v1's, also v3's, was deleted once unwanted);
+    // edge-1, within its 4 GiB default, keeps both.
+    let cached = |id: &str| -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(f.dir.join(format!("{id}-data/models")))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+    };
+    let (v1, v2) = (
+        support::digest(std::path::Path::new(&model("mlp"))),
+        support::digest(std::path::Path::new(&model("mlp_alt"))),
+    );
+    wait_for("edge-2's cache trimmed to its budget", Duration::from_secs(30), || {
+        cached("edge-2") == [format!("{v2}.onnx")]
+    });
+    let mut both = vec![format!("{v1}.onnx"), format!("{v2}.onnx")];
+    both.sort();
+    assert_eq!(cached("edge-1"), both);
     // A shadow reaches every node's routing, and answers still come from the stable version.
     f.cli(&r, &["rollout", "shadow", "mlp", "3", "--share", "100"]);
     wait_for("the shadow on every node", Duration::from_secs(60), || {

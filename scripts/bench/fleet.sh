@@ -25,7 +25,7 @@ for knob in net.core.rmem_max net.core.wmem_max; do
 done
 for n in "${sizes[@]}"; do
   echo "==> $n simulated nodes"
-  ramp=$(( n / 500 )); [ $ramp -ge 2 ] || ramp=2
+  ramp=$(( n / 250 )); [ $ramp -ge 2 ] || ramp=2   # 250 new nodes a second (10,000 in 40 s)
   target/release/examples/fleet_sim --nodes "$n" --hubs 4 --ramp-s "$ramp" --steady-s "${STEADY_S:-30}" \
     --registry-bin target/release/model-registry \
     --model build/models/mlp/1/model.onnx --model2 build/models/mlp_alt/1/model.onnx \

@@ -18,14 +18,16 @@ pub struct VersionActivity {
     pub restarts: u64,
     /// Whether a load is failing.
     pub failing: bool,
-    /// Requests arriving per second (the short window).
+    /// Requests arriving per second (the short window the autoscaler reads).
     pub arrivals_per_s: f64,
-    /// Requests waiting.
-    pub queue_depth: usize,
+    /// Requests arrived over the report's whole window (seconds), or waiting now.
+    pub busy: bool,
 }
 
 /// Relative change of arrivals that is worth reporting at once.
 pub const ARRIVALS_CHANGE: f64 = 0.5;
+/// Below this rate a change is noise of the short window, not a step (requests per second).
+pub const ARRIVALS_FLOOR: f64 = 4.0;
 
 /// Whether `now` differs from what was last `sent` in a way the registry acts on.
 pub fn report_early(sent: &[VersionActivity], now: &[VersionActivity]) -> bool {
@@ -33,11 +35,11 @@ pub fn report_early(sent: &[VersionActivity], now: &[VersionActivity]) -> bool {
         return true;
     }
     sent.iter().zip(now).any(|(a, b)| {
-        let busy = |v: &VersionActivity| v.arrivals_per_s > 0.0 || v.queue_depth > 0;
-        let moved = (b.arrivals_per_s - a.arrivals_per_s).abs() > ARRIVALS_CHANGE * a.arrivals_per_s.max(1.0);
+        let moved =
+            (b.arrivals_per_s - a.arrivals_per_s).abs() > ARRIVALS_CHANGE * a.arrivals_per_s.max(ARRIVALS_FLOOR);
         (a.name != b.name || a.version != b.version)
-            || (a.ready, a.loading, a.restarts, a.failing) != (b.ready, b.loading, b.restarts, b.failing)
-            || busy(a) != busy(b)
+            || (a.ready, a.loading, a.restarts, a.failing, a.busy)
+                != (b.ready, b.loading, b.restarts, b.failing, b.busy)
             || moved
     })
 }
@@ -55,14 +57,15 @@ mod tests {
             restarts: 0,
             failing: false,
             arrivals_per_s: arrivals,
-            queue_depth: 0,
+            busy: arrivals > 0.0,
         }
     }
 
     #[test]
     fn reports_early_only_on_what_the_registry_acts_on() {
         let restarted = VersionActivity { restarts: 1, ..v(0.0) };
-        let queued = VersionActivity { queue_depth: 3, ..v(0.0) };
+        let queued = VersionActivity { busy: true, ..v(0.0) };
+        let sparse = |a: f64| VersionActivity { busy: true, ..v(a) };
         let other = VersionActivity { version: 2, ..v(0.0) };
         let cases: Vec<(Vec<VersionActivity>, Vec<VersionActivity>, bool, &str)> = vec![
             (vec![v(0.0)], vec![v(0.0)], false, "idle stays idle"),
@@ -71,7 +74,9 @@ mod tests {
             (vec![v(100.0)], vec![v(130.0)], false, "+30%: noise"),
             (vec![v(100.0)], vec![v(200.0)], true, "a step"),
             (vec![v(0.0)], vec![restarted], true, "a replica restarted"),
-            (vec![v(0.0)], vec![queued], true, "requests queue"),
+            (vec![v(0.0)], vec![queued], true, "requests arrive or queue"),
+            (vec![sparse(1.3)], vec![sparse(2.7)], false, "a few requests a second: short-window noise"),
+            (vec![sparse(1.3)], vec![sparse(0.0)], false, "still busy over the long window"),
             (vec![v(0.0)], vec![other.clone()], true, "another version"),
             (vec![v(0.0)], vec![v(0.0), other.clone()], true, "a version loaded"),
             (vec![], vec![], false, "nothing served"),
