@@ -380,7 +380,7 @@ impl Agent {
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 /// How much later than its longest hold a heartbeat's answer may come before the registry is deemed gone.
-const ANSWER_MARGIN: Duration = Duration::from_secs(3);
+const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 /// How often the agent looks at its load report while a heartbeat is held.
 const REPORT_CHECK: Duration = Duration::from_millis(250);
 

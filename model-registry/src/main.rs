@@ -70,7 +70,7 @@ struct Cli {
     forget_nodes_after_s: u64,
     /// QUIC handshakes in progress at most; one that cannot start within 1 s is refused at once and
     /// the node retries with jittered backoff (a whole fleet reconnecting after a restart comes in waves)
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 256)]
     max_handshakes: usize,
     /// UDP receive and send buffer of the QUIC socket, in MiB (the kernel may cap it: net.core.rmem_max)
     #[arg(long, default_value_t = 8)]

@@ -711,7 +711,10 @@ impl Registry {
                 .min(self.settings.idle_heartbeat.as_millis() as u64)
                 .max(fast_ms)
         };
-        self.fleet.set_slack(&info.node_id, Duration::from_millis(hold_ms - fast_ms));
+        // Down when the next heartbeat is the timeout late; an idle node, held long, twice the timeout
+        // late (a loaded registry answers a fleet's held heartbeats late, and that is no outage).
+        let slack = if hold_ms > fast_ms { hold_ms + self.settings.heartbeat_timeout.as_millis() as u64 } else { 0 };
+        self.fleet.set_slack(&info.node_id, Duration::from_millis(slack));
         let until = tokio::time::Instant::now() + Duration::from_millis(hold_ms);
         loop {
             if desired.state.revision != heartbeat.applied {
@@ -805,11 +808,25 @@ impl Registry {
     /// for longer than the retention forgotten with their autoscaling records.
     pub fn check_liveness(&self) {
         let tick = self.fleet.tick(self.settings.heartbeat_timeout, self.settings.forget_after);
-        for id in &tick.down {
-            tracing::warn!(node = %id, "node down: no heartbeat for {} ms", self.settings.heartbeat_timeout.as_millis());
+        // One line per node, or one line for many (a fleet's worth of lines helps nobody).
+        let timeout_ms = self.settings.heartbeat_timeout.as_millis();
+        if tick.down.len() > MANY_NODES {
+            let first: Vec<&String> = tick.down.iter().take(MANY_NODES).collect();
+            tracing::warn!(
+                nodes = tick.down.len(),
+                "nodes down: no heartbeat in time (timeout {timeout_ms} ms), first {first:?}"
+            );
+        } else {
+            for id in &tick.down {
+                tracing::warn!(node = %id, "node down: no heartbeat for {timeout_ms} ms");
+            }
         }
-        for id in &tick.up {
-            tracing::info!(node = %id, "node up");
+        if tick.up.len() > MANY_NODES {
+            tracing::info!(nodes = tick.up.len(), "nodes up again");
+        } else {
+            for id in &tick.up {
+                tracing::info!(node = %id, "node up");
+            }
         }
         if !tick.forgotten.is_empty() {
             let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
@@ -996,10 +1013,12 @@ fn check_name(name: &str) -> Result<(), Refusal> {
     }
 }
 
+/// Above this many nodes changing state in one tick, one log line says so for all.
+const MANY_NODES: usize = 10;
 /// How often node liveness is checked (a hub that stopped is known down within this of its timeout).
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
-/// Longest a QUIC handshake may take (as long as a node waits for one).
-const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
+/// Longest a QUIC handshake may take (twice as long as a node waits for one).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// How often autoscaling decisions are written (one write for all of them).
 pub const FLUSH_TICK: Duration = Duration::from_millis(250);
 
@@ -1015,7 +1034,7 @@ pub struct Admission {
 
 impl Default for Admission {
     fn default() -> Self {
-        Admission { max_handshakes: 32, queue_wait: Duration::from_secs(1) }
+        Admission { max_handshakes: 256, queue_wait: Duration::from_secs(1) }
     }
 }
 
@@ -1072,8 +1091,8 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission
                 incoming.refuse();
                 return;
             };
-            // Bounded like the node's own connect (5 s): a handshake whose client gave up must not
-            // hold a turn until QUIC's idle timeout.
+            // Bounded (a node gives up on a connect after 5 s): a handshake whose client gave up
+            // must not hold a turn until QUIC's idle timeout.
             let connected = match tokio::time::timeout(HANDSHAKE_LIMIT, incoming).await {
                 Ok(connected) => connected,
                 Err(_) => {
@@ -1151,7 +1170,7 @@ async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::Se
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Rollout;
+    use crate::state::{test_version, Rollout};
     use crate::store::RedbStore;
     use fabric_core::registry_proto::{ReadyVersion, Target};
 
@@ -1166,26 +1185,13 @@ mod tests {
         Settings { autoscale: None, ..Settings::default() }
     }
 
-    fn version(name: &str, v: u64) -> ModelVersion {
-        ModelVersion {
-            name: name.into(),
-            version: v,
-            digest: format!("{name}{v}"),
-            size: 1,
-            inputs: Value::Null,
-            outputs: Value::Null,
-            pushed_by: "operator".into(),
-            pushed_at: 0,
-        }
-    }
-
     /// Models `a` (deployed to edges at site x) and `b` (site y), versions 1 and 2, stable 1.
     fn two_models(r: &Registry) {
         r.transition(|s| {
             for (name, site) in [("a", "x"), ("b", "y")] {
                 let versions = s.models.entry(name.into()).or_default();
-                versions.insert(1, version(name, 1));
-                versions.insert(2, version(name, 2));
+                versions.insert(1, test_version(name, 1));
+                versions.insert(2, test_version(name, 2));
                 let labels = BTreeMap::from([("site".to_string(), site.to_string())]);
                 s.deployments.insert(name.into(), vec![Deployment { to: Target::Edge, labels, replicas: 1 }]);
                 s.rollouts.insert(name.into(), Rollout { stable: Some(1), ..Default::default() });

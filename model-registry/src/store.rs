@@ -331,25 +331,12 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ModelVersion, Rollout};
+    use crate::state::{test_version as version, Rollout};
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("registry-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
-    }
-
-    fn version(name: &str, v: u64) -> ModelVersion {
-        ModelVersion {
-            name: name.into(),
-            version: v,
-            digest: format!("d{v}"),
-            size: 1,
-            inputs: serde_json::Value::Null,
-            outputs: serde_json::Value::Null,
-            pushed_by: "operator".into(),
-            pushed_at: 0,
-        }
     }
 
     #[test]
@@ -429,7 +416,7 @@ mod tests {
         let loaded = RedbStore::open(&dir)?.load()?.ok_or("nothing converted")?;
         assert_eq!(loaded.state.generation, 4);
         assert_eq!(loaded.state.rollouts["mlp"].stable, Some(1));
-        assert_eq!(loaded.state.models["mlp"][&1].digest, "d1");
+        assert_eq!(loaded.state.models["mlp"][&1].digest, "mlp1");
         assert_eq!(loaded.scaled["edge-1"]["mlp:1"].replicas, 2);
         std::fs::remove_dir_all(&dir)?;
         Ok(())

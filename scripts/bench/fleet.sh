@@ -44,7 +44,7 @@ for n in sys.argv[1:]:
                 f'{s["cpu_pct"]:.1f}% | {s["rss_mib_min"]:.0f}-{s["rss_mib_max"]:.0f} MiB | {s["heartbeats_per_s"]:,.0f}/s | '
                 f'{ch("canary")} | {ch("promote")} | {ch("rollback")} | '
                 f'{rd["nodes --state down"]["max_ms"]:.0f} / {rd["rollout status"]["max_ms"]:.0f} / {rd["status page data"]["max_ms"]:.0f} ms | '
-                f'{rs["reconnected"]:,} in {rs["s_from_kill"]:.1f} s, {rs["retried_heartbeats"]:,} retried, {rs["nodes_down_after"]} down |')
+                f'{rs["reconnected"]:,} in {rs["s_from_kill"]:.1f} s, {rs["retried_heartbeats"]:,} retried, {rs["nodes_marked_down"]:,} marked down meanwhile |')
 machine = json.load(open(f"build/bench/fleet-{sys.argv[1]}.json"))["machine"]
 out = [f"Fleet benchmark on {machine} (registry and simulator on the same cores)", "",
        "| nodes | connect from cold | registry CPU, steady (1 core = 100%) | RSS | heartbeats | canary reaches every node p50 / p99 / max | promote | rollback | nodes --state down / rollout status / status page, max | kill -9 + restart: reconnected |",
