@@ -164,18 +164,3 @@ pub(crate) fn test_version(name: &str, version: u64) -> ModelVersion {
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
-
-/// A model version for tests: digest `<name><version>`, nothing read from a file.
-#[cfg(test)]
-pub(crate) fn test_version(name: &str, version: u64) -> ModelVersion {
-    ModelVersion {
-        name: name.into(),
-        version,
-        digest: format!("{name}{version}"),
-        size: 1,
-        inputs: Value::Null,
-        outputs: Value::Null,
-        pushed_by: "operator".into(),
-        pushed_at: 0,
-    }
-}
