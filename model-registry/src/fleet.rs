@@ -160,7 +160,7 @@ impl Fleet {
         self.wakers.entry(id.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
-    /// The nodes with a heartbeat held now, and the revision each has applied.
+    /// The nodes with a heartbeat held now.
     pub fn waiting(&self) -> Vec<String> {
         self.wakers.iter().filter(|w| w.receiver_count() > 0).map(|w| w.key().clone()).collect()
     }

@@ -529,7 +529,7 @@ impl Registry {
         if limit > 0 {
             candidates.truncate(limit);
         }
-        let per_node: Vec<Value> = candidates.iter().filter_map(|(_, id)| self.node_status(&state, name, id)).collect();
+        let per_node: Vec<Value> = candidates.iter().filter_map(|(_, id)| self.node_status(name, id)).collect();
         let nodes = &self.fleet;
         let analysis = rollout.canary.map(|c| {
             let stable = rollout.stable.map(|s| window(&nodes, name, s, timeout)).unwrap_or_default();
@@ -548,7 +548,7 @@ impl Registry {
     }
 
     /// One node's part in a model's rollout.
-    fn node_status(&self, state: &RegistryState, name: &str, id: &str) -> Option<Value> {
+    fn node_status(&self, name: &str, id: &str) -> Option<Value> {
         let desired = self.desired_for_node(id)?;
         let prefix = format!("{name}:");
         let scaled: BTreeMap<String, Scaled> = self
@@ -559,7 +559,6 @@ impl Registry {
         let model = desired.state.models.iter().find(|m| m.name == name);
         let replicas: Option<BTreeMap<String, usize>> =
             model.map(|m| m.versions.iter().map(|v| (v.version.to_string(), v.replicas)).collect());
-        let _ = state;
         self.fleet.with(id, |n| {
             let versions: Vec<Value> = n.report["versions"]
                 .as_array()
