@@ -7,6 +7,7 @@
 
 pub mod ort;
 pub mod tract;
+mod tract_pool;
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,9 @@
-//! The tract engine: tract-onnx, pure Rust on the CPU, optimised once for a symbolic batch size.
+//! The tract engine: tract-onnx, pure Rust on the CPU, optimised once for a symbolic batch size,
+//! with our own max pool in place of tract's where tract's is slow ([`super::tract_pool`]).
+//!
+//! Measured and not done (`examples/tract_profile.rs`, README "The edge's engines"): plans built for
+//! each batch size are no faster at batch 1 and slower on the MLP at 32 (tract picks another
+//! kernel), and tract's threaded matrix products (`multithread-mm`) were slower on 2 cores.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -60,12 +65,25 @@ impl TractEngine {
         };
         let plan: Arc<TypedSimplePlan> = onnx
             .model_for_proto_model(&proto)
-            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+            .and_then(|mut m| {
+                let swapped = super::tract_pool::swap_max_pools(&mut m)?;
+                tracing::debug!(model = %path.display(), swapped, "max pools computed by our own kernel");
+                m.into_optimized()
+            })
             .and_then(|m| m.into_runnable())
             .map_err(load_err)?;
         let state = TypedSimpleState::new(&plan).map_err(load_err)?;
         tracing::debug!(model = %path.display(), "tract engine ready");
         Ok(TractEngine { metadata, max_batch_size: options.max_batch_size, state })
+    }
+}
+
+impl TractEngine {
+    /// The optimised plan this engine runs (for profiling it operator by operator).
+    pub fn plan(&self) -> Arc<TypedSimplePlan> {
+        self.state.plan().clone()
     }
 }
 
