@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use actix_web::web;
 use fabric_core::config::{AdminConfig, HttpConfig, RepositoryConfig, ServingConfig};
-use fabric_core::engine::EngineKind;
+use fabric_core::engine::EngineChoice;
 use fabric_core::http::{self, HttpState};
 use fabric_core::metrics::Metrics;
 use fabric_core::scaler::AutoscaleConfig;
@@ -69,7 +69,7 @@ impl Default for HubConfig {
         HubConfig {
             serving: ServingConfig {
                 http: HttpConfig { addr: "127.0.0.1:8100".into(), ..defaults.http },
-                models: RepositoryConfig { engine: EngineKind::Ort, ..defaults.models },
+                models: RepositoryConfig { engine: EngineChoice::Ort, ..defaults.models },
                 admin: AdminConfig { addr: "127.0.0.1:8101".into(), ..defaults.admin },
                 // Hubs serve many models for many edges: an idle one frees its replicas.
                 autoscale: AutoscaleConfig { idle_to_zero_s: HUB_IDLE_TO_ZERO_S, ..defaults.autoscale },
@@ -151,7 +151,7 @@ mod tests {
         let config: HubConfig = fabric_core::config::load_role_config(&path).expect("loads");
         let _ = std::fs::remove_file(&path);
         assert_eq!(config.serving.http.addr, "127.0.0.1:9999");
-        assert_eq!(config.serving.models.engine, EngineKind::Ort, "the hub's engine, not the shared default");
+        assert_eq!(config.serving.models.engine, EngineChoice::Ort, "the hub's engine, not the shared default");
         assert_eq!(config.serving.admin.addr, "127.0.0.1:8101");
         assert_eq!(config.serving.autoscale.up_delay_s, 5.0);
         assert_eq!(config.serving.autoscale.idle_to_zero_s, HUB_IDLE_TO_ZERO_S, "kept within a table the file sets");

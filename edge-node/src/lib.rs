@@ -10,21 +10,37 @@ use std::sync::Arc;
 use actix_web::web;
 use fabric_core::config::ServingConfig;
 use fabric_core::dispatch::Overflow;
+use fabric_core::engine::{ExecutionProvider, OrtOptions};
 use fabric_core::http::{self, HttpState};
 use fabric_core::metrics::Metrics;
 use fabric_core::serve;
 use serde::{Deserialize, Serialize};
 
 /// The edge-node configuration file (`edge.toml`); every key has a default.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EdgeConfig {
-    /// HTTP, model repository (engine: tract by default), model defaults, ONNX Runtime: the keys
+    /// HTTP, model repository (engine: `auto` by default), model defaults, ONNX Runtime: the keys
     /// edge.toml shares with hub.toml.
     #[serde(flatten)]
     pub serving: ServingConfig,
     /// Hubs to offload overflow to.
     pub offload: offload::OffloadConfig,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        let defaults = ServingConfig::default();
+        EdgeConfig {
+            serving: ServingConfig {
+                // An edge device has no GPU provider to try: ONNX Runtime (where `auto` picks it) runs
+                // on the CPU without a warning per session about the GPU providers it skipped.
+                ort: OrtOptions { providers: vec![ExecutionProvider::Cpu], ..defaults.ort },
+                ..defaults
+            },
+            offload: offload::OffloadConfig::default(),
+        }
+    }
 }
 
 /// Loads the repository, connects to hubs, binds the HTTP API and serves until SIGTERM/SIGINT

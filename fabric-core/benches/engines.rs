@@ -1,4 +1,7 @@
-//! Raw engine benchmark: tract vs ONNX Runtime on the CPU, batch 1 and 32, MLP and CNN.
+//! Raw engine benchmark: tract vs ONNX Runtime on the CPU, batch 1 and 32, MLP, CNN and digits;
+//! "tract (raw)" is tract-onnx as it comes (optimised for a symbolic batch), "tract" the fabric's
+//! tract engine (with its own max pool), so a change to the engine is measured against tract itself
+//! in the same run.
 //!
 //! `cargo bench -p fabric-core --bench engines` (needs `bash scripts/setup.sh` first). Each row runs
 //! one engine on one thread for a fixed time after a warm-up and prints throughput and latency;
@@ -28,6 +31,35 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// One inference on `model` as `label` names it: tract-onnx untouched, or one of the fabric's engines.
+fn runner(label: &str, model: &str, options: &EngineOptions) -> Box<dyn FnMut(&[NamedTensor])> {
+    let path = reference::model_path(model);
+    let exit = |e: String| -> ! {
+        eprintln!("{label} {model}: {e}");
+        std::process::exit(1);
+    };
+    if label == "tract (raw)" {
+        use tract_onnx::prelude::*;
+        let plan = tract_onnx::onnx()
+            .model_for_path(&path)
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .unwrap_or_else(|e| exit(e.to_string()));
+        let mut state = TypedSimpleState::new(&plan).unwrap_or_else(|e| exit(e.to_string()));
+        return Box::new(move |inputs: &[NamedTensor]| {
+            let t = &inputs[0].tensor;
+            let input = unsafe { tract_onnx::prelude::Tensor::from_raw_dt(f32::datum_type(), t.shape(), t.bytes()) }
+                .expect("tensor");
+            state.run(tvec!(input.into_tvalue())).expect("infer");
+        });
+    }
+    let kind = if label == "tract" { EngineKind::Tract } else { EngineKind::Ort };
+    let mut engine = engine::load(kind, &path, options).unwrap_or_else(|e| exit(e.to_string()));
+    Box::new(move |inputs: &[NamedTensor]| {
+        engine.infer(inputs).expect("infer");
+    })
+}
+
 fn main() {
     let ort_library = std::env::var_os("ORT_DYLIB_PATH").map(Into::into).or_else(|| {
         std::fs::read_to_string(reference::build_dir().join("ort-dylib-path")).ok().map(|s| s.trim().into())
@@ -41,36 +73,30 @@ fn main() {
     println!();
     println!("| model | batch | engine | infer/s | batches/s | p50 ms | p99 ms |");
     println!("|---|---:|---|---:|---:|---:|---:|");
-    for (model, row_shape) in [("mlp", vec![784]), ("cnn", vec![3, 64, 64])] {
+    for (model, row_shape) in [("mlp", vec![784]), ("cnn", vec![3, 64, 64]), ("digits", vec![64])] {
         for batch in [1usize, 32] {
             let mut shape = vec![batch];
             shape.extend(&row_shape);
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n).map(|i| (i % 97) as f32 / 97.0).collect();
             let inputs = vec![NamedTensor::new("input", Tensor::from_vec(shape, data).expect("tensor"))];
-            for kind in [EngineKind::Tract, EngineKind::Ort] {
-                let mut engine = match engine::load(kind, &reference::model_path(model), &options) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        eprintln!("{kind} {model}: {e}");
-                        std::process::exit(1);
-                    }
-                };
+            for label in ["tract (raw)", "tract", "onnxruntime"] {
+                let mut run = runner(label, model, &options);
                 for _ in 0..5 {
-                    engine.infer(&inputs).expect("warm-up");
+                    run(&inputs);
                 }
                 let mut latencies = Vec::new();
                 let start = Instant::now();
                 while start.elapsed() < RUN_FOR {
                     let t = Instant::now();
-                    engine.infer(&inputs).expect("infer");
+                    run(&inputs);
                     latencies.push(t.elapsed());
                 }
                 let elapsed = start.elapsed().as_secs_f64();
                 latencies.sort();
                 let batches = latencies.len() as f64 / elapsed;
                 println!(
-                    "| {model} | {batch} | {kind} | {:.0} | {:.0} | {:.3} | {:.3} |",
+                    "| {model} | {batch} | {label} | {:.0} | {:.0} | {:.3} | {:.3} |",
                     batches * batch as f64,
                     batches,
                     percentile(&latencies, 0.5).as_secs_f64() * 1e3,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{EngineKind, EngineOptions, OrtOptions};
+use crate::engine::{EngineChoice, EngineOptions, OrtOptions};
 use crate::policy::admission::AdmissionSettings;
 use crate::pool::PoolConfig;
 
@@ -96,8 +96,8 @@ pub struct ModelConfig {
     pub replicas: usize,
     /// Deadline of a request that sets none (`timeout` parameter), in milliseconds.
     pub default_timeout_ms: u64,
-    /// Engine for this model; the repository's engine when unset.
-    pub engine: Option<EngineKind>,
+    /// Engine for this model (`auto`, `tract` or `ort`); the repository's engine when unset.
+    pub engine: Option<EngineChoice>,
     /// Longest one engine call may run before its batch fails and the replica is replaced, in
     /// milliseconds; 0: ten times the measured time of that batch size, at least one second.
     pub watchdog_ms: u64,
@@ -194,8 +194,9 @@ pub fn model_config_with_json(base: &ModelConfig, overrides: &serde_json::Value)
 pub struct RepositoryConfig {
     /// Folder in Triton's layout: `<path>/<model>/<version>/model.onnx`.
     pub path: PathBuf,
-    /// Engine for every model without its own `engine` setting.
-    pub engine: EngineKind,
+    /// Engine for every model without its own `engine` setting: `auto` (the faster of the two on
+    /// each model's warm-up batches, tract where ONNX Runtime does not load), `tract` or `ort`.
+    pub engine: EngineChoice,
     /// Refuse to start when any model fails to load (Triton's `--exit-on-error`), instead of serving
     /// the others and reporting the failure in the model's `/ready` and the repository index.
     pub strict: bool,
@@ -223,7 +224,7 @@ impl Default for RepositoryConfig {
     fn default() -> Self {
         RepositoryConfig {
             path: PathBuf::from("models"),
-            engine: EngineKind::Tract,
+            engine: EngineChoice::Auto,
             strict: false,
             control: ModelControl::None,
             staging_path: None,
@@ -394,7 +395,7 @@ mod tests {
         let file = dir.join("config.toml");
         std::fs::write(&file, "max_batch_size = 8\nengine = \"ort\"\n")?;
         let merged = model_config_with_overrides(&ModelConfig::default(), &file)?;
-        assert_eq!((merged.max_batch_size, merged.engine, merged.replicas), (8, Some(EngineKind::Ort), 1));
+        assert_eq!((merged.max_batch_size, merged.engine, merged.replicas), (8, Some(EngineChoice::Ort), 1));
         std::fs::write(&file, "max_batch = 8\n")?;
         let err = model_config_with_overrides(&ModelConfig::default(), &file).map(|_| ()).expect_err("unknown key");
         assert!(err.to_string().contains("unknown field `max_batch`"), "{err}");

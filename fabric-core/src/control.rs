@@ -137,6 +137,10 @@ pub struct VersionReport {
     pub weight_pct: f64,
     /// Whether its replicas run on a GPU.
     pub on_gpu: bool,
+    /// The engine serving it.
+    pub engine: crate::engine::EngineKind,
+    /// Why that engine, when `auto` chose it.
+    pub engine_choice: Option<String>,
     /// Replicas wanted.
     pub target_replicas: usize,
     /// Replicas ready.
@@ -589,6 +593,8 @@ impl NodeControl {
                 ready: model.pool.serving(),
                 weight_pct,
                 on_gpu: model.pool.on_gpu(),
+                engine: model.engine,
+                engine_choice: model.engine_reason.clone(),
                 target_replicas: status.as_ref().map_or(0, |s| s.target),
                 ready_replicas,
                 loading_replicas: status.as_ref().map_or(0, |s| s.loading),

@@ -289,7 +289,11 @@ async fn model_config(state: web::Data<HttpState>, req: HttpRequest) -> HttpResp
         "output": tensors(&meta.outputs),
         "dynamic_batching": { "max_queue_delay_microseconds": model.config.max_queue_delay_us },
         "instance_group": [{ "count": model.config.replicas, "kind": if model.pool.on_gpu() { "KIND_GPU" } else { "KIND_CPU" } }],
-        "parameters": { "queue_capacity": model.config.queue_capacity, "default_timeout_ms": model.config.default_timeout_ms },
+        "parameters": {
+            "queue_capacity": model.config.queue_capacity,
+            "default_timeout_ms": model.config.default_timeout_ms,
+            "engine_choice": model.engine_reason,
+        },
     }))
 }
 

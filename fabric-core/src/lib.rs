@@ -66,7 +66,7 @@ pub mod shadow;
 
 pub use dtype::DataType;
 #[cfg(feature = "engines")]
-pub use engine::{Engine, EngineError, EngineKind, EngineOptions};
+pub use engine::{Engine, EngineChoice, EngineError, EngineKind, EngineOptions};
 #[cfg(feature = "engines")]
 pub use model::{ModelMetadata, TensorSpec};
 pub use tensor::{NamedTensor, Tensor};

@@ -26,6 +26,8 @@ pub struct ServedModel {
     pub version: u64,
     /// Engine running it.
     pub engine: EngineKind,
+    /// Why that engine, when `auto` chose it (the race's figures, or why the other could not load).
+    pub engine_reason: Option<String>,
     /// Its serving settings.
     pub config: ModelConfig,
     /// The model file its replicas load.
@@ -136,6 +138,7 @@ impl ModelSet {
                     name: model.name.clone(),
                     version: model.version,
                     engine: model.engine,
+                    engine_reason: model.engine_reason.clone(),
                     config,
                     path: model.path.clone(),
                     pool: model.pool.clone(),

@@ -6,13 +6,14 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::config::{model_config_with_overrides, ConfigError, ModelConfig, ServingConfig};
-use crate::engine::{self, EngineError, EngineKind};
+use crate::engine::{self, Engine, EngineError, EngineKind, EngineOptions};
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, ServedModel};
-use crate::pool::{EngineFactory, ModelPool};
+use crate::policy::engine_choice;
+use crate::pool::{race, warmup_sizes_for, EngineFactory, ModelPool};
 
 /// One model version found on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,22 +117,68 @@ pub async fn start_version(
     serving: &ServingConfig,
     metrics: &Metrics,
 ) -> Result<ServedModel, EngineError> {
-    let kind = entry.config.engine.unwrap_or(serving.models.engine);
+    let choice = entry.config.engine.unwrap_or(serving.models.engine);
     let options = serving.engine_options(&entry.config);
     let path = entry.path.clone();
-    let factory: EngineFactory = Arc::new(move || engine::load(kind, &path, &options));
+    let (kind, engine_reason, chosen) = match choice.fixed() {
+        Some(kind) => (kind, None, None),
+        None => {
+            let (path, options, config) = (path.clone(), options.clone(), entry.config.clone());
+            let chosen = actix_rt::task::spawn_blocking(move || choose_engine(&path, &options, &config))
+                .await
+                .map_err(|e| EngineError::Thread { what: "engine choice", reason: e.to_string() })??;
+            (chosen.engine.kind(), Some(chosen.reason), Some(chosen.engine))
+        }
+    };
+    // The engine that won the race serves as the first replica instead of being loaded again.
+    let chosen = Mutex::new(chosen);
+    let factory: EngineFactory = Arc::new(move || match chosen.lock().ok().and_then(|mut c| c.take()) {
+        Some(engine) => Ok(engine),
+        None => engine::load(kind, &path, &options),
+    });
     let version = entry.version.to_string();
     let started = ModelPool::start(&entry.name, &version, factory, entry.config.pool(), metrics.clone()).await;
     let outcome = if started.is_ok() { "loaded" } else { "failed" };
     metrics.model_loads.with_label_values(&[entry.name.as_str(), outcome]).inc();
     let pool = started?;
+    if let Some(reason) = &engine_reason {
+        tracing::info!(model = %entry.name, version = entry.version, engine = %kind, "engine chosen: {reason}");
+    }
     Ok(ServedModel {
         name: entry.name.clone(),
         version: entry.version,
         engine: kind,
+        engine_reason,
         config: entry.config.clone(),
         path: entry.path.clone(),
         pool,
+    })
+}
+
+/// The engine `auto` chose for a model, loaded, and why.
+struct Chosen {
+    engine: Box<dyn Engine>,
+    reason: String,
+}
+
+/// `engine = "auto"`: loads the model in both engines, races them on its warm-up batches and keeps
+/// the faster ([`engine_choice::pick`]); the one that loads when the other cannot (ONNX Runtime's
+/// library missing, an operator tract lacks). Blocking: run it off the async threads.
+fn choose_engine(path: &Path, options: &EngineOptions, config: &ModelConfig) -> Result<Chosen, EngineError> {
+    let tract = engine::load(EngineKind::Tract, path, options);
+    let ort = engine::load(EngineKind::Ort, path, options);
+    Ok(match (tract, ort) {
+        (Ok(mut tract), Ok(mut ort)) => {
+            let sizes = warmup_sizes_for(tract.metadata(), config.max_batch_size, config.warmup_max_bytes);
+            let timings = race(&mut *tract, &mut *ort, &sizes);
+            let pick = engine_choice::pick(&timings);
+            let reason = engine_choice::explain(&pick, &timings);
+            Chosen { engine: if pick.kind == EngineKind::Ort { ort } else { tract }, reason }
+        }
+        (Ok(tract), Err(e)) => Chosen { engine: tract, reason: format!("auto: tract; onnxruntime not used: {e}") },
+        (Err(e), Ok(ort)) => Chosen { engine: ort, reason: format!("auto: onnxruntime; tract cannot serve it: {e}") },
+        // Both failed: tract's reason (a bad file reads the same in both; a missing operator names the other engine).
+        (Err(e), Err(_)) => return Err(e),
     })
 }
 
@@ -153,9 +200,9 @@ pub async fn load_all(
         let started = std::time::Instant::now();
         match start_version(entry, serving, metrics).await {
             Ok(model) => {
+                let kind = model.engine;
                 models.insert(model);
                 loaded += 1;
-                let kind: EngineKind = entry.config.engine.unwrap_or(serving.models.engine);
                 tracing::info!(model = %entry.name, version = entry.version, engine = %kind, replicas = entry.config.replicas,
                     max_batch = entry.config.max_batch_size, ms = started.elapsed().as_millis() as u64, "model loaded");
             }

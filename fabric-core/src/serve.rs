@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::{ModelControl, ServingConfig};
-use crate::engine::EngineKind;
+use crate::engine::EngineChoice;
 use crate::metrics::Metrics;
 use crate::models::ModelSet;
 use crate::repository::{self, RepositoryError};
@@ -19,9 +19,11 @@ pub struct ServingArgs {
     /// Model repository folder: <repo>/<model>/<version>/model.onnx [default: models]
     #[arg(long)]
     pub model_repository: Option<PathBuf>,
-    /// Engine for models without their own setting: tract (pure Rust, CPU) or ort (ONNX Runtime)
+    /// Engine for models without their own setting: auto (edge default: time both on each model's
+    /// warm-up batches and keep the faster; tract where ONNX Runtime's library does not load),
+    /// tract (pure Rust, CPU) or ort (ONNX Runtime; hub default)
     #[arg(long)]
-    pub engine: Option<EngineKind>,
+    pub engine: Option<EngineChoice>,
     /// Refuse to start if any model fails to load (by default the others are served and the failure
     /// is reported by the model's /ready, the repository index and the server's /v2/health/ready).
     #[arg(long)]

@@ -37,7 +37,29 @@ pub fn start_edge(models: &[(&str, &str)], config: &str) -> Edge {
 }
 
 /// Like [`start_edge`], with extra command-line arguments.
+///
+/// The edge's default engine is `auto`; these nodes start without ONNX Runtime's library, so `auto`
+/// means tract, the engine the tests were written against (and a load races no second engine).
 pub fn start_edge_with_args(models: &[(&str, &str)], config: &str, args: &[String]) -> Edge {
+    spawn_edge(models, config, args, false)
+}
+
+/// Like [`start_edge`], with ONNX Runtime's library (ORT_DYLIB_PATH, or the one setup.sh installed).
+pub fn start_edge_with_ort(models: &[(&str, &str)], config: &str, args: &[String]) -> Edge {
+    spawn_edge(models, config, args, true)
+}
+
+/// The ONNX Runtime library setup.sh installed.
+pub fn ort_library() -> String {
+    std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
+        std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
+            .expect("run scripts/setup.sh")
+            .trim()
+            .to_string()
+    })
+}
+
+fn spawn_edge(models: &[(&str, &str)], config: &str, args: &[String], with_ort: bool) -> Edge {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("edge-test-{}-{n}", std::process::id()));
@@ -61,7 +83,13 @@ pub fn start_edge_with_args(models: &[(&str, &str)], config: &str, args: &[Strin
         format!("{config}\n[autoscale]\nenabled = false\n")
     };
     std::fs::write(&config_file, config).expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edge-node"));
+    if with_ort {
+        command.env("ORT_DYLIB_PATH", ort_library());
+    } else {
+        command.env_remove("ORT_DYLIB_PATH");
+    }
+    let mut child = command
         .arg("--config")
         .arg(&config_file)
         .arg("--model-repository")
@@ -236,12 +264,7 @@ pub fn start_hub_at(
         format!("{config}\n[autoscale]\nenabled = false\n")
     };
     std::fs::write(&config_file, config).expect("hub config");
-    let ort = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
-        std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
-            .expect("run scripts/setup.sh")
-            .trim()
-            .to_string()
-    });
+    let ort = ort_library();
     let mut child = Command::new(hub_binary())
         .arg("--config")
         .arg(&config_file)

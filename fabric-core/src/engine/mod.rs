@@ -87,6 +87,56 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
+/// Which engine a model is configured to run on: one of them, or `auto`, the faster of the two
+/// on that model's warm-up batches on this machine (tract when ONNX Runtime's library does not load).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// Time both at load and keep the faster (ONNX Runtime only where its library loads).
+    #[default]
+    Auto,
+    /// Always tract.
+    Tract,
+    /// Always ONNX Runtime (`onnxruntime` is accepted too).
+    #[serde(alias = "onnxruntime")]
+    Ort,
+}
+
+impl EngineChoice {
+    /// The engine when the choice names one; `None` for `auto`.
+    pub fn fixed(self) -> Option<EngineKind> {
+        match self {
+            EngineChoice::Auto => None,
+            EngineChoice::Tract => Some(EngineKind::Tract),
+            EngineChoice::Ort => Some(EngineKind::Ort),
+        }
+    }
+}
+
+impl std::fmt::Display for EngineChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.fixed() {
+            Some(kind) => kind.fmt(f),
+            None => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for EngineChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(EngineChoice::Auto),
+            other => match other.parse::<EngineKind>() {
+                Ok(EngineKind::Tract) => Ok(EngineChoice::Tract),
+                Ok(EngineKind::Ort) => Ok(EngineChoice::Ort),
+                Err(_) => Err(format!("unknown engine '{other}': use 'auto', 'tract' or 'ort'")),
+            },
+        }
+    }
+}
+
 /// Settings shared by both engines.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod batching;
 pub mod cache;
 pub mod cadence;
+pub mod engine_choice;
 pub mod hub;
 pub mod service_time;
 pub mod traffic;

@@ -30,7 +30,7 @@ mod supervisor;
 mod warmup;
 
 pub use handle::PoolHandle;
-pub use warmup::warmup_sizes;
+pub use warmup::{race, warmup_sizes, warmup_sizes_for};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use self::queue::Intake;
-use self::warmup::{bytes_per_row, warm, Warmup};
+use self::warmup::{warm, Warmup};
 use crate::engine::{Engine, EngineError};
 use crate::load_report::LoadStats;
 use crate::metrics::Metrics;
@@ -348,7 +348,7 @@ impl ModelPool {
         // Powers of two up to the limit, so the pool learns which batch size serves rows fastest; one
         // request at a time for a model that cannot batch.
         let batch_cap = if batched { max_batch_size } else { 1 };
-        let sizes = warmup_sizes(batch_cap, bytes_per_row(&metadata), config.warmup_max_bytes);
+        let sizes = warmup_sizes_for(&metadata, max_batch_size, config.warmup_max_bytes);
         let warmup = Arc::new(Warmup { metadata: metadata.clone(), sizes });
         let config = PoolConfig { max_batch_size, ..config };
         let label = (model.to_string(), version.to_string());

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
 use crate::model::ModelMetadata;
+use crate::policy::engine_choice::SizeTiming;
 use crate::tensor::{Tensor, TensorError};
 
 /// What a fresh replica runs before it serves: a batch of each size, to time them.
@@ -23,6 +24,49 @@ pub fn warmup_sizes(cap: usize, bytes_per_row: usize, budget: usize) -> Vec<usiz
     sizes.push(cap.max(1));
     sizes.retain(|&n| n == 1 || n.saturating_mul(bytes_per_row) <= budget);
     sizes
+}
+
+/// The warm-up batch sizes of a model served with batches of up to `max_batch_size` rows (one row
+/// for a model that cannot batch), within `budget` input bytes.
+pub fn warmup_sizes_for(metadata: &ModelMetadata, max_batch_size: usize, budget: usize) -> Vec<usize> {
+    let cap = if metadata.is_batched() { max_batch_size.max(1) } else { 1 };
+    warmup_sizes(cap, bytes_per_row(metadata), budget)
+}
+
+/// Timed runs of each size per engine in [`race`] (after one untimed run each).
+const RACE_ROUNDS: usize = 3;
+/// A size whose run takes longer than this is timed once per engine, not [`RACE_ROUNDS`] times.
+const RACE_SLOW_RUN: Duration = Duration::from_millis(50);
+
+/// Runs every warm-up size on both engines, interleaved (so a burst of other work on the machine
+/// hits both), and keeps each engine's fastest run per size. A size either engine fails is skipped.
+pub fn race(tract: &mut dyn Engine, ort: &mut dyn Engine, sizes: &[usize]) -> Vec<SizeTiming> {
+    let metadata = tract.metadata().clone();
+    let mut timings = Vec::new();
+    'sizes: for &rows in sizes {
+        let Ok(inputs) = warmup_inputs(&metadata, rows) else { continue };
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        // One untimed run each: the first pays one-off allocations.
+        if tract.run_ordered(&refs).is_err() || ort.run_ordered(&refs).is_err() {
+            continue;
+        }
+        let (mut best_tract, mut best_ort) = (Duration::MAX, Duration::MAX);
+        for _ in 0..RACE_ROUNDS {
+            let (Some(t), Some(o)) = (timed_run(tract, &refs), timed_run(ort, &refs)) else { continue 'sizes };
+            (best_tract, best_ort) = (best_tract.min(t), best_ort.min(o));
+            if best_tract.max(best_ort) > RACE_SLOW_RUN {
+                break;
+            }
+        }
+        timings.push(SizeTiming { rows, tract: best_tract, ort: best_ort });
+    }
+    timings
+}
+
+/// One run's time, `None` if it failed.
+fn timed_run(engine: &mut dyn Engine, inputs: &[&Tensor]) -> Option<Duration> {
+    let start = Instant::now();
+    engine.run_ordered(inputs).ok().map(|_| start.elapsed())
 }
 
 /// Input bytes of one row (dynamic dimensions other than the batch counted as 1).

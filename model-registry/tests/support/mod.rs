@@ -142,6 +142,9 @@ impl Fabric {
             .arg(format!("registry-1@{registry}"))
             .arg("--data-dir")
             .arg(self.dir.join(format!("{id}-data")))
+            // Without ONNX Runtime's library the edge's `auto` engine is tract, the engine these
+            // rollout tests were written against (and a load races no second engine).
+            .env_remove("ORT_DYLIB_PATH")
             .env("RUST_LOG", std::env::var("EDGE_LOG").unwrap_or_else(|_| "warn".into()));
         for l in labels {
             cmd.args(["--label", l]);
