@@ -1,6 +1,7 @@
 """The Python peer for the serving benchmark: FastAPI + onnxruntime behind uvicorn, speaking the
-KServe v2 JSON infer protocol for the models in PEER_REPO (Triton layout). One intra-op thread per
-worker, like the fabric's replicas; run it with `uvicorn peer_fastapi:app --workers 2`."""
+KServe v2 infer protocol (JSON, and the binary tensor extension: `Inference-Header-Content-Length`)
+for the models in PEER_REPO (Triton layout). One intra-op thread per worker, like the fabric's
+replicas; run it with `uvicorn peer_fastapi:app --workers 2`."""
 
 import json
 import os
@@ -34,12 +35,37 @@ async def infer(model: str, request: Request):
     session = sessions.get(model)
     if session is None:
         return JSONResponse({"error": f"unknown model '{model}'"}, status_code=404)
-    body = json.loads(await request.body())
-    feeds = {
-        i["name"]: np.asarray(i["data"], dtype=DTYPES[i["datatype"]]).reshape(i["shape"]) for i in body["inputs"]
-    }
+    raw = await request.body()
+    header_length = request.headers.get("inference-header-content-length")
+    if header_length is None:
+        body, blob = json.loads(raw), b""
+    else:
+        body, blob = json.loads(raw[: int(header_length)]), raw[int(header_length):]
+    feeds, offset = {}, 0
+    for i in body["inputs"]:
+        size = i.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            feeds[i["name"]] = np.asarray(i["data"], dtype=DTYPES[i["datatype"]]).reshape(i["shape"])
+        else:
+            feeds[i["name"]] = np.frombuffer(blob[offset : offset + size], dtype=DTYPES[i["datatype"]]).reshape(i["shape"])
+            offset += size
     names = [o.name for o in session.get_outputs()]
     outputs = session.run(names, feeds)
+    if body.get("parameters", {}).get("binary_data_output"):
+        arrays = [np.ascontiguousarray(o) for o in outputs]
+        head = json.dumps({
+            "model_name": model,
+            "model_version": "1",
+            "outputs": [
+                {"name": n, "datatype": NAMES[o.dtype], "shape": list(o.shape), "parameters": {"binary_data_size": o.nbytes}}
+                for n, o in zip(names, arrays)
+            ],
+        }).encode()
+        return Response(
+            head + b"".join(o.tobytes() for o in arrays),
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(len(head))},
+        )
     return Response(
         json.dumps({
             "model_name": model,

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Serving benchmark: edge-node vs the raw engine vs a Python peer, in one run on one machine.
+"""Serving benchmark: edge-node vs the raw engines vs a Python peer, in one run on one machine.
 
-Load comes from wrk (C, closed loop), never from Python. For each model (MLP, CNN), body format
-(JSON, binary tensors) and concurrency (1, 4, 16, 64) it reports infer/s and p50/p90/p99; beside it
-the raw tract engine's single-thread batch-1 loop (from `cargo bench --bench engines`) and FastAPI +
-onnxruntime (2 uvicorn workers) on the same model files and JSON bodies. It also reports edge-node's
-start-to-ready time and resident memory with the MLP, CNN and digits models loaded.
+Load comes from wrk (C, closed loop), never from Python. For each model (MLP, CNN, digits), body
+format (JSON, binary tensors) and concurrency (1, 4, 16, 64) it reports infer/s and p50/p90/p99 of
+edge-node at default settings (engine `auto`) and of FastAPI + onnxruntime (2 uvicorn workers) on the
+same model files and bodies; beside them the raw engines (`cargo bench --bench engines`, same run)
+and the engine `auto` chose per model. It also reports edge-node's start-to-ready time and resident
+memory with the three models loaded.
 
 Run through scripts/bench/serving.sh, which builds and installs what this needs.
 """
@@ -29,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build"
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
 CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,4,16,64").split(",")]
-MODELS = ["mlp", "cnn"]
+MODELS = ["mlp", "cnn", "digits"]
 LUA = """
 wrk.method = "POST"
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
@@ -70,7 +71,11 @@ def bodies(model, workdir):
     """Writes the JSON and binary request bodies for one batch-1 request; returns {format: (path, header_len)}."""
     import numpy as np
 
-    entry, raw = reference_input(model, "batch1")
+    case = "batch1" if (BUILD / "reference" / model / "batch1").is_dir() else "test"
+    entry, raw = reference_input(model, case)
+    # One row (the digits case holds the whole test set).
+    row_bytes = len(raw) // entry["shape"][0]
+    entry, raw = {**entry, "shape": [1, *entry["shape"][1:]]}, raw[:row_bytes]
     values = np.frombuffer(raw, dtype="<f4").tolist()
     json_body = json.dumps({"inputs": [{"name": entry["name"], "shape": entry["shape"], "datatype": "FP32", "data": values}]})
     head = json.dumps({
@@ -180,6 +185,10 @@ def main():
                 results.append({"server": "edge-node", "model": model, "format": fmt, "c": c, **r})
                 print(results[-1], flush=True)
     rss_loaded = rss_mib(edge.pid)
+    chosen = {}
+    for model in MODELS:
+        config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:18010/v2/models/{model}/config").read())
+        chosen[model] = (config["backend"], config["parameters"].get("engine_choice") or "")
     edge.send_signal(signal.SIGTERM)
     edge.wait(timeout=30)
 
@@ -190,11 +199,12 @@ def main():
     try:
         wait_http("http://127.0.0.1:18020/v2/health/ready")
         for model in MODELS:
-            body, _ = bodies(model, workdir)["json"]
-            for c in CONCURRENCY:
-                r = wrk(f"http://127.0.0.1:18020/v2/models/{model}/infer", body, "", "application/json", c, script)
-                results.append({"server": "fastapi+onnxruntime", "model": model, "format": "json", "c": c, **r})
-                print(results[-1], flush=True)
+            for fmt, (body, header_length) in bodies(model, workdir).items():
+                ctype = "application/json" if fmt == "json" else "application/octet-stream"
+                for c in CONCURRENCY:
+                    r = wrk(f"http://127.0.0.1:18020/v2/models/{model}/infer", body, header_length, ctype, c, script)
+                    results.append({"server": "fastapi+onnxruntime", "model": model, "format": fmt, "c": c, **r})
+                    print(results[-1], flush=True)
     finally:
         peer.terminate()
         peer.wait(timeout=30)
@@ -202,23 +212,27 @@ def main():
     date = datetime.date.today().isoformat()
     lines = [
         f"Serving benchmark, {date}, on {machine()}; wrk closed loop, {DURATION} s per row, client on the same cores.",
-        "Raw = the tract engine's own single-thread batch-1 loop in the same run; peer = FastAPI + onnxruntime, 2 uvicorn workers, JSON.",
+        "edge-node at default settings (engine `auto`); peer = FastAPI + onnxruntime, 2 uvicorn workers, the same bodies.",
+        "served/raw b1 and b32: edge-node's rate over the serving engine's own single-thread loop at batch 1 and 32 (same run).",
         "",
-        "| model | body | concurrency | edge-node infer/s | p50 ms | p90 ms | p99 ms | errors | served/raw | peer infer/s | peer p50 ms | edge/peer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | body | concurrency | edge-node infer/s | p50 ms | p99 ms | errors | peer infer/s | peer p50 ms | peer errors | edge/peer | served/raw b1 | served/raw b32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in [r for r in results if r["server"] == "edge-node"]:
-        base = raw.get((r["model"], 1, "tract"))
-        peer_row = next((p for p in results if p["server"] != "edge-node" and p["model"] == r["model"] and p["c"] == r["c"]), None)
-        peer_cells = f"{peer_row['rps']:.0f} | {peer_row[50]:.2f} | {r['rps'] / peer_row['rps']:.1f}x" if peer_row and r["format"] == "json" else "| |"
+        engine = "onnxruntime" if chosen[r["model"]][0] == "ort" else "tract"
+        b1, b32 = raw.get((r["model"], 1, engine)), raw.get((r["model"], 32, engine))
+        peer_row = next((p for p in results if p["server"] != "edge-node" and p["model"] == r["model"]
+                         and p["format"] == r["format"] and p["c"] == r["c"]), None)
+        peer_cells = (f"{peer_row['rps']:.0f} | {peer_row[50]:.2f} | {peer_row['errors']} | {r['rps'] / peer_row['rps']:.2f}x"
+                      if peer_row else "| | |")
         lines.append(
-            f"| {r['model']} | {r['format']} | {r['c']} | {r['rps']:.0f} | {r[50]:.2f} | {r[90]:.2f} | {r[99]:.2f} | "
-            f"{r['errors']} | {r['rps'] / base:.2f} | {peer_cells} |"
+            f"| {r['model']} | {r['format']} | {r['c']} | {r['rps']:.0f} | {r[50]:.2f} | {r[99]:.2f} | "
+            f"{r['errors']} | {peer_cells} | {r['rps'] / b1:.2f} | {r['rps'] / b32:.2f} |"
         )
     lines += [
         "",
-        f"Raw tract engine, single thread, batch 1: MLP {raw.get(('mlp', 1, 'tract'), 0):.0f} infer/s, CNN {raw.get(('cnn', 1, 'tract'), 0):.0f} infer/s; "
-        f"onnxruntime: MLP {raw.get(('mlp', 1, 'onnxruntime'), 0):.0f}, CNN {raw.get(('cnn', 1, 'onnxruntime'), 0):.0f}.",
+        "Engine chosen by `auto` (edge-node's /config): "
+        + "; ".join(f"{m}: {engine} ({why})" for m, (engine, why) in chosen.items()) + ".",
         f"edge-node with MLP, CNN and digits loaded: start to ready {statistics.median(starts) * 1e3:.0f} ms (median of 3), "
         f"resident memory {statistics.median(rss_idle):.0f} MiB idle, {rss_loaded:.0f} MiB after the load above.",
         "",
