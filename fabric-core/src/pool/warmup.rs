@@ -33,9 +33,15 @@ pub fn warmup_sizes_for(metadata: &ModelMetadata, max_batch_size: usize, budget:
     warmup_sizes(cap, bytes_per_row(metadata), budget)
 }
 
-/// Timed runs of each size per engine in [`race`] (after one untimed run each).
-const RACE_ROUNDS: usize = 3;
-/// A size whose run takes longer than this is timed once per engine, not [`RACE_ROUNDS`] times.
+/// Timed runs of each size per engine in [`race`], at least (after one untimed run each) ...
+const RACE_MIN_ROUNDS: usize = 3;
+/// ... and at most, while a size's rounds have taken less than [`RACE_BUDGET`] in all: small models
+/// run in microseconds, where one preemption can double a time, so they get more runs to take the
+/// fastest of.
+const RACE_MAX_ROUNDS: usize = 25;
+/// Time one size may take in all before no further rounds start.
+const RACE_BUDGET: Duration = Duration::from_millis(25);
+/// A size whose run takes longer than this is timed once per engine.
 const RACE_SLOW_RUN: Duration = Duration::from_millis(50);
 
 /// Runs every warm-up size on both engines, interleaved (so a burst of other work on the machine
@@ -51,10 +57,12 @@ pub fn race(tract: &mut dyn Engine, ort: &mut dyn Engine, sizes: &[usize]) -> Ve
             continue;
         }
         let (mut best_tract, mut best_ort) = (Duration::MAX, Duration::MAX);
-        for _ in 0..RACE_ROUNDS {
+        let started = Instant::now();
+        for round in 1..=RACE_MAX_ROUNDS {
             let (Some(t), Some(o)) = (timed_run(tract, &refs), timed_run(ort, &refs)) else { continue 'sizes };
             (best_tract, best_ort) = (best_tract.min(t), best_ort.min(o));
-            if best_tract.max(best_ort) > RACE_SLOW_RUN {
+            if best_tract.max(best_ort) > RACE_SLOW_RUN || (round >= RACE_MIN_ROUNDS && started.elapsed() > RACE_BUDGET)
+            {
                 break;
             }
         }
