@@ -84,13 +84,21 @@ fn rollouts_across_a_fabric_fail_no_request() {
         let target = load.count() + n;
         wait_for("answers", Duration::from_secs(120), || load.count() >= target);
     };
+    // Each switch is waited for on every node (a node that must fetch the version again takes
+    // longer than a fast node's hundreds of answers), then 300 more answers are collected.
+    let switched = |since: Instant, version: &str| {
+        wait_for(&format!("every node answering from v{version}"), Duration::from_secs(120), || {
+            load.all_answered_with(3, since, version)
+        });
+        settle(300);
+    };
     settle(300);
     f.cli(&r, &["rollout", "promote", "mlp"]);
     let promoted = Instant::now();
-    settle(900);
+    switched(promoted, "2");
     f.cli(&r, &["rollout", "rollback", "mlp"]);
     let rolled_back = Instant::now();
-    settle(900);
+    switched(rolled_back, "1");
     let end = Instant::now();
     let samples = load.stop();
     assert_all_served(&samples);

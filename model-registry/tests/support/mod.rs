@@ -337,6 +337,13 @@ impl Load {
         self.samples.lock().expect("samples").len()
     }
 
+    /// Whether each of the first `nodes` nodes has answered a request sent at or after `since`
+    /// with `version`.
+    pub fn all_answered_with(&self, nodes: usize, since: Instant, version: &str) -> bool {
+        let samples = self.samples.lock().expect("samples");
+        (0..nodes).all(|node| samples.iter().any(|s| s.node == node && s.sent >= since && s.version == version))
+    }
+
     /// Stops the clients; returns every answer.
     pub fn stop(self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
