@@ -1,5 +1,5 @@
 //! `cloud-hub`: the GPU server. Serves the same KServe v2 HTTP API as edge-node (shared code in
-//! `fabric_core::http`) and the QUIC infer service that edge-nodes offload their overflow to.
+//! `fabric_node::http`) and the QUIC infer service that edge-nodes offload their overflow to.
 
 pub mod quic;
 
@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use fabric_core::config::{AdminConfig, HttpConfig, RepositoryConfig, ServingConfig};
-use fabric_core::engine::EngineChoice;
-use fabric_core::http::{self, HttpState};
-use fabric_core::metrics::Metrics;
-use fabric_core::scaler::AutoscaleConfig;
-use fabric_core::serve;
-use fabric_core::tls::{self, TlsFiles};
-use fabric_core::wire::WireLimits;
+use fabric_engine::EngineChoice;
+use fabric_node::config::{AdminConfig, HttpConfig, RepositoryConfig, ServingConfig};
+use fabric_node::http::{self, HttpState};
+use fabric_node::metrics::Metrics;
+use fabric_node::scaler::AutoscaleConfig;
+use fabric_node::serve;
+use fabric_proto::tls::{self, TlsFiles};
+use fabric_proto::wire::WireLimits;
 use serde::{Deserialize, Serialize};
 
 /// The QUIC infer service's settings.
@@ -102,7 +102,7 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     let quic_addr: SocketAddr =
         config.quic.addr.parse().map_err(|e| anyhow::anyhow!("quic.addr '{}': {e}", config.quic.addr))?;
     // QUIC runs on a thread of its own, beside the pool actors rather than between their turns.
-    let io = fabric_core::io_thread::spawn("quic-infer")?;
+    let io = fabric_proto::io_thread::spawn("quic-infer")?;
     let endpoint = {
         let _on_io_thread = io.enter();
         quinn::Endpoint::server(server_config, quic_addr)?
@@ -118,7 +118,7 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     io.spawn(quic::serve(endpoint.clone(), service));
     let state = web::Data::new(HttpState::new("cloud-hub", models, metrics, serving, None));
     let (server, addrs) = http::bind(state.clone(), &serving.http)?;
-    if let Some(admin) = fabric_core::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
+    if let Some(admin) = fabric_node::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
         println!("cloud-hub admin API on http://{admin}");
     }
     state.ready.store(true, Ordering::Release);
@@ -127,7 +127,7 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         &state,
         serving,
         Some(&files),
-        fabric_core::tls::Role::Hub,
+        fabric_proto::tls::Role::Hub,
         http_bound,
         Some(quic_bound),
     )
@@ -135,7 +135,7 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded.loaded, failed = loaded.failed.len(), "cloud-hub ready");
     on_ready(HubAddrs { http: http_bound, quic: quic_bound });
     server.await?;
-    endpoint.close(fabric_core::wire::codes::SHUTDOWN.into(), b"hub shutting down");
+    endpoint.close(fabric_proto::wire::codes::SHUTDOWN.into(), b"hub shutting down");
     tracing::info!("cloud-hub stopped");
     Ok(())
 }
@@ -148,7 +148,7 @@ mod tests {
     fn a_config_file_keeps_the_hub_defaults_it_does_not_set() {
         let path = std::env::temp_dir().join(format!("hub-defaults-{}.toml", std::process::id()));
         std::fs::write(&path, "[http]\naddr = \"127.0.0.1:9999\"\n[autoscale]\nup_delay_s = 5.0\n").expect("write");
-        let config: HubConfig = fabric_core::config::load_role_config(&path).expect("loads");
+        let config: HubConfig = fabric_node::config::load_role_config(&path).expect("loads");
         let _ = std::fs::remove_file(&path);
         assert_eq!(config.serving.http.addr, "127.0.0.1:9999");
         assert_eq!(config.serving.models.engine, EngineChoice::Ort, "the hub's engine, not the shared default");

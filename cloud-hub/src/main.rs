@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use cloud_hub::HubConfig;
-use fabric_core::serve::{self, ServingArgs};
+use fabric_node::serve::{self, ServingArgs};
 
 /// Cloud inference hub: serves ONNX models with ONNX Runtime (TensorRT > CUDA > CPU) over the
 /// KServe v2 HTTP API and over QUIC (mutual TLS) for edge-nodes offloading their overflow.
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     serve::init_logging();
     let mut config: HubConfig = match &cli.config {
-        Some(path) => fabric_core::config::load_role_config(path)?,
+        Some(path) => fabric_node::config::load_role_config(path)?,
         None => HubConfig::default(),
     };
     cli.serving.apply(&mut config.serving);
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         config.quic.addr = addr;
     }
     if let Some(dir) = cli.certs {
-        config.quic.tls = Some(fabric_core::tls::TlsFiles::in_dir(&dir, &cli.node_id));
+        config.quic.tls = Some(fabric_proto::tls::TlsFiles::in_dir(&dir, &cli.node_id));
     }
     if cli.print_config {
         print!("{}", toml::to_string(&config)?);

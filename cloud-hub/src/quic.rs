@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric_core::models::ModelSet;
-use fabric_core::tensor::{NamedTensor, Tensor};
-use fabric_core::tls::{self, Role};
-use fabric_core::wire::{self, codes, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireError, WireLimits};
+use fabric_node::models::ModelSet;
+use fabric_proto::tls::{self, Role};
+use fabric_proto::wire::{self, codes, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireError, WireLimits};
+use fabric_types::tensor::{NamedTensor, Tensor};
 
 /// What every stream handler shares.
 pub struct QuicService {

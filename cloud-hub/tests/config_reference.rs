@@ -5,7 +5,7 @@
 fn the_configuration_reference_matches_hub_toml() {
     let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md"))
         .expect("docs/configuration.md");
-    let problems = fabric_core::config::reference_mismatches::<cloud_hub::HubConfig>(
+    let problems = fabric_node::config::reference_mismatches::<cloud_hub::HubConfig>(
         &page,
         &["Keys both roles share", "hub.toml only (cloud-hub)"],
     );

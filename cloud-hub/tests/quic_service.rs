@@ -8,11 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use fabric_core::reference::{self, max_abs_diff};
-use fabric_core::tensor::Tensor;
-use fabric_core::tls::{self, Role, TlsFiles};
-use fabric_core::wire::{self, ErrorCode, RequestHeader, ResponseHeader, WireLimits};
-use fabric_core::{engine, EngineKind, EngineOptions, NamedTensor};
+use fabric_engine::{self as engine, EngineKind, EngineOptions};
+use fabric_proto::tls::{self, Role, TlsFiles};
+use fabric_proto::wire::{self, ErrorCode, RequestHeader, ResponseHeader, WireLimits};
+use fabric_testkit::reference::{self, max_abs_diff};
+use fabric_types::tensor::Tensor;
+use fabric_types::NamedTensor;
 use rustls::pki_types::pem::PemObject;
 
 struct Hub {

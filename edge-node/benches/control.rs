@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fabric_core::reference;
+use fabric_testkit::reference;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "bench-admin-token-0123456789";

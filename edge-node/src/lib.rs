@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix_web::web;
-use fabric_core::config::ServingConfig;
-use fabric_core::dispatch::Overflow;
-use fabric_core::engine::{ExecutionProvider, OrtOptions};
-use fabric_core::http::{self, HttpState};
-use fabric_core::metrics::Metrics;
-use fabric_core::serve;
+use fabric_engine::{ExecutionProvider, OrtOptions};
+use fabric_node::config::ServingConfig;
+use fabric_node::dispatch::Overflow;
+use fabric_node::http::{self, HttpState};
+use fabric_node::metrics::Metrics;
+use fabric_node::serve;
 use serde::{Deserialize, Serialize};
 
 /// The edge-node configuration file (`edge.toml`); every key has a default.
@@ -58,7 +58,7 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
     let overflow = offloader.map(|o| o as Arc<dyn Overflow>);
     let state = web::Data::new(HttpState::new("edge-node", loaded.models, metrics, serving, overflow));
     let (server, addrs) = http::bind(state.clone(), &serving.http)?;
-    if let Some(admin) = fabric_core::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
+    if let Some(admin) = fabric_node::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
         // A line on stdout that scripts and tests wait for (before the ready line).
         println!("edge-node admin API on http://{admin}");
     }
@@ -68,7 +68,7 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
         &state,
         serving,
         config.offload.tls.as_ref(),
-        fabric_core::tls::Role::Edge,
+        fabric_proto::tls::Role::Edge,
         addr,
         None,
     )

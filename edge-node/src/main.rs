@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use edge_node::offload::HubEndpoint;
 use edge_node::EdgeConfig;
-use fabric_core::serve::{self, ServingArgs};
+use fabric_node::serve::{self, ServingArgs};
 
 /// Edge inference daemon: serves ONNX models from a model repository over the Open Inference
 /// Protocol (KServe v2 REST, binary tensor extension included) on the local device.
@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     serve::init_logging();
     let mut config: EdgeConfig = match &cli.config {
-        Some(path) => fabric_core::config::load_role_config(path)?,
+        Some(path) => fabric_node::config::load_role_config(path)?,
         None => EdgeConfig::default(),
     };
     cli.serving.apply(&mut config.serving);
@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         config.offload.hubs.push(HubEndpoint::parse(&hub)?);
     }
     if let Some(dir) = cli.certs {
-        config.offload.tls = Some(fabric_core::tls::TlsFiles::in_dir(&dir, &cli.node_id));
+        config.offload.tls = Some(fabric_proto::tls::TlsFiles::in_dir(&dir, &cli.node_id));
     }
     if cli.print_config {
         print!("{}", toml::to_string(&config)?);

@@ -20,14 +20,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fabric_core::dispatch::{Offloaded, Overflow, OverflowError};
-use fabric_core::metrics::Metrics;
-use fabric_core::policy::admission::OffloadView;
-use fabric_core::policy::hub::{self, HubHealth, Reported};
-use fabric_core::registry_proto::HubEntry;
-use fabric_core::tensor::{NamedTensor, Tensor};
-use fabric_core::tls::{self, Role, TlsFiles};
-use fabric_core::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
+use fabric_node::dispatch::{Offloaded, Overflow, OverflowError};
+use fabric_node::metrics::Metrics;
+use fabric_policy::admission::OffloadView;
+use fabric_policy::hub::{self, HubHealth, Reported};
+use fabric_proto::registry::HubEntry;
+use fabric_proto::tls::{self, Role, TlsFiles};
+use fabric_proto::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
+use fabric_types::tensor::{NamedTensor, Tensor};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -262,7 +262,7 @@ impl Offloader {
         client.transport_config(Arc::new(transport));
         // The endpoints and their connections run on a thread of their own, not between the pools'
         // turns. One per address family: an IPv4 socket cannot reach an IPv6 hub.
-        let io = fabric_core::io_thread::spawn("quic-offload").map_err(OffloadSetupError::Endpoint)?;
+        let io = fabric_proto::io_thread::spawn("quic-offload").map_err(OffloadSetupError::Endpoint)?;
         let endpoints = {
             let _on_io_thread = io.enter();
             let mut v4 =

@@ -5,7 +5,7 @@
 fn the_configuration_reference_matches_edge_toml() {
     let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md"))
         .expect("docs/configuration.md");
-    let problems = fabric_core::config::reference_mismatches::<edge_node::EdgeConfig>(
+    let problems = fabric_node::config::reference_mismatches::<edge_node::EdgeConfig>(
         &page,
         &["Keys both roles share", "edge.toml only (edge-node)"],
     );

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use fabric_core::reference;
+use fabric_testkit::reference;
 use serde_json::{json, Value};
 use support::{client, get, post, send_json, start_edge_with_args, Edge, Reply};
 

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric_core::reference::{self, max_abs_diff};
-use fabric_core::{DataType, NamedTensor, Tensor};
+use fabric_testkit::reference::{self, max_abs_diff};
+use fabric_types::{DataType, NamedTensor, Tensor};
 use serde_json::{json, Value};
 use support::{client, get, post, start_edge, start_edge_with_ort, Reply};
 

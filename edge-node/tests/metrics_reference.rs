@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use fabric_core::metrics::Metrics;
+use fabric_node::metrics::Metrics;
 
 /// (name, type, labels) of each row of the reference.
 fn documented() -> BTreeSet<(String, String, String)> {

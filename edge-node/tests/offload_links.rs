@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use edge_node::offload::{HubEndpoint, OffloadConfig, Offloader};
-use fabric_core::dispatch::Overflow;
-use fabric_core::tls::{self, NodeCert, Role, TlsFiles};
+use fabric_node::dispatch::Overflow;
+use fabric_proto::tls::{self, NodeCert, Role, TlsFiles};
 use serde_json::json;
 use support::{certs, client, post, start_edge_with_args, start_hub, start_hub_at, start_hub_with};
 
@@ -138,9 +138,9 @@ async fn a_fabric_peer_that_is_not_a_hub_is_never_used() {
     }
     let attempts = offload.connect_attempts();
     assert!((1..=8).contains(&attempts), "{attempts} attempts in 2 s");
-    let inputs = vec![fabric_core::NamedTensor::new(
+    let inputs = vec![fabric_types::NamedTensor::new(
         "input",
-        fabric_core::Tensor::from_vec(vec![1, 3, 64, 64], vec![0.5f32; 3 * 64 * 64]).expect("tensor"),
+        fabric_types::Tensor::from_vec(vec![1, 3, 64, 64], vec![0.5f32; 3 * 64 * 64]).expect("tensor"),
     )];
     let deadline = Instant::now() + Duration::from_secs(1);
     let err = match offload.infer("cnn", 1, &inputs, deadline).await {

@@ -1,6 +1,6 @@
 //! The fleet simulator: N simulated nodes in one process speaking the registry's own protocol to a
 //! real `model-registry` (which it starts, kills with SIGKILL and restarts), each with its own
-//! certificate from the fabric CA, heartbeating as `fabric_core::agent` does (the same `Heartbeat`
+//! certificate from the fabric CA, heartbeating as `fabric_node::agent` does (the same `Heartbeat`
 //! message, a load report of the same shape, the long poll, the jittered backoff); an operator drives
 //! rollouts through the same client the `fabric` CLI uses. What a simulated node does not do is load
 //! models: it reports a version ready as soon as its desired state names it.
@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fabric_core::policy::backoff::{seed_of, Backoff};
-use fabric_core::registry_proto::{
+use fabric_policy::backoff::{seed_of, Backoff};
+use fabric_proto::registry::{
     DesiredState, Heartbeat, NodeInfo, NodeQuery, ReadyVersion, RegistryAddr, RegistryClient, Request, RolloutAction,
     Target,
 };
-use fabric_core::tls::{generate_dev_pki_with_names, NodeCert, Role, TlsFiles};
+use fabric_proto::tls::{generate_dev_pki_with_names, NodeCert, Role, TlsFiles};
 use serde_json::{json, Value};
 
 /// The model every simulated node serves.
@@ -112,7 +112,7 @@ struct Node {
     epoch: Arc<AtomicU64>,
 }
 
-/// The load report an idle node sends: the shape of `fabric_core::control::NodeReport`.
+/// The load report an idle node sends: the shape of `fabric_node::control::NodeReport`.
 fn report(ready: &[ReadyVersion], uptime_ms: u64) -> Value {
     let window = json!({ "window_ms": 3500, "arrivals_per_s": 0.0, "served_per_s": 0.0, "offloaded_per_s": 0.0,
         "rejected_per_s": {}, "p50_ms": null, "p99_ms": null, "utilisation": 0.0, "answered": 0 });
@@ -158,7 +158,7 @@ impl Node {
                 Ok(answer) => answer,
                 Err(_) => {
                     self.client.forget_connection().await;
-                    Err(fabric_core::registry_proto::ProtoError::Io("no answer in 20 s".into()))
+                    Err(fabric_proto::registry::ProtoError::Io("no answer in 20 s".into()))
                 }
             };
             let desired = match answer.map(serde_json::from_value::<DesiredState>) {

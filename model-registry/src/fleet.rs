@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use fabric_core::registry_proto::{HubEntry, NodeInfo};
-use fabric_core::tls::Role;
+use fabric_proto::registry::{HubEntry, NodeInfo};
+use fabric_proto::tls::Role;
 use serde_json::Value;
 use tokio::sync::watch;
 

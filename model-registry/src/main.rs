@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
             },
             heartbeat_timeout: std::time::Duration::from_millis(cli.heartbeat_timeout_ms),
             // max_replicas 0: each node's cores.
-            autoscale: (!cli.no_autoscale).then(|| fabric_core::policy::autoscale::AutoscaleSettings {
+            autoscale: (!cli.no_autoscale).then(|| fabric_policy::autoscale::AutoscaleSettings {
                 max_replicas: 0,
                 target_utilisation: cli.autoscale_target,
                 up_delay_s: cli.autoscale_up_delay_s,
@@ -157,15 +157,15 @@ fn main() -> anyhow::Result<()> {
             ..Settings::default()
         };
         let registry = Registry::open(Box::new(store), settings)?;
-        let files = fabric_core::tls::TlsFiles::in_dir(&cli.certs, &cli.node_id);
-        let mut config = fabric_core::tls::server_config(&files).map_err(|e| {
+        let files = fabric_proto::tls::TlsFiles::in_dir(&cli.certs, &cli.node_id);
+        let mut config = fabric_proto::tls::server_config(&files).map_err(|e| {
             anyhow::anyhow!(
                 "{e} (create development certificates with `fabric certs --out {} --node {}:registry`)",
                 cli.certs.display(),
                 cli.node_id
             )
         })?;
-        config.transport_config(Arc::new(fabric_core::registry_proto::transport()));
+        config.transport_config(Arc::new(fabric_proto::registry::transport()));
         let addr: std::net::SocketAddr =
             cli.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", cli.listen))?;
         let socket = fleet_socket(addr, cli.socket_buffer_mib << 20)?;

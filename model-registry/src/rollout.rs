@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fabric_core::policy::traffic::{Shadow, TrafficPolicy};
-use fabric_core::registry_proto::{DesiredModel, DesiredVersion, NodeInfo, Refusal, RolloutAction, Target};
+use fabric_policy::traffic::{Shadow, TrafficPolicy};
+use fabric_proto::registry::{DesiredModel, DesiredVersion, NodeInfo, Refusal, RolloutAction, Target};
 
 use crate::state::{scaled_key, Canary, Deployment, RegistryState, Rollout, Scaled, ShadowRoute};
 

@@ -16,17 +16,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use fabric_core::registry_proto::{
+use fabric_proto::registry::{
     self, DesiredState, Heartbeat, NodeInfo, NodeQuery, Refusal, Reply, Request, RolloutAction, MAX_FRAME,
 };
-use fabric_core::tls::{self, Identity, Role};
+use fabric_proto::tls::{self, Identity, Role};
 use serde_json::{json, Value};
 
 use crate::fleet::{Fleet, NodeRecord};
 use crate::rollout::{self, AnalysisSettings, Window};
 use crate::state::{now_ms, scaled_key, Deployment, ModelVersion, RegistryState, Scaled};
 use crate::store::{scaled_record_key, Change, Store};
-use fabric_core::policy::autoscale::{AutoscaleSettings, Autoscaler, LoadSample};
+use fabric_policy::autoscale::{AutoscaleSettings, Autoscaler, LoadSample};
 
 /// The registry's settings.
 #[derive(Clone, Debug)]
@@ -313,9 +313,9 @@ impl Registry {
         };
         // Validated before it is accepted: the file parses and its inputs and outputs are read.
         let path = staged.clone();
-        let metadata = tokio::task::spawn_blocking(move || -> Result<fabric_core::ModelMetadata, String> {
-            let (_bytes, proto) = fabric_core::model::read_onnx(&path).map_err(|e| e.to_string())?;
-            fabric_core::ModelMetadata::from_proto(&proto, &path).map_err(|e| e.to_string())
+        let metadata = tokio::task::spawn_blocking(move || -> Result<fabric_engine::ModelMetadata, String> {
+            let (_bytes, proto) = fabric_engine::model::read_onnx(&path).map_err(|e| e.to_string())?;
+            fabric_engine::ModelMetadata::from_proto(&proto, &path).map_err(|e| e.to_string())
         })
         .await
         .map_err(internal)?;
@@ -373,7 +373,7 @@ impl Registry {
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         let mut got = 0u64;
         loop {
-            let chunk = tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(registry_proto::CHUNK, true))
+            let chunk = tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(registry::CHUNK, true))
                 .await
                 .map_err(|_| Refusal::new("invalid", "the upload stalled for 30 s"))?
                 .map_err(|e| Refusal::new("invalid", format!("the upload was cut: {e}")))?;
@@ -396,7 +396,7 @@ impl Registry {
             return Err(Refusal::new("invalid", format!("the upload was truncated: {got} of {size} bytes arrived")));
         }
         write_block(file, block, true).await?;
-        Ok(registry_proto::hex(context.finish().as_ref()))
+        Ok(registry::hex(context.finish().as_ref()))
     }
 
     fn show(&self, name: &str, version: Option<u64>) -> Reply {
@@ -860,7 +860,7 @@ impl Registry {
         tracing::debug!(node = %peer.node_id, model = %model.name, version = model.version, "model file fetched");
         let path = self.store.blob_path(digest);
         let mut file = tokio::fs::File::open(&path).await.map_err(internal)?;
-        registry_proto::write_frame(send, &Reply::Ok(json!({ "size": model.size }))).await.map_err(internal)?;
+        registry::write_frame(send, &Reply::Ok(json!({ "size": model.size }))).await.map_err(internal)?;
         tokio::io::copy(&mut file, send).await.map_err(internal)?;
         Ok(())
     }
@@ -1005,7 +1005,7 @@ fn text_of(v: &Value) -> &str {
 }
 
 fn check_name(name: &str) -> Result<(), Refusal> {
-    if registry_proto::is_plain_name(name) {
+    if registry::is_plain_name(name) {
         Ok(())
     } else {
         Err(Refusal::new("invalid", format!("invalid model name '{name}': use letters, digits, '_', '-' and '.'")))
@@ -1124,18 +1124,18 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission
 }
 
 async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let request: Request = match registry_proto::read_frame(&mut recv, MAX_FRAME).await {
+    let request: Request = match registry::read_frame(&mut recv, MAX_FRAME).await {
         Ok(r) => r,
         Err(e) => {
             let reply: Reply = Err(Refusal::new("invalid", format!("malformed request: {e}")));
-            let _ = registry_proto::write_frame(&mut send, &reply).await;
+            let _ = registry::write_frame(&mut send, &reply).await;
             let _ = send.finish();
             return;
         }
     };
     if let Request::Fetch { digest } = &request {
         if let Err(refusal) = registry.fetch(peer, digest, &mut send).await {
-            let _ = registry_proto::write_frame(&mut send, &Reply::Err(refusal)).await;
+            let _ = registry::write_frame(&mut send, &Reply::Err(refusal)).await;
         }
         let _ = send.finish();
         return;
@@ -1150,7 +1150,7 @@ async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::Se
             match answer {
                 // The group's answer, serialised once.
                 Ok(desired) => {
-                    let _ = registry_proto::write_raw_frame(&mut send, &desired.frame).await;
+                    let _ = registry::write_raw_frame(&mut send, &desired.frame).await;
                     let _ = send.finish();
                     return;
                 }
@@ -1162,7 +1162,7 @@ async fn handle_stream(registry: &Registry, peer: &Identity, mut send: quinn::Se
     if let Err(e) = &reply {
         tracing::info!(peer = %peer.node_id, kind = %e.kind, "request refused: {}", e.message);
     }
-    let _ = registry_proto::write_frame(&mut send, &reply).await;
+    let _ = registry::write_frame(&mut send, &reply).await;
     let _ = send.finish();
 }
 
@@ -1171,7 +1171,7 @@ mod tests {
     use super::*;
     use crate::state::{test_version, Rollout};
     use crate::store::RedbStore;
-    use fabric_core::registry_proto::{ReadyVersion, Target};
+    use fabric_proto::registry::{ReadyVersion, Target};
 
     fn registry(name: &str, settings: Settings) -> (Arc<Registry>, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("registry-service-{name}-{}", std::process::id()));

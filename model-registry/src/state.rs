@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use fabric_core::registry_proto::Target;
+use fabric_proto::registry::Target;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -9,8 +9,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use fabric_core::registry_proto::{Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
-use fabric_core::tls::TlsFiles;
+use fabric_proto::registry::{Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
+use fabric_proto::tls::TlsFiles;
 use serde_json::{json, Value};
 use support::{agent, body_for, body_with_timeout, infer, infer_served, model, wait_for, Fabric, Load, Sample};
 
@@ -337,7 +337,7 @@ fn bad_uploads_and_borrowed_identities_are_refused() {
 }
 
 fn reference_bad(name: &str) -> String {
-    fabric_core::reference::build_dir().join("bad-models").join(name).join("model.onnx").display().to_string()
+    fabric_testkit::reference::build_dir().join("bad-models").join(name).join("model.onnx").display().to_string()
 }
 
 #[test]

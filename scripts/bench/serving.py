@@ -142,7 +142,7 @@ def start_edge(repo, port):
 
 def raw_engine():
     """The raw engine table from the engines bench: {(model, batch, engine): infer/s}."""
-    out = subprocess.run(["cargo", "bench", "-q", "-p", "fabric-core", "--bench", "engines"], cwd=ROOT,
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "fabric-engine", "--bench", "engines"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     rows = {}
     for line in out.splitlines():

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/../.."
 source scripts/bench/prepare.sh
 echo "==> building release"
 cargo build --release --locked -p edge-node
-cargo bench --locked -p fabric-core --bench engines --no-run
+cargo bench --locked -p fabric-engine --bench engines --no-run
 .venv/bin/python scripts/bench/serving.py

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use fabric_core::reference;
+use fabric_testkit::reference;
 
 /// The admin token test nodes are started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -228,9 +228,9 @@ fn hub_binary() -> PathBuf {
 /// Development certificates for hub-1 (hub) and edge-1 (edge) under `dir/certs`.
 pub fn certs(dir: &std::path::Path) -> PathBuf {
     let certs = dir.join("certs");
-    fabric_core::tls::generate_dev_pki(
+    fabric_proto::tls::generate_dev_pki(
         &certs,
-        &[("hub-1".into(), fabric_core::tls::Role::Hub), ("edge-1".into(), fabric_core::tls::Role::Edge)],
+        &[("hub-1".into(), fabric_proto::tls::Role::Hub), ("edge-1".into(), fabric_proto::tls::Role::Edge)],
     )
     .expect("pki");
     certs

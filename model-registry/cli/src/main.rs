@@ -6,10 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use fabric_core::registry_proto::{
-    NodeQuery, ProtoError, RegistryAddr, RegistryClient, Request, RolloutAction, Target,
-};
-use fabric_core::tls::{generate_dev_pki_with_names, NodeCert, TlsFiles};
+use fabric_proto::registry::{NodeQuery, ProtoError, RegistryAddr, RegistryClient, Request, RolloutAction, Target};
+use fabric_proto::tls::{generate_dev_pki_with_names, NodeCert, TlsFiles};
 use serde_json::Value;
 
 /// Operator CLI of the inference fabric.

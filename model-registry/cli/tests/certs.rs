@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use fabric_core::tls::{identity_of, Role};
+use fabric_proto::tls::{identity_of, Role};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fabric_core::reference;
+use fabric_testkit::reference;
 use serde_json::{json, Value};
 
 /// A child process, killed (SIGKILL) on drop.
@@ -88,18 +88,18 @@ impl Fabric {
         let dir = std::env::temp_dir().join(format!("fabric-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let certs = dir.join("certs");
-        let nodes: Vec<(String, fabric_core::tls::Role)> = [
-            ("registry-1", fabric_core::tls::Role::Registry),
-            ("hub-1", fabric_core::tls::Role::Hub),
-            ("hub-2", fabric_core::tls::Role::Hub),
-            ("edge-1", fabric_core::tls::Role::Edge),
-            ("edge-2", fabric_core::tls::Role::Edge),
-            ("operator", fabric_core::tls::Role::Operator),
+        let nodes: Vec<(String, fabric_proto::tls::Role)> = [
+            ("registry-1", fabric_proto::tls::Role::Registry),
+            ("hub-1", fabric_proto::tls::Role::Hub),
+            ("hub-2", fabric_proto::tls::Role::Hub),
+            ("edge-1", fabric_proto::tls::Role::Edge),
+            ("edge-2", fabric_proto::tls::Role::Edge),
+            ("operator", fabric_proto::tls::Role::Operator),
         ]
         .into_iter()
         .map(|(n, r)| (n.to_string(), r))
         .collect();
-        fabric_core::tls::generate_dev_pki(&certs, &nodes).expect("certificates");
+        fabric_proto::tls::generate_dev_pki(&certs, &nodes).expect("certificates");
         Fabric { dir, certs }
     }
 
@@ -368,5 +368,5 @@ pub fn figure(what: &str, value: &str) {
 
 /// SHA-256 of a file, hex.
 pub fn digest(path: &Path) -> String {
-    fabric_core::registry_proto::sha256_file(path).expect("readable")
+    fabric_proto::registry::sha256_file(path).expect("readable")
 }

@@ -1,0 +1,271 @@
+//! The HTTP faces of live control, both thin over [`NodeControl`]:
+//!
+//! - Triton's model-repository extension on the main API: `POST /v2/repository/models/{m}/load`
+//!   (parameters `config`, a JSON override, and `file:<version>/model.onnx`, base64 bytes) and
+//!   `.../unload` (extension: parameter `version` unloads one version). Carried out only with
+//!   `--model-control explicit`.
+//! - The admin API on a listener of its own (`/v2/fabric/...`, JSON): the load report, traffic
+//!   policies and pool settings. Mutating calls need `Authorization: Bearer <token>`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::config::AdminConfig;
+use crate::control::ControlError;
+use crate::http::{read_json, status_of, HttpState};
+use fabric_policy::traffic::{PolicyError, TrafficPolicy};
+
+/// The HTTP status of a control failure.
+pub fn control_status(e: &ControlError) -> StatusCode {
+    match e {
+        ControlError::Disabled => StatusCode::FORBIDDEN,
+        ControlError::Route(e) => status_of(e.code()),
+        ControlError::NotInRepository { .. } | ControlError::Policy(PolicyError::UnknownModel(_)) => {
+            StatusCode::NOT_FOUND
+        }
+        ControlError::Invalid(_) | ControlError::LoadFailed { .. } | ControlError::Policy(_) => StatusCode::BAD_REQUEST,
+        ControlError::InUse(_) => StatusCode::CONFLICT,
+        ControlError::Resize { .. } | ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> HttpResponse {
+    HttpResponse::build(status).json(json!({ "error": message.to_string() }))
+}
+
+fn control_error(e: ControlError) -> HttpResponse {
+    let status = control_status(&e);
+    if status.is_server_error() {
+        tracing::error!("control: {e}");
+    }
+    error(status, e)
+}
+
+/// Registers the repository load and unload routes (the index is in [`crate::http`]).
+pub fn repository_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v2/repository/models/{model}/load", web::post().to(repository_load))
+        .route("/v2/repository/models/{model}/unload", web::post().to(repository_unload));
+}
+
+fn model_of(req: &HttpRequest) -> String {
+    req.match_info().get("model").unwrap_or_default().to_string()
+}
+
+/// The `parameters` object of a repository request (an empty body has none).
+async fn parameters(state: &HttpState, req: &HttpRequest, payload: web::Payload) -> Result<Value, HttpResponse> {
+    let body = read_json(state, req, payload).await.map_err(|e| e.response())?;
+    Ok(body.get("parameters").cloned().unwrap_or(Value::Null))
+}
+
+async fn repository_load(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let name = model_of(&req);
+    let params = match parameters(&state, &req, payload).await {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    let (config, files) = match load_parameters(&params) {
+        Ok(parsed) => parsed,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match state.control.load_model(&name, config, files).await {
+        Ok(loaded) => HttpResponse::Ok().json(json!({ "loaded": loaded })),
+        Err(e) => control_error(e),
+    }
+}
+
+/// Triton's load parameters: `config` (a JSON object, or a string holding one) and
+/// `file:<version>/model.onnx` entries (base64 model bytes).
+fn load_parameters(params: &Value) -> Result<(Option<Value>, BTreeMap<u64, Vec<u8>>), String> {
+    let mut config = None;
+    let mut files = BTreeMap::new();
+    let Some(params) = params.as_object() else {
+        return Ok((None, files));
+    };
+    for (key, value) in params {
+        if key == "config" {
+            config = Some(match value {
+                Value::String(text) => serde_json::from_str(text).map_err(|e| format!("parameter config: {e}"))?,
+                other => other.clone(),
+            });
+        } else if let Some(path) = key.strip_prefix("file:") {
+            let version = path
+                .strip_suffix("/model.onnx")
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| format!("parameter '{key}': expected file:<version>/model.onnx"))?;
+            let text = value.as_str().ok_or_else(|| format!("parameter '{key}' must be a base64 string"))?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| format!("parameter '{key}' is not base64: {e}"))?;
+            files.insert(version, bytes);
+        }
+    }
+    Ok((config, files))
+}
+
+async fn repository_unload(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let name = model_of(&req);
+    let params = match parameters(&state, &req, payload).await {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    let version = match params.get("version") {
+        None => None,
+        Some(v) => match v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())) {
+            Some(v) => Some(v),
+            None => return error(StatusCode::BAD_REQUEST, format!("parameter version must be a number, got {v}")),
+        },
+    };
+    match state.control.unload(&name, version).await {
+        Ok(unloaded) => HttpResponse::Ok().json(json!({ "unloaded": unloaded })),
+        Err(e) => control_error(e),
+    }
+}
+
+/// The token mutating admin calls must present.
+struct AdminToken(String);
+
+/// Registers the admin API's routes; needs `web::Data<HttpState>` and the token in the app.
+fn admin_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v2/fabric/load", web::get().to(load_report))
+        .route("/v2/fabric/models/{model}/policy", web::get().to(get_policy))
+        .route("/v2/fabric/models/{model}/policy", web::put().to(put_policy))
+        .route("/v2/fabric/models/{model}/policy", web::delete().to(delete_policy))
+        .route("/v2/fabric/models/{model}/versions/{version}/config", web::put().to(put_config));
+}
+
+/// Checks the bearer token of a mutating call (constant time over the token's length).
+fn authorised(req: &HttpRequest, token: &AdminToken) -> Result<(), HttpResponse> {
+    if req.method() == Method::GET {
+        return Ok(());
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .as_bytes();
+    let want = token.0.as_bytes();
+    let same = given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "this admin call needs 'Authorization: Bearer <token>' with the node's admin token",
+        ))
+    }
+}
+
+async fn load_report(state: web::Data<HttpState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.control.report().await)
+}
+
+async fn get_policy(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
+    match state.control.models().policy(&model_of(&req)) {
+        Ok((policy, shadow)) => {
+            HttpResponse::Ok().json(json!({ "policy": policy, "shadow": shadow.map(|s| s.report()) }))
+        }
+        Err(e) => control_error(e.into()),
+    }
+}
+
+async fn put_policy(
+    state: web::Data<HttpState>,
+    token: web::Data<AdminToken>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    if let Err(denied) = authorised(&req, &token) {
+        return denied;
+    }
+    let body = match read_json(&state, &req, payload).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let policy: TrafficPolicy = match serde_json::from_value(body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid policy ({e}); expected {{\"weights\": {{\"1\": 90, \"2\": 10}}, \"shadow\": {{\"version\": 3, \"percent\": 10}}}}"),
+            )
+        }
+    };
+    match state.control.set_policy(&model_of(&req), Some(policy.clone())) {
+        Ok(()) => HttpResponse::Ok().json(json!({ "policy": policy })),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn delete_policy(state: web::Data<HttpState>, token: web::Data<AdminToken>, req: HttpRequest) -> HttpResponse {
+    if let Err(denied) = authorised(&req, &token) {
+        return denied;
+    }
+    match state.control.set_policy(&model_of(&req), None) {
+        Ok(()) => HttpResponse::Ok().json(json!({ "policy": null })),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn put_config(
+    state: web::Data<HttpState>,
+    token: web::Data<AdminToken>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    if let Err(denied) = authorised(&req, &token) {
+        return denied;
+    }
+    let name = model_of(&req);
+    let Some(version) = req.match_info().get("version").and_then(|v| v.parse::<u64>().ok()) else {
+        return error(StatusCode::BAD_REQUEST, "the version must be a number");
+    };
+    let changes = match read_json(&state, &req, payload).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    match state.control.reconfigure(&name, version, &changes).await {
+        Ok(config) => HttpResponse::Ok().json(json!({ "name": name, "version": version, "config": config })),
+        Err(e) => control_error(e),
+    }
+}
+
+/// Binds the admin API (one worker: it is small and rarely called); returns the server and address.
+pub fn bind(
+    state: web::Data<crate::http::HttpState>,
+    config: &AdminConfig,
+) -> Result<(actix_web::dev::Server, SocketAddr), String> {
+    let token = web::Data::new(AdminToken(config.resolve_token()?));
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(token.clone())
+            .configure(admin_routes)
+            .default_service(web::to(crate::http::not_found))
+    })
+    .workers(1)
+    .bind(&config.addr)
+    .map_err(|e| format!("admin API on {}: {e}", config.addr))?;
+    let addr = server.addrs().first().copied().ok_or("the admin API bound no address")?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the admin API listens beyond this machine: keep it behind TLS");
+    }
+    Ok((server.run(), addr))
+}
+
+/// Starts the admin API when the config turns it on; returns its address.
+pub fn start(state: &web::Data<HttpState>, config: &AdminConfig) -> Result<Option<SocketAddr>, String> {
+    if !config.enabled {
+        return Ok(None);
+    }
+    let (server, addr) = bind(state.clone(), config)?;
+    actix_rt::spawn(server);
+    tracing::info!(%addr, "admin API listening");
+    Ok(Some(addr))
+}

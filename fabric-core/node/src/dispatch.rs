@@ -1,0 +1,219 @@
+//! Where one request is served: this node's pool, a hub, or nowhere (a precise refusal). The one
+//! place admission, offload and their fallbacks are carried out, so that the HTTP layer only decodes
+//! and encodes (and the registry's routing can reuse it).
+//!
+//! 1. Admission ([`policy::admission`](fabric_policy::admission)) on the pool's published snapshot and
+//!    the best hub's expected answer time: local, offload, or refuse at the door.
+//! 2. Offload: a hub that fails (busy, gone, too slow) leaves the request to the local pool while the
+//!    deadline allows.
+//! 3. Local: with a hub at hand the pool re-checks the wait target on its exact state; what it turns
+//!    away comes back with its inputs and goes to the hub after all ("late offload").
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+
+use crate::metrics::Metrics;
+use crate::models::ServedModel;
+use crate::pool::{PoolError, Refused};
+use fabric_policy::admission::{Admission, OffloadView};
+use fabric_types::tensor::NamedTensor;
+
+/// Why a request could not be served elsewhere.
+#[derive(Debug, thiserror::Error)]
+pub enum OverflowError {
+    /// No hub could take it in time (busy, down, vanished mid-request): serve locally if time allows.
+    #[error("offload failed: {0}")]
+    Unavailable(String),
+    /// The hub refused the request itself (it does not fit the model): final.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Outputs served elsewhere, and by whom.
+pub struct Offloaded {
+    /// Outputs in graph order.
+    pub outputs: Vec<NamedTensor>,
+    /// Which hub served them.
+    pub served_by: String,
+}
+
+/// Somewhere else to serve requests this node cannot serve in time (a hub, for an edge-node).
+pub trait Overflow: Send + Sync {
+    /// The best hub's expected answer time, or `None` when no hub is usable now.
+    fn view(&self) -> Option<OffloadView>;
+    /// Whether to send every request to a hub while one is usable (not only what overflows).
+    fn always(&self) -> bool {
+        false
+    }
+    /// The hubs the registry knows (added, moved, marked up or down); hubs configured by hand stay.
+    fn set_hubs(&self, _hubs: &[fabric_proto::registry::HubEntry]) {}
+    /// Serves one request elsewhere, answering by the deadline.
+    fn infer<'a>(
+        &'a self,
+        model: &'a str,
+        version: u64,
+        inputs: &'a [NamedTensor],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Offloaded, OverflowError>>;
+}
+
+/// A served request: its outputs, who served them, and the batch it ran in (when served here).
+pub struct Dispatched {
+    /// Outputs in graph order, named.
+    pub outputs: Vec<NamedTensor>,
+    /// `edge-node`, `cloud-hub`, or `hub <node id>`.
+    pub served_by: String,
+    /// Rows in the batch it ran in, when served here.
+    pub batch_rows: Option<usize>,
+    /// When the replica answered, when served here.
+    pub finished: Option<Instant>,
+}
+
+/// Why a request was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// Refused or failed here (the pool's precise reason).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// A hub found the request invalid for the model.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Carries out where requests go, for one node.
+pub struct Dispatcher {
+    server_name: String,
+    overflow: Option<Arc<dyn Overflow>>,
+    metrics: Metrics,
+}
+
+impl Dispatcher {
+    /// A dispatcher for the node `server_name`, with somewhere to send overflow or not.
+    pub fn new(server_name: &str, overflow: Option<Arc<dyn Overflow>>, metrics: Metrics) -> Dispatcher {
+        Dispatcher { server_name: server_name.to_string(), overflow, metrics }
+    }
+
+    /// Where overflow goes, if anywhere.
+    pub fn overflow(&self) -> Option<&Arc<dyn Overflow>> {
+        self.overflow.as_ref()
+    }
+
+    fn count(&self, model: &ServedModel, route: &str) {
+        self.metrics.routes.with_label_values(&[model.name.as_str(), &model.version_str(), route]).inc();
+    }
+
+    /// Serves validated inputs by `deadline`, here or on a hub, or says precisely why not.
+    pub async fn infer(
+        &self,
+        model: &ServedModel,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+    ) -> Result<Dispatched, DispatchError> {
+        let Some(overflow) = &self.overflow else {
+            self.count(model, "local");
+            return self.local(model, inputs, deadline).await;
+        };
+        let view = overflow.view();
+        let route = match view {
+            Some(_) if overflow.always() => Admission::Offload,
+            view => model.pool.admission(&inputs, deadline, view),
+        };
+        match (route, view) {
+            (Admission::Reject(why), _) => {
+                self.count(model, "rejected");
+                Err(DispatchError::Pool(PoolError::from(why)))
+            }
+            (Admission::Offload, _) => {
+                self.count(model, "offload");
+                match overflow.infer(&model.name, model.version, &inputs, deadline).await {
+                    Ok(done) => Ok(Dispatched {
+                        outputs: done.outputs,
+                        served_by: done.served_by,
+                        batch_rows: None,
+                        finished: None,
+                    }),
+                    Err(OverflowError::Invalid(msg)) => Err(DispatchError::Invalid(msg)),
+                    Err(OverflowError::Unavailable(msg)) => {
+                        // Serve here after all if the deadline still allows; the pool decides.
+                        tracing::debug!(model = %model.name, "offload failed, trying locally: {msg}");
+                        self.count(model, "local");
+                        self.local(model, inputs, deadline).await
+                    }
+                }
+            }
+            (Admission::Local, None) => {
+                self.count(model, "local");
+                self.local(model, inputs, deadline).await
+            }
+            (Admission::Local, Some(view)) => {
+                self.count(model, "local");
+                match model.pool.infer_with_hub(inputs, deadline, view).await {
+                    Ok(reply) => Ok(self.served_here(model, reply)),
+                    Err(Refused { error, inputs: Some(inputs) }) if is_overload(&error) => {
+                        self.late_offload(overflow.as_ref(), model, error, inputs, deadline).await
+                    }
+                    Err(refused) => Err(refused.error.into()),
+                }
+            }
+        }
+    }
+
+    /// The pool turned a request away for overload: a hub may still take it.
+    async fn late_offload(
+        &self,
+        overflow: &dyn Overflow,
+        model: &ServedModel,
+        error: PoolError,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+    ) -> Result<Dispatched, DispatchError> {
+        self.count(model, "late_offload");
+        match overflow.infer(&model.name, model.version, &inputs, deadline).await {
+            Ok(done) => {
+                Ok(Dispatched { outputs: done.outputs, served_by: done.served_by, batch_rows: None, finished: None })
+            }
+            // Turned away only for the wait target: here can still make the deadline.
+            Err(o) if matches!(error, PoolError::OverWaitTarget { .. }) => {
+                tracing::debug!(model = %model.name, "late offload failed, serving here: {o}");
+                self.local(model, inputs, deadline).await
+            }
+            Err(o) => {
+                tracing::debug!(model = %model.name, "late offload failed: {o}");
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn local(
+        &self,
+        model: &ServedModel,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+    ) -> Result<Dispatched, DispatchError> {
+        let reply = model.pool.infer(inputs, deadline).await?;
+        Ok(self.served_here(model, reply))
+    }
+
+    fn served_here(&self, model: &ServedModel, reply: crate::pool::PoolReply) -> Dispatched {
+        Dispatched {
+            outputs: model.pool.metadata().name_outputs(reply.outputs),
+            served_by: self.server_name.clone(),
+            batch_rows: Some(reply.batch_rows),
+            finished: Some(reply.finished),
+        }
+    }
+}
+
+/// Refusals a hub might still take.
+fn is_overload(e: &PoolError) -> bool {
+    matches!(
+        e,
+        PoolError::OverWaitTarget { .. }
+            | PoolError::QueueFull { .. }
+            | PoolError::WouldMissDeadline { .. }
+            | PoolError::NotReady
+            | PoolError::ColdStart { .. }
+    )
+}

@@ -1,0 +1,13 @@
+//! `fabric-policy`: pure policies: decisions as plain functions of plain inputs, no I/O, no clocks of their own.
+//! Callers pass `now`; tests drive them with tables of cases.
+
+pub mod admission;
+pub mod autoscale;
+pub mod backoff;
+pub mod batching;
+pub mod cache;
+pub mod cadence;
+pub mod engine_choice;
+pub mod hub;
+pub mod service_time;
+pub mod traffic;

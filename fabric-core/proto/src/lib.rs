@@ -1,0 +1,14 @@
+//! `fabric-proto`: what the fabric's parts say to each other, as bytes and as types.
+//!
+//! - [`kserve`]: the KServe v2 request and response codec (JSON and binary tensors);
+//! - [`wire`]: the QUIC message format between edges and hubs;
+//! - [`tls`]: mutual TLS, identities and the development CA;
+//! - [`registry`]: what the CLI, the nodes and the model registry say to each other over QUIC, and
+//!   the client that says it;
+//! - [`io_thread`]: the runtime thread QUIC runs on inside an actix process.
+
+pub mod io_thread;
+pub mod kserve;
+pub mod registry;
+pub mod tls;
+pub mod wire;
