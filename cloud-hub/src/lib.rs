@@ -4,17 +4,14 @@
 pub mod quic;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::web;
 use fabric_engine::EngineChoice;
+use fabric_node::boot::{self, RoleParts};
+use fabric_node::config::AutoscaleConfig;
 use fabric_node::config::{AdminConfig, HttpConfig, RepositoryConfig, ServingConfig};
-use fabric_node::http::{self, HttpState};
 use fabric_node::metrics::Metrics;
-use fabric_node::scaler::AutoscaleConfig;
-use fabric_node::serve;
 use fabric_proto::tls::{self, TlsFiles};
 use fabric_proto::wire::WireLimits;
 use serde::{Deserialize, Serialize};
@@ -97,8 +94,8 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
     let server_config = tls::server_config(&files)?;
     let serving = &config.serving;
     let metrics = Metrics::new("fabric");
-    let loaded = serve::load_models(serving, &metrics).await?;
-    let models = loaded.models;
+    let loaded = boot::load_models(serving, &metrics).await?;
+    let models = loaded.models.clone();
     let quic_addr: SocketAddr =
         config.quic.addr.parse().map_err(|e| anyhow::anyhow!("quic.addr '{}': {e}", config.quic.addr))?;
     // QUIC runs on a thread of its own, beside the pool actors rather than between their turns.
@@ -116,25 +113,19 @@ pub async fn run(config: HubConfig, on_ready: impl FnOnce(HubAddrs)) -> anyhow::
         capacity: config.quic.max_in_flight,
     });
     io.spawn(quic::serve(endpoint.clone(), service));
-    let state = web::Data::new(HttpState::new("cloud-hub", models, metrics, serving, None));
-    let (server, addrs) = http::bind(state.clone(), &serving.http)?;
-    if let Some(admin) = fabric_node::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
-        println!("cloud-hub admin API on http://{admin}");
-    }
-    state.ready.store(true, Ordering::Release);
-    let http_bound = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no HTTP address"))?;
-    http::start_registry_or_autoscaler(
-        &state,
-        serving,
-        Some(&files),
-        fabric_proto::tls::Role::Hub,
-        http_bound,
-        Some(quic_bound),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let parts = RoleParts {
+        name: "cloud-hub",
+        role: fabric_proto::tls::Role::Hub,
+        tls: Some(&files),
+        overflow: None,
+        hubs: None,
+        quic: Some(quic_bound),
+    };
+    let node = boot::start(serving, metrics, &loaded, parts)?;
+    let http_bound = node.http;
     tracing::info!(http = %http_bound, quic = %quic_bound, models = loaded.loaded, failed = loaded.failed.len(), "cloud-hub ready");
     on_ready(HubAddrs { http: http_bound, quic: quic_bound });
-    server.await?;
+    node.serve().await?;
     endpoint.close(fabric_proto::wire::codes::SHUTDOWN.into(), b"hub shutting down");
     tracing::info!("cloud-hub stopped");
     Ok(())

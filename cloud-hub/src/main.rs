@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use cloud_hub::HubConfig;
-use fabric_node::serve::{self, ServingArgs};
+use fabric_node::boot::{self, ServingArgs};
 
 /// Cloud inference hub: serves ONNX models with ONNX Runtime (TensorRT > CUDA > CPU) over the
 /// KServe v2 HTTP API and over QUIC (mutual TLS) for edge-nodes offloading their overflow.
@@ -36,7 +36,7 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    serve::init_logging();
+    boot::init_logging();
     let mut config: HubConfig = match &cli.config {
         Some(path) => fabric_node::config::load_role_config(path)?,
         None => HubConfig::default(),

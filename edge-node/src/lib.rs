@@ -4,16 +4,14 @@
 
 pub mod offload;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use actix_web::web;
 use fabric_engine::{ExecutionProvider, OrtOptions};
+use fabric_node::agent::HubDirectory;
+use fabric_node::boot::{self, RoleParts};
 use fabric_node::config::ServingConfig;
 use fabric_node::dispatch::Overflow;
-use fabric_node::http::{self, HttpState};
 use fabric_node::metrics::Metrics;
-use fabric_node::serve;
 use serde::{Deserialize, Serialize};
 
 /// The edge-node configuration file (`edge.toml`); every key has a default.
@@ -54,29 +52,21 @@ pub async fn run(config: EdgeConfig, on_ready: impl FnOnce(std::net::SocketAddr)
     // With a registry, the hubs it lists are learnt as they heartbeat (besides any configured here).
     let registry = serving.registry.addr.is_some() && config.offload.tls.is_some();
     let offloader = offload::Offloader::start(&config.offload, registry, Some(metrics.clone()))?;
-    let loaded = serve::load_models(serving, &metrics).await?;
-    let overflow = offloader.map(|o| o as Arc<dyn Overflow>);
-    let state = web::Data::new(HttpState::new("edge-node", loaded.models, metrics, serving, overflow));
-    let (server, addrs) = http::bind(state.clone(), &serving.http)?;
-    if let Some(admin) = fabric_node::admin::start(&state, &serving.admin).map_err(anyhow::Error::msg)? {
-        // A line on stdout that scripts and tests wait for (before the ready line).
-        println!("edge-node admin API on http://{admin}");
-    }
-    state.ready.store(true, Ordering::Release);
-    let addr = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("bound no address"))?;
-    http::start_registry_or_autoscaler(
-        &state,
-        serving,
-        config.offload.tls.as_ref(),
-        fabric_proto::tls::Role::Edge,
-        addr,
-        None,
-    )
-    .map_err(anyhow::Error::msg)?;
+    let loaded = boot::load_models(serving, &metrics).await?;
+    let parts = RoleParts {
+        name: "edge-node",
+        role: fabric_proto::tls::Role::Edge,
+        tls: config.offload.tls.as_ref(),
+        overflow: offloader.clone().map(|o| o as Arc<dyn Overflow>),
+        hubs: offloader.map(|o| o as Arc<dyn HubDirectory>),
+        quic: None,
+    };
+    let node = boot::start(serving, metrics, &loaded, parts)?;
+    let addr = node.http;
     tracing::info!(%addr, models = loaded.loaded, failed = loaded.failed.len(), hubs = config.offload.hubs.len(),
         ms = started.elapsed().as_millis() as u64, "edge-node ready");
     on_ready(addr);
-    server.await?;
+    node.serve().await?;
     tracing::info!("edge-node stopped");
     Ok(())
 }

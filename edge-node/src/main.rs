@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use edge_node::offload::HubEndpoint;
 use edge_node::EdgeConfig;
-use fabric_node::serve::{self, ServingArgs};
+use fabric_node::boot::{self, ServingArgs};
 
 /// Edge inference daemon: serves ONNX models from a model repository over the Open Inference
 /// Protocol (KServe v2 REST, binary tensor extension included) on the local device.
@@ -38,7 +38,7 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    serve::init_logging();
+    boot::init_logging();
     let mut config: EdgeConfig = match &cli.config {
         Some(path) => fabric_node::config::load_role_config(path)?,
         None => EdgeConfig::default(),

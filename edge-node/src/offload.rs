@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fabric_node::agent::HubDirectory;
 use fabric_node::dispatch::{Offloaded, Overflow, OverflowError};
 use fabric_node::metrics::Metrics;
 use fabric_policy::admission::OffloadView;
@@ -575,7 +576,7 @@ impl HubLink {
     }
 }
 
-impl Overflow for Offloader {
+impl HubDirectory for Offloader {
     fn set_hubs(&self, hubs: &[HubEntry]) {
         let links = self.links();
         for entry in hubs {
@@ -608,7 +609,9 @@ impl Overflow for Offloader {
         }
         self.hubs.write().unwrap_or_else(|p| p.into_inner()).retain(|l| !l.retired.load(Ordering::Relaxed));
     }
+}
 
+impl Overflow for Offloader {
     fn view(&self) -> Option<OffloadView> {
         self.candidates().first().map(|(h, c)| OffloadView { expected: h.expected(c) })
     }

@@ -19,50 +19,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+use crate::config::AgentConfig;
 use crate::config::ModelConfig;
 use crate::control::{ControlError, NodeControl, Source};
-use crate::dispatch::Overflow;
 use fabric_policy::backoff::{seed_of, Backoff};
 use fabric_policy::cache::{evictions, CachedFile};
 use fabric_policy::cadence::{report_early, VersionActivity};
-use fabric_proto::registry::{DesiredState, Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
+use fabric_proto::registry::{
+    DesiredState, Heartbeat, HubEntry, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request,
+};
 use fabric_proto::tls::TlsFiles;
-
-/// The `[registry]` settings of a node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AgentConfig {
-    /// The registry as `[NAME@]HOST:PORT`; unset: the node serves its repository only.
-    pub addr: Option<String>,
-    /// Where the node keeps the model files it fetched and its last desired state.
-    pub data_dir: PathBuf,
-    /// Labels deployments select nodes by (`site = "berlin"`).
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Longest the registry may hold a heartbeat's answer, in milliseconds (the node reports at least
-    /// this often while it serves traffic or is in a rollout under analysis).
-    pub heartbeat_ms: u64,
-    /// Longest the registry may hold it while the node is idle, in milliseconds (the node still
-    /// reports at once when its load changes).
-    pub idle_heartbeat_ms: u64,
-    /// Most MiB of model files kept in `<data_dir>/models`: the versions the node serves always stay,
-    /// then the most recently used; the oldest go first.
-    pub cache_budget_mib: u64,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        AgentConfig {
-            addr: None,
-            data_dir: PathBuf::from("fabric-data"),
-            labels: Default::default(),
-            heartbeat_ms: 500,
-            idle_heartbeat_ms: 10_000,
-            cache_budget_mib: 4096,
-        }
-    }
-}
 
 /// Why the agent cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -81,10 +47,16 @@ enum ConvergeError {
     Fetch(String),
 }
 
+/// Where an edge offloads, as the control plane sees it: told the hubs each desired state lists.
+pub trait HubDirectory: Send + Sync {
+    /// The hubs the registry knows (added, moved, marked up or down); hubs configured by hand stay.
+    fn set_hubs(&self, hubs: &[HubEntry]);
+}
+
 struct Agent {
     control: Arc<NodeControl>,
     /// Where an edge offloads: told the hubs each desired state lists.
-    overflow: Option<Arc<dyn Overflow>>,
+    hubs: Option<Arc<dyn HubDirectory>>,
     client: Arc<RegistryClient>,
     info: NodeInfo,
     dir: PathBuf,
@@ -101,7 +73,7 @@ pub fn start(
     config: &AgentConfig,
     tls: &TlsFiles,
     control: Arc<NodeControl>,
-    overflow: Option<Arc<dyn Overflow>>,
+    hubs: Option<Arc<dyn HubDirectory>>,
     info: NodeInfo,
 ) -> Result<(), AgentError> {
     let Some(addr) = &config.addr else { return Ok(()) };
@@ -115,7 +87,7 @@ pub fn start(
     };
     let agent = Arc::new(Agent {
         control,
-        overflow,
+        hubs,
         client,
         info,
         dir: config.data_dir.clone(),
@@ -279,8 +251,8 @@ impl Agent {
 
     /// Hands the hubs of a desired state to the offloader (edges).
     fn tell_hubs(&self, desired: &DesiredState) {
-        if let Some(overflow) = &self.overflow {
-            overflow.set_hubs(&desired.hubs);
+        if let Some(hubs) = &self.hubs {
+            hubs.set_hubs(&desired.hubs);
         }
     }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::pool::PoolConfig;
 use fabric_engine::{EngineChoice, EngineOptions, OrtOptions};
 use fabric_policy::admission::AdmissionSettings;
+use fabric_policy::autoscale::AutoscaleSettings;
 
 /// HTTP (KServe v2) server settings.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -248,9 +249,9 @@ pub struct ServingConfig {
     /// The admin API.
     pub admin: AdminConfig,
     /// The model registry this node takes its desired state from.
-    pub registry: crate::agent::AgentConfig,
+    pub registry: AgentConfig,
     /// Sizing the pools to their load when no registry manages the node.
-    pub autoscale: crate::scaler::AutoscaleConfig,
+    pub autoscale: AutoscaleConfig,
 }
 
 impl ServingConfig {
@@ -379,6 +380,98 @@ pub fn model_config_with_overrides(defaults: &ModelConfig, path: &Path) -> Resul
     let mut merged = toml::Table::try_from(defaults).unwrap_or_default();
     merged.extend(overrides);
     merged.try_into().map_err(parse)
+}
+
+/// The `[registry]` settings of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The registry as `[NAME@]HOST:PORT`; unset: the node serves its repository only.
+    pub addr: Option<String>,
+    /// Where the node keeps the model files it fetched and its last desired state.
+    pub data_dir: PathBuf,
+    /// Labels deployments select nodes by (`site = "berlin"`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Longest the registry may hold a heartbeat's answer, in milliseconds (the node reports at least
+    /// this often while it serves traffic or is in a rollout under analysis).
+    pub heartbeat_ms: u64,
+    /// Longest the registry may hold it while the node is idle, in milliseconds (the node still
+    /// reports at once when its load changes).
+    pub idle_heartbeat_ms: u64,
+    /// Most MiB of model files kept in `<data_dir>/models`: the versions the node serves always stay,
+    /// then the most recently used; the oldest go first.
+    pub cache_budget_mib: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            addr: None,
+            data_dir: PathBuf::from("fabric-data"),
+            labels: Default::default(),
+            heartbeat_ms: 500,
+            idle_heartbeat_ms: 10_000,
+            cache_budget_mib: 4096,
+        }
+    }
+}
+
+/// The `[autoscale]` settings of a node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoscaleConfig {
+    /// Whether the node sizes its pools itself (off when a registry manages the node).
+    pub enabled: bool,
+    /// Fewest replicas per model version.
+    pub min_replicas: usize,
+    /// Most replicas per model version; 0: the machine's cores.
+    pub max_replicas: usize,
+    /// Utilisation to keep each replica at, 0-1.
+    pub target_utilisation: f64,
+    /// Seconds more replicas must be needed before scaling up (a step scales at once).
+    pub up_delay_s: f64,
+    /// Seconds after the last change, and of lower load, before scaling down.
+    pub down_delay_s: f64,
+    /// Scale down only if the smaller count stays this share under the target.
+    pub hysteresis: f64,
+    /// Seconds without a request before a version goes to zero replicas (0: never; hubs: 300).
+    /// A request that arrives then is held while a replica loads, or refused at once (503) if its
+    /// deadline cannot wait for it.
+    pub idle_to_zero_s: f64,
+    /// Milliseconds between decisions.
+    pub interval_ms: u64,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        let policy = AutoscaleSettings::default();
+        AutoscaleConfig {
+            enabled: true,
+            min_replicas: policy.min_replicas,
+            max_replicas: 0,
+            target_utilisation: policy.target_utilisation,
+            up_delay_s: policy.up_delay_s,
+            down_delay_s: policy.down_delay_s,
+            hysteresis: policy.hysteresis,
+            idle_to_zero_s: policy.idle_to_zero_s,
+            interval_ms: 250,
+        }
+    }
+}
+
+impl AutoscaleConfig {
+    /// The policy settings, `max_replicas` 0 meaning `cores`.
+    pub fn settings(&self, cores: usize) -> AutoscaleSettings {
+        AutoscaleSettings {
+            min_replicas: self.min_replicas.max(1),
+            max_replicas: if self.max_replicas == 0 { cores.max(1) } else { self.max_replicas },
+            target_utilisation: self.target_utilisation,
+            up_delay_s: self.up_delay_s,
+            down_delay_s: self.down_delay_s,
+            hysteresis: self.hysteresis,
+            idle_to_zero_s: self.idle_to_zero_s,
+        }
+    }
 }
 
 #[cfg(test)]

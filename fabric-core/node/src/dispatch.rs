@@ -47,8 +47,6 @@ pub trait Overflow: Send + Sync {
     fn always(&self) -> bool {
         false
     }
-    /// The hubs the registry knows (added, moved, marked up or down); hubs configured by hand stay.
-    fn set_hubs(&self, _hubs: &[fabric_proto::registry::HubEntry]) {}
     /// Serves one request elsewhere, answering by the deadline.
     fn infer<'a>(
         &'a self,

@@ -11,10 +11,10 @@
 //!   [`load_report`] (rolling per-version statistics);
 //! - [`agent`]: the node's side of the model registry (heartbeats, converging to the desired state);
 //!   [`scaler`]: pools sized to their load when no registry manages the node;
-//! - [`serve`]: what a node does at start, in one place for both binaries.
+//! - [`boot`]: what a node does at start, in one place for both binaries.
 
-pub mod admin;
 pub mod agent;
+pub mod boot;
 pub mod config;
 pub mod control;
 pub mod dispatch;
@@ -25,5 +25,4 @@ pub mod models;
 pub mod pool;
 pub mod repository;
 pub mod scaler;
-pub mod serve;
 pub mod shadow;

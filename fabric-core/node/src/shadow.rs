@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::models::ServedModel;
+use crate::pool::PoolHandle;
 use fabric_types::dtype::DataType;
 use fabric_types::tensor::NamedTensor;
 
@@ -98,17 +98,17 @@ fn close<T: Copy + Into<f64>>(a: Option<std::borrow::Cow<'_, [T]>>, b: Option<st
     })
 }
 
-/// Runs a copy of `inputs` on the shadow version, then compares its outputs with the primary's
+/// Runs a copy of `inputs` on the shadow version's pool, then compares its outputs with the primary's
 /// (`primary` gets them, or is dropped when the primary failed). Spawned: the client never waits for it.
 pub fn spawn(
-    shadow: Arc<ServedModel>,
+    shadow: PoolHandle,
     stats: Arc<ShadowStats>,
     inputs: Vec<NamedTensor>,
     deadline: Instant,
     primary: oneshot::Receiver<Vec<NamedTensor>>,
 ) {
     actix_rt::spawn(async move {
-        let result = shadow.pool.infer_counted(inputs, Instant::now(), deadline).await;
+        let result = shadow.infer_counted(inputs, Instant::now(), deadline).await;
         let Ok(reply) = result else {
             stats.shadow_failed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -117,7 +117,7 @@ pub fn spawn(
             stats.primary_failed.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let outputs = shadow.pool.metadata().name_outputs(reply.outputs);
+        let outputs = shadow.metadata().name_outputs(reply.outputs);
         stats.compared.fetch_add(1, Ordering::Relaxed);
         if outputs_agree(&primary, &outputs) {
             stats.agreed.fetch_add(1, Ordering::Relaxed);

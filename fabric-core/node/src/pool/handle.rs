@@ -15,7 +15,7 @@ use super::queue::Intake;
 use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas, Stop, Wake};
 use crate::load_report::{LoadStats, Outcome};
 use fabric_engine::model::ModelMetadata;
-use fabric_policy::admission::{Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad};
+use fabric_policy::admission::{Admission, OffloadView};
 use fabric_types::tensor::{NamedTensor, Tensor};
 
 /// What callers hold: the pool's address and what is needed to validate requests before queueing.
@@ -190,22 +190,4 @@ impl PoolHandle {
     pub fn serving(&self) -> bool {
         self.intake.serving()
     }
-}
-
-/// The admission input for a request. A model that cannot batch counts each request as one batch.
-pub(super) fn admission_input(
-    batched: bool,
-    rows: usize,
-    budget: Duration,
-    queue_capacity: usize,
-    batch_limit: usize,
-    load: PoolLoad,
-    settings: AdmissionSettings,
-) -> AdmissionInput {
-    let (rows, max_batch_size, load) = if batched {
-        (rows, batch_limit, load)
-    } else {
-        (1, 1, PoolLoad { queued_rows: load.queued_requests, ..load })
-    };
-    AdmissionInput { rows, budget, queue_capacity, max_batch_size, load, settings }
 }

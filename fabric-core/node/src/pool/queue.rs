@@ -10,11 +10,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::handle::admission_input;
 use super::{Pending, PoolConfig, PoolError, PoolReply, ReplyTx};
 use crate::load_report::LoadStats;
 use crate::metrics::Metrics;
-use fabric_policy::admission::{self, Admission, OffloadView, PoolLoad};
+use fabric_policy::admission::{self, Admission, AdmissionInput, AdmissionSettings, OffloadView, PoolLoad};
 use fabric_policy::batching::{self, BatchConfig, BatchDecision, Queued};
 use fabric_policy::service_time::ServiceTimes;
 use fabric_types::tensor::Tensor;
@@ -452,4 +451,22 @@ pub(super) fn answer_all(replies: &Replies, mut result: impl FnMut() -> Result<P
     for (reply, _) in taken.into_iter().flatten() {
         let _ = reply.send(result());
     }
+}
+
+/// The admission input for a request. A model that cannot batch counts each request as one batch.
+fn admission_input(
+    batched: bool,
+    rows: usize,
+    budget: Duration,
+    queue_capacity: usize,
+    batch_limit: usize,
+    load: PoolLoad,
+    settings: AdmissionSettings,
+) -> AdmissionInput {
+    let (rows, max_batch_size, load) = if batched {
+        (rows, batch_limit, load)
+    } else {
+        (1, 1, PoolLoad { queued_rows: load.queued_requests, ..load })
+    };
+    AdmissionInput { rows, budget, queue_capacity, max_batch_size, load, settings }
 }

@@ -1,14 +1,24 @@
-//! What both serving binaries (edge-node, cloud-hub) do the same way at start: the flags they share,
-//! logging, and loading the model repository into pools with the strict and empty checks.
+//! Node boot, in one place for both serving binaries (edge-node, cloud-hub): the flags they share,
+//! logging, loading the model repository into pools (with the strict and empty checks), then
+//! [`start`]: the HTTP API bound, the admin API, readiness, and the registry agent or the
+//! autoscaler. What differs by role (the edge's offloader, the hub's QUIC service) is passed in.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use actix_web::web;
+
+use crate::agent::HubDirectory;
 use crate::config::{ModelControl, ServingConfig};
+use crate::dispatch::Overflow;
+use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::models::ModelSet;
 use crate::repository::{self, RepositoryError};
 use fabric_engine::EngineChoice;
+use fabric_proto::tls::{Role, TlsFiles};
 
 /// The command-line flags both serving roles take (flags override the config file).
 #[derive(clap::Args, Debug, Default)]
@@ -151,4 +161,120 @@ pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<L
     // stops them cleanly instead of starting them while it shuts down (actix then panics).
     tokio::task::yield_now().await;
     Ok(Loaded { models, loaded, failed })
+}
+
+/// Why a node with loaded models could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The HTTP API could not bind its address.
+    #[error("HTTP API on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    /// The admin API could not start.
+    #[error("{0}")]
+    Admin(String),
+    /// The registry agent or the autoscaler could not start.
+    #[error("{0}")]
+    Control(String),
+}
+
+/// A node serving: its models loaded, its HTTP API bound and ready.
+pub struct Node {
+    /// What the handlers share (models, live control, the dispatcher).
+    pub state: web::Data<HttpState>,
+    /// Where the KServe v2 API listens.
+    pub http: SocketAddr,
+    server: actix_web::dev::Server,
+}
+
+impl Node {
+    /// Serves until SIGTERM/SIGINT, then drains in-flight work.
+    pub async fn serve(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// What a role adds to the shared start: its name, its certificate's role and files, where it
+/// offloads overflow (edges) and where its QUIC service listens (hubs).
+pub struct RoleParts<'a> {
+    /// `edge-node` or `cloud-hub`: the server name, and the prefix of the lines printed at start.
+    pub name: &'static str,
+    /// The role the node's certificate must carry to join a registry.
+    pub role: Role,
+    /// The node's certificates, when it has them.
+    pub tls: Option<&'a TlsFiles>,
+    /// Where requests this node cannot serve in time go.
+    pub overflow: Option<Arc<dyn Overflow>>,
+    /// The same place as the registry agent sees it: told the hubs the registry lists.
+    pub hubs: Option<Arc<dyn HubDirectory>>,
+    /// The hub's QUIC infer service, told to the registry.
+    pub quic: Option<SocketAddr>,
+}
+
+/// Binds the HTTP API over the loaded models, starts the admin API when it is on (printing
+/// `<name> admin API on http://ADDR`, a line scripts wait for), marks the node ready, and starts
+/// the registry agent (with a registry) or the autoscaler (without).
+pub fn start(
+    serving: &ServingConfig,
+    metrics: Metrics,
+    loaded: &Loaded,
+    parts: RoleParts<'_>,
+) -> Result<Node, StartError> {
+    let state = web::Data::new(HttpState::new(parts.name, loaded.models.clone(), metrics, serving, parts.overflow));
+    let bind_error = |source| StartError::Bind { addr: serving.http.addr.clone(), source };
+    let (server, addrs) = http::bind(state.clone(), &serving.http).map_err(bind_error)?;
+    let addr = addrs
+        .first()
+        .copied()
+        .ok_or_else(|| bind_error(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "bound no address")))?;
+    if let Some(admin) = http::admin::start(&state, &serving.admin).map_err(StartError::Admin)? {
+        // A line on stdout that scripts and tests wait for (before the ready line).
+        println!("{} admin API on http://{admin}", parts.name);
+    }
+    state.ready.store(true, Ordering::Release);
+    start_registry_or_autoscaler(&state, serving, parts.tls, parts.role, addr, parts.quic, parts.hubs)
+        .map_err(StartError::Control)?;
+    Ok(Node { state, http: addr, server })
+}
+
+/// Starts the registry agent when the config names a registry (the node's identity comes from its
+/// certificate, `tls`, whose role must match), else the node's own autoscaler when it is on.
+fn start_registry_or_autoscaler(
+    state: &HttpState,
+    serving: &ServingConfig,
+    tls: Option<&TlsFiles>,
+    role: Role,
+    http: SocketAddr,
+    quic: Option<SocketAddr>,
+    hubs: Option<Arc<dyn HubDirectory>>,
+) -> Result<(), String> {
+    if serving.registry.addr.is_none() {
+        // On its own, the node sizes its pools itself.
+        if serving.autoscale.enabled {
+            crate::scaler::start(state.control.clone(), &serving.autoscale).map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    }
+    let tls = tls.ok_or("--registry needs the node's certificates: pass --certs")?;
+    let identity = fabric_proto::tls::own_identity(tls).map_err(|e| e.to_string())?;
+    if identity.role != role {
+        return Err(format!(
+            "the certificate {} is for a {}, not a {}",
+            tls.cert.display(),
+            identity.role.as_str(),
+            role.as_str()
+        ));
+    }
+    let (cores, memory_mib) = crate::agent::machine();
+    let info = fabric_proto::registry::NodeInfo {
+        node_id: identity.node_id,
+        role: role.as_str().to_string(),
+        labels: serving.registry.labels.clone(),
+        engines: vec![serving.models.engine.to_string()],
+        cores,
+        memory_mib,
+        gpu: None,
+        http: format!("http://{http}"),
+        quic: quic.map(|a| a.to_string()),
+    };
+    crate::agent::start(&serving.registry, tls, state.control.clone(), hubs, info).map_err(|e| e.to_string())
 }

@@ -15,9 +15,9 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use super::state::{not_found, read_json, status_of, HttpState};
 use crate::config::AdminConfig;
 use crate::control::ControlError;
-use crate::http::{read_json, status_of, HttpState};
 use fabric_policy::traffic::{PolicyError, TrafficPolicy};
 
 /// The HTTP status of a control failure.
@@ -46,7 +46,7 @@ fn control_error(e: ControlError) -> HttpResponse {
     error(status, e)
 }
 
-/// Registers the repository load and unload routes (the index is in [`crate::http`]).
+/// Registers the repository load and unload routes (the index is in [`super::kserve_api`]).
 pub fn repository_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v2/repository/models/{model}/load", web::post().to(repository_load))
         .route("/v2/repository/models/{model}/unload", web::post().to(repository_unload));
@@ -237,17 +237,14 @@ async fn put_config(
 }
 
 /// Binds the admin API (one worker: it is small and rarely called); returns the server and address.
-pub fn bind(
-    state: web::Data<crate::http::HttpState>,
-    config: &AdminConfig,
-) -> Result<(actix_web::dev::Server, SocketAddr), String> {
+pub fn bind(state: web::Data<HttpState>, config: &AdminConfig) -> Result<(actix_web::dev::Server, SocketAddr), String> {
     let token = web::Data::new(AdminToken(config.resolve_token()?));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(token.clone())
             .configure(admin_routes)
-            .default_service(web::to(crate::http::not_found))
+            .default_service(web::to(not_found))
     })
     .workers(1)
     .bind(&config.addr)

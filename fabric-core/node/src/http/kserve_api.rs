@@ -1,129 +1,30 @@
-//! The KServe v2 HTTP API over a [`ModelSet`]: a thin actix-web layer that decodes, routes to a
-//! model's pool, and encodes. Shared by edge-node and cloud-hub; the binaries own the listener.
+//! The KServe v2 HTTP API over a [`ModelSet`](crate::models::ModelSet): health, metadata, the
+//! repository index, metrics and infer. A thin layer that decodes, dispatches to a model's pool (or
+//! a hub) and encodes.
 //!
 //! Errors follow the protocol: a JSON body `{"error": "..."}` with 400 (bad request), 404 (unknown
 //! model or version), 413 (body too large), 503 (overloaded, not ready, deadline), 500 (a replica
 //! failed).
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::http::{header, StatusCode};
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use futures::StreamExt;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
-use crate::config::{HttpConfig, ServingConfig};
-use crate::control::NodeControl;
-use crate::dispatch::{DispatchError, Dispatcher, Overflow};
+use super::state::{read_body, read_json, ApiError, HttpState};
+use crate::dispatch::DispatchError;
 use crate::load_report::Outcome;
-use crate::metrics::Metrics;
-use crate::models::{ModelSet, RouteError, ServedModel};
+use crate::models::ServedModel;
 use crate::pool::PoolError;
 use crate::shadow::{self, ShadowStats};
-use fabric_proto::kserve::{self, CodecError};
-use fabric_proto::wire::ErrorCode;
+use fabric_proto::kserve;
 use fabric_types::tensor::NamedTensor;
 
-/// What the HTTP handlers share.
-pub struct HttpState {
-    /// Server name for `GET /v2` (e.g. `edge-node`).
-    pub server_name: String,
-    /// Served models.
-    pub models: Arc<ModelSet>,
-    /// Metrics rendered at `/metrics`.
-    pub metrics: Metrics,
-    /// Largest accepted request body.
-    pub max_body_bytes: usize,
-    /// Longest a request body may take to arrive (then 408).
-    pub body_timeout: std::time::Duration,
-    /// Set once every model is loaded.
-    pub ready: AtomicBool,
-    /// Where requests are served: here, a hub, or nowhere.
-    pub dispatcher: Dispatcher,
-    /// Live control of the models (repository and admin APIs).
-    pub control: Arc<NodeControl>,
-}
-
-impl HttpState {
-    /// The state for a server named `server_name` (not ready until the caller says so); call inside
-    /// the actix system (control starts an arbiter).
-    pub fn new(
-        server_name: &str,
-        models: Arc<ModelSet>,
-        metrics: Metrics,
-        serving: &ServingConfig,
-        overflow: Option<Arc<dyn Overflow>>,
-    ) -> HttpState {
-        let http = &serving.http;
-        HttpState {
-            server_name: server_name.to_string(),
-            control: NodeControl::new(server_name, serving.clone(), models.clone(), metrics.clone()),
-            models,
-            max_body_bytes: http.max_body_bytes,
-            body_timeout: std::time::Duration::from_millis(http.body_timeout_ms),
-            ready: AtomicBool::new(false),
-            dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()),
-            metrics,
-        }
-    }
-}
-
-/// An error answered as `{"error": message}` with a status.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    kind: &'static str,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind }
-    }
-
-    /// The error as a response.
-    pub fn response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(json!({ "error": self.message }))
-    }
-}
-
-/// The HTTP status of a failure, from what it means to a client (the wire's error code): the one
-/// place statuses are decided.
-pub fn status_of(code: ErrorCode) -> StatusCode {
-    match code {
-        ErrorCode::BadRequest | ErrorCode::Malformed | ErrorCode::UnsupportedProtocol => StatusCode::BAD_REQUEST,
-        ErrorCode::UnknownModel => StatusCode::NOT_FOUND,
-        ErrorCode::Busy | ErrorCode::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-impl From<RouteError> for ApiError {
-    fn from(e: RouteError) -> Self {
-        let kind = match e {
-            RouteError::Unavailable { .. } => "unavailable",
-            _ => "not_found",
-        };
-        ApiError::new(status_of(e.code()), kind, e.to_string())
-    }
-}
-
-impl From<CodecError> for ApiError {
-    fn from(e: CodecError) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string())
-    }
-}
-
-impl From<PoolError> for ApiError {
-    fn from(e: PoolError) -> Self {
-        ApiError::new(status_of(e.code()), e.kind(), e.to_string())
-    }
-}
-
-/// Registers every route of the API; needs `web::Data<HttpState>` in the app.
+/// Registers the KServe v2 routes (the repository load and unload routes are in [`super::admin`]);
+/// needs `web::Data<HttpState>` in the app.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     // Infer first: actix matches routes in order, and each route with a `{segment}` costs a regex
     // match (10% of the CPU at 38k req/s when infer came last, measured with perf).
@@ -139,14 +40,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/models/{model}/config", web::get().to(model_config))
         .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
         .route("/v2/repository/index", web::post().to(repository_index))
-        .configure(crate::admin::repository_routes)
         .route("/metrics", web::get().to(metrics));
-}
-
-/// The JSON error body for requests that match no route.
-pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {} {}", req.method(), req.path()))
-        .response()
 }
 
 async fn live() -> HttpResponse {
@@ -192,17 +86,6 @@ async fn repository_index(state: web::Data<HttpState>, req: HttpRequest, payload
     let entries: Vec<_> =
         state.models.index(not_ready).into_iter().filter(|e| !only_ready || e.state == "READY").collect();
     HttpResponse::Ok().json(entries)
-}
-
-/// Reads a small JSON body (an empty one is `{}`); 400 for anything else.
-pub(crate) async fn read_json(state: &HttpState, req: &HttpRequest, payload: web::Payload) -> Result<Value, ApiError> {
-    let body = read_body(req, payload, state.max_body_bytes, state.body_timeout).await?;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(json!({}));
-    }
-    serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("the body is not valid JSON: {e}"))
-    })
 }
 
 async fn server_metadata(state: web::Data<HttpState>) -> HttpResponse {
@@ -301,58 +184,6 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
-/// Reads the body, refusing anything over the limit before buffering it, and anything that takes
-/// longer than `timeout` to arrive (408). Memory grows with the bytes that arrive, never past the
-/// declared length: a client that declares 64 MiB and sends nothing costs nothing.
-async fn read_body(
-    req: &HttpRequest,
-    payload: web::Payload,
-    limit: usize,
-    timeout: std::time::Duration,
-) -> Result<Vec<u8>, ApiError> {
-    match tokio::time::timeout(timeout, read_body_chunks(req, payload, limit)).await {
-        Ok(body) => body,
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the request body did not arrive within {} ms", timeout.as_millis()),
-        )),
-    }
-}
-
-async fn read_body_chunks(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
-    let too_large = |n: String| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("request body of {n} bytes exceeds the limit of {limit} bytes"),
-        )
-    };
-    let declared =
-        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    if let Some(n) = declared.filter(|&n| n > limit) {
-        return Err(too_large(n.to_string()));
-    }
-    let mut body: Vec<u8> = Vec::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("reading the body failed: {e}"))
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large(format!("more than {limit}")));
-        }
-        if body.capacity() - body.len() < chunk.len() {
-            // Double what has arrived, but never reserve past the declared length (the exact size
-            // once it is near): memory follows the bytes, and a 64 MiB body costs 64 MiB, not 128.
-            let wanted = (body.len() + chunk.len()).max(body.len() * 2).max(64 << 10);
-            let cap = declared.filter(|&n| n >= body.len() + chunk.len()).map_or(wanted, |n| wanted.min(n));
-            body.reserve_exact(cap - body.len());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 /// The served result of one request, encoded.
 struct Served {
     response: kserve::EncodedResponse,
@@ -417,7 +248,7 @@ async fn dispatch(
     // A shadow copy runs beside the request; it gets the primary's outputs to compare, never the client.
     let compare = shadow.map(|(shadow, stats)| {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        shadow::spawn(shadow, stats, request.inputs.clone(), deadline, rx);
+        shadow::spawn(shadow.pool.clone(), stats, request.inputs.clone(), deadline, rx);
         tx
     });
     let done = state.dispatcher.infer(model, request.inputs, deadline).await.map_err(|e| match e {
@@ -493,70 +324,4 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
             e.response()
         }
     }
-}
-
-/// Starts the registry agent when the config names a registry (the node's identity comes from its
-/// certificate, `tls`, whose role must match), else the node's own autoscaler when it is on.
-pub fn start_registry_or_autoscaler(
-    state: &HttpState,
-    serving: &ServingConfig,
-    tls: Option<&fabric_proto::tls::TlsFiles>,
-    role: fabric_proto::tls::Role,
-    http: SocketAddr,
-    quic: Option<SocketAddr>,
-) -> Result<(), String> {
-    if serving.registry.addr.is_none() {
-        // On its own, the node sizes its pools itself.
-        if serving.autoscale.enabled {
-            crate::scaler::start(state.control.clone(), &serving.autoscale).map_err(|e| e.to_string())?;
-        }
-        return Ok(());
-    }
-    let tls = tls.ok_or("--registry needs the node's certificates: pass --certs")?;
-    let identity = fabric_proto::tls::own_identity(tls).map_err(|e| e.to_string())?;
-    if identity.role != role {
-        return Err(format!(
-            "the certificate {} is for a {}, not a {}",
-            tls.cert.display(),
-            identity.role.as_str(),
-            role.as_str()
-        ));
-    }
-    let (cores, memory_mib) = crate::agent::machine();
-    let info = fabric_proto::registry::NodeInfo {
-        node_id: identity.node_id,
-        role: role.as_str().to_string(),
-        labels: serving.registry.labels.clone(),
-        engines: vec![serving.models.engine.to_string()],
-        cores,
-        memory_mib,
-        gpu: None,
-        http: format!("http://{http}"),
-        quic: quic.map(|a| a.to_string()),
-    };
-    let overflow = state.dispatcher.overflow().cloned();
-    crate::agent::start(&serving.registry, tls, state.control.clone(), overflow, info).map_err(|e| e.to_string())
-}
-
-/// Binds the API on the configured address; returns the server (to run) and the bound addresses.
-pub fn bind(
-    state: web::Data<HttpState>,
-    config: &HttpConfig,
-) -> std::io::Result<(actix_web::dev::Server, Vec<SocketAddr>)> {
-    let max_body = config.max_body_bytes;
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            // Our own reader enforces the limit; this only lifts actix's smaller default for extractors.
-            .app_data(web::PayloadConfig::new(max_body))
-            .configure(routes)
-            .default_service(web::to(not_found))
-    })
-    .shutdown_timeout(config.shutdown_timeout_s)
-    .bind(&config.addr)?;
-    if config.workers > 0 {
-        server = server.workers(config.workers);
-    }
-    let addrs = server.addrs();
-    Ok((server.run(), addrs))
 }
