@@ -1,49 +1,34 @@
 //! The hub's QUIC infer service against the real cloud-hub binary: outputs equal to the edge engine's,
 //! malformed / truncated / oversized frames, and peers without a certificate or from another CA.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fabric_engine::{self as engine, EngineKind, EngineOptions};
 use fabric_proto::tls::{self, Role, TlsFiles};
 use fabric_proto::wire::{self, ErrorCode, RequestHeader, ResponseHeader, WireLimits};
+use fabric_testkit::ort::ort_library;
+use fabric_testkit::process::{temp_dir, Proc};
 use fabric_testkit::reference::{self, max_abs_diff};
 use fabric_types::tensor::Tensor;
 use fabric_types::NamedTensor;
 use rustls::pki_types::pem::PemObject;
 
+/// A running cloud-hub (killed on drop) and its folder (removed).
 struct Hub {
-    child: Child,
+    proc: Proc,
     quic: SocketAddr,
     dir: PathBuf,
 }
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn ort_library() -> String {
-    if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
-        return p;
-    }
-    std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
-        .expect("run scripts/setup.sh")
-        .trim()
-        .to_string()
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    std::env::temp_dir().join(format!("hub-test-{tag}-{}-{n}", std::process::id()))
 }
 
 fn start_hub() -> Hub {
@@ -57,31 +42,21 @@ fn start_hub() -> Hub {
     }
     let config = format!(
         "[http]\naddr = \"127.0.0.1:0\"\n[quic]\naddr = \"127.0.0.1:0\"\n[quic.limits]\nmax_tensor_bytes = 1048576\n[ort]\nlibrary = \"{}\"\n",
-        ort_library()
+        ort_library().display()
     );
     std::fs::write(dir.join("hub.toml"), config).expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cloud-hub"));
+    command
         .args(["--config"])
         .arg(dir.join("hub.toml"))
         .arg("--model-repository")
         .arg(dir.join("models"))
         .arg("--certs")
         .arg(dir.join("certs"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn cloud-hub");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("cloud-hub listening on ") {
-                let _ = tx.send(rest.split("quic://").nth(1).unwrap_or_default().to_string());
-            }
-        }
-    });
-    let quic = rx.recv_timeout(Duration::from_secs(60)).expect("hub ready within 60 s").parse().expect("quic addr");
-    Hub { child, quic, dir }
+        .env("RUST_LOG", "warn");
+    let proc = Proc::spawn(command, "cloud-hub listening on ", &[]);
+    let quic = proc.addr.split("quic://").nth(1).unwrap_or_default().parse().expect("quic addr");
+    Hub { proc, quic, dir }
 }
 
 async fn connect(hub: SocketAddr, files: Option<&TlsFiles>, trust: &Path) -> Result<quinn::Connection, String> {

@@ -10,77 +10,41 @@
 //!
 //! Run: `cargo bench -p edge-node --bench control` (scripts/bench/control.sh). Prints a markdown table.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fabric_testkit::http::{binary_body, client, send_json};
+use fabric_testkit::process::Proc;
 use fabric_testkit::reference;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 
 struct Edge {
-    child: Child,
+    _proc: Proc,
     url: String,
     admin: String,
 }
 
-impl Drop for Edge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(repo: &Path) -> Edge {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edge-node"));
+    command
         .args(["--http-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--model-control", "explicit"])
         .arg("--model-repository")
         .arg(repo)
         .env("FABRIC_ADMIN_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn edge-node");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let (mut url, mut admin) = (String::new(), String::new());
-    for line in lines.by_ref().map_while(Result::ok) {
-        if let Some(a) = line.strip_prefix("edge-node admin API on ") {
-            admin = a.to_string();
-        }
-        if let Some(u) = line.strip_prefix("edge-node listening on ") {
-            url = u.to_string();
-            break;
-        }
-    }
-    assert!(!url.is_empty() && !admin.is_empty(), "edge-node did not start");
-    std::thread::spawn(move || lines.for_each(drop));
-    Edge { child, url, admin }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent()
+        .env("RUST_LOG", "warn");
+    let proc = Proc::spawn(command, "edge-node listening on ", &["edge-node admin API on "]);
+    let admin = proc.seen("edge-node admin API on ").expect("the admin API's line").to_string();
+    Edge { url: proc.addr.clone(), admin, _proc: proc }
 }
 
 fn send(agent: &ureq::Agent, method: &str, url: &str, body: &Value) -> (u16, Value) {
-    let request = ureq::http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(body.to_string())
-        .expect("request");
-    let mut reply = agent.run(request).expect("sent");
-    let status = reply.status().as_u16();
-    let text = reply.body_mut().read_to_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    let reply = send_json(agent, method, url, body, Some(TOKEN));
+    (reply.status, serde_json::from_slice(&reply.body).unwrap_or(Value::Null))
 }
 
 fn link(repo: &Path, name: &str, version: u64, source: &str) {
@@ -95,14 +59,7 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
 }
 
 fn mlp_body() -> (Vec<u8>, usize) {
-    let data: Vec<u8> = (0..784).flat_map(|i| ((i % 13) as f32 / 13.0).to_le_bytes()).collect();
-    let head = json!({ "inputs": [{ "name": "input", "shape": [1, 784], "datatype": "FP32",
-                                    "parameters": { "binary_data_size": data.len() } }],
-                       "outputs": [{ "name": "logits", "parameters": { "binary_data": false } }] });
-    let mut body = serde_json::to_vec(&head).expect("json");
-    let n = body.len();
-    body.extend_from_slice(&data);
-    (body, n)
+    binary_body(&[1, 784], 13, Some("logits"))
 }
 
 /// (time sent, time answered, version) of every answer.
@@ -114,7 +71,7 @@ fn main() {
     link(&repo, "mlp", 1, "mlp");
     link(&repo, "cnn", 1, "cnn");
     let edge = start(&repo);
-    let agent = agent();
+    let agent = client();
     let mut rows = Vec::new();
 
     // Load to ready, then unload, ten times per model.
@@ -155,7 +112,7 @@ fn main() {
             let (stop, answers, url) = (stop.clone(), answers.clone(), format!("{}/v2/models/mlp/infer", edge.url));
             std::thread::spawn(move || {
                 let (body, n) = mlp_body();
-                let agent = self::agent();
+                let agent = self::client();
                 while !stop.load(Ordering::Relaxed) {
                     let sent = Instant::now();
                     let mut reply = agent

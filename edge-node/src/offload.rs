@@ -24,7 +24,9 @@ use fabric_node::agent::HubDirectory;
 use fabric_node::dispatch::{Offloaded, Overflow, OverflowError};
 use fabric_node::metrics::Metrics;
 use fabric_policy::admission::OffloadView;
+use fabric_policy::backoff::seed_of;
 use fabric_policy::hub::{self, HubHealth, Reported};
+use fabric_policy::reconnect::{LinkEnd, ReconnectPolicy};
 use fabric_proto::registry::HubEntry;
 use fabric_proto::tls::{self, Role, TlsFiles};
 use fabric_proto::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
@@ -451,8 +453,9 @@ impl Endpoints {
 
 /// Keeps one hub connected: connect, wait until the connection closes, back off, reconnect.
 async fn keep_connected(endpoints: Endpoints, link: Arc<HubLink>, min: Duration, max: Duration) {
-    let mut backoff = min;
-    let mut logged_down = false;
+    // Each link jitters on its own (seeded by its address), so edges that lost a hub together
+    // come back apart.
+    let mut policy = ReconnectPolicy::new(min, max, seed_of(&link.addr));
     loop {
         if link.retired.load(Ordering::Relaxed) {
             return;
@@ -490,28 +493,23 @@ async fn keep_connected(endpoints: Endpoints, link: Arc<HubLink>, min: Duration,
                     *slot = None;
                 }
                 link.publish();
-                if link.proven.load(Ordering::Relaxed) {
+                // Closed before the hub ever answered: it refused us (TLS 1.3 checks the client's
+                // certificate after connect() returns) or is failing; back off as for a failed connect.
+                let proven = link.proven.load(Ordering::Relaxed);
+                let retry = policy.after(if proven { LinkEnd::Lost } else { LinkEnd::ClosedUnproven });
+                if retry.log && proven {
                     tracing::warn!(hub = %link.addr, "hub connection lost: {reason}; reconnecting");
-                    backoff = min;
-                    logged_down = false;
-                } else {
-                    // Closed before the hub ever answered: it refused us (TLS 1.3 checks the client's
-                    // certificate after connect() returns) or is failing. Back off as for a failed connect.
-                    if !logged_down {
-                        tracing::warn!(hub = %link.addr, "hub closed the connection before any answer: {reason}; retrying with backoff up to {} ms", max.as_millis());
-                        logged_down = true;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(max);
+                } else if retry.log {
+                    tracing::warn!(hub = %link.addr, "hub closed the connection before any answer: {reason}; retrying with backoff up to {} ms", max.as_millis());
                 }
+                tokio::time::sleep(retry.after).await;
             }
             Err(e) => {
-                if !logged_down {
+                let retry = policy.after(LinkEnd::ConnectFailed);
+                if retry.log {
                     tracing::warn!(hub = %link.addr, "cannot connect to hub: {e}; retrying with backoff up to {} ms", max.as_millis());
-                    logged_down = true;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(max);
+                tokio::time::sleep(retry.after).await;
             }
         }
     }

@@ -324,7 +324,7 @@ fn sigterm_answers_in_flight_requests_then_exits() {
             assert_eq!(h.join().expect("thread").0, 200);
         }
     }
-    let pid = edge.child.id().to_string();
+    let pid = edge.proc.child.id().to_string();
     let killed = Instant::now();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     let mut after_kill = 0;
@@ -336,7 +336,7 @@ fn sigterm_answers_in_flight_requests_then_exits() {
     assert!(after_kill > 0, "every request finished before SIGTERM: the test proved nothing");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(status) = edge.child.try_wait().expect("wait") {
+        if let Some(status) = edge.proc.child.try_wait().expect("wait") {
             assert!(status.success(), "exit status {status}");
             break;
         }

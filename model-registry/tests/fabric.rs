@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fabric_proto::registry::{Heartbeat, NodeInfo, ProtoError, RegistryAddr, RegistryClient, Request};
 use fabric_proto::tls::TlsFiles;
 use serde_json::{json, Value};
-use support::{agent, body_for, body_with_timeout, infer, infer_served, model, wait_for, Fabric, Load, Sample};
+use support::{body_for, body_with_timeout, client, infer, infer_served, model, wait_for, Fabric, Load, Sample};
 
 /// Waits until every one of `nodes` nodes routes `name` by `want` and has converged.
 fn wait_routes(f: &Fabric, registry: &str, name: &str, nodes: usize, want: Value) -> Duration {
@@ -53,7 +53,7 @@ fn rollouts_across_a_fabric_fail_no_request() {
     // edge-2 keeps no model file it is not asked to serve (a cache budget of 0 MiB).
     let e2 = f.edge_with("edge-2", &r, &["site=paris"], Some("[registry]\ncache_budget_mib = 0\n"));
     let nodes = vec![e1.addr.clone(), e2.addr.clone(), hub.addr.clone()];
-    let a = agent();
+    let a = client();
 
     // v1 pushed and deployed everywhere: each node fetches, loads, routes and serves it.
     let pushed = f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
@@ -217,7 +217,7 @@ fn a_registry_killed_mid_rollout_loses_nothing_and_nodes_serve_on() {
     let r = registry.addr.clone();
     let e1 = f.edge("edge-1", &r, &[]);
     let e2 = f.edge("edge-2", &r, &[]);
-    let a = agent();
+    let a = client();
     f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
     f.cli(&r, &["deploy", "mlp", "--to", "edge"]);
     wait_routes(&f, &r, "mlp", 2, json!({ "1": 100 }));
@@ -275,7 +275,12 @@ fn a_registry_killed_mid_rollout_loses_nothing_and_nodes_serve_on() {
     drop(registry);
 }
 
-fn client(f: &Fabric, registry: &str, id: &str, runtime: &tokio::runtime::Runtime) -> std::sync::Arc<RegistryClient> {
+fn registry_client(
+    f: &Fabric,
+    registry: &str,
+    id: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> std::sync::Arc<RegistryClient> {
     let _enter = runtime.enter();
     let target = RegistryAddr::parse(&format!("registry-1@{registry}")).expect("address");
     RegistryClient::new(target, &TlsFiles::in_dir(&f.certs, id)).expect("client")
@@ -303,7 +308,7 @@ fn bad_uploads_and_borrowed_identities_are_refused() {
     assert!(!out.status.success() && stderr(&out).contains("over the registry's limit"), "{}", stderr(&out));
     nothing_left();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let operator = client(&f, &r, "operator", &runtime);
+    let operator = registry_client(&f, &r, "operator", &runtime);
     let truncated = runtime.block_on(operator.call(&Request::Push { name: "m".into(), version: None, size: 1000 }));
     assert!(
         matches!(&truncated, Err(ProtoError::Refused(e)) if e.message.contains("truncated: 0 of 1000")),
@@ -319,7 +324,7 @@ fn bad_uploads_and_borrowed_identities_are_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     // A node reports only for itself.
-    let edge1 = client(&f, &r, "edge-1", &runtime);
+    let edge1 = registry_client(&f, &r, "edge-1", &runtime);
     let as_other = Heartbeat {
         info: NodeInfo { node_id: "edge-2".into(), role: "edge".into(), labels: BTreeMap::new(), ..Default::default() },
         ..Default::default()
@@ -422,7 +427,7 @@ fn hubs_learnt_from_the_registry_scale_to_zero_share_offload_and_survive_a_kill(
     let hub2 = f.hub_as("hub-2", &r);
     // No --hub: the edge learns the hubs from the registry. Everything offloaded while a hub is usable.
     let edge = f.edge_with("edge-1", &r, &[], Some("[offload]\nmode = \"always\"\n"));
-    let a = agent();
+    let a = client();
     f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
     f.cli(&r, &["deploy", "mlp", "--to", "all"]);
     f.cli(&r, &["model", "push", "cnn", &model("cnn")]);

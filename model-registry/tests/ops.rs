@@ -1,6 +1,7 @@
 //! The operations material against the real tools: the alert rules pass `promtool check rules`; a real
 //! Prometheus (Debian's) scrapes a running fabric (registry, hub, edge) with those rules loaded; the
-//! systemd units pass `systemd-analyze verify`. `scripts/setup.sh` installs the tools.
+//! systemd units pass `systemd-analyze verify`. `scripts/setup.sh` installs the tools; without them
+//! a plain `cargo test` skips these tests saying so, and `scripts/test.sh` requires them.
 
 mod support;
 
@@ -8,26 +9,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use fabric_testkit::process::{workspace_binary, Proc};
+use fabric_testkit::tools::tool;
 use serde_json::{json, Value};
-use support::{agent, infer, model, wait_for, Fabric};
+use support::{client, infer, model, wait_for, Fabric};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A tool scripts/setup.sh installs, or a failure that says so.
-fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| panic!("`{name}` is not installed: run scripts/setup.sh (it installs Debian's package)"))
-}
-
 #[test]
 fn the_alert_rules_pass_promtool() {
-    let out = Command::new(tool("promtool"))
+    let Some(promtool) = tool(&["promtool"]) else { return };
+    let out = Command::new(promtool)
         .args(["check", "rules"])
         .arg(repo().join("ops/prometheus/alerts.yml"))
         .output()
@@ -39,18 +33,19 @@ fn the_alert_rules_pass_promtool() {
 
 #[test]
 fn the_systemd_units_verify() {
+    let Some(systemd_analyze) = tool(&["systemd-analyze"]) else { return };
     let dir = std::env::temp_dir().join(format!("fabric-units-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let bin = support::workspace_binary("edge-node", "edge-node");
+    let bin = workspace_binary("edge-node", "edge-node");
     let bins = bin.parent().expect("bin dir").to_path_buf();
-    support::workspace_binary("cloud-hub", "cloud-hub");
+    workspace_binary("cloud-hub", "cloud-hub");
     for unit in ["edge-node.service", "cloud-hub.service", "model-registry.service"] {
         // verify checks that ExecStart's binary exists: point it at the built one.
         let text = std::fs::read_to_string(repo().join("ops/systemd").join(unit)).expect("unit");
         let text = text.replace("/usr/local/bin/", &format!("{}/", bins.display()));
         let path = dir.join(unit);
         std::fs::write(&path, text).expect("write unit");
-        let out = Command::new(tool("systemd-analyze")).args(["verify", "--man=no"]).arg(&path).output().expect("runs");
+        let out = Command::new(&systemd_analyze).args(["verify", "--man=no"]).arg(&path).output().expect("runs");
         let stderr = String::from_utf8_lossy(&out.stderr);
         // Outside a booted systemd (containers, CI) verify also reports the host's own units; only
         // lines about ours count.
@@ -62,6 +57,7 @@ fn the_systemd_units_verify() {
 
 #[test]
 fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
+    let Some(prometheus) = tool(&["prometheus"]) else { return };
     let f = Fabric::new("prometheus");
     let registry = f.registry("127.0.0.1:0", &[]);
     let r = registry.addr.clone();
@@ -69,7 +65,7 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
     let edge = f.edge("edge-1", &r, &[]);
     f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
     f.cli(&r, &["deploy", "mlp", "--to", "all"]);
-    let a = agent();
+    let a = client();
     for n in [&edge.addr, &hub.addr] {
         wait_for("mlp served", Duration::from_secs(60), || infer(&a, n).0 == 200);
     }
@@ -82,7 +78,7 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
         host(&hub.addr)
     );
     std::fs::write(f.dir.join("prometheus.yml"), config).expect("config");
-    let child = Command::new(tool("prometheus"))
+    let child = Command::new(prometheus)
         .arg(format!("--config.file={}", f.dir.join("prometheus.yml").display()))
         .arg(format!("--storage.tsdb.path={}", f.dir.join("tsdb").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
@@ -90,7 +86,7 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
         .stderr(Stdio::null())
         .spawn()
         .expect("prometheus starts");
-    let _prometheus = support::Proc { child, addr: format!("http://127.0.0.1:{port}") };
+    let _prometheus = Proc { child, addr: format!("http://127.0.0.1:{port}"), seen: Vec::new() };
     let api = |path: &str| -> Value {
         a.get(&format!("http://127.0.0.1:{port}/api/v1/{path}"))
             .call()

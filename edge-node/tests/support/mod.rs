@@ -1,23 +1,29 @@
-//! Test support: a real edge-node process on 127.0.0.1 with an ephemeral port, over a temporary
-//! model repository built from the generated models, and an HTTP client.
+//! Test support: a real edge-node (and cloud-hub) process on 127.0.0.1 with ephemeral ports, over a
+//! temporary model repository built from the generated models. Processes, waits, the HTTP client
+//! and load come from `fabric-testkit`.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
+use fabric_testkit::ort::ort_library;
+use fabric_testkit::process::{workspace_binary, Proc};
 use fabric_testkit::reference;
+
+#[allow(unused_imports)]
+pub use fabric_testkit::http::{client, get, post, Reply};
 
 /// The admin token test nodes are started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-/// A running edge-node, killed on drop.
+/// A running edge-node, killed on drop (its folder removed).
 pub struct Edge {
-    pub child: Child,
+    /// The process.
+    pub proc: Proc,
+    /// Its KServe v2 API.
     pub url: String,
+    /// Its folder (config, model repository).
     pub dir: PathBuf,
     /// The admin API's URL, when it was switched on (`--admin-addr`).
     pub admin: Option<String>,
@@ -25,8 +31,7 @@ pub struct Edge {
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -49,14 +54,13 @@ pub fn start_edge_with_ort(models: &[(&str, &str)], config: &str, args: &[String
     spawn_edge(models, config, args, true)
 }
 
-/// The ONNX Runtime library setup.sh installed.
-pub fn ort_library() -> String {
-    std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
-        std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
-            .expect("run scripts/setup.sh")
-            .trim()
-            .to_string()
-    })
+/// Tests count on the replica counts they configure: a node's autoscaler stays off unless asked for.
+fn without_autoscaler(config: &str) -> String {
+    if config.contains("[autoscale]") {
+        config.to_string()
+    } else {
+        format!("{config}\n[autoscale]\nenabled = false\n")
+    }
 }
 
 fn spawn_edge(models: &[(&str, &str)], config: &str, args: &[String], with_ort: bool) -> Edge {
@@ -76,20 +80,14 @@ fn spawn_edge(models: &[(&str, &str)], config: &str, args: &[String], with_ort: 
         std::fs::write(repo.join(name).join("config.toml"), model_config).expect("model config");
     }
     let config_file = dir.join("edge.toml");
-    // Tests count on the replica counts they configure: the node's autoscaler stays off unless asked for.
-    let config = if config.contains("[autoscale]") {
-        config.to_string()
-    } else {
-        format!("{config}\n[autoscale]\nenabled = false\n")
-    };
-    std::fs::write(&config_file, config).expect("config");
+    std::fs::write(&config_file, without_autoscaler(config)).expect("config");
     let mut command = Command::new(env!("CARGO_BIN_EXE_edge-node"));
     if with_ort {
         command.env("ORT_DYLIB_PATH", ort_library());
     } else {
         command.env_remove("ORT_DYLIB_PATH");
     }
-    let mut child = command
+    command
         .arg("--config")
         .arg(&config_file)
         .arg("--model-repository")
@@ -98,135 +96,28 @@ fn spawn_edge(models: &[(&str, &str)], config: &str, args: &[String], with_ort: 
         .arg("127.0.0.1:0")
         .args(args)
         .env("RUST_LOG", "warn")
-        .env("FABRIC_ADMIN_TOKEN", ADMIN_TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn edge-node");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut admin = None;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("edge-node admin API on ") {
-                admin = Some(url.to_string());
-            }
-            if let Some(url) = line.strip_prefix("edge-node listening on ") {
-                let _ = tx.send((url.to_string(), admin.clone()));
-            }
-        }
-    });
-    let (url, admin) = rx.recv_timeout(Duration::from_secs(60)).expect("edge-node did not become ready within 60 s");
-    Edge { child, url, dir, admin }
+        .env("FABRIC_ADMIN_TOKEN", ADMIN_TOKEN);
+    let proc = Proc::spawn(command, "edge-node listening on ", &["edge-node admin API on "]);
+    let admin = proc.seen("edge-node admin API on ").map(str::to_string);
+    let url = proc.addr.clone();
+    Edge { proc, url, dir, admin }
 }
 
 /// Sends a JSON body with `method`, with the admin token when `token` is set.
 pub fn send_json(agent: &ureq::Agent, method: &str, url: &str, body: &serde_json::Value, token: bool) -> Reply {
-    let text = body.to_string();
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    let request = ureq::http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .header("authorization", if token { auth.as_str() } else { "" })
-        .body(text)
-        .expect("request");
-    reply(agent.run(request).expect("request sent"))
-}
-
-/// An HTTP client that returns error statuses as responses and never waits unbounded.
-pub fn client() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent()
-}
-
-/// A response's status and body.
-pub struct Reply {
-    pub status: u16,
-    pub body: Vec<u8>,
-    pub header_length: Option<usize>,
-}
-
-impl Reply {
-    /// The body as JSON (the JSON part, for binary responses).
-    pub fn json(&self) -> serde_json::Value {
-        let end = self.header_length.unwrap_or(self.body.len());
-        serde_json::from_slice(&self.body[..end])
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// The `error` message of an error body.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn error(&self) -> String {
-        self.json()["error"].as_str().unwrap_or_default().to_string()
-    }
-}
-
-fn reply(resp: ureq::http::Response<ureq::Body>) -> Reply {
-    let status = resp.status().as_u16();
-    let header_length = resp
-        .headers()
-        .get("inference-header-content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    let body = resp.into_body().with_config().limit(256 << 20).read_to_vec().expect("body");
-    Reply { status, body, header_length }
-}
-
-/// GET a path.
-pub fn get(agent: &ureq::Agent, url: &str) -> Reply {
-    reply(agent.get(url).call().expect("GET"))
-}
-
-/// POST a body, with an optional Inference-Header-Content-Length.
-pub fn post(agent: &ureq::Agent, url: &str, body: &[u8], header_length: Option<usize>) -> Reply {
-    let mut req = agent
-        .post(url)
-        .header("content-type", if header_length.is_some() { "application/octet-stream" } else { "application/json" });
-    if let Some(n) = header_length {
-        req = req.header("inference-header-content-length", &n.to_string());
-    }
-    reply(req.send(body).expect("POST"))
+    fabric_testkit::http::send_json(agent, method, url, body, token.then_some(ADMIN_TOKEN))
 }
 
 /// A running cloud-hub, killed on drop.
 pub struct Hub {
-    pub child: Child,
+    /// The process.
+    pub proc: Proc,
     /// Its QUIC address.
     pub quic: String,
 }
 
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The cloud-hub binary of this workspace (built on demand: it is another package's binary).
-fn hub_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/cloud-hub");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "cloud-hub", "--bin", "cloud-hub"])
-            .status()
-            .expect("cargo");
-        assert!(status.success(), "building cloud-hub failed");
-    }
-    bin
-}
-
 /// Development certificates for hub-1 (hub) and edge-1 (edge) under `dir/certs`.
-pub fn certs(dir: &std::path::Path) -> PathBuf {
+pub fn certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
     fabric_proto::tls::generate_dev_pki(
         &certs,
@@ -237,35 +128,24 @@ pub fn certs(dir: &std::path::Path) -> PathBuf {
 }
 
 /// Starts cloud-hub (node hub-1) serving the CNN with ONNX Runtime.
-pub fn start_hub(dir: &std::path::Path, certs: &std::path::Path) -> Hub {
+pub fn start_hub(dir: &Path, certs: &Path) -> Hub {
     start_hub_with(dir, certs, "hub-1", "")
 }
 
 /// Starts cloud-hub serving the CNN as `node_id` (its certificate in `certs`) with extra config TOML.
-pub fn start_hub_with(dir: &std::path::Path, certs: &std::path::Path, node_id: &str, config: &str) -> Hub {
+pub fn start_hub_with(dir: &Path, certs: &Path, node_id: &str, config: &str) -> Hub {
     start_hub_at(dir, certs, node_id, config, "127.0.0.1:0")
 }
 
 /// Like [`start_hub_with`], with the QUIC service on `quic_addr` (e.g. `[::1]:0`).
-pub fn start_hub_at(
-    dir: &std::path::Path,
-    certs: &std::path::Path,
-    node_id: &str,
-    config: &str,
-    quic_addr: &str,
-) -> Hub {
+pub fn start_hub_at(dir: &Path, certs: &Path, node_id: &str, config: &str, quic_addr: &str) -> Hub {
     let repo = dir.join("hub-models");
     std::fs::create_dir_all(repo.join("cnn/1")).expect("repo");
     std::fs::copy(reference::model_path("cnn"), repo.join("cnn/1/model.onnx")).expect("copy");
     let config_file = dir.join(format!("hub-{node_id}.toml"));
-    let config = if config.contains("[autoscale]") {
-        config.to_string()
-    } else {
-        format!("{config}\n[autoscale]\nenabled = false\n")
-    };
-    std::fs::write(&config_file, config).expect("hub config");
-    let ort = ort_library();
-    let mut child = Command::new(hub_binary())
+    std::fs::write(&config_file, without_autoscaler(config)).expect("hub config");
+    let mut command = Command::new(workspace_binary("cloud-hub", "cloud-hub"));
+    command
         .arg("--config")
         .arg(&config_file)
         .arg("--model-repository")
@@ -273,20 +153,9 @@ pub fn start_hub_at(
         .arg("--certs")
         .arg(certs)
         .args(["--node-id", node_id, "--http-addr", "127.0.0.1:0", "--quic-addr", quic_addr])
-        .env("ORT_DYLIB_PATH", ort)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn cloud-hub");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(quic) = line.split("quic://").nth(1) {
-                let _ = tx.send(quic.to_string());
-            }
-        }
-    });
-    let quic = rx.recv_timeout(Duration::from_secs(60)).expect("hub ready within 60 s");
-    Hub { child, quic }
+        .env("ORT_DYLIB_PATH", ort_library())
+        .env("RUST_LOG", "error");
+    let proc = Proc::spawn(command, "cloud-hub listening on ", &[]);
+    let quic = proc.addr.split("quic://").nth(1).unwrap_or_default().to_string();
+    Hub { proc, quic }
 }

@@ -8,6 +8,8 @@ pub mod batching;
 pub mod cache;
 pub mod cadence;
 pub mod engine_choice;
+pub mod histogram;
 pub mod hub;
+pub mod reconnect;
 pub mod service_time;
 pub mod traffic;

@@ -1,8 +1,19 @@
-//! `fabric-testkit`: what the fabric's tests and benchmarks share: the reference cases the model
-//! script writes ([`reference`]) and the ONNX Runtime library to load ([`ort`]).
+//! `fabric-testkit`: what the fabric's tests and benchmarks share, so each crate's tests say only
+//! what they test:
+//! - [`process`]: binaries of the current build profile started on 127.0.0.1, ready lines awaited
+//!   within a bound, killed on drop;
+//! - [`wait`]: bounded waits; [`http`]: a client and the KServe v2 requests tests send;
+//! - [`load`]: closed- and open-loop load that keeps every answer;
+//! - [`reference`]: the reference cases and models the model script writes; [`ort`]: the ONNX
+//!   Runtime library to load; [`tools`]: external tools, skipped with a reason where absent.
 
+pub mod http;
+pub mod load;
 pub mod ort;
+pub mod process;
 pub mod reference;
+pub mod tools;
+pub mod wait;
 
 use std::path::PathBuf;
 

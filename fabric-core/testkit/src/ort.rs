@@ -1,11 +1,15 @@
-//! The ONNX Runtime library tests load: the one named by `ORT_DYLIB_PATH`, else the one `scripts/setup.sh` installed.
+//! The ONNX Runtime library tests load: `ORT_DYLIB_PATH`, else the path `scripts/setup.sh` wrote to
+//! `build/ort-dylib-path`, else the library in `.venv`'s onnxruntime wheel.
 
 use std::path::PathBuf;
 
-/// The ONNX Runtime library: `ORT_DYLIB_PATH`, else the one `scripts/setup.sh` installed into `.venv`.
+/// The ONNX Runtime library; panics with what to run when there is none.
 pub fn ort_library() -> PathBuf {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
+    }
+    if let Ok(path) = std::fs::read_to_string(crate::reference::build_dir().join("ort-dylib-path")) {
+        return PathBuf::from(path.trim());
     }
     let lib = crate::workspace_root().join(".venv/lib");
     std::fs::read_dir(&lib)

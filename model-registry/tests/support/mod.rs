@@ -3,74 +3,21 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use fabric_testkit::ort::ort_library;
+use fabric_testkit::process::{workspace_binary, Proc};
 use fabric_testkit::reference;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-/// A child process, killed (SIGKILL) on drop.
-pub struct Proc {
-    pub child: Child,
-    /// The address it printed.
-    pub addr: String,
-}
+#[allow(unused_imports)]
+pub use fabric_testkit::http::{body_for, body_with_timeout, client};
+#[allow(unused_imports)]
+pub use fabric_testkit::load::{Load, Sample};
+#[allow(unused_imports)]
+pub use fabric_testkit::wait::wait_for;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A binary of another package of the workspace, from the same build profile as this test (built on
-/// demand), so `cargo test --release` runs release nodes.
-pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_model-registry")).parent().expect("the profile folder").to_path_buf();
-    let bin = dir.join(name);
-    if !bin.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", package, "--bin", name]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        assert!(build.status().expect("cargo").success(), "building {package} failed");
-    }
-    bin
-}
-
-/// Spawns `cmd` and waits (60 s at most) for a stdout line starting with `prefix`; returns what follows.
-fn spawn_until(cmd: Command, prefix: &'static str) -> Proc {
-    spawn_until_all(cmd, &[prefix]).0
-}
-
-/// Spawns `cmd` and waits (60 s at most) for stdout lines starting with each of `prefixes`, in order;
-/// returns the process (its address: what followed the last prefix) and what followed each.
-fn spawn_until_all(mut cmd: Command, prefixes: &[&'static str]) -> (Proc, Vec<String>) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    let wanted = prefixes.to_vec();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = wanted.iter().find_map(|p| line.strip_prefix(p)) {
-                let _ = tx.send(rest.to_string());
-            }
-        }
-    });
-    let found: Vec<String> = prefixes
-        .iter()
-        .map(|p| rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no '{p}' line within 60 s")))
-        .collect();
-    let addr = found.last().cloned().unwrap_or_default();
-    (Proc { child, addr }, found)
-}
-
-/// A test fabric's folder and certificates.
 pub struct Fabric {
     pub dir: PathBuf,
     pub certs: PathBuf,
@@ -118,9 +65,9 @@ impl Fabric {
             .arg(&self.certs)
             .args(extra)
             .env("RUST_LOG", "warn");
-        let (proc, lines) =
-            spawn_until_all(cmd, &["model-registry status page on ", "model-registry listening on quic://"]);
-        (proc, lines[0].clone())
+        let proc = Proc::spawn(cmd, "model-registry listening on quic://", &["model-registry status page on "]);
+        let page = proc.seen("model-registry status page on ").unwrap_or_default().to_string();
+        (proc, page)
     }
 
     /// Starts edge-node `id` (tract) taking its desired state from the registry at `registry`.
@@ -154,7 +101,7 @@ impl Fabric {
             std::fs::write(&path, text).expect("edge config");
             cmd.arg("--config").arg(path);
         }
-        spawn_until(cmd, "edge-node listening on ")
+        Proc::spawn(cmd, "edge-node listening on ", &[])
     }
 
     /// Starts cloud-hub hub-1 (ONNX Runtime) taking its desired state from the registry.
@@ -166,12 +113,6 @@ impl Fabric {
     pub fn hub_as(&self, id: &str, registry: &str) -> Proc {
         let repo = self.dir.join(format!("{id}-repo"));
         std::fs::create_dir_all(&repo).expect("repo");
-        let ort = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
-            std::fs::read_to_string(reference::build_dir().join("ort-dylib-path"))
-                .expect("run scripts/setup.sh")
-                .trim()
-                .to_string()
-        });
         let mut cmd = Command::new(workspace_binary("cloud-hub", "cloud-hub"));
         cmd.args(["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--node-id", id])
             .arg("--model-repository")
@@ -182,9 +123,9 @@ impl Fabric {
             .arg(format!("registry-1@{registry}"))
             .arg("--data-dir")
             .arg(self.dir.join(format!("{id}-data")))
-            .env("ORT_DYLIB_PATH", ort)
+            .env("ORT_DYLIB_PATH", ort_library())
             .env("RUST_LOG", "error");
-        let mut hub = spawn_until(cmd, "cloud-hub listening on ");
+        let mut hub = Proc::spawn(cmd, "cloud-hub listening on ", &[]);
         hub.addr = hub.addr.split_whitespace().next().unwrap_or_default().to_string();
         hub
     }
@@ -215,22 +156,6 @@ pub fn model(name: &str) -> String {
     reference::model_path(name).display().to_string()
 }
 
-/// An HTTP client that returns error statuses as responses, with bounded waits.
-pub fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent()
-}
-
-/// A one-row JSON request for the MLP (`mlp`) or the CNN (`cnn`).
-pub fn body_for(model: &str) -> String {
-    let shape: Vec<usize> = if model == "cnn" { vec![1, 3, 64, 64] } else { vec![1, 784] };
-    let n: usize = shape.iter().product();
-    json!({ "inputs": [{ "name": "input", "shape": shape, "datatype": "FP32", "data": vec![0.25f32; n] }] }).to_string()
-}
-
 /// One MLP request (JSON): its status and the version that answered.
 pub fn infer(agent: &ureq::Agent, base: &str) -> (u16, String) {
     infer_model(agent, base, "mlp", &body_for("mlp"))
@@ -238,120 +163,15 @@ pub fn infer(agent: &ureq::Agent, base: &str) -> (u16, String) {
 
 /// One request to `model` with `body`: its status and the version that answered (or the error).
 pub fn infer_model(agent: &ureq::Agent, base: &str, model: &str, body: &str) -> (u16, String) {
-    let (status, version, _) = infer_served(agent, base, model, body);
-    (status, version)
+    let answer = fabric_testkit::http::infer(agent, base, model, body);
+    (answer.status, answer.version)
 }
 
 /// One request to `model` with `body`: its status, the version that answered (or the error), and
 /// who served it (`node`, or `hub <id>` for an edge that offloaded it).
 pub fn infer_served(agent: &ureq::Agent, base: &str, model: &str, body: &str) -> (u16, String, String) {
-    let url = format!("{base}/v2/models/{model}/infer");
-    match agent.post(&url).header("content-type", "application/json").send(body) {
-        Ok(mut r) => {
-            let status = r.status().as_u16();
-            let text = r.body_mut().read_to_string().unwrap_or_default();
-            let v: Value = serde_json::from_str(&text).unwrap_or_default();
-            (
-                status,
-                v["model_version"].as_str().map(str::to_string).unwrap_or_else(|| text.chars().take(300).collect()),
-                v["parameters"]["served_by"].as_str().unwrap_or_default().to_string(),
-            )
-        }
-        Err(e) => (0, e.to_string(), String::new()),
-    }
-}
-
-/// A one-row JSON request for `model` with a `timeout` parameter (microseconds).
-pub fn body_with_timeout(model: &str, timeout_us: u64) -> String {
-    let mut body: Value = serde_json::from_str(&body_for(model)).expect("json");
-    body["parameters"] = json!({ "timeout": timeout_us });
-    body.to_string()
-}
-
-/// Waits up to `limit` for `done`, checking every 20 ms; returns how long it took.
-pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
-
-/// An answer: when sent and received, the status, and the version (or the error).
-#[derive(Clone, Debug)]
-pub struct Sample {
-    pub node: usize,
-    pub sent: Instant,
-    pub done: Instant,
-    pub status: u16,
-    pub version: String,
-    /// Who served it (`hub <id>` when offloaded).
-    pub served_by: String,
-}
-
-/// Closed-loop clients on several nodes until stopped.
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    pub samples: Arc<Mutex<Vec<Sample>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    /// `clients` closed-loop MLP clients per node URL.
-    pub fn start(nodes: &[String], clients: usize) -> Load {
-        Load::start_model(nodes, clients, "mlp")
-    }
-
-    /// `clients` closed-loop clients of `model` per node URL.
-    pub fn start_model(nodes: &[String], clients: usize, model: &'static str) -> Load {
-        let body = Arc::new(body_for(model));
-        let stop = Arc::new(AtomicBool::new(false));
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let mut threads = Vec::new();
-        for (node, url) in nodes.iter().enumerate() {
-            for _ in 0..clients {
-                let (stop, samples, url, body) = (stop.clone(), samples.clone(), url.clone(), body.clone());
-                threads.push(std::thread::spawn(move || {
-                    let agent = agent();
-                    while !stop.load(Ordering::Relaxed) {
-                        let sent = Instant::now();
-                        let (status, version, served_by) = infer_served(&agent, &url, model, &body);
-                        samples.lock().expect("samples").push(Sample {
-                            node,
-                            sent,
-                            done: Instant::now(),
-                            status,
-                            version,
-                            served_by,
-                        });
-                    }
-                }));
-            }
-        }
-        Load { stop, samples, threads }
-    }
-
-    /// Answers so far.
-    pub fn count(&self) -> usize {
-        self.samples.lock().expect("samples").len()
-    }
-
-    /// Whether each of the first `nodes` nodes has answered a request sent at or after `since`
-    /// with `version`.
-    pub fn all_answered_with(&self, nodes: usize, since: Instant, version: &str) -> bool {
-        let samples = self.samples.lock().expect("samples");
-        (0..nodes).all(|node| samples.iter().any(|s| s.node == node && s.sent >= since && s.version == version))
-    }
-
-    /// Stops the clients; returns every answer.
-    pub fn stop(self) -> Vec<Sample> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        Arc::try_unwrap(self.samples).map(|m| m.into_inner().expect("samples")).unwrap_or_default()
-    }
+    let answer = fabric_testkit::http::infer(agent, base, model, body);
+    (answer.status, answer.version, answer.served_by)
 }
 
 /// Prints a measured figure, and appends it to the file `$FABRIC_FIGURES` names (the registry
