@@ -26,7 +26,9 @@ use fabric_proto::registry::{
     DesiredState, Heartbeat, NodeInfo, NodeQuery, ReadyVersion, RegistryAddr, RegistryClient, Request, RolloutAction,
     Target,
 };
+use fabric_proto::report::{ModelReport, NodeReport, VersionReport, WindowReport};
 use fabric_proto::tls::{generate_dev_pki_with_names, NodeCert, Role, TlsFiles};
+use fabric_types::EngineKind;
 use serde_json::{json, Value};
 
 /// The model every simulated node serves.
@@ -113,27 +115,36 @@ struct Node {
 }
 
 /// The load report an idle node sends: the shape of `fabric_node::control::NodeReport`.
-fn report(ready: &[ReadyVersion], uptime_ms: u64) -> Value {
-    let window = json!({ "window_ms": 3500, "arrivals_per_s": 0.0, "served_per_s": 0.0, "offloaded_per_s": 0.0,
-        "rejected_per_s": {}, "p50_ms": null, "p99_ms": null, "utilisation": 0.0, "answered": 0 });
-    let versions: Vec<Value> = ready
+fn report(ready: &[ReadyVersion], uptime_ms: u64) -> NodeReport {
+    let window = WindowReport { window_ms: 3500, ..WindowReport::default() };
+    let versions = ready
         .iter()
-        .map(|r| {
-            let mut v = json!({ "name": r.name, "version": r.version, "ready": true, "weight_pct": 100.0,
-                "on_gpu": false, "target_replicas": 1, "ready_replicas": 1, "loading_replicas": 0,
-                "busy_replicas": 0, "queue_depth": 0, "in_flight": 0, "restarts": 0, "last_load_error": null,
-                "cold_start_ms": 3.0, "recent": window });
-            if let (Some(v), Some(w)) = (v.as_object_mut(), window.as_object()) {
-                v.extend(w.clone());
-            }
-            v
+        .map(|r| VersionReport {
+            name: r.name.clone(),
+            version: r.version,
+            ready: true,
+            weight_pct: 100.0,
+            on_gpu: false,
+            engine: EngineKind::Tract,
+            engine_choice: None,
+            target_replicas: 1,
+            ready_replicas: 1,
+            loading_replicas: 0,
+            busy_replicas: 0,
+            queue_depth: 0,
+            in_flight: 0,
+            restarts: 0,
+            last_load_error: None,
+            cold_start_ms: Some(3.0),
+            window: window.clone(),
+            recent: window.clone(),
         })
         .collect();
-    let models: Vec<Value> = ready
+    let models = ready
         .iter()
-        .map(|r| json!({ "name": r.name, "policy": null, "shadow": null, "last_load_error": null }))
+        .map(|r| ModelReport { name: r.name.clone(), policy: None, shadow: None, last_load_error: None })
         .collect();
-    json!({ "node": "edge-node", "uptime_ms": uptime_ms, "models": models, "versions": versions })
+    NodeReport { node: "edge-node".into(), uptime_ms, models, versions }
 }
 
 impl Node {

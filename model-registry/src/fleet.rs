@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use fabric_proto::registry::{HubEntry, NodeInfo};
+use fabric_proto::report::NodeReport;
 use fabric_proto::tls::Role;
-use serde_json::Value;
 use tokio::sync::watch;
 
 /// What the registry knows of a node from its last heartbeat.
@@ -24,7 +24,7 @@ pub struct NodeRecord {
     /// Versions it has ready.
     pub ready: BTreeSet<(String, u64)>,
     /// Its last load report.
-    pub report: Value,
+    pub report: NodeReport,
     /// The desired-state revision it has applied.
     pub applied: u64,
     /// When its last heartbeat arrived.
@@ -243,7 +243,7 @@ mod tests {
                 ..Default::default()
             },
             ready: BTreeSet::new(),
-            report: Value::Null,
+            report: NodeReport::default(),
             applied: 0,
             last_seen: Instant::now() - age,
             slack: Duration::ZERO,

@@ -194,11 +194,11 @@ pub struct Window {
     pub answered: f64,
     /// Of those, answered with an error.
     pub errors: f64,
-    /// The highest p99 over the nodes, in milliseconds.
+    /// The 99th percentile over every node's answers (their histograms merged), in milliseconds.
     pub p99_ms: Option<f64>,
     /// Requests answered per second, summed over the nodes.
     pub per_s: f64,
-    /// The highest median over the nodes, in milliseconds.
+    /// The median over every node's answers, in milliseconds.
     pub p50_ms: Option<f64>,
     /// Replicas ready, summed over the nodes.
     pub replicas: u64,

@@ -132,7 +132,7 @@ impl Agent {
                 info: self.info.clone(),
                 applied,
                 ready: self.control.ready_versions(),
-                report: serde_json::to_value(report).unwrap_or_default(),
+                report,
                 wait_ms: self.heartbeat_ms,
                 max_wait_ms: self.idle_heartbeat_ms,
             };
@@ -357,7 +357,7 @@ const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 const REPORT_CHECK: Duration = Duration::from_millis(250);
 
 /// What the registry acts on in a load report.
-fn activity(report: &crate::control::NodeReport) -> Vec<VersionActivity> {
+fn activity(report: &fabric_proto::report::NodeReport) -> Vec<VersionActivity> {
     report
         .versions
         .iter()

@@ -22,11 +22,11 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::config::{model_config_with_json, ModelConfig, ModelControl, ServingConfig};
-use crate::load_report::WindowReport;
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, RemoveError, RouteError, ServedModel};
 use crate::repository::{self, RepoEntry};
-use crate::shadow::ShadowReport;
+use fabric_proto::report::{ModelReport, NodeReport, VersionReport};
+
 use fabric_policy::traffic::{PolicyError, TrafficPolicy};
 
 /// Longest an unload waits for the requests already routed to a version (then they are answered
@@ -122,74 +122,6 @@ pub struct Unloaded {
     pub version: u64,
     /// Milliseconds until the last request routed to it was answered and its replicas stopped.
     pub drain_ms: u64,
-}
-
-/// One version in the load report.
-#[derive(Clone, Debug, Serialize)]
-pub struct VersionReport {
-    /// Model name.
-    pub name: String,
-    /// Version.
-    pub version: u64,
-    /// Whether it can take requests now (a replica is ready, or it is scaled to zero: a request wakes one).
-    pub ready: bool,
-    /// This version's share of versionless traffic under the policy, in percent.
-    pub weight_pct: f64,
-    /// Whether its replicas run on a GPU.
-    pub on_gpu: bool,
-    /// The engine serving it.
-    pub engine: fabric_engine::EngineKind,
-    /// Why that engine, when `auto` chose it.
-    pub engine_choice: Option<String>,
-    /// Replicas wanted.
-    pub target_replicas: usize,
-    /// Replicas ready.
-    pub ready_replicas: usize,
-    /// Replicas loading.
-    pub loading_replicas: usize,
-    /// Replicas running a batch now.
-    pub busy_replicas: usize,
-    /// Requests queued.
-    pub queue_depth: usize,
-    /// Requests routed to it and not answered yet.
-    pub in_flight: i64,
-    /// Replicas replaced after a failure since it loaded.
-    pub restarts: u64,
-    /// Why its last replica load failed, while it is short of replicas.
-    pub last_load_error: Option<String>,
-    /// The last measured time to load and warm a replica, in milliseconds (the wait after scale to zero).
-    pub cold_start_ms: Option<f64>,
-    /// Rates and latencies over the last few seconds.
-    #[serde(flatten)]
-    pub window: WindowReport,
-    /// The same over the last 0.5-0.75 s (what autoscaling reads).
-    pub recent: WindowReport,
-}
-
-/// One model name in the load report: its policy, shadow comparison and failed loads.
-#[derive(Clone, Debug, Serialize)]
-pub struct ModelReport {
-    /// Model name.
-    pub name: String,
-    /// The traffic policy (`null`: the newest version takes versionless requests).
-    pub policy: Option<TrafficPolicy>,
-    /// The shadow comparison so far.
-    pub shadow: Option<ShadowReport>,
-    /// The last load of this model that failed, if any (version: reason).
-    pub last_load_error: Option<String>,
-}
-
-/// The node's load report.
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeReport {
-    /// Server name (`edge-node`, `cloud-hub`).
-    pub node: String,
-    /// Milliseconds since the node started.
-    pub uptime_ms: u64,
-    /// Per model name.
-    pub models: Vec<ModelReport>,
-    /// Per served version.
-    pub versions: Vec<VersionReport>,
 }
 
 type SharedLoad = Shared<BoxFuture<'static, Result<Loaded, ControlError>>>;

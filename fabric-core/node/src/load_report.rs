@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use fabric_policy::histogram::{bucket_of, LatencyHistogram, BUCKETS};
+use fabric_proto::report::WindowReport;
 
 /// Length of one slot.
 pub const SLOT: Duration = Duration::from_millis(250);
@@ -20,10 +21,6 @@ pub const SLOT: Duration = Duration::from_millis(250);
 const SLOTS: usize = 16;
 /// Full slots in the short window autoscaling reads ([`LoadStats::recent`]).
 const RECENT_SLOTS: usize = 2;
-/// Latency buckets: bucket `i` holds latencies up to `MIN_LATENCY_US * GROWTH^i`.
-const BUCKETS: usize = 400;
-const MIN_LATENCY_US: f64 = 10.0;
-const GROWTH: f64 = 1.04;
 
 /// What happened to one request, as the report counts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,44 +65,6 @@ pub struct LoadStats {
     ring: Mutex<Vec<Slot>>,
     /// Arrived and not answered yet.
     in_flight: AtomicI64,
-}
-
-/// Rates and percentiles over the report's window.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct WindowReport {
-    /// Length of the window the rates are over, in milliseconds.
-    pub window_ms: u64,
-    /// Requests that arrived, per second.
-    pub arrivals_per_s: f64,
-    /// Requests answered with outputs computed here, per second.
-    pub served_per_s: f64,
-    /// Requests answered with outputs from a hub, per second.
-    pub offloaded_per_s: f64,
-    /// Requests answered with an error, per second, by kind.
-    pub rejected_per_s: BTreeMap<String, f64>,
-    /// Median time from arrival to answer of the answered requests, in milliseconds.
-    pub p50_ms: Option<f64>,
-    /// 99th percentile of the same, in milliseconds.
-    pub p99_ms: Option<f64>,
-    /// Share of replica time spent running batches (0..=1), given the replica count.
-    pub utilisation: f64,
-    /// Answered requests in the window (the count behind the percentiles).
-    pub answered: u64,
-}
-
-fn bucket_of(latency: Duration) -> usize {
-    let us = latency.as_secs_f64() * 1e6;
-    if us <= MIN_LATENCY_US {
-        return 0;
-    }
-    ((us / MIN_LATENCY_US).ln() / GROWTH.ln()).ceil().min((BUCKETS - 1) as f64) as usize
-}
-
-/// The middle of a bucket's range, in milliseconds.
-fn bucket_value_ms(bucket: usize) -> f64 {
-    let upper = MIN_LATENCY_US * GROWTH.powi(bucket as i32);
-    let lower = if bucket == 0 { 0.0 } else { upper / GROWTH };
-    (lower + upper) / 2.0 / 1e3
 }
 
 impl Default for LoadStats {
@@ -213,31 +172,18 @@ impl LoadStats {
         }
         drop(ring);
         let secs = window.as_secs_f64();
-        let answered: u64 = total.latency.iter().map(|&n| u64::from(n)).sum();
-        let percentile = |q: f64| -> Option<f64> {
-            if answered == 0 {
-                return None;
-            }
-            let rank = ((answered as f64) * q).ceil().max(1.0) as u64;
-            let mut seen = 0u64;
-            for (bucket, &n) in total.latency.iter().enumerate() {
-                seen += u64::from(n);
-                if seen >= rank {
-                    return Some(bucket_value_ms(bucket));
-                }
-            }
-            None
-        };
+        let latency = LatencyHistogram::from_dense(&total.latency);
         WindowReport {
             window_ms: window.as_millis() as u64,
             arrivals_per_s: total.arrivals as f64 / secs,
             served_per_s: total.served as f64 / secs,
             offloaded_per_s: total.offloaded as f64 / secs,
             rejected_per_s: total.rejected.iter().map(|(k, &n)| (k.to_string(), n as f64 / secs)).collect(),
-            p50_ms: percentile(0.5),
-            p99_ms: percentile(0.99),
+            p50_ms: latency.quantile_ms(0.5),
+            p99_ms: latency.quantile_ms(0.99),
             utilisation: if replicas == 0 { 0.0 } else { (total.busy.as_secs_f64() / secs / replicas as f64).min(1.0) },
-            answered,
+            answered: latency.count(),
+            latency,
         }
     }
 }

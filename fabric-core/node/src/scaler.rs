@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::AutoscaleConfig;
 use crate::control::NodeControl;
-use fabric_policy::autoscale::{AutoscaleSettings, Autoscaler, LoadSample};
+use fabric_policy::autoscale::{AutoscaleSettings, Autoscaler};
 
 /// Starts the node's autoscaler on a thread of its own.
 pub fn start(control: Arc<NodeControl>, config: &AutoscaleConfig) -> std::io::Result<()> {
@@ -41,7 +41,7 @@ async fn run(control: Arc<NodeControl>, settings: AutoscaleSettings, interval: D
             if v.loading_replicas > 0 || v.last_load_error.is_some() || (asleep && settings.idle_to_zero_s <= 0.0) {
                 continue;
             }
-            let sample = LoadSample::from_report(&serde_json::to_value(v).unwrap_or_default(), origin.elapsed());
+            let sample = v.load_sample(origin.elapsed());
             let scaler = scalers
                 .entry((v.name.clone(), v.version))
                 .or_insert_with(|| Autoscaler::new(settings.for_device(v.on_gpu)));

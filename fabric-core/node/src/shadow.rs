@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
+use fabric_proto::report::ShadowReport;
 use tokio::sync::oneshot;
 
 use crate::pool::PoolHandle;
@@ -28,23 +28,6 @@ pub struct ShadowStats {
     shadow_failed: AtomicU64,
     /// Copies not compared because the primary failed.
     primary_failed: AtomicU64,
-}
-
-/// The shadow statistics as reported.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ShadowReport {
-    /// The shadow version.
-    pub version: u64,
-    /// Copies whose outputs were compared with the primary's.
-    pub compared: u64,
-    /// Of those, how many agreed.
-    pub agreed: u64,
-    /// agreed / compared, in percent (`null` before the first comparison).
-    pub agreement_pct: Option<f64>,
-    /// Copies the shadow version failed to answer (refused, late, engine error).
-    pub shadow_failed: u64,
-    /// Copies not compared because the primary failed.
-    pub primary_failed: u64,
 }
 
 impl ShadowStats {

@@ -96,27 +96,7 @@ pub struct LoadSample {
 const SATURATED: f64 = 0.9;
 
 /// Rejection kinds that mean admission found the queue wait at its target.
-const WAIT_AT_TARGET: [&str; 3] = ["over_wait_target", "would_miss_deadline", "queue_full"];
-
-impl LoadSample {
-    /// The sample in one version of a node's load report (JSON, as nodes send it in heartbeats): its
-    /// short window (`recent`, 0.5-0.75 s) when present, else the longer one.
-    pub fn from_report(version: &serde_json::Value, at: Duration) -> LoadSample {
-        let window = if version["recent"].is_object() { &version["recent"] } else { version };
-        let f = |k: &str| window[k].as_f64().unwrap_or(0.0);
-        LoadSample {
-            at,
-            arrivals_per_s: f("arrivals_per_s"),
-            served_per_s: f("served_per_s"),
-            utilisation: f("utilisation"),
-            replicas: version["ready_replicas"].as_u64().unwrap_or(0) as usize,
-            queued: version["queue_depth"].as_u64().unwrap_or(0) as usize,
-            wait_at_target: WAIT_AT_TARGET
-                .iter()
-                .any(|k| window["rejected_per_s"][*k].as_f64().is_some_and(|r| r > 0.0)),
-        }
-    }
-}
+pub const WAIT_AT_TARGET: [&str; 3] = ["over_wait_target", "would_miss_deadline", "queue_full"];
 
 /// A decision.
 #[derive(Clone, Debug, PartialEq)]

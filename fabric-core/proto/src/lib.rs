@@ -5,10 +5,12 @@
 //! - [`tls`]: mutual TLS, identities and the development CA;
 //! - [`registry`]: what the CLI, the nodes and the model registry say to each other over QUIC, and
 //!   the client that says it;
+//! - [`report`]: the load report nodes send with each heartbeat, typed;
 //! - [`io_thread`]: the runtime thread QUIC runs on inside an actix process.
 
 pub mod io_thread;
 pub mod kserve;
 pub mod registry;
+pub mod report;
 pub mod tls;
 pub mod wire;

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
+use crate::report::NodeReport;
 use crate::tls::{self, TlsFiles};
 use fabric_policy::traffic::TrafficPolicy;
 
@@ -116,8 +117,9 @@ pub struct Heartbeat {
     pub applied: u64,
     /// Versions it has ready now.
     pub ready: Vec<ReadyVersion>,
-    /// Its load report (`GET /v2/fabric/load`), as JSON.
-    pub report: Value,
+    /// Its load report (what `GET /v2/fabric/load` shows).
+    #[serde(deserialize_with = "report_via_json")]
+    pub report: NodeReport,
     /// Longest the registry may hold the answer, in milliseconds.
     pub wait_ms: u64,
     /// Longest the registry may hold it while the node is idle (nothing to watch: no traffic, no
@@ -125,6 +127,14 @@ pub struct Heartbeat {
     /// changes ([`fabric_policy::cadence`]), so an idle node costs the registry little.
     #[serde(default)]
     pub max_wait_ms: u64,
+}
+
+/// Reads a heartbeat's report through a JSON value: a [`Request`] is an internally tagged enum, which
+/// serde buffers before it knows the variant, and from that buffer a map with integer keys (a
+/// traffic policy's `{"1": 80}`) does not read back; from a JSON value it does.
+fn report_via_json<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<NodeReport, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    serde_json::from_value(value).map_err(serde::de::Error::custom)
 }
 
 /// Which nodes `fabric nodes` lists.
@@ -594,5 +604,22 @@ mod tests {
         assert_eq!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&models.clone()));
         assert_ne!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&Vec::<DesiredModel>::new()));
         assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+
+    #[test]
+    fn a_heartbeat_with_a_weighted_policy_in_its_report_reads_back() {
+        let weights = BTreeMap::from([(1, 80), (2, 20)]);
+        let report = NodeReport {
+            node: "edge-node".into(),
+            models: vec![crate::report::ModelReport {
+                name: "mlp".into(),
+                policy: Some(TrafficPolicy { weights, shadow: None }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let request = Request::Heartbeat(Heartbeat { report, wait_ms: 500, ..Heartbeat::default() });
+        let text = serde_json::to_string(&request).expect("json");
+        assert_eq!(serde_json::from_str::<Request>(&text).expect("parse"), request);
     }
 }

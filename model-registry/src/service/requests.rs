@@ -1,0 +1,59 @@
+//! The requests the registry takes, who may make each (operators change and read; nodes heartbeat
+//! and fetch), and where each goes.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Registry {
+    /// Carries out one request from `peer`; a push reads its bytes from `recv`.
+    pub async fn handle(&self, peer: &Identity, request: Request, recv: &mut quinn::RecvStream) -> Reply {
+        let operator = || {
+            if peer.role == Role::Operator {
+                Ok(())
+            } else {
+                Err(Refusal::new(
+                    "forbidden",
+                    format!(
+                        "{} '{}' may not do this: it needs an operator certificate (fabric certs --node NAME:operator)",
+                        peer.role.as_str(),
+                        peer.node_id
+                    ),
+                ))
+            }
+        };
+        match request {
+            Request::Push { name, version, size } => {
+                operator()?;
+                self.push(peer, &name, version, size, recv).await
+            }
+            Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await.map(|d| json!(d.state)),
+            Request::Fetch { .. } => Err(Refusal::new("invalid", "fetch is answered on its stream")),
+            other => {
+                operator()?;
+                self.read_or_change(other)
+            }
+        }
+    }
+
+    /// The operator requests that need no stream: reads and transitions.
+    pub fn read_or_change(&self, request: Request) -> Reply {
+        match request {
+            Request::ListModels => {
+                let state = self.state();
+                Ok(json!(state.models.values().flat_map(|v| v.values()).collect::<Vec<_>>()))
+            }
+            Request::ShowModel { name, version } => self.show(&name, version),
+            Request::RemoveModel { name, version } => self.remove(&name, version),
+            Request::Deploy { name, to, labels, replicas } => {
+                self.deploy(&name, Deployment { to, labels, replicas: replicas.max(1) })
+            }
+            Request::Rollout { name, change } => self.rollout(&name, &change, None),
+            Request::RolloutStatus { name, limit } => self.status(&name, limit.unwrap_or(DETAIL_NODES)),
+            Request::Nodes(query) => Ok(self.nodes(&query)),
+            Request::Overview => Ok(self.overview()),
+            Request::Push { .. } | Request::Heartbeat(_) | Request::Fetch { .. } => {
+                Err(Refusal::new("invalid", "this request needs its stream"))
+            }
+        }
+    }
+}
