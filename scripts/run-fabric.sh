@@ -9,7 +9,8 @@
 #   - a model-registry  quic://127.0.0.1:7000      (embedded store: redb in DATA/registry), its
 #                        status page on http://127.0.0.1:7080
 #   - a cloud-hub        http://127.0.0.1:8100, quic://127.0.0.1:4433 (ONNX Runtime; CPU here)
-#   - an edge-node       http://127.0.0.1:8000     (tract; offloads overflow to the hubs it learns
+#   - an edge-node       http://127.0.0.1:8000     (engine auto: the faster of tract and ONNX Runtime
+#                                                   per model; offloads overflow to the hubs it learns
 #                                                   from the registry)
 # then pushes the trained digits classifier to the registry, deploys it to both nodes, waits until
 # both serve it, and prints the endpoints and the next commands to paste. Ctrl-C stops everything.

@@ -117,7 +117,7 @@ def main():
     out = BUILD / "bench"
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "autoscale.png", dpi=90)
-    # The copy the README shows.
+    # The copy docs/benchmarks.md shows.
     (ROOT / "scripts" / "bench" / "autoscale.png").write_bytes((out / "autoscale.png").read_bytes())
 
     def ms(x):

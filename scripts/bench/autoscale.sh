@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The autoscaling benchmark (issue 13): an edge-node through a load step, with a plot
+# The autoscaling benchmark: an edge-node through a load step, with a plot
 # (build/bench/autoscale.png) and a table (build/bench/autoscale.md). About 2.5 minutes after the build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

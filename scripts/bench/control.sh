@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The control benchmark (issue 11): load-to-ready for the MLP and the CNN, and the time from a traffic
+# The control benchmark: load-to-ready for the MLP and the CNN, and the time from a traffic
 # policy change to the first answer from the new version, on a release edge-node. About a minute.
 # Prints a markdown table and saves it to build/bench/control.md.
 set -euo pipefail

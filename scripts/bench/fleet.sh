@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fleet benchmark (issue 19): a release model-registry driven by the fleet simulator
+# The fleet benchmark: a release model-registry driven by the fleet simulator
 # (model-registry/examples/fleet_sim.rs): N simulated nodes in one process speaking the registry's
 # QUIC protocol, each with its own certificate, heartbeating as the node agent does; connect from
 # cold, steady state, canary / promote / rollback propagation, reads, and a kill -9 and restart.

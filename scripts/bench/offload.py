@@ -68,7 +68,7 @@ def main():
             (work / repo / model / "1" / "model.onnx").symlink_to(BUILD / "models" / model / "1" / "model.onnx")
     (work / "hub" / "mlp" / "config.toml").write_text('engine = "tract"\n')
     (work / "edge" / "cnn" / "config.toml").write_text(f"default_timeout_ms = {DEADLINE_MS}\nmax_batch_size = 8\n")
-    # One replica per model, as the figures in the README were taken (the nodes' autoscaler off).
+    # One replica per model, as the figures in docs/benchmarks.md were taken (the nodes' autoscaler off).
     (work / "fixed.toml").write_text('[autoscale]\nenabled = false\n')
     (work / "always.toml").write_text('[offload]\nmode = "always"\n[autoscale]\nenabled = false\n')
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offload benchmark (issue 5): QUIC overhead over local serving, and goodput under 2x/3x
+# The offload benchmark: QUIC overhead over local serving, and goodput under 2x/3x
 # overload with and without a hub. Builds release binaries; about 2 minutes after the build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

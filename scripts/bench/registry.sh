@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The registry benchmark (issue 12), on release builds:
+# The registry benchmark, on release builds:
 #   1. the fabric tests in release (a registry, a hub and two edges on loopback), printing the
 #      measured figures: promote and rollback to 100% on every node, automatic rollback reaction,
 #      node convergence after a registry restart;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The serving benchmark (issue 4): installs wrk and the Python peer, builds release, runs
+# The serving benchmark: installs wrk and the Python peer, builds release, runs
 # scripts/bench/serving.py. Takes about 4 minutes; prints a markdown table and saves it to build/bench/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,0 +1,105 @@
+//! One hub link's state: its connection, what the registry says of it (down, retired), its health
+//! as the pure hub policy keeps it, its requests in flight and its metrics.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// One hub's link: connection (when up), reported load, measured answer time.
+pub(super) struct HubLink {
+    /// Where it came from: the config (kept for the life of the process) or the registry.
+    pub(super) from_registry: bool,
+    /// The registry says it stopped heartbeating: not used until it comes back.
+    pub(super) down: AtomicBool,
+    /// Replaced or dropped: its connector closes the connection and ends.
+    pub(super) retired: AtomicBool,
+    /// `host:port` as configured (resolved at each connect).
+    pub(super) addr: String,
+    pub(super) server_name: String,
+    pub(super) conn: Mutex<Option<quinn::Connection>>,
+    pub(super) name: Mutex<String>,
+    pub(super) in_flight: AtomicU32,
+    pub(super) health: Mutex<HubHealth>,
+
+    /// Whether the current connection has shown the hub accepted this node (an answer or a load report).
+    pub(super) proven: AtomicBool,
+    /// Connection attempts since start.
+    pub(super) attempts: AtomicU64,
+    /// Where its state and attempts are counted.
+    pub(super) metrics: Option<Metrics>,
+}
+
+impl HubLink {
+    pub(super) fn connection(&self) -> Option<quinn::Connection> {
+        self.conn.lock().ok().and_then(|c| c.clone()).filter(|c| c.close_reason().is_none())
+    }
+
+    pub(super) fn has_room(&self, now: Instant) -> bool {
+        let sending = self.in_flight.load(Ordering::Relaxed);
+        self.health.lock().map(|h| h.has_room(now, sending)).unwrap_or(true)
+    }
+
+    pub(super) fn reported_in_flight(&self, now: Instant) -> u32 {
+        self.health.lock().map(|h| h.in_flight(now)).unwrap_or(0)
+    }
+
+    pub(super) fn with_health(&self, f: impl FnOnce(&mut HubHealth)) {
+        if let Ok(mut health) = self.health.lock() {
+            f(&mut health);
+        }
+    }
+
+    pub(super) fn record_load(&self, load: HubLoad) {
+        self.proven.store(true, Ordering::Relaxed);
+        let load = Reported { in_flight: load.in_flight, capacity: load.capacity };
+        self.with_health(|h| h.reported(load, Instant::now()));
+    }
+
+    /// The expected answer time (twice the round trip before the first answer).
+    pub(super) fn expected(&self, conn: &quinn::Connection) -> Duration {
+        let fallback = conn.rtt() * 2;
+        self.health.lock().map(|h| h.expected(fallback)).unwrap_or(fallback)
+    }
+
+    /// How long to wait for this hub before trying elsewhere.
+    pub(super) fn patience(&self, conn: &quinn::Connection) -> Duration {
+        let fallback = conn.rtt() * 2;
+        self.health.lock().map(|h| h.patience(fallback)).unwrap_or(fallback)
+    }
+
+    pub(super) fn record_answer(&self, took: Duration) {
+        self.with_health(|h| h.answered_in(took));
+    }
+}
+
+impl HubLink {
+    /// Stops using this link: its connection closes (requests on it finish or fail over) and its
+    /// connector ends.
+    pub(super) fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        if let Some(conn) = self.connection() {
+            conn.close(0u32.into(), b"hub no longer listed");
+        }
+        self.publish();
+    }
+
+    pub(super) fn label(&self) -> String {
+        self.name.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    /// Publishes whether the edge offloads to this hub now.
+    pub(super) fn publish(&self) {
+        if let Some(m) = &self.metrics {
+            let usable = !self.retired.load(Ordering::Relaxed)
+                && !self.down.load(Ordering::Relaxed)
+                && self.connection().is_some();
+            m.hub_usable.with_label_values(&[&self.label()]).set(i64::from(usable));
+        }
+    }
+
+    /// Counts one offload attempt's outcome.
+    pub(super) fn count(&self, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.offload_attempts.with_label_values(&[&self.label(), outcome]).inc();
+        }
+    }
+}
