@@ -1,4 +1,4 @@
-//! Control benchmark (issue 11): how long live control takes on a real edge-node (release build).
+//! Control benchmark: how long live control takes on a real edge-node (release build).
 //!
 //! - Load to ready: `POST /v2/repository/models/<m>/load` of a version added to the repository, until
 //!   the call returns (the version is routable: engine built, first replica warmed), for the MLP and

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use fabric_policy::backoff::{seed_of, Backoff};
+use fabric_policy::histogram::LatencyHistogram;
 use fabric_proto::registry::{
     DesiredState, Heartbeat, NodeInfo, NodeQuery, ReadyVersion, RegistryAddr, RegistryClient, Request, RolloutAction,
     Target,
@@ -116,7 +117,14 @@ struct Node {
 
 /// The load report an idle node sends: the shape of `fabric_node::control::NodeReport`.
 fn report(ready: &[ReadyVersion], uptime_ms: u64) -> NodeReport {
-    let window = WindowReport { window_ms: 3500, ..WindowReport::default() };
+    // A node's window with answers spread over 24 latency buckets, as a serving node's is: the
+    // registry merges these for every version's percentiles.
+    let mut dense = vec![0u32; fabric_policy::histogram::BUCKETS];
+    for (i, n) in dense.iter_mut().enumerate().skip(150).take(24) {
+        *n = 1 + (i as u32 % 7);
+    }
+    let latency = LatencyHistogram::from_dense(&dense);
+    let window = WindowReport { window_ms: 3500, answered: latency.count(), latency, ..WindowReport::default() };
     let versions = ready
         .iter()
         .map(|r| VersionReport {

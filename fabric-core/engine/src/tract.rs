@@ -1,9 +1,10 @@
 //! The tract engine: tract-onnx, pure Rust on the CPU, optimised once for a symbolic batch size,
 //! with our own max pool in place of tract's where tract's is slow ([`super::tract_pool`]).
 //!
-//! Measured and not done (`examples/tract_profile.rs`, README "The edge's engines"): plans built for
-//! each batch size are no faster at batch 1 and slower on the MLP at 32 (tract picks another
-//! kernel), and tract's threaded matrix products (`multithread-mm`) were slower on 2 cores.
+//! Measured and not done (`examples/tract_profile.rs`, docs/benchmarks.md "The edge's engines"):
+//! plans built for each batch size are no faster at batch 1 and slower on the MLP at 32 (tract
+//! picks another kernel), and tract's threaded matrix products (`multithread-mm`) were slower on
+//! 2 cores.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -58,15 +58,21 @@ pub fn get(agent: &ureq::Agent, url: &str) -> Reply {
     reply(agent.get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}")))
 }
 
-/// POSTs a body, with an `Inference-Header-Content-Length` (a binary request) when given.
+/// POSTs a body, with an `Inference-Header-Content-Length` (a binary request) when given; panics
+/// when no HTTP answer comes.
 pub fn post(agent: &ureq::Agent, url: &str, body: &[u8], header_length: Option<usize>) -> Reply {
+    try_post(agent, url, body, header_length).unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+/// [`post`], with a failure to get any HTTP answer as an error.
+pub fn try_post(agent: &ureq::Agent, url: &str, body: &[u8], header_length: Option<usize>) -> Result<Reply, String> {
     let mut req = agent
         .post(url)
         .header("content-type", if header_length.is_some() { "application/octet-stream" } else { "application/json" });
     if let Some(n) = header_length {
         req = req.header("inference-header-content-length", &n.to_string());
     }
-    reply(req.send(body).unwrap_or_else(|e| panic!("POST {url}: {e}")))
+    req.send(body).map(reply).map_err(|e| e.to_string())
 }
 
 /// Sends a JSON body with `method`, with `Authorization: Bearer <token>` when a token is given.

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::http::{body_for, client, infer, post};
+use serde_json::Value;
+
+use crate::http::{body_for, client, infer, post, try_post};
 
 /// An answer: when sent and received, the status, and the version (or the error).
 #[derive(Clone, Debug)]
@@ -129,8 +131,9 @@ pub fn closed_loop_rate(url: &str, (body, n): &BinaryBody, secs: f64) -> f64 {
     handles.into_iter().map(|h| h.join().expect("client thread")).sum::<usize>() as f64 / secs
 }
 
-/// Open loop at `rate` requests/s for `secs`; `during(i)` runs before request `i` is sent. Returns
-/// one outcome per request, in schedule order; panics if any request got no answer or two.
+/// Open loop at `rate` requests/s for `secs` (a header length of 0: a JSON body); `during(i)` runs
+/// before request `i` is sent. Returns one outcome per request, in schedule order (status 0: no
+/// HTTP answer, the error says why); panics if any request got no outcome or two.
 pub fn open_loop(url: &str, (body, n): &BinaryBody, rate: f64, secs: f64, during: impl Fn(usize)) -> Vec<Outcome> {
     let total = (rate * secs) as usize;
     let (tx, rx) = mpsc::channel::<(usize, Instant)>();
@@ -144,14 +147,19 @@ pub fn open_loop(url: &str, (body, n): &BinaryBody, rate: f64, secs: f64, during
                 let Ok((index, due)) = rx.lock().expect("lock").recv() else { return };
                 // A connection per request: a worker may sit idle past the server's keep-alive, and a
                 // POST on a connection the server has just closed fails in the client, not the server.
-                let reply = post(&client(), &url, &body, Some(n));
-                let head = reply.json();
-                let outcome = Outcome {
-                    index,
-                    status: reply.status,
-                    latency: due.elapsed(),
-                    served_by: head["parameters"]["served_by"].as_str().unwrap_or_default().to_string(),
-                    error: head["error"].as_str().unwrap_or_default().to_string(),
+                let outcome = match try_post(&client(), &url, &body, (n > 0).then_some(n)) {
+                    Ok(reply) => {
+                        let end = reply.header_length.unwrap_or(reply.body.len()).min(reply.body.len());
+                        let head: Value = serde_json::from_slice(&reply.body[..end]).unwrap_or_default();
+                        Outcome {
+                            index,
+                            status: reply.status,
+                            latency: due.elapsed(),
+                            served_by: head["parameters"]["served_by"].as_str().unwrap_or_default().to_string(),
+                            error: head["error"].as_str().unwrap_or_default().to_string(),
+                        }
+                    }
+                    Err(e) => Outcome { index, status: 0, latency: due.elapsed(), served_by: String::new(), error: e },
                 };
                 results.lock().expect("lock").push(outcome);
             })
