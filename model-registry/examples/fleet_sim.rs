@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use fabric_policy::backoff::{seed_of, Backoff};
 use fabric_policy::histogram::LatencyHistogram;
+use fabric_proto::answers::NodeView;
 use fabric_proto::registry::{
     DesiredState, Heartbeat, NodeInfo, NodeQuery, ReadyVersion, RegistryAddr, RegistryClient, Request, RolloutAction,
     Target,
@@ -145,7 +146,7 @@ fn report(ready: &[ReadyVersion], uptime_ms: u64) -> NodeReport {
             last_load_error: None,
             cold_start_ms: Some(3.0),
             window: window.clone(),
-            recent: window.clone(),
+            recent: WindowReport { latency: LatencyHistogram::default(), ..window.clone() },
         })
         .collect();
     let models = ready
@@ -576,10 +577,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .insert(what.into(), json!({ "p50_ms": percentile(&ms, 0.5), "max_ms": ms[ms.len() - 1], "bytes": bytes }));
     }
     let down = operator
-        .call(&Request::Nodes(NodeQuery { state: Some("down".into()), ..Default::default() }))
+        .ask::<Vec<NodeView>>(&Request::Nodes(NodeQuery { state: Some("down".into()), ..Default::default() }))
         .await?
-        .as_array()
-        .map_or(0, Vec::len);
+        .len();
     reads.insert("nodes_down".into(), json!(down));
     eprintln!("reads: {}", Value::Object(reads.clone()));
     results.insert("reads".into(), Value::Object(reads));
@@ -603,10 +603,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let back = killed.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let down = operator
-        .call(&Request::Nodes(NodeQuery { state: Some("down".into()), ..Default::default() }))
+        .ask::<Vec<NodeView>>(&Request::Nodes(NodeQuery { state: Some("down".into()), ..Default::default() }))
         .await?
-        .as_array()
-        .map_or(0, Vec::len);
+        .len();
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let restart = json!({
         "reconnected": seen.connected.load(Ordering::Acquire), "of": total,

@@ -144,7 +144,10 @@ impl LoadStats {
     /// autoscaling reads, so that a step shows within half a second instead of being averaged into the
     /// longer window.
     pub fn recent(&self, now: Instant, replicas: usize) -> WindowReport {
-        self.report_over(now, replicas, RECENT_SLOTS)
+        // Its rates are what the autoscaler reads; its latencies travel in the longer window only.
+        let mut recent = self.report_over(now, replicas, RECENT_SLOTS);
+        recent.latency = LatencyHistogram::default();
+        recent
     }
 
     /// The report over the last `full_slots` full slots and the current one.

@@ -75,6 +75,11 @@ impl LatencyHistogram {
         self.counts.iter().map(|(_, n)| n).sum()
     }
 
+    /// Whether it counts nothing.
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
     /// The `q` quantile (0..=1) in milliseconds, exact to the bucket (4%); `None` when empty.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         let total = self.count();
@@ -86,6 +91,50 @@ impl LatencyHistogram {
         self.counts.iter().find_map(|&(bucket, n)| {
             seen += n;
             (seen >= rank).then(|| bucket_value_ms(usize::from(bucket)))
+        })
+    }
+}
+
+/// Many histograms summed into one count per bucket: adding one costs its own buckets, whatever the
+/// sum holds already (the registry adds every serving node's, per version, each analysis tick).
+#[derive(Clone, Debug)]
+pub struct LatencySum {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Default for LatencySum {
+    fn default() -> Self {
+        LatencySum { counts: vec![0; BUCKETS], total: 0 }
+    }
+}
+
+impl LatencySum {
+    /// Adds one histogram.
+    pub fn add(&mut self, histogram: &LatencyHistogram) {
+        for &(bucket, n) in &histogram.counts {
+            self.counts[usize::from(bucket).min(BUCKETS - 1)] += n;
+            self.total += n;
+        }
+    }
+
+    /// The sum as a histogram.
+    pub fn histogram(&self) -> LatencyHistogram {
+        let counts =
+            self.counts.iter().enumerate().filter(|(_, &n)| n > 0).map(|(bucket, &n)| (bucket as u16, n)).collect();
+        LatencyHistogram { counts }
+    }
+
+    /// The `q` quantile of everything added, in milliseconds; `None` when empty.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((self.total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0u64;
+        self.counts.iter().enumerate().find_map(|(bucket, &n)| {
+            seen += n;
+            (n > 0 && seen >= rank).then(|| bucket_value_ms(bucket))
         })
     }
 }
@@ -147,6 +196,22 @@ mod tests {
         let mut fleet = busy.clone();
         fleet.merge(&quiet);
         assert!(close(fleet.quantile_ms(0.99), 1.0), "{:?}", fleet.quantile_ms(0.99));
+    }
+
+    #[test]
+    fn a_sum_reads_as_the_merged_histogram() {
+        let parts = [of(&[(300, 40), (1_000, 10)]), of(&[(90_000, 3), (1_000, 5)]), LatencyHistogram::default()];
+        let mut merged = LatencyHistogram::default();
+        let mut sum = LatencySum::default();
+        for h in &parts {
+            merged.merge(h);
+            sum.add(h);
+        }
+        assert_eq!(sum.histogram(), merged);
+        for q in [0.0, 0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(sum.quantile_ms(q), merged.quantile_ms(q), "q {q}");
+        }
+        assert_eq!(LatencySum::default().quantile_ms(0.5), None);
     }
 
     #[test]

@@ -10,6 +10,38 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Reads version -> weight whether the versions come as numbers or as the strings JSON object keys
+/// are: serde hands a message it buffered before reading (an internally tagged request, such as a
+/// heartbeat carrying the node's policies) to this map with its keys as strings, which it would not
+/// turn into numbers by itself.
+fn weights_by_version<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u64, u32>, D::Error> {
+    let by_key: BTreeMap<VersionKey, u32> = BTreeMap::deserialize(deserializer)?;
+    Ok(by_key.into_iter().map(|(k, w)| (k.0, w)).collect())
+}
+
+/// A version as a map key: a number, or a string holding one.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct VersionKey(u64);
+
+impl<'de> Deserialize<'de> for VersionKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Key;
+        impl serde::de::Visitor<'_> for Key {
+            type Value = VersionKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a version number")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<VersionKey, E> {
+                Ok(VersionKey(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<VersionKey, E> {
+                v.parse().map(VersionKey).map_err(|_| E::custom(format!("'{v}' is not a version number")))
+            }
+        }
+        deserializer.deserialize_any(Key)
+    }
+}
+
 /// 2^64 / golden ratio: consecutive multiples are spread evenly over the 64-bit range.
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -18,6 +50,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 #[serde(deny_unknown_fields)]
 pub struct TrafficPolicy {
     /// Version -> weight (any positive scale: 90/10 and 9/1 are the same split). One entry pins.
+    #[serde(deserialize_with = "weights_by_version")]
     pub weights: BTreeMap<u64, u32>,
     /// A version that gets a copy of a share of requests; its answers are recorded, never returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]

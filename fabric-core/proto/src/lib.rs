@@ -1,5 +1,7 @@
 //! `fabric-proto`: what the fabric's parts say to each other, as bytes and as types.
 //!
+//! - [`answers`]: what the registry answers the CLI, typed (and its durable model, deployment
+//!   and rollout records);
 //! - [`kserve`]: the KServe v2 request and response codec (JSON and binary tensors);
 //! - [`wire`]: the QUIC message format between edges and hubs;
 //! - [`tls`]: mutual TLS, identities and the development CA;
@@ -8,6 +10,7 @@
 //! - [`report`]: the load report nodes send with each heartbeat, typed;
 //! - [`io_thread`]: the runtime thread QUIC runs on inside an actix process.
 
+pub mod answers;
 pub mod io_thread;
 pub mod kserve;
 pub mod registry;

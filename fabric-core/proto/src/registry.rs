@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
+use crate::answers::FetchHead;
+pub use crate::answers::Target;
 use crate::report::NodeReport;
 use crate::tls::{self, TlsFiles};
 use fabric_policy::traffic::TrafficPolicy;
@@ -29,18 +31,6 @@ use fabric_policy::traffic::TrafficPolicy;
 pub const MAX_FRAME: usize = 16 << 20;
 /// Size of the chunks a push and a fetch stream model bytes in.
 pub const CHUNK: usize = 256 << 10;
-
-/// Which nodes a deployment targets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// Edge nodes.
-    Edge,
-    /// Cloud hubs.
-    Hub,
-    /// Both.
-    All,
-}
 
 /// A change to a model's rollout.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,7 +108,6 @@ pub struct Heartbeat {
     /// Versions it has ready now.
     pub ready: Vec<ReadyVersion>,
     /// Its load report (what `GET /v2/fabric/load` shows).
-    #[serde(deserialize_with = "report_via_json")]
     pub report: NodeReport,
     /// Longest the registry may hold the answer, in milliseconds.
     pub wait_ms: u64,
@@ -127,14 +116,6 @@ pub struct Heartbeat {
     /// changes ([`fabric_policy::cadence`]), so an idle node costs the registry little.
     #[serde(default)]
     pub max_wait_ms: u64,
-}
-
-/// Reads a heartbeat's report through a JSON value: a [`Request`] is an internally tagged enum, which
-/// serde buffers before it knows the variant, and from that buffer a map with integer keys (a
-/// traffic policy's `{"1": 80}`) does not read back; from a JSON value it does.
-fn report_via_json<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<NodeReport, D::Error> {
-    let value = Value::deserialize(deserializer)?;
-    serde_json::from_value(value).map_err(serde::de::Error::custom)
 }
 
 /// Which nodes `fabric nodes` lists.
@@ -443,6 +424,12 @@ impl RegistryClient {
         }
     }
 
+    /// Sends a request and reads its answer as `T` (the type [`crate::answers`] names for it).
+    pub async fn ask<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ProtoError> {
+        let value = self.call(request).await?;
+        serde_json::from_value(value).map_err(|e| ProtoError::Malformed(format!("answer to {request:?}: {e}")))
+    }
+
     /// Sends a request and reads its answer.
     pub async fn call(&self, request: &Request) -> Result<Value, ProtoError> {
         let (mut send, mut recv) = self.open().await?;
@@ -504,7 +491,8 @@ impl RegistryClient {
         let _ = send.finish();
         let reply: Reply = read_frame(&mut recv, MAX_FRAME).await?;
         let head = reply.map_err(ProtoError::Refused)?;
-        let size = head["size"].as_u64().ok_or_else(|| ProtoError::Malformed("fetch answer without size".into()))?;
+        let FetchHead { size } =
+            serde_json::from_value(head).map_err(|e| ProtoError::Malformed(format!("fetch answer: {e}")))?;
         let partial = dest.with_extension("partial");
         let mut out = tokio::fs::File::create(&partial)
             .await

@@ -102,7 +102,7 @@ pub struct WindowReport {
     pub answered: u64,
     /// Their latencies, from arrival to answer (what the percentiles are read from; merges across
     /// nodes).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "LatencyHistogram::is_empty")]
     pub latency: LatencyHistogram,
 }
 

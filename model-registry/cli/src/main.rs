@@ -6,8 +6,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use fabric_proto::answers::{
+    Deployed, ModelDetail, ModelVersion, NodeView, Overview, Removed, Rollout, RolloutChanged, RolloutStatus,
+};
 use fabric_proto::registry::{NodeQuery, ProtoError, RegistryAddr, RegistryClient, Request, RolloutAction, Target};
 use fabric_proto::tls::{generate_dev_pki_with_names, NodeCert, TlsFiles};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 /// Operator CLI of the inference fabric.
@@ -226,15 +231,12 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
             cli.id
         )
     })?;
-    let call = |request: Request| {
-        let client = client.clone();
-        async move { client.call(&request).await.map_err(explain) }
-    };
-    let (answer, show): (Value, fn(&Value)) = match cli.command {
-        Command::Certs { .. } => return Ok(()),
+    let output = cli.output;
+    match cli.command {
+        Command::Certs { .. } => Ok(()),
         Command::Model(ModelCommand::Push { name, file, version }) => {
             let mut shown = 0u64;
-            let interactive = cli.output == Output::Table;
+            let interactive = output == Output::Table;
             let answer = client
                 .push(&name, version, &file, |sent, total| {
                     let pct = if total == 0 { 100 } else { sent * 100 / total };
@@ -248,28 +250,42 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
             if interactive {
                 eprintln!();
             }
-            (answer.map_err(explain)?, show_version)
+            let pushed: ModelVersion = typed(answer.map_err(explain)?)?;
+            print(&pushed, output, show_version)
         }
-        Command::Model(ModelCommand::List) => (call(Request::ListModels).await?, show_versions),
+        Command::Model(ModelCommand::List) => {
+            print(&ask::<Vec<ModelVersion>>(&client, Request::ListModels).await?, output, |v| show_versions(v))
+        }
         Command::Model(ModelCommand::Show { name }) => {
             let (name, version) = split_version(&name).map_err(anyhow::Error::msg)?;
-            let shown: fn(&Value) = if version.is_some() { show_version } else { show_model };
-            (call(Request::ShowModel { name, version }).await?, shown)
+            match version {
+                Some(_) => print(
+                    &ask::<ModelVersion>(&client, Request::ShowModel { name, version }).await?,
+                    output,
+                    show_version,
+                ),
+                None => {
+                    print(&ask::<ModelDetail>(&client, Request::ShowModel { name, version }).await?, output, show_model)
+                }
+            }
         }
         Command::Model(ModelCommand::Rm { name }) => {
             let (name, version) = split_version(&name).map_err(anyhow::Error::msg)?;
             let version =
                 version.ok_or_else(|| anyhow::anyhow!("say which version: fabric model rm {name}:VERSION"))?;
-            (call(Request::RemoveModel { name, version }).await?, show_json)
+            let removed: Removed = ask(&client, Request::RemoveModel { name, version }).await?;
+            print(&removed, output, |r| show_json(r))
         }
         Command::Deploy { name, to, labels, replicas } => {
-            (call(Request::Deploy { name, to, labels, replicas }).await?, show_rollout_change)
+            let deployed: Deployed = ask(&client, Request::Deploy { name, to, labels, replicas }).await?;
+            print(&deployed, output, |d| show_rollout_change(&d.name, d.generation, &d.rollout))
         }
         Command::Rollout(command) => {
             let (name, change) = match command {
                 RolloutCommand::Status { name, limit } => {
-                    let answer = call(Request::RolloutStatus { name, limit: Some(limit) }).await?;
-                    return print(&answer, cli.output, show_status);
+                    let status: RolloutStatus =
+                        ask(&client, Request::RolloutStatus { name, limit: Some(limit) }).await?;
+                    return print(&status, output, show_status);
                 }
                 RolloutCommand::Pin { name, version } => (name, RolloutAction::Pin { version }),
                 RolloutCommand::Canary { name, version, weight, auto_rollback } => {
@@ -279,22 +295,23 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
                 RolloutCommand::Promote { name } => (name, RolloutAction::Promote),
                 RolloutCommand::Rollback { name } => (name, RolloutAction::Rollback),
             };
-            (call(Request::Rollout { name, change }).await?, show_rollout_change)
+            let changed: RolloutChanged = ask(&client, Request::Rollout { name, change }).await?;
+            print(&changed, output, |c| show_rollout_change(&c.name, c.generation, &c.rollout))
         }
         Command::Nodes { labels, state, role, limit } => {
             let query = NodeQuery { labels, state, role, limit: Some(limit) };
-            let answer = call(Request::Nodes(query)).await?;
-            if cli.output == Output::Table && limit > 0 && answer.as_array().is_some_and(|a| a.len() == limit) {
-                show_nodes(&answer);
+            let nodes: Vec<NodeView> = ask(&client, Request::Nodes(query)).await?;
+            if output == Output::Table && limit > 0 && nodes.len() == limit {
+                show_nodes(&nodes);
                 println!("(the first {limit}: --limit 0 for all)");
                 return Ok(());
             }
-            (answer, show_nodes)
+            print(&nodes, output, |n| show_nodes(n))
         }
         Command::Top { once, interval_ms } => loop {
-            let overview = call(Request::Overview).await?;
-            if once || cli.output == Output::Json {
-                return print(&overview, cli.output, show_top);
+            let overview: Overview = ask(&client, Request::Overview).await?;
+            if once || output == Output::Json {
+                return print(&overview, output, show_top);
             }
             // Clear the screen and draw from the top left.
             print!("\x1b[2J\x1b[H");
@@ -302,63 +319,59 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
             let _ = std::io::stdout().flush();
             tokio::time::sleep(std::time::Duration::from_millis(interval_ms.max(100))).await;
         },
-    };
-    print(&answer, cli.output, show)
+    }
+}
+
+/// One request, its answer read as `T`.
+async fn ask<T: DeserializeOwned>(client: &RegistryClient, request: Request) -> anyhow::Result<T> {
+    client.ask(&request).await.map_err(explain)
+}
+
+/// An answer read as `T`.
+fn typed<T: DeserializeOwned>(answer: Value) -> anyhow::Result<T> {
+    serde_json::from_value(answer).map_err(|e| anyhow::anyhow!("the registry's answer is not what this CLI reads: {e}"))
 }
 
 /// `fabric top`: the nodes, then each model's rollout, traffic split, per-version figures and
 /// autoscaling decisions.
-fn show_top(v: &Value) {
-    println!("fabric top: registry generation {}", text(&v["generation"]));
+fn show_top(v: &Overview) {
+    println!("fabric top: registry generation {}", v.generation);
     println!();
-    let counts: Vec<String> = v["node_counts"]
-        .as_object()
-        .into_iter()
-        .flatten()
+    let counts: Vec<String> = v
+        .node_counts
+        .iter()
         .map(|(role, c)| {
-            format!("{role}s: {} up, {} down", c["up"].as_u64().unwrap_or(0), c["down"].as_u64().unwrap_or(0))
+            let n = |state: &str| c.get(state).copied().unwrap_or(0);
+            format!("{role}s: {} up, {} down", n("up"), n("down"))
         })
         .collect();
-    println!("{} nodes ({})", text(&v["nodes_total"]), counts.join("; "));
-    show_nodes(&v["nodes"]);
-    for m in v["models"].as_array().into_iter().flatten() {
+    println!("{} nodes ({})", v.nodes_total, counts.join("; "));
+    show_nodes(&v.nodes);
+    for m in &v.models {
         println!();
-        let versions: Vec<String> =
-            m["versions"].as_array().into_iter().flatten().map(|v| format!("v{}", text(&v["version"]))).collect();
-        let status = &m["status"];
-        if status.is_null() {
-            println!("{} ({}): not deployed", text(&m["name"]), versions.join(" "));
+        let versions: Vec<String> = m.versions.iter().map(|v| format!("v{}", v.version)).collect();
+        let Some(status) = &m.status else {
+            println!("{} ({}): not deployed", m.name, versions.join(" "));
             continue;
-        }
-        let r = &status["rollout"];
-        let canary = if r["canary"].is_null() {
-            "none".to_string()
-        } else {
-            format!("v{} at {}%", text(&r["canary"]["version"]), text(&r["canary"]["weight"]))
         };
-        println!("{} ({}): stable v{}  canary {canary}", text(&m["name"]), versions.join(" "), text(&r["stable"]));
-        if let Some(why) = r["auto_rolled_back"].as_str() {
+        let r = &status.rollout;
+        let canary = r.canary.map_or("none".to_string(), |c| format!("v{} at {}%", c.version, c.weight));
+        println!("{} ({}): stable v{}  canary {canary}", m.name, versions.join(" "), opt(r.stable));
+        if let Some(why) = &r.auto_rolled_back {
             println!("  automatically rolled back: {why}");
         }
         // Per version, summed over the nodes' last reports by the registry; versions that serve.
         println!("  {:<8} {:>8} {:>10} {:>8} {:>9}", "VERSION", "SPLIT", "REQUESTS/S", "ERRORS", "P99 MS");
-        for v in m["live"].as_array().into_iter().flatten() {
-            let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-            if f("replicas") == 0.0 && f("requests_per_s") == 0.0 && f("weight_pct") == 0.0 {
+        for v in &m.live {
+            if v.replicas == 0 && v.requests_per_s == 0.0 && v.weight_pct == 0.0 {
                 continue;
             }
-            let (version, weight, rate, errors, p99) =
-                (text(&v["version"]), f("weight_pct"), f("requests_per_s"), f("error_pct"), f("p99_ms"));
-            println!("  {:<8} {weight:>7.0}% {rate:>10.1} {errors:>7.1}% {p99:>9.2}", format!("v{version}"));
+            let (weight, rate, errors, p99) = (v.weight_pct, v.requests_per_s, v.error_pct, v.p99_ms.unwrap_or(0.0));
+            println!("  {:<8} {weight:>7.0}% {rate:>10.1} {errors:>7.1}% {p99:>9.2}", format!("v{}", v.version));
         }
-        for n in status["nodes"].as_array().into_iter().flatten() {
-            for (key, d) in n["autoscaled"].as_object().into_iter().flatten() {
-                println!(
-                    "  autoscaled {} {key}: {} replicas ({})",
-                    text(&n["node"]),
-                    text(&d["replicas"]),
-                    text(&d["reason"])
-                );
+        for n in &status.nodes {
+            for (key, d) in &n.autoscaled {
+                println!("  autoscaled {} {key}: {} replicas ({})", n.node, d.replicas, d.reason);
             }
         }
     }
@@ -374,7 +387,7 @@ fn explain(e: ProtoError) -> anyhow::Error {
     }
 }
 
-fn print(answer: &Value, output: Output, table: fn(&Value)) -> anyhow::Result<()> {
+fn print<T: Serialize>(answer: &T, output: Output, table: impl Fn(&T)) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(answer)?),
         Output::Table => table(answer),
@@ -382,161 +395,136 @@ fn print(answer: &Value, output: Output, table: fn(&Value)) -> anyhow::Result<()
     Ok(())
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+/// A value, or `-` for none.
+fn opt(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or("-".to_string(), |v| v.to_string())
 }
 
-fn show_json(v: &Value) {
+/// A value as JSON on one line (`null` for none).
+fn json_text(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn show_json(v: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn show_version(v: &Value) {
-    println!(
-        "{}:{}  digest sha256:{}  {} bytes  pushed by {}",
-        text(&v["name"]),
-        text(&v["version"]),
-        text(&v["digest"]),
-        text(&v["size"]),
-        text(&v["pushed_by"])
-    );
-    for (kind, specs) in [("input", &v["inputs"]), ("output", &v["outputs"])] {
-        for s in specs.as_array().into_iter().flatten() {
-            println!("  {kind} {} {} {}", text(&s["name"]), text(&s["datatype"]), s["shape"]);
+fn show_version(v: &ModelVersion) {
+    println!("{}:{}  digest sha256:{}  {} bytes  pushed by {}", v.name, v.version, v.digest, v.size, v.pushed_by);
+    for (kind, specs) in [("input", &v.inputs), ("output", &v.outputs)] {
+        for s in specs {
+            println!("  {kind} {} {} {}", s.name, s.datatype, json_text(&s.shape));
         }
     }
 }
 
-fn show_versions(v: &Value) {
+fn show_versions(versions: &[ModelVersion]) {
     println!("{:<20} {:>7} {:<14} {:>12} {}", "MODEL", "VERSION", "DIGEST", "BYTES", "PUSHED BY");
-    for m in v.as_array().into_iter().flatten() {
-        let digest = text(&m["digest"]);
+    for m in versions {
         println!(
             "{:<20} {:>7} {:<14} {:>12} {}",
-            text(&m["name"]),
-            text(&m["version"]),
-            &digest[..digest.len().min(12)],
-            text(&m["size"]),
-            text(&m["pushed_by"])
+            m.name,
+            m.version,
+            &m.digest[..m.digest.len().min(12)],
+            m.size,
+            m.pushed_by
         );
     }
 }
 
-fn show_model(v: &Value) {
-    show_versions(&v["versions"]);
-    println!("deployments: {}", v["deployments"]);
-    show_rollout(&v["rollout"]);
+fn show_model(m: &ModelDetail) {
+    show_versions(&m.versions);
+    println!("deployments: {}", json_text(&m.deployments));
+    match &m.rollout {
+        Some(r) => show_rollout(r),
+        None => println!("stable: -  canary: none  shadow: none"),
+    }
 }
 
-fn show_rollout(r: &Value) {
-    let canary = match &r["canary"] {
-        Value::Null => "none".to_string(),
-        c => format!(
-            "version {} at {}%{}",
-            text(&c["version"]),
-            text(&c["weight"]),
-            if c["auto_rollback"] == true { " (auto-rollback)" } else { "" }
-        ),
-    };
-    let shadow = match &r["shadow"] {
-        Value::Null => "none".to_string(),
-        s => format!("version {} with {}%", text(&s["version"]), text(&s["share"])),
-    };
-    println!("stable: {}  canary: {canary}  shadow: {shadow}", text(&r["stable"]));
-    if let Some(why) = r["auto_rolled_back"].as_str() {
+fn show_rollout(r: &Rollout) {
+    let canary = r.canary.map_or("none".to_string(), |c| {
+        format!("version {} at {}%{}", c.version, c.weight, if c.auto_rollback { " (auto-rollback)" } else { "" })
+    });
+    let shadow = r.shadow.map_or("none".to_string(), |s| format!("version {} with {}%", s.version, s.share));
+    println!("stable: {}  canary: {canary}  shadow: {shadow}", opt(r.stable));
+    if let Some(why) = &r.auto_rolled_back {
         println!("automatically rolled back: {why}");
     }
 }
 
-fn show_rollout_change(v: &Value) {
-    println!("{}: generation {}", text(&v["name"]), text(&v["generation"]));
-    show_rollout(&v["rollout"]);
+fn show_rollout_change(name: &str, generation: u64, rollout: &Rollout) {
+    println!("{name}: generation {generation}");
+    show_rollout(rollout);
 }
 
-fn show_status(v: &Value) {
-    println!("{} (generation {})", text(&v["name"]), text(&v["generation"]));
-    show_rollout(&v["rollout"]);
-    if let Some(a) = v["analysis"].as_object() {
-        for side in ["stable", "canary"] {
-            let w = &a[side];
-            println!(
-                "  {side:<6} requests {} errors {:.1}% p99 {} ms",
-                text(&w["requests"]),
-                w["error_pct"].as_f64().unwrap_or(0.0),
-                text(&w["p99_ms"])
-            );
+fn show_status(v: &RolloutStatus) {
+    println!("{} (generation {})", v.name, v.generation);
+    show_rollout(&v.rollout);
+    if let Some(a) = &v.analysis {
+        for (side, w) in [("stable", &a.stable), ("canary", &a.canary)] {
+            println!("  {side:<6} requests {} errors {:.1}% p99 {} ms", w.requests, w.error_pct, opt(w.p99_ms));
         }
     }
-    let s = &v["summary"];
+    let s = &v.summary;
     println!(
         "nodes: {} ({} up, {} down; {} converged, {} converging)",
-        text(&s["nodes"]),
-        text(&s["up"]),
-        text(&s["down"]),
-        text(&s["converged"]),
-        text(&s["not_converged"])
+        s.nodes, s.up, s.down, s.converged, s.not_converged
     );
-    let ready: Vec<String> =
-        s["ready"].as_object().into_iter().flatten().map(|(v, n)| format!("v{v} on {}", text(n))).collect();
+    let ready: Vec<String> = s.ready.iter().map(|(v, n)| format!("v{v} on {n}")).collect();
     println!("ready: {}", if ready.is_empty() { "-".to_string() } else { ready.join(", ") });
-    for r in s["routes"].as_array().into_iter().flatten() {
-        println!("route {} on {} nodes", r["weights"], text(&r["nodes"]));
+    for r in &s.routes {
+        println!("route {} on {} nodes", json_text(&r.weights), r.nodes);
     }
     println!("{:<12} {:<5} {:<10} {:<10} {:<20} {:<16}", "NODE", "STATE", "READY", "CONVERGED", "WEIGHTS", "REPLICAS");
-    for n in v["nodes"].as_array().into_iter().flatten() {
+    for n in &v.nodes {
         println!(
             "{:<12} {:<5} {:<10} {:<10} {:<20} {:<16}",
-            text(&n["node"]),
-            text(&n["state"]),
-            n["ready"].to_string(),
-            text(&n["converged"]),
-            n["policy"]["weights"].to_string(),
-            n["replicas"].to_string()
+            n.node,
+            n.state,
+            json_text(&n.ready),
+            n.converged,
+            json_text(&n.policy.as_ref().map(|p| &p.weights)),
+            json_text(&n.replicas)
         );
-        for (version, s) in n["autoscaled"].as_object().into_iter().flatten() {
-            println!("  autoscaled {version} to {}: {}", text(&s["replicas"]), text(&s["reason"]));
+        for (version, s) in &n.autoscaled {
+            println!("  autoscaled {version} to {}: {}", s.replicas, s.reason);
         }
     }
-    let shown = v["nodes"].as_array().map_or(0, Vec::len);
-    if s["nodes"].as_u64().is_some_and(|n| n as usize > shown) {
-        println!("(nodes that need attention first: {shown} of {}; --limit 0 for all)", text(&s["nodes"]));
+    if s.nodes > v.nodes.len() {
+        println!("(nodes that need attention first: {} of {}; --limit 0 for all)", v.nodes.len(), s.nodes);
     }
     println!("history:");
-    for e in v["rollout"]["history"].as_array().into_iter().flatten() {
-        println!("  generation {:>4}: {}", text(&e["generation"]), text(&e["what"]));
+    for e in &v.rollout.history {
+        println!("  generation {:>4}: {}", e.generation, e.what);
     }
 }
 
-fn show_nodes(v: &Value) {
+fn show_nodes(nodes: &[NodeView]) {
     println!(
         "{:<12} {:<5} {:<5} {:<20} {:>9} {:>10} {:>8} {}",
         "NODE", "STATE", "ROLE", "LABELS", "HEARTBEAT", "SERVED/S", "RESTARTS", "READY"
     );
-    for n in v.as_array().into_iter().flatten() {
-        let labels: Vec<String> =
-            n["labels"].as_object().into_iter().flatten().map(|(k, v)| format!("{k}={}", text(v))).collect();
+    for n in nodes {
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "{:<12} {:<5} {:<5} {:<20} {:>7}ms {:>10.0} {:>8} {}",
-            text(&n["node"]),
-            text(&n["state"]),
-            text(&n["role"]),
+            n.node,
+            n.state,
+            n.role,
             labels.join(","),
-            text(&n["last_heartbeat_ms"]),
-            n["served_per_s"].as_f64().unwrap_or(0.0),
-            n["restarts"].as_f64().unwrap_or(0.0),
-            n["ready"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+            n.last_heartbeat_ms,
+            n.served_per_s,
+            n.restarts,
+            n.ready.join(" ")
         );
-        for f in n["failing"].as_array().into_iter().flatten() {
+        for f in &n.failing {
             println!(
                 "{:<12} FAILING {}:{} ({} restarts): {}",
                 "",
-                text(&f["model"]),
-                text(&f["version"]),
-                text(&f["restarts"]),
-                text(&f["reason"])
+                f.model,
+                f.version,
+                f.restarts,
+                opt(f.reason.as_ref())
             );
         }
     }

@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use fabric_policy::histogram::LatencyHistogram;
+use fabric_policy::histogram::LatencySum;
 use fabric_proto::registry::{
     self, DesiredState, Heartbeat, NodeInfo, NodeQuery, Refusal, Reply, Request, RolloutAction, MAX_FRAME,
 };
-use fabric_proto::report::{NodeReport, VersionReport};
+use fabric_proto::report::NodeReport;
 use fabric_proto::tls::{self, Identity, Role};
 use serde_json::{json, Value};
 
@@ -134,6 +134,11 @@ pub struct Registry {
     /// One autoscaler per node and version, fed by that node's heartbeats.
     scalers: DashMap<(String, String, u64), Autoscaler>,
     started: Instant,
+}
+
+/// An answer, typed where it is built ([`fabric_proto::answers`]), as it travels.
+fn answer(value: &impl serde::Serialize) -> Reply {
+    serde_json::to_value(value).map_err(internal)
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {

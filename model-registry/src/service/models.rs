@@ -2,6 +2,8 @@
 //! shadow, promote, rollback).
 
 #[allow(unused_imports)]
+use fabric_proto::answers::{Deployed, ModelDetail, Removed, RolloutChanged};
+
 use super::*;
 
 impl Registry {
@@ -11,14 +13,14 @@ impl Registry {
         match version {
             Some(v) => versions
                 .get(&v)
-                .map(|m| json!(m))
-                .ok_or_else(|| Refusal::new("not_found", format!("model '{name}' has no version {v}"))),
-            None => Ok(json!({
-                "name": name,
-                "versions": versions.values().collect::<Vec<_>>(),
-                "deployments": state.deployments.get(name),
-                "rollout": state.rollouts.get(name),
-            })),
+                .ok_or_else(|| Refusal::new("not_found", format!("model '{name}' has no version {v}")))
+                .and_then(|m| answer(m)),
+            None => answer(&ModelDetail {
+                name: name.to_string(),
+                versions: versions.values().cloned().collect(),
+                deployments: state.deployments.get(name).cloned(),
+                rollout: state.rollouts.get(name).cloned(),
+            }),
         }
     }
 
@@ -31,7 +33,7 @@ impl Registry {
         });
         on_nodes.sort();
         let mut digest = None;
-        let answer = self.transition(|state| {
+        let reply = self.transition(|state| {
             if let Some(r) = state.rollouts.get(name).filter(|r| r.versions().contains(&version)) {
                 return Err(Refusal::new(
                     "conflict",
@@ -56,14 +58,14 @@ impl Registry {
                 state.models.remove(name);
             }
             digest = Some(removed.digest.clone());
-            Ok(json!({ "removed": removed }))
+            answer(&Removed { removed })
         })?;
         if let Some(d) = digest {
             if !self.state().models.values().flat_map(|v| v.values()).any(|m| m.digest == d) {
                 self.store.remove_blob(&d);
             }
         }
-        Ok(answer)
+        Ok(reply)
     }
 
     pub(super) fn deploy(&self, name: &str, deployment: Deployment) -> Reply {
@@ -80,7 +82,12 @@ impl Registry {
                 rollout.stable = Some(newest);
                 rollout.record(now_ms(), generation, format!("deployed; pinned the newest version {newest}"));
             }
-            Ok(json!({ "name": name, "generation": generation, "deployments": groups, "rollout": rollout }))
+            answer(&Deployed {
+                name: name.to_string(),
+                generation,
+                deployments: groups.clone(),
+                rollout: rollout.clone(),
+            })
         })
     }
 
@@ -95,7 +102,7 @@ impl Registry {
             rollout.auto_rolled_back = auto.clone().or(rollout.auto_rolled_back);
             rollout.record(now_ms(), state.generation + 1, line);
             state.rollouts.insert(name.to_string(), rollout.clone());
-            Ok(json!({ "name": name, "generation": state.generation + 1, "rollout": rollout }))
+            answer(&RolloutChanged { name: name.to_string(), generation: state.generation + 1, rollout })
         })
     }
 }

@@ -26,7 +26,7 @@ impl Registry {
                 operator()?;
                 self.push(peer, &name, version, size, recv).await
             }
-            Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await.map(|d| json!(d.state)),
+            Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await.and_then(|d| answer(&d.state)),
             Request::Fetch { .. } => Err(Refusal::new("invalid", "fetch is answered on its stream")),
             other => {
                 operator()?;
@@ -40,7 +40,7 @@ impl Registry {
         match request {
             Request::ListModels => {
                 let state = self.state();
-                Ok(json!(state.models.values().flat_map(|v| v.values()).collect::<Vec<_>>()))
+                answer(&state.models.values().flat_map(|v| v.values()).collect::<Vec<_>>())
             }
             Request::ShowModel { name, version } => self.show(&name, version),
             Request::RemoveModel { name, version } => self.remove(&name, version),
@@ -48,9 +48,9 @@ impl Registry {
                 self.deploy(&name, Deployment { to, labels, replicas: replicas.max(1) })
             }
             Request::Rollout { name, change } => self.rollout(&name, &change, None),
-            Request::RolloutStatus { name, limit } => self.status(&name, limit.unwrap_or(DETAIL_NODES)),
-            Request::Nodes(query) => Ok(self.nodes(&query)),
-            Request::Overview => Ok(self.overview()),
+            Request::RolloutStatus { name, limit } => answer(&self.status(&name, limit.unwrap_or(DETAIL_NODES))?),
+            Request::Nodes(query) => answer(&self.nodes(&query)),
+            Request::Overview => answer(&self.overview()),
             Request::Push { .. } | Request::Heartbeat(_) | Request::Fetch { .. } => {
                 Err(Refusal::new("invalid", "this request needs its stream"))
             }

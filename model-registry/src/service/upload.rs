@@ -2,6 +2,8 @@
 //! ONNX model before it becomes a version; a fetch streams a stored file by digest.
 
 #[allow(unused_imports)]
+use fabric_proto::answers::{FetchHead, TensorDecl};
+
 use super::*;
 
 impl Registry {
@@ -50,7 +52,7 @@ impl Registry {
             }
         };
         let mut committed = false;
-        let answer = self.transition(|state| {
+        let reply = self.transition(|state| {
             let versions = state.models.entry(name.to_string()).or_default();
             let version = match version {
                 Some(v) if versions.contains_key(&v) => {
@@ -70,21 +72,21 @@ impl Registry {
                 version,
                 digest: digest.clone(),
                 size,
-                inputs: json!(metadata.inputs),
-                outputs: json!(metadata.outputs),
+                inputs: metadata.inputs.iter().map(declared).collect(),
+                outputs: metadata.outputs.iter().map(declared).collect(),
                 pushed_by: peer.node_id.clone(),
                 pushed_at: now_ms() / 1000,
             };
             versions.insert(version, model.clone());
-            Ok(json!(model))
+            answer(&model)
         });
-        if answer.is_err() {
+        if reply.is_err() {
             let _ = std::fs::remove_file(&staged);
             if committed && !self.state().models.values().flat_map(|v| v.values()).any(|m| m.digest == digest) {
                 self.store.remove_blob(&digest);
             }
         }
-        answer
+        reply
     }
 
     /// Reads exactly `size` bytes into `staged`, hashing them; refuses short and long streams. Bytes
@@ -136,10 +138,15 @@ impl Registry {
         tracing::debug!(node = %peer.node_id, model = %model.name, version = model.version, "model file fetched");
         let path = self.store.blob_path(digest);
         let mut file = tokio::fs::File::open(&path).await.map_err(internal)?;
-        registry::write_frame(send, &Reply::Ok(json!({ "size": model.size }))).await.map_err(internal)?;
+        registry::write_frame(send, &answer(&FetchHead { size: model.size })).await.map_err(internal)?;
         tokio::io::copy(&mut file, send).await.map_err(internal)?;
         Ok(())
     }
+}
+
+/// A tensor as the registry records it.
+fn declared(spec: &fabric_engine::TensorSpec) -> TensorDecl {
+    TensorDecl { name: spec.name.clone(), datatype: spec.datatype, shape: spec.shape.clone() }
 }
 
 /// Bytes an upload buffers before writing them out.

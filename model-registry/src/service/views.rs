@@ -3,12 +3,17 @@
 //! histograms merged.
 
 #[allow(unused_imports)]
+use fabric_proto::answers::{
+    Analysis, Failing, LiveVersion, ModelOverview, NodeRollout, NodeView, Overview, RolloutStatus, RolloutSummary,
+    Route, VersionSummary, WindowFigures,
+};
+
 use super::*;
 
 impl Registry {
     /// A model's rollout: counts over the nodes it targets (per state, per version ready, per route),
     /// and per-node detail for at most `limit` of them (0: all), those that need attention first.
-    pub(super) fn status(&self, name: &str, limit: usize) -> Reply {
+    pub(super) fn status(&self, name: &str, limit: usize) -> Result<RolloutStatus, Refusal> {
         let state = self.state();
         let rollout = state.rollouts.get(name).ok_or_else(|| {
             Refusal::new("not_found", format!("model '{name}' has no rollout: `fabric deploy {name} --to ...` first"))
@@ -18,7 +23,7 @@ impl Registry {
         // Pass 1, over the fleet: counts, and which nodes get detail.
         let (mut total, mut up, mut converged) = (0usize, 0usize, 0usize);
         let mut ready_on: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut routes: BTreeMap<String, (Value, usize)> = BTreeMap::new();
+        let mut routes: BTreeMap<Option<BTreeMap<u64, u32>>, usize> = BTreeMap::new();
         let mut candidates: Vec<(bool, String)> = Vec::new();
         self.fleet.each(|n| {
             if !deployments.is_some_and(|ds| ds.iter().any(|d| rollout::targets(d, &n.info))) {
@@ -34,34 +39,41 @@ impl Registry {
                 *ready_on.entry(*v).or_default() += 1;
             }
             let policy = desired.state.models.iter().find(|m| m.name == name).and_then(|m| m.policy.clone());
-            let weights = json!(policy.map(|p| p.weights));
-            routes.entry(weights.to_string()).or_insert((weights, 0)).1 += 1;
+            *routes.entry(policy.map(|p| p.weights)).or_default() += 1;
             candidates.push((is_up && done, n.info.node_id.clone()));
         });
         candidates.sort();
         if limit > 0 {
             candidates.truncate(limit);
         }
-        let per_node: Vec<Value> = candidates.iter().filter_map(|(_, id)| self.node_status(name, id)).collect();
+        let per_node: Vec<NodeRollout> = candidates.iter().filter_map(|(_, id)| self.node_status(name, id)).collect();
         let nodes = &self.fleet;
         let analysis = rollout.canary.map(|c| {
             let stable = rollout.stable.map(|s| window(&nodes, name, s, timeout)).unwrap_or_default();
             let canary = window(&nodes, name, c.version, timeout);
-            json!({ "stable": window_json(&stable), "canary": window_json(&canary) })
+            Analysis { stable: figures(&stable), canary: figures(&canary) }
         });
-        let summary = json!({
-            "nodes": total, "up": up, "down": total - up, "converged": converged, "not_converged": total - converged,
-            "ready": ready_on.iter().map(|(v, n)| (v.to_string(), *n)).collect::<BTreeMap<_, _>>(),
-            "routes": routes.into_values().map(|(weights, n)| json!({ "weights": weights, "nodes": n })).collect::<Vec<_>>(),
-        });
-        Ok(json!({
-            "name": name, "generation": state.generation, "rollout": rollout, "analysis": analysis,
-            "summary": summary, "nodes": per_node,
-        }))
+        let summary = RolloutSummary {
+            nodes: total,
+            up,
+            down: total - up,
+            converged,
+            not_converged: total - converged,
+            ready: ready_on.iter().map(|(v, n)| (v.to_string(), *n)).collect(),
+            routes: routes.into_iter().map(|(weights, nodes)| Route { weights, nodes }).collect(),
+        };
+        Ok(RolloutStatus {
+            name: name.to_string(),
+            generation: state.generation,
+            rollout: rollout.clone(),
+            analysis,
+            summary,
+            nodes: per_node,
+        })
     }
 
     /// One node's part in a model's rollout.
-    pub(super) fn node_status(&self, name: &str, id: &str) -> Option<Value> {
+    pub(super) fn node_status(&self, name: &str, id: &str) -> Option<NodeRollout> {
         let desired = self.desired_for_node(id)?;
         let prefix = format!("{name}:");
         let scaled: BTreeMap<String, Scaled> = self
@@ -72,72 +84,76 @@ impl Registry {
         let model = desired.state.models.iter().find(|m| m.name == name);
         let replicas: Option<BTreeMap<String, usize>> =
             model.map(|m| m.versions.iter().map(|v| (v.version.to_string(), v.replicas)).collect());
-        self.fleet.with(id, |n| {
-            let versions: Vec<&VersionReport> = n.report.versions.iter().filter(|v| v.name == name).collect();
-            json!({
-                "node": id,
-                "state": if n.is_up(self.settings.heartbeat_timeout) { "up" } else { "down" },
-                "replicas": replicas,
-                "autoscaled": scaled,
-                "ready": n.ready.iter().filter(|(m, _)| m == name).map(|(_, v)| v).collect::<Vec<_>>(),
-                "policy": model.and_then(|m| m.policy.clone()),
-                "converged": n.applied == desired.state.revision,
-                "versions": versions,
-            })
+        self.fleet.with(id, |n| NodeRollout {
+            node: id.to_string(),
+            state: if n.is_up(self.settings.heartbeat_timeout) { "up" } else { "down" }.to_string(),
+            replicas,
+            autoscaled: scaled,
+            ready: n.ready.iter().filter(|(m, _)| m == name).map(|(_, v)| *v).collect(),
+            policy: model.and_then(|m| m.policy.clone()),
+            converged: n.applied == desired.state.revision,
+            versions: n.report.versions.iter().filter(|v| v.name == name).cloned().collect(),
         })
     }
 
     /// Nodes, models and rollouts in one value (read-only): what `fabric top` and the status page show.
     /// Nodes as counts, and the nodes that need attention (down or failing) first, at most
     /// [`OVERVIEW_NODES`] of them.
-    pub fn overview(&self) -> Value {
+    pub fn overview(&self) -> Overview {
         let state = self.state();
         let nodes = &self.fleet;
         let timeout = self.settings.heartbeat_timeout;
-        let models: Vec<Value> = state
+        let models: Vec<ModelOverview> = state
             .models
             .iter()
             .map(|(name, versions)| {
                 // Each version's figures over the nodes' last reports, summed once here for every
                 // viewer (the status page, `fabric top`).
-                let live: Vec<Value> = versions
+                let live = versions
                     .keys()
                     .map(|&v| {
                         let w = window(&nodes, name, v, timeout);
-                        json!({
-                            "version": v, "weight_pct": w.weight_pct, "requests_per_s": w.per_s,
-                            "error_pct": w.error_pct(), "p50_ms": w.p50_ms, "p99_ms": w.p99_ms,
-                            "replicas": w.replicas,
-                        })
+                        LiveVersion {
+                            version: v,
+                            weight_pct: w.weight_pct,
+                            requests_per_s: w.per_s,
+                            error_pct: w.error_pct(),
+                            p50_ms: w.p50_ms,
+                            p99_ms: w.p99_ms,
+                            replicas: w.replicas,
+                        }
                     })
                     .collect();
-                json!({
-                    "name": name,
-                    "versions": versions.values().map(|m| json!({ "version": m.version, "size": m.size, "digest": m.digest })).collect::<Vec<_>>(),
-                    "deployments": state.deployments.get(name),
-                    "status": self.status(name, DETAIL_NODES).ok(),
-                    "live": live,
-                })
+                ModelOverview {
+                    name: name.clone(),
+                    versions: versions
+                        .values()
+                        .map(|m| VersionSummary { version: m.version, size: m.size, digest: m.digest.clone() })
+                        .collect(),
+                    deployments: state.deployments.get(name).cloned(),
+                    status: self.status(name, DETAIL_NODES).ok(),
+                    live,
+                }
             })
             .collect();
-        let mut counts: BTreeMap<String, BTreeMap<&str, usize>> = BTreeMap::new();
+        let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
         self.fleet.each(|n| {
             let state = if n.is_up(timeout) { "up" } else { "down" };
-            *counts.entry(n.info.role.clone()).or_default().entry(state).or_default() += 1;
+            *counts.entry(n.info.role.clone()).or_default().entry(state.to_string()).or_default() += 1;
         });
         let shown = self.nodes(&NodeQuery { limit: Some(OVERVIEW_NODES), ..Default::default() });
-        json!({
-            "generation": state.generation,
-            "node_counts": counts,
-            "nodes_total": self.fleet.len(),
-            "nodes": shown,
-            "models": models,
-        })
+        Overview {
+            generation: state.generation,
+            node_counts: counts,
+            nodes_total: self.fleet.len(),
+            nodes: shown,
+            models,
+        }
     }
 
     /// The nodes `query` selects: those that need attention (down, or a version failing) first, then
     /// by id; at most `query.limit`.
-    pub(super) fn nodes(&self, query: &NodeQuery) -> Value {
+    pub(super) fn nodes(&self, query: &NodeQuery) -> Vec<NodeView> {
         let timeout = self.settings.heartbeat_timeout;
         let mut selected: Vec<(bool, String)> = Vec::new();
         self.fleet.each(|n| {
@@ -153,7 +169,7 @@ impl Registry {
         if let Some(limit) = query.limit.filter(|&l| l > 0) {
             selected.truncate(limit);
         }
-        json!(selected.iter().filter_map(|(_, id)| self.fleet.with(id, |n| node_json(n, timeout))).collect::<Vec<_>>())
+        selected.iter().filter_map(|(_, id)| self.fleet.with(id, |n| node_view(n, timeout))).collect()
     }
 }
 
@@ -169,7 +185,7 @@ pub(super) fn failing(report: &NodeReport) -> bool {
 }
 
 /// One node as `fabric nodes` shows it.
-pub(super) fn node_json(n: &NodeRecord, timeout: Duration) -> Value {
+pub(super) fn node_view(n: &NodeRecord, timeout: Duration) -> NodeView {
     let versions = &n.report.versions;
     let up = n.is_up(timeout);
     // A node that stopped heartbeating serves nothing we know of: its last report is stale.
@@ -179,28 +195,33 @@ pub(super) fn node_json(n: &NodeRecord, timeout: Duration) -> Value {
     // keeps failing, or a crash loop: replaced with backoff, not in a tight loop).
     let restarts_by_version: BTreeMap<String, u64> =
         versions.iter().filter(|v| v.restarts > 0).map(|v| (format!("{}:{}", v.name, v.version), v.restarts)).collect();
-    let failing: Vec<Value> = versions
+    let failing = versions
         .iter()
         .filter(|v| v.last_load_error.is_some())
-        .map(|v| json!({ "model": v.name, "version": v.version, "restarts": v.restarts, "reason": v.last_load_error }))
+        .map(|v| Failing {
+            model: v.name.clone(),
+            version: v.version,
+            restarts: v.restarts,
+            reason: v.last_load_error.clone(),
+        })
         .collect();
-    json!({
-        "node": n.info.node_id,
-        "state": if up { "up" } else { "down" },
-        "restarts": restarts,
-        "restarts_by_version": restarts_by_version,
-        "failing": failing,
-        "role": n.info.role,
-        "labels": n.info.labels,
-        "http": n.info.http,
-        "last_heartbeat_ms": n.last_seen.elapsed().as_millis() as u64,
-        "ready": n.ready.iter().map(|(m, v)| format!("{m}:{v}")).collect::<Vec<_>>(),
-        "served_per_s": served,
-        "cores": n.info.cores,
-        "memory_mib": n.info.memory_mib,
-        "engines": n.info.engines,
-        "gpu": n.info.gpu,
-    })
+    NodeView {
+        node: n.info.node_id.clone(),
+        state: if up { "up" } else { "down" }.to_string(),
+        restarts,
+        restarts_by_version,
+        failing,
+        role: n.info.role.clone(),
+        labels: n.info.labels.clone(),
+        http: n.info.http.clone(),
+        last_heartbeat_ms: n.last_seen.elapsed().as_millis() as u64,
+        ready: n.ready.iter().map(|(m, v)| format!("{m}:{v}")).collect(),
+        served_per_s: served,
+        cores: n.info.cores,
+        memory_mib: n.info.memory_mib,
+        engines: n.info.engines.clone(),
+        gpu: n.info.gpu.clone(),
+    }
 }
 
 /// What one version did over the nodes' last reports.
@@ -208,7 +229,7 @@ pub(super) fn window(fleet: &Fleet, name: &str, version: u64, timeout: Duration)
     let mut w = Window::default();
     let mut serving = 0u32;
     // The nodes' latency histograms merge: the fleet's p99 is over every answer, not the worst node's.
-    let mut latency = LatencyHistogram::default();
+    let mut latency = LatencySum::default();
     fleet.each(|n| {
         // Only nodes that serve it (no allocation: this runs over the whole fleet).
         if !n.is_up(timeout) || !n.ready.iter().any(|(m, v)| m == name && *v == version) {
@@ -219,7 +240,7 @@ pub(super) fn window(fleet: &Fleet, name: &str, version: u64, timeout: Duration)
             w.answered += v.answered_per_s() * secs;
             w.errors += v.rejected_per_s() * secs;
             w.per_s += v.answered_per_s();
-            latency.merge(&v.window.latency);
+            latency.add(&v.window.latency);
             w.replicas += v.ready_replicas as u64;
             w.weight_pct += v.weight_pct;
             serving += 1;
@@ -233,6 +254,6 @@ pub(super) fn window(fleet: &Fleet, name: &str, version: u64, timeout: Duration)
     w
 }
 
-pub(super) fn window_json(w: &Window) -> Value {
-    json!({ "requests": w.answered.round(), "error_pct": w.error_pct(), "p99_ms": w.p99_ms })
+pub(super) fn figures(w: &Window) -> WindowFigures {
+    WindowFigures { requests: w.answered.round(), error_pct: w.error_pct(), p99_ms: w.p99_ms }
 }
