@@ -136,8 +136,11 @@ async fn read_request(
         request_id,
         stop: e.code(),
     };
-    let late = |what: &str, within: Duration, request_id: u64| ReadFailure {
-        code: ErrorCode::Malformed,
+    // Late past the read timeout: a peer that stalls mid-request. Late past the request's own
+    // deadline: a request that can no longer be served in time (a slow link, a starved sender), which
+    // the edge may still serve elsewhere, so it is said as that and not as a malformed request.
+    let late = |what: &str, within: Duration, request_id: u64, deadline: bool| ReadFailure {
+        code: if deadline { ErrorCode::DeadlineExceeded } else { ErrorCode::Malformed },
         message: format!("{what} not received within {} ms", within.as_millis()),
         request_id,
         stop: codes::TIMEOUT,
@@ -147,15 +150,16 @@ async fn read_request(
         match tokio::time::timeout(service.read_timeout, wire::read_header(recv, &service.limits)).await {
             Ok(Ok(read)) => read,
             Ok(Err(e)) => return Err(bad(e, 0)),
-            Err(_) => return Err(late("request header", service.read_timeout, 0)),
+            Err(_) => return Err(late("request header", service.read_timeout, 0, false)),
         };
     let id = header.request_id;
     let budget = Duration::from_micros(header.budget_us).saturating_sub(started.elapsed());
-    let within = service.read_timeout.saturating_sub(started.elapsed()).min(budget);
+    let read_left = service.read_timeout.saturating_sub(started.elapsed());
+    let within = read_left.min(budget);
     match tokio::time::timeout(within, wire::read_tensors(recv, &service.limits, header_len, &header.inputs)).await {
         Ok(Ok(inputs)) => Ok((header, inputs)),
         Ok(Err(e)) => Err(bad(e, id)),
-        Err(_) => Err(late("request tensors", within, id)),
+        Err(_) => Err(late("request tensors", within, id, budget <= read_left)),
     }
 }
 
