@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pool::PoolConfig;
 use fabric_engine::{EngineChoice, EngineOptions, OrtOptions};
-use fabric_policy::admission::AdmissionSettings;
 use fabric_policy::autoscale::AutoscaleSettings;
 
 /// HTTP (KServe v2) server settings.
@@ -131,19 +129,6 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
-    /// The pool settings these describe.
-    pub fn pool(&self) -> PoolConfig {
-        PoolConfig {
-            max_batch_size: self.max_batch_size.max(1),
-            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
-            queue_capacity: self.queue_capacity.max(1),
-            replicas: self.replicas.max(1),
-            watchdog: (self.watchdog_ms > 0).then(|| Duration::from_millis(self.watchdog_ms)),
-            admission: AdmissionSettings { local_wait_pct: self.local_wait_pct, margin_pct: self.deadline_margin_pct },
-            warmup_max_bytes: self.warmup_max_bytes,
-        }
-    }
-
     /// The default request deadline.
     pub fn default_timeout(&self) -> Duration {
         Duration::from_millis(self.default_timeout_ms)

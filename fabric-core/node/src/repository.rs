@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::{model_config_with_overrides, ConfigError, ModelConfig, ServingConfig};
 use crate::metrics::Metrics;
 use crate::models::{ModelSet, ServedModel};
-use crate::pool::{race, warmup_sizes_for, EngineFactory, ModelPool};
+use crate::pool::{race, warmup_sizes_for, EngineFactory, ModelPool, PoolConfig};
 use fabric_engine::{self as engine, Engine, EngineError, EngineKind, EngineOptions};
 use fabric_policy::engine_choice;
 
@@ -137,7 +137,8 @@ pub async fn start_version(
         None => engine::load(kind, &path, &options),
     });
     let version = entry.version.to_string();
-    let started = ModelPool::start(&entry.name, &version, factory, entry.config.pool(), metrics.clone()).await;
+    let started =
+        ModelPool::start(&entry.name, &version, factory, PoolConfig::of(&entry.config), metrics.clone()).await;
     let outcome = if started.is_ok() { "loaded" } else { "failed" };
     metrics.model_loads.with_label_values(&[entry.name.as_str(), outcome]).inc();
     let pool = started?;

@@ -41,6 +41,7 @@ use tokio::sync::oneshot;
 
 use self::queue::Intake;
 use self::warmup::{warm, Warmup};
+use crate::config::ModelConfig;
 use crate::load_report::LoadStats;
 use crate::metrics::Metrics;
 use fabric_engine::model::InputError;
@@ -81,6 +82,24 @@ pub const MIN_WATCHDOG: Duration = Duration::from_secs(1);
 const MIN_LOAD_RETRY: Duration = Duration::from_millis(200);
 /// Longest delay between load retries.
 const MAX_LOAD_RETRY: Duration = Duration::from_secs(30);
+
+impl PoolConfig {
+    /// The pool settings a model's configuration describes.
+    pub fn of(model: &ModelConfig) -> PoolConfig {
+        PoolConfig {
+            max_batch_size: model.max_batch_size.max(1),
+            max_queue_delay: Duration::from_micros(model.max_queue_delay_us),
+            queue_capacity: model.queue_capacity.max(1),
+            replicas: model.replicas.max(1),
+            watchdog: (model.watchdog_ms > 0).then(|| Duration::from_millis(model.watchdog_ms)),
+            admission: AdmissionSettings {
+                local_wait_pct: model.local_wait_pct,
+                margin_pct: model.deadline_margin_pct,
+            },
+            warmup_max_bytes: model.warmup_max_bytes,
+        }
+    }
+}
 
 impl Default for PoolConfig {
     fn default() -> Self {
