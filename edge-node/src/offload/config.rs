@@ -1,7 +1,6 @@
 //! How an edge offloads, as its config says: the hubs (`[NAME@]HOST:PORT`), the mode, the reconnect
 //! delays, and why a setup is refused.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// One hub to offload to.

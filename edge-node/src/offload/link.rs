@@ -1,7 +1,6 @@
 //! One hub link's state: its connection, what the registry says of it (down, retired), its health
 //! as the pure hub policy keeps it, its requests in flight and its metrics.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// One hub's link: connection (when up), reported load, measured answer time.

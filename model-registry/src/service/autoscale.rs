@@ -1,7 +1,6 @@
 //! The autoscaling driver: each heartbeat's load report feeds one autoscaler per node and version;
 //! decisions change the replicas in the desired state and are flushed to the store in batches.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl Registry {

@@ -1,7 +1,6 @@
 //! Heartbeats: a node reports, the registry holds the answer (its desired state) until it changes
 //! or the hold ends; nodes that stop reporting are marked down, then forgotten.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Above this many nodes changing state in one tick, one log line says so for all.

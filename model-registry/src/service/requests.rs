@@ -1,7 +1,6 @@
 //! The requests the registry takes, who may make each (operators change and read; nodes heartbeat
 //! and fetch), and where each goes.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl Registry {

@@ -1,7 +1,6 @@
 //! The QUIC server loop: admission of connections (a handshake budget for thousands of peers), one
 //! task per stream, the liveness, canary and flush ticks.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// How often node liveness is checked (a hub that stopped is known down within this of its timeout).

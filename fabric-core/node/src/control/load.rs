@@ -2,7 +2,6 @@
 //! the version becomes routable; loads of the same version at once share one result; model bytes in
 //! a request are staged to disk first.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl NodeControl {

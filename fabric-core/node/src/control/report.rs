@@ -1,7 +1,6 @@
 //! The node's load report: per version its replicas, queue and rolling rates and latencies, per
 //! model its policy, shadow comparison and failed loads.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl NodeControl {

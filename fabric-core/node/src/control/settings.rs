@@ -1,7 +1,6 @@
 //! Changing what serves: traffic policies and pool settings (replicas, batching, timeouts) of a
 //! version that serves.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl NodeControl {

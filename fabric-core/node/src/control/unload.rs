@@ -1,7 +1,6 @@
 //! Unloading: out of routing at once (refused while the policy routes to it), every request already
 //! routed to it finished, then its replicas stopped and its metric series dropped.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl NodeControl {
