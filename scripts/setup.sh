@@ -5,7 +5,9 @@
 #   build/models, reference/    models and reference outputs (scripts/gen_models.py)
 #   build/ort-old/              an old ONNX Runtime (1.20) for the "library too old" error test
 #   build/ort-dylib-path        full path of the ONNX Runtime library the fabric should load
-#   Debian packages             prometheus, chromium, systemd, curl (when missing)
+#   Debian packages             prometheus, chromium, systemd, curl, etcd-server (the replicated
+#                               registry's tests start their own 3-member cluster), protobuf-compiler
+#                               and libprotobuf-dev (etcd-client compiles etcd's .proto files at build)
 #
 # Re-running does only what changed: the venv is rebuilt when requirements.txt changes, the models
 # when gen_models.py or the requirements change.
@@ -17,12 +19,16 @@ mkdir -p build
 step() { printf '==> %s\n' "$*"; }
 
 # Debian packages the tests use: Prometheus and promtool (alert rules, a real scrape), Chromium (the
-# registry's status page, headless), systemd-analyze (the units), curl (the main command's checks).
+# registry's status page, headless), systemd-analyze (the units), curl (the main command's checks),
+# etcd (the replicated registry); and the build: protoc with the well-known types (etcd-client).
 missing=()
 command -v prometheus > /dev/null && command -v promtool > /dev/null || missing+=(prometheus)
 command -v chromium > /dev/null || missing+=(chromium)
 command -v systemd-analyze > /dev/null || missing+=(systemd)
 command -v curl > /dev/null || missing+=(curl)
+command -v etcd > /dev/null || missing+=(etcd-server)
+command -v protoc > /dev/null || missing+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing Debian packages: ${missing[*]}"
   sudo=""

@@ -8,9 +8,11 @@
 //! - [`fleet`]: the nodes' last heartbeats, their wake-ups, the hub list, liveness and retention;
 //! - [`rollout`]: pure policy: rollout transitions, each node's desired state, canary analysis;
 //! - [`service`]: the QUIC service carrying requests out;
+//! - [`replica`]: replicated registries on etcd: leader election, fenced writes, followers;
 //! - [`status_page`]: the read-only status page (HTTP).
 
 pub mod fleet;
+pub mod replica;
 pub mod rollout;
 pub mod service;
 pub mod state;

@@ -4,14 +4,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use model_registry::replica::{self, HaConfig, LeaseTimes, Replica};
 use model_registry::rollout::AnalysisSettings;
 use model_registry::service::{self, Registry, Settings};
-use model_registry::store::RedbStore;
+use model_registry::store::embedded::RedbStore;
+use model_registry::store::Blobs;
 
 /// The fabric's model registry: model versions, deployments and rollouts, over QUIC with mutual TLS.
 ///
 /// Nodes (edge-node, cloud-hub started with --registry) heartbeat to it and converge to what it
 /// wants; operators drive it with `fabric`. Its state survives restarts (redb in --data-dir).
+///
+/// Replicated: start 2 or 3 with `--store etcd://HOST:PORT,...` on one etcd cluster and one shared
+/// --data-dir (the model files); one is elected leader, the others follow (answer reads, send writes
+/// and heartbeats to the leader) and take over within a lease (3 s) when it dies. Give nodes and the
+/// CLI every replica: `--registry registry-1@HOST:PORT,registry-2@HOST:PORT,...`.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -21,9 +28,26 @@ struct Cli {
     /// The read-only status page (HTML, live): its HTTP address, or "off"
     #[arg(long, default_value = "127.0.0.1:7080")]
     http_addr: String,
-    /// Folder for the database and the model files
+    /// Folder for the database and the model files (replicated: a folder the replicas share, such as
+    /// a shared volume, for the model files)
     #[arg(long, default_value = "registry-data")]
     data_dir: PathBuf,
+    /// Where the state is kept: "embedded" (redb in --data-dir, one registry) or
+    /// "etcd://HOST:PORT[,HOST:PORT...]" (etcd v3, for 2-3 replicas with one elected leader)
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// Replicated: the prefix of the registry's keys in etcd (state under <prefix>state/, the
+    /// election at <prefix>leader)
+    #[arg(long, default_value = model_registry::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Replicated: the address clients reach this replica at, NAME@HOST:PORT (default: --node-id @
+    /// the bound --listen address); followers name the leader by it
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Replicated: the leader's lease in milliseconds (a dead leader is replaced within about this;
+    /// kept alive every third of it)
+    #[arg(long, default_value_t = 3000)]
+    lease_ms: u64,
     /// Folder with ca.pem, <node-id>.pem and <node-id>.key.pem (as `fabric certs` writes them)
     #[arg(long, default_value = "certs")]
     certs: PathBuf,
@@ -124,6 +148,18 @@ fn restart_keys(key_file: &std::path::Path) -> anyhow::Result<(ring::hmac::Key, 
     Ok((reset, cid_key))
 }
 
+/// The endpoints of `etcd://HOST:PORT[,HOST:PORT...]`.
+fn etcd_endpoints(store: &str) -> anyhow::Result<Vec<String>> {
+    let list = store
+        .strip_prefix("etcd://")
+        .ok_or_else(|| anyhow::anyhow!("--store {store}: use \"embedded\" or \"etcd://HOST:PORT[,HOST:PORT...]\""))?;
+    let endpoints: Vec<String> = list.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect();
+    if endpoints.is_empty() {
+        anyhow::bail!("--store {store}: name at least one etcd endpoint, as etcd://127.0.0.1:2379");
+    }
+    Ok(endpoints)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -134,7 +170,6 @@ fn main() -> anyhow::Result<()> {
         if cli.threads > 0 { cli.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
     runtime.block_on(async move {
-        let store = RedbStore::open(&cli.data_dir)?;
         let settings = Settings {
             max_model_bytes: cli.max_model_mib << 20,
             analysis: AnalysisSettings {
@@ -156,7 +191,10 @@ fn main() -> anyhow::Result<()> {
             forget_after: std::time::Duration::from_secs(cli.forget_nodes_after_s),
             ..Settings::default()
         };
-        let registry = Registry::open(Box::new(store), settings)?;
+        let etcd = match cli.store.as_str() {
+            "embedded" => None,
+            other => Some(etcd_endpoints(other)?),
+        };
         let files = fabric_proto::tls::TlsFiles::in_dir(&cli.certs, &cli.node_id);
         let mut config = fabric_proto::tls::server_config(&files).map_err(|e| {
             anyhow::anyhow!(
@@ -179,8 +217,33 @@ fn main() -> anyhow::Result<()> {
         endpoint_config.min_reset_interval(std::time::Duration::ZERO);
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, Arc::new(quinn::TokioRuntime))?;
         let bound = endpoint.local_addr()?;
+        let (replica, campaign) = match etcd {
+            None => (Replica::single(Registry::open(Box::new(RedbStore::open(&cli.data_dir)?), settings)?), None),
+            Some(endpoints) => {
+                let advertise = cli.advertise.clone().unwrap_or_else(|| format!("{}@{bound}", cli.node_id));
+                let ha = HaConfig {
+                    endpoints,
+                    prefix: cli.etcd_prefix.clone(),
+                    advertise,
+                    settings,
+                    lease: LeaseTimes {
+                        ttl: std::time::Duration::from_millis(cli.lease_ms.max(1000)),
+                        keep_alive: std::time::Duration::from_millis((cli.lease_ms / 3).max(200)),
+                    },
+                };
+                // Each replica stages uploads in a folder of its own beside the shared blobs.
+                let blobs = Arc::new(Blobs::open(
+                    cli.data_dir.join("blobs"),
+                    cli.data_dir.join(format!("staging-{}", cli.node_id)),
+                )?);
+                let replica = replica::start(&ha, blobs.clone()).await.map_err(|e| {
+                    anyhow::anyhow!("{e:#} (is etcd running at {}? check --store)", ha.endpoints.join(","))
+                })?;
+                (replica.clone(), Some(tokio::spawn(replica::run(replica, ha, blobs))))
+            }
+        };
         if cli.http_addr != "off" {
-            let page = model_registry::status_page::start(Arc::clone(&registry), &cli.http_addr).map_err(|e| {
+            let page = model_registry::status_page::start(Arc::clone(&replica), &cli.http_addr).map_err(|e| {
                 anyhow::anyhow!(
                     "the status page cannot listen on {}: {e} (pass another --http-addr, or --http-addr off)",
                     cli.http_addr
@@ -189,17 +252,23 @@ fn main() -> anyhow::Result<()> {
             // A line scripts and tests wait for (before the listening line).
             println!("model-registry status page on http://{page}");
         }
-        tracing::info!(%bound, data = %cli.data_dir.display(), "model-registry ready");
+        tracing::info!(%bound, data = %cli.data_dir.display(), store = %cli.store, "model-registry ready");
         println!("model-registry listening on quic://{bound}");
         let admission = service::Admission { max_handshakes: cli.max_handshakes.max(1), ..Default::default() };
-        let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&registry), admission));
+        let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&replica), admission));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
         endpoint.close(0u32.into(), b"registry shutting down");
-        registry.flush_scaled();
+        if let Some(campaign) = campaign {
+            campaign.abort();
+        }
+        let registry = replica.current();
+        if registry.is_leader() {
+            tokio::task::block_in_place(|| registry.flush_scaled());
+        }
         serving.abort();
         Ok(())
     })

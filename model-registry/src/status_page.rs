@@ -1,5 +1,5 @@
 //! The registry's read-only status page: one HTML page (plain HTML and JavaScript, no build step,
-//! `status.html`) that polls `/api/status` (the registry's [`Registry::overview`]: nodes, models,
+//! `status.html`) that polls `/api/status` (the registry's [`crate::service::Registry::overview`]: nodes, models,
 //! rollouts with their traffic split, per-version latency and errors, autoscaling decisions) every
 //! second. HTTP on a listener of its own (`--http-addr`, loopback by default), on a thread of its
 //! own; it changes nothing, so it asks for no certificate: keep it on loopback or behind your proxy.
@@ -9,21 +9,21 @@ use std::sync::Arc;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 
-use crate::service::Registry;
+use crate::replica::Replica;
 
 /// The page, compiled in.
 const PAGE: &str = include_str!("status.html");
 
 /// Binds `addr` and serves the page from a thread of its own; returns the bound address.
-pub fn start(registry: Arc<Registry>, addr: &str) -> std::io::Result<SocketAddr> {
+pub fn start(replica: Arc<Replica>, addr: &str) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new().name("status-page".into()).spawn(move || {
         let served = actix_rt::System::new().block_on(async move {
-            let registry = web::Data::new(registry);
+            let replica = web::Data::new(replica);
             HttpServer::new(move || {
                 App::new()
-                    .app_data(registry.clone())
+                    .app_data(replica.clone())
                     .route("/", web::get().to(page))
                     .route("/api/status", web::get().to(status))
             })
@@ -44,6 +44,6 @@ async fn page() -> HttpResponse {
     HttpResponse::Ok().content_type("text/html; charset=utf-8").body(PAGE)
 }
 
-async fn status(registry: web::Data<Arc<Registry>>) -> HttpResponse {
-    HttpResponse::Ok().insert_header(("cache-control", "no-store")).json(registry.overview())
+async fn status(replica: web::Data<Arc<Replica>>) -> HttpResponse {
+    HttpResponse::Ok().insert_header(("cache-control", "no-store")).json(replica.current().overview())
 }

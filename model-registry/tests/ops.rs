@@ -86,7 +86,8 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
         .stderr(Stdio::null())
         .spawn()
         .expect("prometheus starts");
-    let _prometheus = Proc { child, addr: format!("http://127.0.0.1:{port}"), seen: Vec::new() };
+    let _prometheus =
+        Proc { child, addr: format!("http://127.0.0.1:{port}"), seen: Vec::new(), later: Default::default() };
     let api = |path: &str| -> Value {
         a.get(&format!("http://127.0.0.1:{port}/api/v1/{path}"))
             .call()

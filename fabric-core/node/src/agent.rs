@@ -77,13 +77,14 @@ pub fn start(
     info: NodeInfo,
 ) -> Result<(), AgentError> {
     let Some(addr) = &config.addr else { return Ok(()) };
-    let target = RegistryAddr::parse(addr).map_err(AgentError::Setup)?;
+    // Several addresses: a replicated registry's replicas (the client moves to the leader).
+    let targets = RegistryAddr::parse_list(addr).map_err(AgentError::Setup)?;
     std::fs::create_dir_all(config.data_dir.join("models"))
         .map_err(|e| AgentError::Setup(format!("cannot create {}: {e}", config.data_dir.display())))?;
     let io = fabric_proto::io_thread::spawn("registry-agent").map_err(|e| AgentError::Setup(e.to_string()))?;
     let client = {
         let _on_io_thread = io.enter();
-        RegistryClient::new(target, tls).map_err(|e| AgentError::Setup(e.to_string()))?
+        RegistryClient::replicated(targets, tls).map_err(|e| AgentError::Setup(e.to_string()))?
     };
     let agent = Arc::new(Agent {
         control,
@@ -145,9 +146,15 @@ impl Agent {
                 answer = call => match answer {
                     Ok(answer) => answer,
                     Err(_) => {
-                        self.client.forget_connection().await;
+                        self.client.abandon().await;
                         Err(ProtoError::Io("no heartbeat answer in time".into()))
                     }
+                },
+                // Nothing at all came back, not even the acknowledgement of the request: the
+                // registry (a replica) is gone; move on now rather than at the hold's end.
+                () = self.silent_registry() => {
+                    self.client.abandon().await;
+                    Err(ProtoError::Io(format!("the registry sent nothing for {} ms", SILENT_LIMIT.as_millis())))
                 },
                 // Something the registry acts on: report it now rather than when the hold ends.
                 () = self.load_moved(&sent) => continue,
@@ -189,6 +196,23 @@ impl Agent {
                 Err(e) => {
                     tracing::warn!("converging to generation {} failed, retrying: {e}", desired.generation);
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Returns once the registry connection has received nothing for [`SILENT_LIMIT`] since a call
+    /// began (never, while that cannot be told: no connection yet).
+    async fn silent_registry(&self) {
+        let at_start = self.client.received_datagrams();
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(REPORT_CHECK).await;
+            if started.elapsed() >= SILENT_LIMIT {
+                if let (Some(before), Some(now)) = (at_start, self.client.received_datagrams()) {
+                    if before == now {
+                        return;
+                    }
                 }
             }
         }
@@ -353,6 +377,9 @@ const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 /// How much later than its longest hold a heartbeat's answer may come before the registry is deemed gone.
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
+/// A call on a connection that received nothing for this long is a registry that is gone (a live one
+/// acknowledges the request within a round trip).
+const SILENT_LIMIT: Duration = Duration::from_secs(2);
 /// How often the agent looks at its load report while a heartbeat is held.
 const REPORT_CHECK: Duration = Duration::from_millis(250);
 

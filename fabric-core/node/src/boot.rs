@@ -52,7 +52,8 @@ pub struct ServingArgs {
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
     /// Take the desired state from this model registry, [NAME@]HOST:PORT (e.g.
-    /// registry-1@127.0.0.1:7000); the node heartbeats to it with its --certs certificate.
+    /// registry-1@127.0.0.1:7000; a replicated registry: every replica, comma-separated, the node
+    /// follows the leader); the node heartbeats to it with its --certs certificate.
     #[arg(long)]
     pub registry: Option<String>,
     /// Where the node keeps fetched model files and its last desired state [default: fabric-data]

@@ -371,7 +371,8 @@ pub fn model_config_with_overrides(defaults: &ModelConfig, path: &Path) -> Resul
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The registry as `[NAME@]HOST:PORT`; unset: the node serves its repository only.
+    /// The registry as `[NAME@]HOST:PORT` (a replicated one: its replicas, comma-separated); unset: the
+    /// node serves its repository only.
     pub addr: Option<String>,
     /// Where the node keeps the model files it fetched and its last desired state.
     pub data_dir: PathBuf,

@@ -225,16 +225,27 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct Refusal {
-    /// A short kind: `forbidden`, `not_found`, `invalid`, `conflict`, `too_large`, `internal`.
+    /// A short kind: `forbidden`, `not_found`, `invalid`, `conflict`, `too_large`, `internal`,
+    /// `unavailable` (the store cannot take writes now), `not_leader` (a replicated registry's
+    /// follower: see `leader`).
     pub kind: String,
     /// What went wrong and what to do.
     pub message: String,
+    /// Where the leader is (`NAME@HOST:PORT`), when a follower refused and knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 impl Refusal {
     /// A refusal of `kind`.
     pub fn new(kind: &str, message: impl Into<String>) -> Refusal {
-        Refusal { kind: kind.to_string(), message: message.into() }
+        Refusal { kind: kind.to_string(), message: message.into(), leader: None }
+    }
+
+    /// The same refusal, naming the leader.
+    pub fn with_leader(mut self, leader: String) -> Refusal {
+        self.leader = Some(leader);
+        self
     }
 }
 
@@ -330,13 +341,36 @@ impl std::fmt::Display for RegistryAddr {
     }
 }
 
-/// A connection to the registry (reconnects on the next call after it drops).
+impl RegistryAddr {
+    /// Parses a comma-separated list of `[NAME@]HOST:PORT` (a replicated registry's replicas).
+    pub fn parse_list(s: &str) -> Result<Vec<RegistryAddr>, String> {
+        let list: Vec<RegistryAddr> =
+            s.split(',').map(str::trim).filter(|a| !a.is_empty()).map(RegistryAddr::parse).collect::<Result<_, _>>()?;
+        if list.is_empty() {
+            return Err(format!("no registry address in '{s}'"));
+        }
+        Ok(list)
+    }
+}
+
+/// A connection to the registry (reconnects on the next call after it drops). Given several
+/// addresses (a replicated registry), it moves to the next on a failed connect, and to the leader a
+/// follower names, with jittered backoff, for up to [`FAILOVER_WITHIN`] per call.
 pub struct RegistryClient {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
-    target: RegistryAddr,
-    connection: tokio::sync::Mutex<Option<quinn::Connection>>,
+    link: tokio::sync::Mutex<Link>,
 }
+
+/// Which replica a client talks to, and its connection.
+struct Link {
+    targets: Vec<RegistryAddr>,
+    at: usize,
+    connection: Option<quinn::Connection>,
+}
+
+/// Longest one call keeps moving between replicas (a new leader is elected within a lease, 3 s).
+pub const FAILOVER_WITHIN: Duration = Duration::from_secs(10);
 
 /// Times a connect the registry refused (too many handshakes at once) is tried again before failing.
 const REFUSED_RETRIES: u32 = 4;
@@ -350,14 +384,30 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// the connection at once ([`RegistryClient::forget_connection`]).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Whether a failed call should move to another replica: a follower's refusal, or a connection that
+/// failed before the request went out (so nothing was done).
+fn moves_on(result: &Result<Value, ProtoError>, sent: bool, replicas: usize) -> Option<Option<String>> {
+    match result {
+        Err(ProtoError::Refused(r)) if r.kind == "not_leader" => Some(r.leader.clone()),
+        Err(ProtoError::Io(_)) if !sent && replicas > 1 => Some(None),
+        _ => None,
+    }
+}
+
 impl RegistryClient {
     /// A client presenting the certificate in `files` (call inside a tokio runtime).
     pub fn new(target: RegistryAddr, files: &TlsFiles) -> Result<Arc<RegistryClient>, ProtoError> {
-        let bind: SocketAddr = if target.resolve()?.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        Self::replicated(vec![target], files)
+    }
+
+    /// A client of a replicated registry: `targets` are its replicas, tried in turn.
+    pub fn replicated(targets: Vec<RegistryAddr>, files: &TlsFiles) -> Result<Arc<RegistryClient>, ProtoError> {
+        let first = targets.first().ok_or_else(|| ProtoError::Setup("no registry address".into()))?;
+        let bind: SocketAddr = if first.resolve()?.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|e| ProtoError::Setup(format!("{e}")))?;
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ProtoError::Setup(e.to_string()))?;
-        Self::on_endpoint(endpoint, target, files)
+        Self::on_endpoint_replicated(endpoint, targets, files)
     }
 
     /// A client on an existing endpoint (many clients, each with its own certificate, can share one
@@ -367,25 +417,93 @@ impl RegistryClient {
         target: RegistryAddr,
         files: &TlsFiles,
     ) -> Result<Arc<RegistryClient>, ProtoError> {
+        Self::on_endpoint_replicated(endpoint, vec![target], files)
+    }
+
+    /// A client of a replicated registry on an existing endpoint.
+    pub fn on_endpoint_replicated(
+        endpoint: quinn::Endpoint,
+        targets: Vec<RegistryAddr>,
+        files: &TlsFiles,
+    ) -> Result<Arc<RegistryClient>, ProtoError> {
+        if targets.is_empty() {
+            return Err(ProtoError::Setup("no registry address".into()));
+        }
         let mut config = tls::client_config(files).map_err(|e| ProtoError::Setup(e.to_string()))?;
         let mut transport = transport();
         transport.keep_alive_interval(Some(KEEP_ALIVE));
         transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|e| ProtoError::Setup(format!("{e}")))?));
         config.transport_config(Arc::new(transport));
-        Ok(Arc::new(RegistryClient { endpoint, config, target, connection: tokio::sync::Mutex::new(None) }))
+        let link = Link { targets, at: 0, connection: None };
+        Ok(Arc::new(RegistryClient { endpoint, config, link: tokio::sync::Mutex::new(link) }))
     }
 
-    /// The registry's address.
-    pub fn target(&self) -> &RegistryAddr {
-        &self.target
+    /// The registry replica this client talks to now.
+    pub async fn target(&self) -> RegistryAddr {
+        let link = self.link.lock().await;
+        link.targets[link.at].clone()
+    }
+
+    /// Moves to the leader a follower named (added to the list if new), or to the next replica.
+    async fn move_on(&self, leader: Option<String>) {
+        let mut link = self.link.lock().await;
+        let named = leader.and_then(|l| RegistryAddr::parse(&l).ok());
+        link.at = match named {
+            Some(leader) => match link.targets.iter().position(|t| t.addr == leader.addr) {
+                Some(i) => i,
+                None => {
+                    link.targets.push(leader);
+                    link.targets.len() - 1
+                }
+            },
+            None => (link.at + 1) % link.targets.len(),
+        };
+        if let Some(c) = link.connection.take() {
+            c.close(0u32.into(), b"moving to another registry replica");
+        }
+    }
+
+    /// Runs `attempt` (which says whether the request went out) until it succeeds or fails for a
+    /// reason moving to another replica cannot help, for up to [`FAILOVER_WITHIN`].
+    async fn with_failover<F, Fut>(&self, mut attempt: F) -> Result<Value, ProtoError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = (bool, Result<Value, ProtoError>)>,
+    {
+        let deadline = tokio::time::Instant::now() + FAILOVER_WITHIN;
+        let mut backoff = fabric_policy::backoff::Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            fabric_policy::backoff::seed_of(&format!("{:?}", std::time::SystemTime::now())),
+        );
+        // What a live replica said beats a replica that did not answer, when all fail.
+        let mut said: Option<Result<Value, ProtoError>> = None;
+        loop {
+            let (sent, result) = attempt().await;
+            let replicas = self.link.lock().await.targets.len();
+            let Some(leader) = moves_on(&result, sent, replicas) else { return result };
+            // A named leader is tried at once; otherwise wait (an election takes a lease's time).
+            let delay = if leader.is_some() { Duration::ZERO } else { backoff.next_delay() };
+            if matches!(result, Err(ProtoError::Refused(_))) || !matches!(said, Some(Err(ProtoError::Refused(_)))) {
+                said = Some(result);
+            }
+            if tokio::time::Instant::now() + delay >= deadline {
+                return said.unwrap_or_else(|| Err(ProtoError::Io("no registry replica answered".into())));
+            }
+            self.move_on(leader).await;
+            tokio::time::sleep(delay).await;
+        }
     }
 
     async fn connection(&self) -> Result<quinn::Connection, ProtoError> {
-        let mut held = self.connection.lock().await;
-        if let Some(c) = held.as_ref().filter(|c| c.close_reason().is_none()) {
+        let mut link = self.link.lock().await;
+        if let Some(c) = link.connection.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(c.clone());
         }
-        let addr = self.target.resolve()?;
+        let target = link.targets[link.at].clone();
+        let addr = target.resolve()?;
+        // With other replicas to try, one that does not answer is left sooner.
+        let within = if link.targets.len() > 1 { Duration::from_secs(2) } else { Duration::from_secs(5) };
         // A registry busy with a fleet's handshakes refuses new ones at once: try again a few times,
         // jittered, before the caller sees it (the CLI during a fleet's reconnect, say).
         let mut backoff = fabric_policy::backoff::Backoff::new(
@@ -396,14 +514,14 @@ impl RegistryClient {
         loop {
             let connecting = self
                 .endpoint
-                .connect_with(self.config.clone(), addr, &self.target.server_name)
-                .map_err(|e| ProtoError::Io(format!("connecting to {}: {e}", self.target)))?;
-            let connected = tokio::time::timeout(Duration::from_secs(5), connecting)
+                .connect_with(self.config.clone(), addr, &target.server_name)
+                .map_err(|e| ProtoError::Io(format!("connecting to {target}: {e}")))?;
+            let connected = tokio::time::timeout(within, connecting)
                 .await
-                .map_err(|_| ProtoError::Io(format!("no answer from the registry at {} within 5 s", self.target)))?;
+                .map_err(|_| ProtoError::Io(format!("no answer from the registry at {target} within {within:?}")))?;
             match connected {
                 Ok(c) => {
-                    *held = Some(c.clone());
+                    link.connection = Some(c.clone());
                     return Ok(c);
                 }
                 Err(quinn::ConnectionError::ConnectionClosed(close))
@@ -412,14 +530,32 @@ impl RegistryClient {
                 {
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
-                Err(e) => return Err(ProtoError::Io(format!("connecting to the registry at {}: {e}", self.target))),
+                Err(e) => return Err(ProtoError::Io(format!("connecting to the registry at {target}: {e}"))),
             }
+        }
+    }
+
+    /// Datagrams received on the current connection so far (`None`: no connection, or one being
+    /// made now). A live registry acknowledges every request within a round trip, so a count that
+    /// stays put after a request went out is a registry that is gone.
+    pub fn received_datagrams(&self) -> Option<u64> {
+        let link = self.link.try_lock().ok()?;
+        link.connection.as_ref().map(|c| c.stats().udp_rx.datagrams)
+    }
+
+    /// Drops the connection and, with several replicas, moves to the next: for a registry that went
+    /// silent.
+    pub async fn abandon(&self) {
+        if self.link.lock().await.targets.len() > 1 {
+            self.move_on(None).await;
+        } else {
+            self.forget_connection().await;
         }
     }
 
     /// Drops the connection (the next call makes a new one): for a call that got no answer in time.
     pub async fn forget_connection(&self) {
-        if let Some(c) = self.connection.lock().await.take() {
+        if let Some(c) = self.link.lock().await.connection.take() {
             c.close(0u32.into(), b"no answer in time");
         }
     }
@@ -430,13 +566,23 @@ impl RegistryClient {
         serde_json::from_value(value).map_err(|e| ProtoError::Malformed(format!("answer to {request:?}: {e}")))
     }
 
-    /// Sends a request and reads its answer.
+    /// Sends a request and reads its answer (at the leader, for a replicated registry).
     pub async fn call(&self, request: &Request) -> Result<Value, ProtoError> {
-        let (mut send, mut recv) = self.open().await?;
-        write_frame(&mut send, request).await?;
-        let _ = send.finish();
-        let reply: Reply = read_frame(&mut recv, MAX_FRAME).await?;
-        reply.map_err(ProtoError::Refused)
+        self.with_failover(move || self.call_once(request)).await
+    }
+
+    async fn call_once(&self, request: &Request) -> (bool, Result<Value, ProtoError>) {
+        let (mut send, mut recv) = match self.open().await {
+            Ok(streams) => streams,
+            Err(e) => return (false, Err(e)),
+        };
+        let answer = async {
+            write_frame(&mut send, request).await?;
+            let _ = send.finish();
+            let reply: Reply = read_frame(&mut recv, MAX_FRAME).await?;
+            reply.map_err(ProtoError::Refused)
+        };
+        (true, answer.await)
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ProtoError> {
@@ -444,13 +590,14 @@ impl RegistryClient {
         match connection.open_bi().await {
             Ok(streams) => Ok(streams),
             Err(e) => {
-                *self.connection.lock().await = None;
+                self.link.lock().await.connection = None;
                 Err(ProtoError::Io(format!("opening a stream to the registry: {e}")))
             }
         }
     }
 
-    /// Pushes a model file; `progress(sent, total)` is called as bytes go out.
+    /// Pushes a model file (to the leader, for a replicated registry); `progress(sent, total)` is
+    /// called as bytes go out.
     pub async fn push(
         &self,
         name: &str,
@@ -458,12 +605,35 @@ impl RegistryClient {
         file: &Path,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Value, ProtoError> {
+        let progress = std::sync::Mutex::new(&mut progress);
+        let progress = &progress;
+        self.with_failover(move || async move {
+            let mut report = |sent, total| {
+                if let Ok(mut p) = progress.lock() {
+                    (*p)(sent, total)
+                }
+            };
+            match self.open().await {
+                Ok(streams) => (true, self.push_on(streams, name, version, file, &mut report).await),
+                Err(e) => (false, Err(e)),
+            }
+        })
+        .await
+    }
+
+    async fn push_on(
+        &self,
+        (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+        name: &str,
+        version: Option<u64>,
+        file: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Value, ProtoError> {
         use tokio::io::AsyncReadExt;
         let mut source = tokio::fs::File::open(file)
             .await
             .map_err(|e| ProtoError::Setup(format!("cannot open {}: {e}", file.display())))?;
         let size = source.metadata().await.map_err(|e| ProtoError::Setup(e.to_string()))?.len();
-        let (mut send, mut recv) = self.open().await?;
         write_frame(&mut send, &Request::Push { name: name.to_string(), version, size }).await?;
         let mut buf = vec![0u8; 4 * CHUNK];
         let mut sent = 0u64;
@@ -486,7 +656,16 @@ impl RegistryClient {
     /// Fetches a model file by digest into `dest` (written whole, then renamed into place). The caller
     /// checks the digest.
     pub async fn fetch(&self, digest: &str, dest: &Path) -> Result<u64, ProtoError> {
-        let (mut send, mut recv) = self.open().await?;
+        let (mut send, mut recv) = match self.open().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                // Every replica serves model files: try the next.
+                if self.link.lock().await.targets.len() > 1 {
+                    self.move_on(None).await;
+                }
+                return Err(e);
+            }
+        };
         write_frame(&mut send, &Request::Fetch { digest: digest.to_string() }).await?;
         let _ = send.finish();
         let reply: Reply = read_frame(&mut recv, MAX_FRAME).await?;

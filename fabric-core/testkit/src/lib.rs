@@ -5,8 +5,10 @@
 //! - [`wait`]: bounded waits; [`http`]: a client and the KServe v2 requests tests send;
 //! - [`load`]: closed- and open-loop load that keeps every answer;
 //! - [`reference`]: the reference cases and models the model script writes; [`ort`]: the ONNX
-//!   Runtime library to load; [`tools`]: external tools, skipped with a reason where absent.
+//!   Runtime library to load; [`tools`]: external tools, skipped with a reason where absent;
+//! - [`etcd`]: a real etcd cluster on loopback, members killed and restarted.
 
+pub mod etcd;
 pub mod http;
 pub mod load;
 pub mod ort;

@@ -18,6 +18,8 @@ pub struct Proc {
     pub addr: String,
     /// The other watched lines seen before the ready line: (prefix, what followed it).
     pub seen: Vec<(String, String)>,
+    /// Every stdout line printed after the ready line.
+    pub later: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Proc {
@@ -29,10 +31,16 @@ impl Proc {
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         let watched: Vec<&'static str> = also.to_vec();
+        let later = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = later.clone();
         std::thread::spawn(move || {
             let mut seen = Vec::new();
+            let mut ready_seen = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix(ready) {
+                if ready_seen {
+                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                } else if let Some(rest) = line.strip_prefix(ready) {
+                    ready_seen = true;
                     let _ = tx.send((rest.to_string(), std::mem::take(&mut seen)));
                 } else if let Some(prefix) = watched.iter().find(|p| line.starts_with(**p)) {
                     seen.push((prefix.to_string(), line[prefix.len()..].to_string()));
@@ -42,7 +50,12 @@ impl Proc {
         let (addr, seen) = rx
             .recv_timeout(READY_WITHIN)
             .unwrap_or_else(|_| panic!("{program} printed no '{ready}' line within {READY_WITHIN:?}"));
-        Proc { child, addr, seen }
+        Proc { child, addr, seen, later }
+    }
+
+    /// How many lines the process printed after its ready line that start with `prefix`.
+    pub fn printed(&self, prefix: &str) -> usize {
+        self.later.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.starts_with(prefix)).count()
     }
 
     /// What followed `prefix` on a watched line, if the process printed one before it was ready.

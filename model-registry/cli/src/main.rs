@@ -22,7 +22,8 @@ use serde_json::Value;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// The registry, as [NAME@]HOST:PORT (NAME: the name in its certificate)
+    /// The registry, as [NAME@]HOST:PORT (NAME: the name in its certificate); a replicated registry:
+    /// every replica, comma-separated (commands go to the leader, moving on when one fails)
     #[arg(long, global = true, env = "FABRIC_REGISTRY", default_value = "registry-1@127.0.0.1:7000")]
     registry: String,
     /// Folder with ca.pem and the operator's <id>.pem / <id>.key.pem
@@ -222,9 +223,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn registry_command(cli: Cli) -> anyhow::Result<()> {
-    let target = RegistryAddr::parse(&cli.registry).map_err(anyhow::Error::msg)?;
+    let targets = RegistryAddr::parse_list(&cli.registry).map_err(anyhow::Error::msg)?;
     let files = TlsFiles::in_dir(&cli.certs, &cli.id);
-    let client = RegistryClient::new(target, &files).map_err(|e| {
+    let client = RegistryClient::replicated(targets, &files).map_err(|e| {
         anyhow::anyhow!(
             "{e} (an operator certificate: `fabric certs --out {} --node {}:operator`)",
             cli.certs.display(),

@@ -31,6 +31,7 @@ use fabric_proto::tls::{self, Identity, Role};
 use serde_json::{json, Value};
 
 use crate::fleet::{Fleet, NodeRecord};
+use crate::replica::Replica;
 use crate::rollout::{self, AnalysisSettings, Window};
 use crate::state::{now_ms, scaled_key, Deployment, ModelVersion, RegistryState, Scaled};
 use crate::store::{scaled_record_key, Change, Store};
@@ -134,11 +135,28 @@ pub struct Registry {
     /// One autoscaler per node and version, fed by that node's heartbeats.
     scalers: DashMap<(String, String, u64), Autoscaler>,
     started: Instant,
+    /// Whether this registry takes writes and heartbeats: a replicated registry's followers serve
+    /// reads of a state fed from the store ([`Registry::replace_state`]) and send the rest to the
+    /// leader ([`crate::replica`]).
+    leader: bool,
 }
 
 /// An answer, typed where it is built ([`fabric_proto::answers`]), as it travels.
 fn answer(value: &impl serde::Serialize) -> Reply {
     serde_json::to_value(value).map_err(internal)
+}
+
+/// The refusal a client gets for a write the store refused.
+pub(super) fn store_refusal(e: &crate::store::StoreError) -> Refusal {
+    use crate::store::StoreError;
+    match e {
+        StoreError::Unavailable(m) => Refusal::new("unavailable", m.clone()),
+        StoreError::NotLeader(m) => Refusal::new("not_leader", m.clone()),
+        StoreError::Conflict { .. } => {
+            Refusal::new("conflict", format!("{e}: the registry re-read its state; run the command again"))
+        }
+        other => internal(other),
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
@@ -149,7 +167,45 @@ impl Registry {
     /// Opens the registry on `store`, with the state last written.
     pub fn open(store: Box<dyn Store>, settings: Settings) -> Result<Arc<Registry>, crate::store::StoreError> {
         let stored = store.load()?.unwrap_or_default();
-        Ok(Arc::new(Registry {
+        Ok(Arc::new(Registry::with(store, stored, settings, true)))
+    }
+
+    /// A follower's registry on `stored` (kept up to date with [`Registry::replace_state`]): it answers
+    /// reads; writes and heartbeats go to the leader.
+    pub fn follower(store: Box<dyn Store>, stored: crate::store::Stored, settings: Settings) -> Arc<Registry> {
+        Arc::new(Registry::with(store, stored, settings, false))
+    }
+
+    /// Whether this registry takes writes and heartbeats.
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+
+    /// Replaces a follower's state with what the store now holds.
+    pub fn replace_state(&self, stored: crate::store::Stored) {
+        let mut revision = self.revision.lock().unwrap_or_else(|p| p.into_inner());
+        *revision = stored.revision;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(stored.state);
+        self.scaled.clear();
+        for (node, records) in stored.scaled {
+            self.scaled.insert(node, records);
+        }
+        drop(revision);
+        self.desired.clear();
+    }
+
+    /// Whether the blob store has model file `digest`.
+    pub fn blob_exists(&self, digest: &str) -> bool {
+        self.store.blob_path(digest).exists()
+    }
+
+    /// The store's revision this registry is at.
+    pub fn revision(&self) -> u64 {
+        *self.revision.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with(store: Box<dyn Store>, stored: crate::store::Stored, settings: Settings, leader: bool) -> Registry {
+        Registry {
             store,
             state: RwLock::new(Arc::new(stored.state)),
             revision: Mutex::new(stored.revision),
@@ -162,7 +218,8 @@ impl Registry {
             settings,
             scalers: DashMap::new(),
             started: Instant::now(),
-        }))
+            leader,
+        }
     }
 
     /// The current state (a shared snapshot).
@@ -190,12 +247,33 @@ impl Registry {
         let answer = change(&mut next)?;
         next.generation += 1;
         let changes = crate::store::diff(&current, &next);
-        *revision = self.store.write(*revision, &changes).map_err(internal)?;
+        *revision = match self.store.write(*revision, &changes) {
+            Ok(r) => r,
+            Err(e) => return Err(self.refused_write(e, &mut revision)),
+        };
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         drop(revision);
         self.desired.clear();
         self.wake_changed(|_| true);
         Ok(answer)
+    }
+
+    /// Says why a write failed; a write that met another revision (one an earlier, timed-out write
+    /// made after all) re-reads the state, so the next one starts from what is stored.
+    fn refused_write(&self, e: crate::store::StoreError, revision: &mut u64) -> Refusal {
+        if matches!(e, crate::store::StoreError::Conflict { .. }) {
+            match self.store.load() {
+                Ok(stored) => {
+                    let stored = stored.unwrap_or_default();
+                    *revision = stored.revision;
+                    *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(stored.state);
+                    self.desired.clear();
+                }
+                Err(load) => tracing::warn!("re-reading the state after a conflicting write failed: {load}"),
+            }
+        }
+        tracing::warn!("a write was refused by the store: {e}");
+        store_refusal(&e)
     }
 
     /// Wakes the held heartbeats (of nodes `concerned` selects) whose desired state now differs from
@@ -260,7 +338,7 @@ fn check_name(name: &str) -> Result<(), Refusal> {
 mod tests {
     use super::*;
     use crate::state::{test_version, Rollout};
-    use crate::store::RedbStore;
+    use crate::store::embedded::RedbStore;
     use fabric_proto::registry::{ReadyVersion, Target};
 
     fn registry(name: &str, settings: Settings) -> (Arc<Registry>, std::path::PathBuf) {

@@ -28,32 +28,33 @@ impl Default for Admission {
     }
 }
 
-/// Serves the registry on `endpoint` until it closes.
-pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission: Admission) {
-    let ticker = registry.clone();
+/// How often the leader's store does its housekeeping (etcd: compacting revisions older than this).
+pub(super) const MAINTAIN_TICK: Duration = Duration::from_secs(60);
+
+/// Runs `tick` on the registry serving now, every `period`, while it is the leader.
+fn leader_tick(replica: &Arc<Replica>, period: Duration, tick: fn(&Registry)) {
+    let replica = replica.clone();
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(ticker.settings.analysis_every);
+        let mut every = tokio::time::interval(period);
         loop {
             every.tick().await;
-            ticker.analyse();
+            let registry = replica.current();
+            if registry.is_leader() {
+                tick(&registry);
+            }
         }
     });
-    let ticker = registry.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(LIVENESS_TICK);
-        loop {
-            every.tick().await;
-            ticker.check_liveness();
-        }
-    });
-    let ticker = registry.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(FLUSH_TICK);
-        loop {
-            every.tick().await;
-            ticker.flush_scaled();
-        }
-    });
+}
+
+/// Serves the registry on `endpoint` until it closes (a replica's: the leader's registry, or a
+/// follower's that sends writes and heartbeats to the leader).
+pub async fn serve(endpoint: quinn::Endpoint, replica: Arc<Replica>, admission: Admission) {
+    let analysis_every = replica.current().settings.analysis_every;
+    leader_tick(&replica, analysis_every, Registry::analyse);
+    leader_tick(&replica, LIVENESS_TICK, Registry::check_liveness);
+    leader_tick(&replica, FLUSH_TICK, Registry::flush_scaled);
+    // Blocking (etcd's compaction): off the async threads.
+    leader_tick(&replica, MAINTAIN_TICK, |r| tokio::task::block_in_place(|| r.store.maintain()));
     let turns = Arc::new(tokio::sync::Semaphore::new(admission.max_handshakes.max(1)));
     let refused = Arc::new(AtomicU64::new(0));
     let reporter = refused.clone();
@@ -71,7 +72,7 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission
         }
     });
     while let Some(incoming) = endpoint.accept().await {
-        let registry = registry.clone();
+        let replica = replica.clone();
         let (turns, refused) = (turns.clone(), refused.clone());
         tokio::spawn(async move {
             // A burst (a fleet reconnecting) waits its turn briefly; beyond that it is refused at
@@ -107,8 +108,9 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission
                 }
             };
             while let Ok((send, recv)) = connection.accept_bi().await {
-                let (registry, peer) = (registry.clone(), peer.clone());
-                tokio::spawn(async move { handle_stream(&registry, &peer, send, recv).await });
+                let (registry, peer) = (replica.current(), peer.clone());
+                let replica = replica.clone();
+                tokio::spawn(async move { handle_stream(&registry, &replica, &peer, send, recv).await });
             }
         });
     }
@@ -116,6 +118,7 @@ pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, admission
 
 pub(super) async fn handle_stream(
     registry: &Registry,
+    replica: &Replica,
     peer: &Identity,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -133,6 +136,20 @@ pub(super) async fn handle_stream(
         if let Err(refusal) = registry.fetch(peer, digest, &mut send).await {
             let _ = registry::write_frame(&mut send, &Reply::Err(refusal)).await;
         }
+        let _ = send.finish();
+        return;
+    }
+    // A follower answers reads from its watch-fed state; the rest goes to the leader.
+    let reads = matches!(
+        request,
+        Request::ListModels
+            | Request::ShowModel { .. }
+            | Request::RolloutStatus { .. }
+            | Request::Nodes(_)
+            | Request::Overview
+    );
+    if !registry.is_leader() && !reads {
+        let _ = registry::write_frame(&mut send, &Reply::Err(replica.not_leader())).await;
         let _ = send.finish();
         return;
     }

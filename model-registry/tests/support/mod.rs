@@ -37,6 +37,8 @@ impl Fabric {
         let certs = dir.join("certs");
         let nodes: Vec<(String, fabric_proto::tls::Role)> = [
             ("registry-1", fabric_proto::tls::Role::Registry),
+            ("registry-2", fabric_proto::tls::Role::Registry),
+            ("registry-3", fabric_proto::tls::Role::Registry),
             ("hub-1", fabric_proto::tls::Role::Hub),
             ("hub-2", fabric_proto::tls::Role::Hub),
             ("edge-1", fabric_proto::tls::Role::Edge),
@@ -70,7 +72,24 @@ impl Fabric {
         (proc, page)
     }
 
-    /// Starts edge-node `id` (tract) taking its desired state from the registry at `registry`.
+    /// Starts replica `n` (registry-`n`) of a replicated registry on the etcd `store`
+    /// (`etcd://...`), sharing one data folder (the model files) with the other replicas.
+    pub fn replica(&self, n: usize, store: &str) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_model-registry"));
+        let id = format!("registry-{n}");
+        cmd.args(["--listen", "127.0.0.1:0", "--node-id", &id, "--http-addr", "off", "--store", store])
+            .arg("--data-dir")
+            .arg(self.dir.join("registry-shared"))
+            .arg("--certs")
+            .arg(&self.certs)
+            .env("RUST_LOG", std::env::var("REGISTRY_LOG").unwrap_or_else(|_| "warn".into()));
+        let mut proc = Proc::spawn(cmd, "model-registry listening on quic://", &[]);
+        proc.addr = format!("{id}@{}", proc.addr);
+        proc
+    }
+
+    /// Starts edge-node `id` (tract) taking its desired state from the registry at `registry`
+    /// (`HOST:PORT` of registry-1, or `NAME@HOST:PORT,...`).
     pub fn edge(&self, id: &str, registry: &str, labels: &[&str]) -> Proc {
         self.edge_with(id, registry, labels, None)
     }
@@ -86,7 +105,7 @@ impl Fabric {
             .arg("--certs")
             .arg(&self.certs)
             .arg("--registry")
-            .arg(format!("registry-1@{registry}"))
+            .arg(named(registry))
             .arg("--data-dir")
             .arg(self.dir.join(format!("{id}-data")))
             // Without ONNX Runtime's library the edge's `auto` engine is tract, the engine these
@@ -134,7 +153,7 @@ impl Fabric {
     pub fn cli_as(&self, registry: &str, id: &str, args: &[&str]) -> std::process::Output {
         Command::new(workspace_binary("fabric-cli", "fabric"))
             .args(args)
-            .env("FABRIC_REGISTRY", format!("registry-1@{registry}"))
+            .env("FABRIC_REGISTRY", named(registry))
             .env("FABRIC_CERTS", &self.certs)
             .env("FABRIC_ID", id)
             .output()
@@ -148,6 +167,15 @@ impl Fabric {
         let out = self.cli_as(registry, "operator", &all);
         assert!(out.status.success(), "fabric {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("fabric {args:?}: not JSON ({e})"))
+    }
+}
+
+/// A registry address as nodes and the CLI take it: `HOST:PORT` is registry-1's.
+fn named(registry: &str) -> String {
+    if registry.contains('@') {
+        registry.to_string()
+    } else {
+        format!("registry-1@{registry}")
     }
 }
 

@@ -1,0 +1,120 @@
+//! A replicated registry: three `model-registry` replicas on a real 3-member etcd cluster on
+//! loopback, real edge nodes under load that know every replica. The leader is killed (SIGKILL)
+//! mid-rollout: a new one is elected, nothing acknowledged is lost, the rollout goes on there, no
+//! request fails at the nodes. Then etcd loses its quorum: changes are refused with an error that
+//! says so, reads answer, nodes serve on, and everything resumes when quorum returns.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fabric_testkit::etcd::EtcdCluster;
+use fabric_testkit::process::Proc;
+use serde_json::{json, Value};
+use support::{client, model, wait_for, Fabric, Load, Sample};
+
+/// Which replica printed that it leads (the latest to), if one does now.
+fn leader(replicas: &[Option<Proc>]) -> Option<usize> {
+    replicas
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
+        .filter(|(_, r)| r.printed("model-registry leader ") > r.printed("model-registry follower "))
+        .map(|(i, _)| i)
+        .next()
+}
+
+fn routes_everywhere(f: &Fabric, registry: &str, nodes: usize, want: &Value) -> bool {
+    let status = f.cli(registry, &["rollout", "status", "mlp"]);
+    let listed = status["nodes"].as_array().cloned().unwrap_or_default();
+    listed.len() == nodes && listed.iter().all(|n| &n["policy"]["weights"] == want)
+}
+
+fn failed(samples: &[Sample]) -> Vec<String> {
+    samples.iter().filter(|s| s.status != 200).map(|s| format!("{} {}", s.status, s.version)).take(5).collect()
+}
+
+#[test]
+fn a_replicated_registry_survives_its_leader_and_etcd_losing_quorum() {
+    let Some(mut etcd) = EtcdCluster::start(3) else { return };
+    let f = Fabric::new("replicated");
+    let store = etcd.store_arg();
+    let mut replicas: Vec<Option<Proc>> = (1..=3).map(|n| Some(f.replica(n, &store))).collect();
+    let all: String = replicas.iter().flatten().map(|r| r.addr.clone()).collect::<Vec<_>>().join(",");
+    wait_for("a leader", Duration::from_secs(30), || leader(&replicas).is_some());
+
+    // Nodes and the CLI know every replica; the CLI's commands reach the leader from any of them.
+    let e1 = f.edge("edge-1", &all, &[]);
+    let e2 = f.edge("edge-2", &all, &[]);
+    let nodes = vec![e1.addr.clone(), e2.addr.clone()];
+    f.cli(&all, &["model", "push", "mlp", &model("mlp")]);
+    f.cli(&all, &["deploy", "mlp", "--to", "edge"]);
+    wait_for("both edges on v1", Duration::from_secs(60), || routes_everywhere(&f, &all, 2, &json!({ "1": 100 })));
+    // A follower answers reads from its watch-fed state.
+    let follower = (0..3).find(|i| Some(*i) != leader(&replicas)).expect("a follower");
+    let at_follower = replicas[follower].as_ref().expect("running").addr.clone();
+    let listed = f.cli(&at_follower, &["model", "list"]);
+    assert_eq!(listed.as_array().map(|a| a.len()), Some(1), "{listed}");
+
+    // A canary acknowledged, then the leader dies.
+    f.cli(&all, &["model", "push", "mlp", &model("mlp_alt")]);
+    let acked = f.cli(&all, &["rollout", "canary", "mlp", "2", "--weight", "50"]);
+    let load = Load::start(&nodes, 2);
+    let old = leader(&replicas).expect("leader");
+    replicas[old] = None; // SIGKILL
+    let killed = Instant::now();
+    wait_for("a new leader", Duration::from_secs(30), || leader(&replicas).is_some_and(|l| l != old));
+    let elected = killed.elapsed();
+    support::figure("new leader after kill -9 of the leader (3 s lease)", &format!("{} ms", elected.as_millis()));
+    let status = f.cli(&all, &["rollout", "status", "mlp"]);
+    assert_eq!(status["rollout"], acked["rollout"], "the new leader lost or changed an acknowledged state");
+    wait_for("both edges back with the new leader", Duration::from_secs(60), || {
+        routes_everywhere(&f, &all, 2, &json!({ "1": 50, "2": 50 }))
+    });
+    support::figure(
+        "both edges reporting to the new leader after the kill",
+        &format!("{} ms", killed.elapsed().as_millis()),
+    );
+    // The rollout goes on at the new leader: promoted, every node converges.
+    f.cli(&all, &["rollout", "promote", "mlp"]);
+    let promoted = Instant::now();
+    wait_for("every node answering from v2", Duration::from_secs(60), || load.all_answered_with(2, promoted, "2"));
+
+    // etcd loses one member: the registry goes on.
+    etcd.kill(2);
+    f.cli(&all, &["rollout", "canary", "mlp", "1", "--weight", "10"]);
+    // etcd loses its quorum: changes are refused, saying so; reads answer; nodes serve on.
+    etcd.kill(1);
+    let mut said = String::new();
+    let limit = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = f.cli_as(&all, "operator", &["rollout", "promote", "mlp"]);
+        said = format!("{said}\n---\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() && said.contains("quorum") {
+            break;
+        }
+        assert!(Instant::now() < limit, "no change was refused for want of quorum; the CLI said: {said}");
+    }
+    let listed = f.cli(&at_follower, &["model", "list"]);
+    assert_eq!(listed.as_array().map(|a| a.len()), Some(2), "reads stopped without quorum: {listed}");
+    let before = load.count();
+    wait_for("nodes serving without quorum", Duration::from_secs(60), || load.count() >= before + 200);
+    // Quorum back: a leader again, and changes go through.
+    etcd.restart(1);
+    etcd.restart(2);
+    etcd.wait_all_healthy();
+    let back = Instant::now();
+    wait_for("changes accepted again", Duration::from_secs(60), || {
+        f.cli_as(&all, "operator", &["rollout", "promote", "mlp"]).status.success()
+    });
+    support::figure(
+        "changes accepted again after etcd's quorum returned",
+        &format!("{} ms", back.elapsed().as_millis()),
+    );
+    let promoted = Instant::now();
+    wait_for("every node answering from v1", Duration::from_secs(60), || load.all_answered_with(2, promoted, "1"));
+    let samples = load.stop();
+    assert!(samples.len() > 500, "only {} answers", samples.len());
+    assert!(failed(&samples).is_empty(), "requests failed at the nodes: {:?}", failed(&samples));
+    let _ = client();
+}
