@@ -7,6 +7,7 @@
 //! - [`store`]: where it is kept, per key (the `Store` trait; redb by default), and the model files;
 //! - [`fleet`]: the nodes' last heartbeats, their wake-ups, the hub list, liveness and retention;
 //! - [`rollout`]: pure policy: rollout transitions, each node's desired state, canary analysis;
+//! - [`waves`]: pure policy: rollouts in waves (which nodes each wave moves, when waves advance);
 //! - [`service`]: the QUIC service carrying requests out;
 //! - [`replica`]: replicated registries on etcd: leader election, fenced writes, followers;
 //! - [`status_page`]: the read-only status page (HTTP).
@@ -18,3 +19,4 @@ pub mod service;
 pub mod state;
 pub mod status_page;
 pub mod store;
+pub mod waves;

@@ -1,5 +1,8 @@
 //! Rollout policy, pure: how a rollout changes ([`apply`]), what each node should serve and how it
 //! should route ([`desired_for`]), and when a canary is worse enough to roll back ([`analyse`]).
+//! Rollouts in waves ([`crate::waves`]) show each node the rollout it is in: a moved node runs the
+//! waves' version as a canary beside the version it came from (at the waves' weight, 100% by
+//! default), so an abort switches it back at once; the others run the stable version.
 //!
 //! A node's weights only ever name versions that node has ready: while the canary warms up on a node,
 //! that node keeps the stable version at 100%, so traffic never exceeds ready capacity, and a
@@ -11,9 +14,27 @@ use fabric_policy::traffic::{Shadow, TrafficPolicy};
 use fabric_proto::registry::{DesiredModel, DesiredVersion, NodeInfo, Refusal, RolloutAction, Target};
 
 use crate::state::{scaled_key, Canary, Deployment, RegistryState, Rollout, Scaled, ShadowRoute};
+use crate::waves;
+use fabric_proto::answers::WavePhase;
+
+/// What a change may need to know beside the state: the time, and for a rollout in waves the
+/// positions of the nodes that take part ([`waves::position`]).
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    /// Milliseconds since the Unix epoch.
+    pub now_ms: u64,
+    /// The positions of the nodes known now that the model is deployed to and that carry the waves'
+    /// labels.
+    pub positions: Vec<u64>,
+}
 
 /// Applies `change` to the rollout of `name`; returns the new rollout and a line for its history.
-pub fn apply(state: &RegistryState, name: &str, change: &RolloutAction) -> Result<(Rollout, String), Refusal> {
+pub fn apply(
+    state: &RegistryState,
+    name: &str,
+    change: &RolloutAction,
+    context: &Context,
+) -> Result<(Rollout, String), Refusal> {
     let versions = state.models.get(name).ok_or_else(|| {
         Refusal::new("not_found", format!("no model '{name}': push one with `fabric model push {name} FILE`"))
     })?;
@@ -29,7 +50,29 @@ pub fn apply(state: &RegistryState, name: &str, change: &RolloutAction) -> Resul
         }
     };
     let mut r = state.rollouts.get(name).cloned().unwrap_or_default();
-    let line = match *change {
+    let waving = r.waves.as_ref().is_some_and(|w| w.active());
+    match change {
+        RolloutAction::Waves { .. }
+        | RolloutAction::Canary { .. }
+        | RolloutAction::Promote
+        | RolloutAction::Pin { .. }
+            if waving =>
+        {
+            return Err(Refusal::new(
+                "conflict",
+                format!(
+                    "model '{name}' has a rollout in waves running: `fabric rollout abort {name}` (or let it complete) first"
+                ),
+            ));
+        }
+        RolloutAction::Pause | RolloutAction::Resume | RolloutAction::Abort if !waving => {
+            return Err(Refusal::new("conflict", format!("model '{name}' has no rollout in waves running or paused")));
+        }
+        // A rollback during waves is their abort.
+        RolloutAction::Rollback if waving => return apply(state, name, &RolloutAction::Abort, context),
+        _ => {}
+    }
+    let line = match change.clone() {
         RolloutAction::Pin { version } => {
             exists(version)?;
             if r.stable != Some(version) {
@@ -108,8 +151,68 @@ pub fn apply(state: &RegistryState, name: &str, change: &RolloutAction) -> Resul
                 ))
             }
         },
+        RolloutAction::Waves { version, steps, every_ms, labels, weight, auto_abort } => {
+            exists(version)?;
+            let stable = r.stable.ok_or_else(|| {
+                Refusal::new(
+                    "conflict",
+                    format!("model '{name}' has no stable version: `fabric rollout pin {name} V` first"),
+                )
+            })?;
+            if r.canary.is_some() {
+                return Err(Refusal::new(
+                    "conflict",
+                    format!("model '{name}' has a canary: promote or roll it back before a rollout in waves"),
+                ));
+            }
+            let plan = waves::Plan { version, steps, every_ms, labels, weight, auto_abort };
+            let w = waves::start(&plan, stable, context.positions.clone(), context.now_ms)?;
+            let line = format!(
+                "waves to version {version} from {stable}: {} every {} s{}; wave 1: {}%",
+                w.steps.iter().map(|s| format!("{s}%")).collect::<Vec<_>>().join(","),
+                w.every_ms / 1000,
+                if auto_abort { " with automatic abort" } else { "" },
+                w.steps[0]
+            );
+            r.waves = Some(w);
+            r.auto_rolled_back = None;
+            line
+        }
+        RolloutAction::Pause | RolloutAction::Resume | RolloutAction::Abort => {
+            let w = r.waves.as_mut().ok_or_else(|| Refusal::new("conflict", "no rollout in waves"))?;
+            match change {
+                RolloutAction::Pause => {
+                    w.phase = WavePhase::Paused;
+                    format!("waves paused at wave {} of {}", w.wave + 1, w.steps.len())
+                }
+                RolloutAction::Resume => {
+                    // The wave gets its whole time again, analysed, before the next one.
+                    w.phase = WavePhase::Running;
+                    w.wave_started_ms = context.now_ms;
+                    w.wave_ready_ms = w.wave_ready_ms.map(|_| context.now_ms);
+                    format!("waves resumed at wave {} of {}", w.wave + 1, w.steps.len())
+                }
+                _ => {
+                    let step = waves::Step::Abort { why: format!("aborted by hand at wave {}", w.wave + 1) };
+                    waves::apply_step(w, &step, context.now_ms).unwrap_or_default()
+                }
+            }
+        }
     };
     Ok((r, line))
+}
+
+/// The rollout node `node` of model `name` is in: a node that a rollout in waves moved runs its
+/// version as a canary beside the version it came from.
+pub fn rollout_of<'a>(name: &str, rollout: &'a Rollout, node: &NodeInfo) -> std::borrow::Cow<'a, Rollout> {
+    match rollout.waves.as_ref() {
+        Some(w) if waves::moved(w, name, &node.node_id, &node.labels) => std::borrow::Cow::Owned(Rollout {
+            stable: Some(w.from),
+            canary: Some(Canary { version: w.version, weight: w.weight, auto_rollback: false }),
+            ..rollout.clone()
+        }),
+        _ => std::borrow::Cow::Borrowed(rollout),
+    }
 }
 
 /// Whether a deployment targets a node.
@@ -134,8 +237,9 @@ pub fn desired_for(
         let replicas = deployments.iter().filter(|d| targets(d, node)).map(|d| d.replicas).max();
         let (Some(replicas), Some(rollout)) = (replicas, state.rollouts.get(name)) else { continue };
         let Some(versions) = state.models.get(name) else { continue };
+        let rollout = rollout_of(name, rollout, node);
         let is_ready = |v: u64| ready.contains(&(name.clone(), v));
-        let policy = node_policy(rollout, is_ready);
+        let policy = node_policy(&rollout, is_ready);
         let mut keep = rollout.versions();
         // Make before break: until a version of the rollout serves here, the versions ready here keep
         // serving (a rollback to a version this node had unloaded, a node that joins mid-rollout).
@@ -323,7 +427,7 @@ mod tests {
         ];
         for (rollout, change, want) in cases {
             let state = state_with(&[1, 2, 3], rollout.clone());
-            let got = apply(&state, "m", &change).map(|(r, _)| (r.stable, r.canary));
+            let got = apply(&state, "m", &change, &Context::default()).map(|(r, _)| (r.stable, r.canary));
             match (got, want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, want, "{rollout:?} {change:?}"),
                 (Err(e), Err(part)) => assert!(e.message.contains(part), "{change:?}: {}", e.message),
@@ -341,7 +445,7 @@ mod tests {
             RolloutAction::Canary { version: 3, weight: 30, auto_rollback: false },
             RolloutAction::Rollback,
         ] {
-            let (r, _) = apply(&state, "m", &change).expect("applies");
+            let (r, _) = apply(&state, "m", &change, &Context::default()).expect("applies");
             state.rollouts.insert("m".into(), r);
         }
         let r = &state.rollouts["m"];

@@ -112,6 +112,84 @@ pub struct Rollout {
     pub auto_rolled_back: Option<String>,
     /// The last steps, newest last (at most [`HISTORY`]).
     pub history: Vec<RolloutEvent>,
+    /// A rollout in waves, running, paused or ended (the last one is kept to be shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<Waves>,
+}
+
+/// Where a rollout in waves is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WavePhase {
+    /// Waves advance when their time has passed and the analysis holds.
+    Running,
+    /// Held by hand: moved nodes stay moved, no wave starts.
+    Paused,
+    /// Every wave passed: the version is the stable one.
+    Completed,
+    /// Stopped (by hand or by the analysis): every moved node is back on the version it came from.
+    Aborted,
+}
+
+/// A rollout in waves: each wave moves the next share of the nodes that take part to `version`.
+/// Which nodes a wave moves is decided by a hash of the model and node id ([`Waves::cutoffs`]), so it
+/// is stable, needs no node list, and a node offline during the rollout gets its wave's state when
+/// it comes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waves {
+    /// The version moved to.
+    pub version: u64,
+    /// The stable version when the waves started (where an abort takes the moved nodes back).
+    pub from: u64,
+    /// Each wave's share of the nodes, cumulative percent (e.g. 1, 10, 50, 100).
+    pub steps: Vec<u32>,
+    /// How long each wave runs, analysed, before the next starts, in milliseconds.
+    pub every_ms: u64,
+    /// Labels a node must carry to take part (beside the model's deployments); nodes without them
+    /// stay on `from` until the waves complete.
+    pub labels: BTreeMap<String, String>,
+    /// The share of a moved node's requests `version` takes (100: all; less: a canary split on it).
+    pub weight: u32,
+    /// Abort by itself (rolling every moved node back) when the moved nodes' errors or p99 latency
+    /// on `version` are worse than `from`'s on the others, as the canary analysis judges.
+    pub auto_abort: bool,
+    /// The wave running (0-based; `steps[wave]` is its share).
+    pub wave: usize,
+    /// Per started wave, the hash cutoff fixed when it started: a node moves when its position is
+    /// under the running wave's cutoff.
+    pub cutoffs: Vec<u64>,
+    /// When the running wave started, in milliseconds since the Unix epoch.
+    pub wave_started_ms: u64,
+    /// When every moved node that is up first served the version in the running wave (its time
+    /// counts from then: a wave is judged on nodes that serve, not on nodes still loading).
+    #[serde(default)]
+    pub wave_ready_ms: Option<u64>,
+    /// Where it is.
+    pub phase: WavePhase,
+    /// How it ended (why it aborted, with the figures), once it has.
+    pub outcome: Option<String>,
+}
+
+impl Waves {
+    /// Whether nodes are moved by it now (running or paused).
+    pub fn active(&self) -> bool {
+        matches!(self.phase, WavePhase::Running | WavePhase::Paused)
+    }
+}
+
+/// A rollout in waves as it stands over the fleet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WavesProgress {
+    /// The wave running, 1-based, and how many there are.
+    pub wave: usize,
+    /// Waves in all.
+    pub waves: usize,
+    /// Nodes that take part (known to the registry, up or down).
+    pub taking_part: usize,
+    /// Of those, moved to the version now.
+    pub moved: usize,
+    /// Milliseconds until the running wave may advance (0: at the next analysis tick).
+    pub next_in_ms: u64,
 }
 
 /// Steps kept in a rollout's history.
@@ -277,8 +355,12 @@ pub struct RolloutStatus {
     pub generation: u64,
     /// The rollout.
     pub rollout: Rollout,
-    /// The canary against the stable version, while a canary runs.
+    /// The canary against the stable version, while a canary runs (for waves: the moved nodes on
+    /// the new version against the others on the old one).
     pub analysis: Option<Analysis>,
+    /// A rollout in waves, while one runs or is paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<WavesProgress>,
     /// Counts over the nodes it targets.
     pub summary: RolloutSummary,
     /// Detail for the nodes that need attention first (at most the limit asked for).

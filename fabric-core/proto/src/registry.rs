@@ -52,6 +52,28 @@ pub enum RolloutAction {
     Promote,
     /// The canary's weight goes back to 0 and the canary is dropped.
     Rollback,
+    /// Moves `version` across the nodes in waves (see `answers::Waves`).
+    Waves {
+        /// The version moved to.
+        version: u64,
+        /// Each wave's cumulative share of the nodes, percent, rising, the last 100.
+        steps: Vec<u32>,
+        /// How long each wave runs before the next, in milliseconds.
+        every_ms: u64,
+        /// Labels a node must carry to take part.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        /// The share of a moved node's requests the version takes (100: all).
+        weight: u32,
+        /// Abort by itself when the moved nodes do worse.
+        auto_abort: bool,
+    },
+    /// Holds a rollout in waves where it is.
+    Pause,
+    /// Lets a paused rollout in waves go on.
+    Resume,
+    /// Stops a rollout in waves: every moved node goes back to the version it came from.
+    Abort,
 }
 
 /// What a node says of itself when it heartbeats.

@@ -88,9 +88,9 @@ pub fn send_json(agent: &ureq::Agent, method: &str, url: &str, body: &Value, tok
     reply(agent.run(request).unwrap_or_else(|e| panic!("{method} {url}: {e}")))
 }
 
-/// A one-row JSON request for the MLP (`mlp`, 784 inputs) or the CNN (`cnn`, 3x64x64).
+/// A one-row JSON request for the MLP (`mlp`, 784 inputs) or a CNN (a name starting `cnn`, 3x64x64).
 pub fn body_for(model: &str) -> String {
-    let shape: Vec<usize> = if model == "cnn" { vec![1, 3, 64, 64] } else { vec![1, 784] };
+    let shape: Vec<usize> = if model.starts_with("cnn") { vec![1, 3, 64, 64] } else { vec![1, 784] };
     let n: usize = shape.iter().product();
     json!({ "inputs": [{ "name": "input", "shape": shape, "datatype": "FP32", "data": vec![0.25f32; n] }] }).to_string()
 }

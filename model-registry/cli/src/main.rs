@@ -166,6 +166,39 @@ enum RolloutCommand {
         #[arg(long)]
         share: u32,
     },
+    /// Moves a version across the nodes in waves: each wave moves the next share of the nodes the
+    /// model is deployed to (chosen by a hash of the node id, so the same nodes every time; with
+    /// --labels only nodes carrying them), and the next wave starts when the wave's time has passed
+    /// with the moved nodes doing as well as the others (errors and p99, the canary analysis's
+    /// margins). When they do worse, every moved node goes back at once (automatic abort). A node
+    /// offline meanwhile gets its wave's state when it returns. `rollout status` shows the progress.
+    Waves {
+        name: String,
+        version: u64,
+        /// Each wave's cumulative share of the nodes, rising, the last 100%
+        #[arg(long, default_value = "1%,10%,50%,100%", value_parser = parse_steps)]
+        steps: Steps,
+        /// How long each wave runs, analysed, before the next: 90s, 5m, 1h, 500ms
+        #[arg(long, default_value = "60s", value_parser = parse_duration_ms)]
+        every: u64,
+        /// Only nodes with these labels take part (k=v,...); the others stay on the stable version
+        /// until the waves complete
+        #[arg(long, value_parser = parse_labels, default_value = "")]
+        labels: BTreeMap<String, String>,
+        /// Percent of a moved node's requests the new version takes (less than 100: a canary split
+        /// on each moved node)
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// Never abort by itself: moved nodes doing worse are only shown
+        #[arg(long)]
+        no_auto_abort: bool,
+    },
+    /// Holds a rollout in waves where it is (moved nodes stay moved).
+    Pause { name: String },
+    /// Lets a paused rollout in waves go on (the wave gets its whole time again).
+    Resume { name: String },
+    /// Stops a rollout in waves: every moved node goes back to the version it came from.
+    Abort { name: String },
     /// The canary becomes the stable version.
     Promote { name: String },
     /// The canary goes back to 0% and is dropped; without a canary, back to the stable version
@@ -192,6 +225,33 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
                 .ok_or_else(|| format!("label '{p}' is not k=v"))
         })
         .collect()
+}
+
+/// The waves' cumulative shares, percent (one argument: `1%,10%,50%,100%`).
+#[derive(Clone, Debug)]
+struct Steps(Vec<u32>);
+
+fn parse_steps(s: &str) -> Result<Steps, String> {
+    s.split(',')
+        .map(|p| {
+            p.trim().trim_end_matches('%').parse::<u32>().map_err(|_| format!("wave share '{p}' is not a percent"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Steps)
+}
+
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = number.parse().map_err(|_| format!("'{s}' is not a duration like 90s, 5m, 500ms"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" | "" => n * 1e3,
+        "m" => n * 60e3,
+        "h" => n * 3600e3,
+        other => return Err(format!("unknown unit '{other}' in '{s}': use ms, s, m or h")),
+    };
+    Ok(ms.round() as u64)
 }
 
 fn split_version(s: &str) -> Result<(String, Option<u64>), String> {
@@ -293,6 +353,20 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
                     (name, RolloutAction::Canary { version, weight, auto_rollback })
                 }
                 RolloutCommand::Shadow { name, version, share } => (name, RolloutAction::Shadow { version, share }),
+                RolloutCommand::Waves { name, version, steps, every, labels, weight, no_auto_abort } => (
+                    name,
+                    RolloutAction::Waves {
+                        version,
+                        steps: steps.0,
+                        every_ms: every,
+                        labels,
+                        weight,
+                        auto_abort: !no_auto_abort,
+                    },
+                ),
+                RolloutCommand::Pause { name } => (name, RolloutAction::Pause),
+                RolloutCommand::Resume { name } => (name, RolloutAction::Resume),
+                RolloutCommand::Abort { name } => (name, RolloutAction::Abort),
                 RolloutCommand::Promote { name } => (name, RolloutAction::Promote),
                 RolloutCommand::Rollback { name } => (name, RolloutAction::Rollback),
             };
@@ -358,6 +432,12 @@ fn show_top(v: &Overview) {
         let r = &status.rollout;
         let canary = r.canary.map_or("none".to_string(), |c| format!("v{} at {}%", c.version, c.weight));
         println!("{} ({}): stable v{}  canary {canary}", m.name, versions.join(" "), opt(r.stable));
+        if let Some(w) = &r.waves {
+            println!("  {}", waves_line(w));
+        }
+        if let Some(w) = &status.waves {
+            println!("  wave {} of {}: {} of {} nodes moved", w.wave, w.waves, w.moved, w.taking_part);
+        }
         if let Some(why) = &r.auto_rolled_back {
             println!("  automatically rolled back: {why}");
         }
@@ -448,9 +528,34 @@ fn show_rollout(r: &Rollout) {
     });
     let shadow = r.shadow.map_or("none".to_string(), |s| format!("version {} with {}%", s.version, s.share));
     println!("stable: {}  canary: {canary}  shadow: {shadow}", opt(r.stable));
+    if let Some(w) = &r.waves {
+        println!("{}", waves_line(w));
+    }
     if let Some(why) = &r.auto_rolled_back {
         println!("automatically rolled back: {why}");
     }
+}
+
+/// A rollout in waves in one line.
+fn waves_line(w: &fabric_proto::answers::Waves) -> String {
+    let steps: Vec<String> = w.steps.iter().map(|s| format!("{s}%")).collect();
+    let phase = match w.phase {
+        fabric_proto::answers::WavePhase::Running => "running",
+        fabric_proto::answers::WavePhase::Paused => "paused",
+        fabric_proto::answers::WavePhase::Completed => "completed",
+        fabric_proto::answers::WavePhase::Aborted => "aborted",
+    };
+    let outcome = w.outcome.as_ref().map(|o| format!(" ({o})")).unwrap_or_default();
+    format!(
+        "waves: v{} -> v{} {phase} at wave {} of {} [{}], {} s each{}{outcome}",
+        w.from,
+        w.version,
+        w.wave + 1,
+        w.steps.len(),
+        steps.join(" "),
+        w.every_ms / 1000,
+        if w.weight < 100 { format!(", {}% of each moved node's requests", w.weight) } else { String::new() }
+    )
 }
 
 fn show_rollout_change(name: &str, generation: u64, rollout: &Rollout) {
@@ -461,8 +566,19 @@ fn show_rollout_change(name: &str, generation: u64, rollout: &Rollout) {
 fn show_status(v: &RolloutStatus) {
     println!("{} (generation {})", v.name, v.generation);
     show_rollout(&v.rollout);
+    if let Some(w) = &v.waves {
+        println!(
+            "wave {} of {}: {} of {} nodes moved; next wave in {} s",
+            w.wave,
+            w.waves,
+            w.moved,
+            w.taking_part,
+            w.next_in_ms.div_ceil(1000)
+        );
+    }
     if let Some(a) = &v.analysis {
-        for (side, w) in [("stable", &a.stable), ("canary", &a.canary)] {
+        let sides = if v.waves.is_some() { ["others", "moved"] } else { ["stable", "canary"] };
+        for (side, w) in [(sides[0], &a.stable), (sides[1], &a.canary)] {
             println!("  {side:<6} requests {} errors {:.1}% p99 {} ms", w.requests, w.error_pct, opt(w.p99_ms));
         }
     }

@@ -98,6 +98,8 @@ pub struct GroupKey {
     labels: BTreeMap<String, String>,
     ready: BTreeSet<(String, u64)>,
     scaled: Vec<(String, usize)>,
+    /// The models whose rollout in waves has moved this node.
+    moved: Vec<String>,
 }
 
 /// A desired state and its answer frame, serialised once and shared by every node of its group.
@@ -303,6 +305,14 @@ impl Registry {
             labels: info.labels.clone(),
             ready: ready.clone(),
             scaled: scaled.iter().flatten().map(|(k, s)| (k.clone(), s.replicas)).collect(),
+            moved: state
+                .rollouts
+                .iter()
+                .filter(|(name, r)| {
+                    r.waves.as_ref().is_some_and(|w| crate::waves::moved(w, name, &info.node_id, &info.labels))
+                })
+                .map(|(name, _)| name.clone())
+                .collect(),
         };
         if let Some(d) = self.desired.get(&key) {
             return d.clone();

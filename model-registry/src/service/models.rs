@@ -34,7 +34,9 @@ impl Registry {
         on_nodes.sort();
         let mut digest = None;
         let reply = self.transition(|state| {
-            if let Some(r) = state.rollouts.get(name).filter(|r| r.versions().contains(&version)) {
+            let in_waves =
+                |r: &crate::state::Rollout| r.waves.as_ref().is_some_and(|w| w.active() && w.version == version);
+            if let Some(r) = state.rollouts.get(name).filter(|r| r.versions().contains(&version) || in_waves(r)) {
                 return Err(Refusal::new(
                     "conflict",
                     format!("{name}:{version} is in the rollout ({}): move the rollout off it first", json!(r)),
@@ -91,10 +93,30 @@ impl Registry {
         })
     }
 
+    /// The positions ([`crate::waves::position`]) of the nodes known now (up or down) that model
+    /// `name` is deployed to and that carry `labels`.
+    pub(super) fn wave_positions(&self, name: &str, labels: &BTreeMap<String, String>) -> Vec<u64> {
+        let state = self.state();
+        let Some(deployments) = state.deployments.get(name) else { return Vec::new() };
+        let mut positions = Vec::new();
+        self.fleet.each(|n| {
+            let targeted = deployments.iter().any(|d| rollout::targets(d, &n.info));
+            if targeted && labels.iter().all(|(k, v)| n.info.labels.get(k) == Some(v)) {
+                positions.push(crate::waves::position(name, &n.info.node_id));
+            }
+        });
+        positions
+    }
+
     /// Changes a rollout (`auto`: the analysis's reason, for an automatic rollback).
     pub(super) fn rollout(&self, name: &str, change: &RolloutAction, auto: Option<String>) -> Reply {
+        let positions = match change {
+            RolloutAction::Waves { labels, .. } => self.wave_positions(name, labels),
+            _ => Vec::new(),
+        };
+        let context = rollout::Context { now_ms: now_ms(), positions };
         self.transition(|state| {
-            let (mut rollout, line) = rollout::apply(state, name, change)?;
+            let (mut rollout, line) = rollout::apply(state, name, change, &context)?;
             let line = match &auto {
                 Some(why) => format!("automatic rollback: {why}"),
                 None => line,

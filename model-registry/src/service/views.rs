@@ -5,7 +5,7 @@
 #[allow(unused_imports)]
 use fabric_proto::answers::{
     Analysis, Failing, LiveVersion, ModelOverview, NodeRollout, NodeView, Overview, RolloutStatus, RolloutSummary,
-    Route, VersionSummary, WindowFigures,
+    Route, VersionSummary, WavesProgress, WindowFigures,
 };
 
 use super::*;
@@ -48,10 +48,34 @@ impl Registry {
         }
         let per_node: Vec<NodeRollout> = candidates.iter().filter_map(|(_, id)| self.node_status(name, id)).collect();
         let nodes = &self.fleet;
-        let analysis = rollout.canary.map(|c| {
-            let stable = rollout.stable.map(|s| window(&nodes, name, s, timeout)).unwrap_or_default();
-            let canary = window(&nodes, name, c.version, timeout);
-            Analysis { stable: figures(&stable), canary: figures(&canary) }
+        let active_waves = rollout.waves.as_ref().filter(|w| w.active());
+        let compared = match (rollout.canary, active_waves) {
+            (Some(c), _) => rollout.stable.map(|s| (s, c.version)),
+            (None, Some(w)) => Some((w.from, w.version)),
+            _ => None,
+        };
+        let analysis = compared.map(|(stable, canary)| Analysis {
+            stable: figures(&window(&nodes, name, stable, timeout)),
+            canary: figures(&window(&nodes, name, canary, timeout)),
+        });
+        let waves = active_waves.map(|w| {
+            let (mut taking_part, mut moved) = (0usize, 0usize);
+            self.fleet.each(|n| {
+                let targeted = deployments.is_some_and(|ds| ds.iter().any(|d| rollout::targets(d, &n.info)));
+                if targeted && crate::waves::takes_part(w, &n.info.labels) {
+                    taking_part += 1;
+                    moved += usize::from(crate::waves::moved(w, name, &n.info.node_id, &n.info.labels));
+                }
+            });
+            // Until the wave's nodes serve, its whole time is still ahead.
+            let ran = w.wave_ready_ms.map_or(0, |ready| crate::state::now_ms().saturating_sub(ready));
+            WavesProgress {
+                wave: w.wave + 1,
+                waves: w.steps.len(),
+                taking_part,
+                moved,
+                next_in_ms: w.every_ms.saturating_sub(ran),
+            }
         });
         let summary = RolloutSummary {
             nodes: total,
@@ -67,6 +91,7 @@ impl Registry {
             generation: state.generation,
             rollout: rollout.clone(),
             analysis,
+            waves,
             summary,
             nodes: per_node,
         })

@@ -30,8 +30,13 @@ impl Drop for Fabric {
 }
 
 impl Fabric {
-    /// A fresh folder with certificates for registry-1, hub-1, hub-2, edge-1, edge-2 and an operator.
+    /// A fresh folder with certificates for registry-1..3, hub-1, hub-2, edge-1, edge-2 and an operator.
     pub fn new(name: &str) -> Fabric {
+        Fabric::with_edges(name, &[])
+    }
+
+    /// Like [`new`](Self::new), with certificates for more edges (simulated nodes, more real ones).
+    pub fn with_edges(name: &str, edges: &[String]) -> Fabric {
         let dir = std::env::temp_dir().join(format!("fabric-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let certs = dir.join("certs");
@@ -47,6 +52,7 @@ impl Fabric {
         ]
         .into_iter()
         .map(|(n, r)| (n.to_string(), r))
+        .chain(edges.iter().map(|e| (e.clone(), fabric_proto::tls::Role::Edge)))
         .collect();
         fabric_proto::tls::generate_dev_pki(&certs, &nodes).expect("certificates");
         Fabric { dir, certs }
