@@ -2,7 +2,8 @@
 //! loopback, real edge nodes under load that know every replica. The leader is killed (SIGKILL)
 //! mid-rollout: a new one is elected, nothing acknowledged is lost, the rollout goes on there, no
 //! request fails at the nodes. Then etcd loses its quorum: changes are refused with an error that
-//! says so, reads answer, nodes serve on, and everything resumes when quorum returns.
+//! says so, reads answer, nodes serve on, and everything resumes when quorum returns. Last, a
+//! rollout in waves whose leader is killed in its first wave completes on the next leader.
 
 mod support;
 
@@ -28,6 +29,18 @@ fn routes_everywhere(f: &Fabric, registry: &str, nodes: usize, want: &Value) -> 
     let status = f.cli(registry, &["rollout", "status", "mlp"]);
     let listed = status["nodes"].as_array().cloned().unwrap_or_default();
     listed.len() == nodes && listed.iter().all(|n| &n["policy"]["weights"] == want)
+}
+
+/// Waits (120 s at most) until the rollout in waves of `mlp` reaches `phase`; its status then.
+fn wait_for_waves(f: &Fabric, registry: &str, phase: &str) -> Value {
+    let mut status = Value::Null;
+    wait_for(&format!("the waves {phase}"), Duration::from_secs(120), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = f.cli_as(registry, "operator", &["rollout", "status", "mlp", "--output", "json"]);
+        status = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        status["rollout"]["waves"]["phase"] == phase
+    });
+    status
 }
 
 fn failed(samples: &[Sample]) -> Vec<String> {
@@ -113,6 +126,19 @@ fn a_replicated_registry_survives_its_leader_and_etcd_losing_quorum() {
     );
     let promoted = Instant::now();
     wait_for("every node answering from v1", Duration::from_secs(60), || load.all_answered_with(2, promoted, "1"));
+
+    // A rollout in waves, its leader killed in the first wave: the new leader carries it through.
+    wait_for("a leader again", Duration::from_secs(30), || leader(&replicas).is_some());
+    let started =
+        f.cli(&all, &["rollout", "waves", "mlp", "2", "--steps", "50%,100%", "--every", "3s", "--no-auto-abort"]);
+    assert_eq!(started["rollout"]["waves"]["phase"], "running", "{started}");
+    let old = leader(&replicas).expect("leader");
+    replicas[old] = None; // SIGKILL
+    wait_for("a new leader", Duration::from_secs(30), || leader(&replicas).is_some());
+    let status = wait_for_waves(&f, &all, "completed");
+    assert_eq!(status["rollout"]["stable"], 2, "{status}");
+    let done = Instant::now();
+    wait_for("every node answering from v2", Duration::from_secs(60), || load.all_answered_with(2, done, "2"));
     let samples = load.stop();
     assert!(samples.len() > 500, "only {} answers", samples.len());
     assert!(failed(&samples).is_empty(), "requests failed at the nodes: {:?}", failed(&samples));

@@ -129,6 +129,16 @@ impl Agent {
         loop {
             let report = self.control.report().await;
             let sent = activity(&report);
+            // The registry holds an active node's heartbeat for `heartbeat_ms` at most (its test).
+            let active = report
+                .versions
+                .iter()
+                .any(|v| v.window.arrivals_per_s > 0.0 || v.queue_depth > 0 || v.loading_replicas > 0);
+            let longest_silence = if active {
+                Duration::from_millis(self.heartbeat_ms) + SILENT_LIMIT
+            } else {
+                Duration::from_millis(self.idle_heartbeat_ms) + SILENT_LIMIT
+            };
             let heartbeat = Heartbeat {
                 info: self.info.clone(),
                 applied,
@@ -152,9 +162,9 @@ impl Agent {
                 },
                 // Nothing at all came back, not even the acknowledgement of the request: the
                 // registry (a replica) is gone; move on now rather than at the hold's end.
-                () = self.silent_registry() => {
+                () = self.silent_registry(longest_silence) => {
                     self.client.abandon().await;
-                    Err(ProtoError::Io(format!("the registry sent nothing for {} ms", SILENT_LIMIT.as_millis())))
+                    Err(ProtoError::Io(format!("the registry sent nothing for {} ms", longest_silence.as_millis())))
                 },
                 // Something the registry acts on: report it now rather than when the hold ends.
                 () = self.load_moved(&sent) => continue,
@@ -201,19 +211,19 @@ impl Agent {
         }
     }
 
-    /// Returns once the registry connection has received nothing for [`SILENT_LIMIT`] since a call
-    /// began (never, while that cannot be told: no connection yet).
-    async fn silent_registry(&self) {
-        let at_start = self.client.received_datagrams();
-        let started = tokio::time::Instant::now();
+    /// Returns once the registry connection has received nothing for `longest` (never, while that
+    /// cannot be told: no connection yet). A live registry acknowledges the request within a round
+    /// trip and answers within its hold.
+    async fn silent_registry(&self, longest: Duration) {
+        let mut last = self.client.received_datagrams();
+        let mut since = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(REPORT_CHECK).await;
-            if started.elapsed() >= SILENT_LIMIT {
-                if let (Some(before), Some(now)) = (at_start, self.client.received_datagrams()) {
-                    if before == now {
-                        return;
-                    }
-                }
+            let now = self.client.received_datagrams();
+            if now != last || now.is_none() {
+                (last, since) = (now, tokio::time::Instant::now());
+            } else if since.elapsed() >= longest {
+                return;
             }
         }
     }
@@ -377,8 +387,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 /// How much later than its longest hold a heartbeat's answer may come before the registry is deemed gone.
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
-/// A call on a connection that received nothing for this long is a registry that is gone (a live one
-/// acknowledges the request within a round trip).
+/// A connection that received nothing for this long past the registry's hold is a registry that is
+/// gone (a live one acknowledges a request within a round trip and answers within its hold).
 const SILENT_LIMIT: Duration = Duration::from_secs(2);
 /// How often the agent looks at its load report while a heartbeat is held.
 const REPORT_CHECK: Duration = Duration::from_millis(250);

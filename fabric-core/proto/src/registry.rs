@@ -394,6 +394,9 @@ struct Link {
 /// Longest one call keeps moving between replicas (a new leader is elected within a lease, 3 s).
 pub const FAILOVER_WITHIN: Duration = Duration::from_secs(10);
 
+/// Longest a model file download may go without a byte before it is given up.
+pub const FETCH_STALL: Duration = Duration::from_secs(5);
+
 /// Times a connect the registry refused (too many handshakes at once) is tried again before failing.
 const REFUSED_RETRIES: u32 = 4;
 
@@ -690,7 +693,16 @@ impl RegistryClient {
         };
         write_frame(&mut send, &Request::Fetch { digest: digest.to_string() }).await?;
         let _ = send.finish();
-        let reply: Reply = read_frame(&mut recv, MAX_FRAME).await?;
+        // A registry (replica) that dies mid-file is left after FETCH_STALL without a byte, not after
+        // QUIC's idle timeout; the next try goes to another replica (they share the model files).
+        let stalled = || ProtoError::Io(format!("the registry sent nothing for {FETCH_STALL:?} during a model file"));
+        let reply: Reply = match tokio::time::timeout(FETCH_STALL, read_frame(&mut recv, MAX_FRAME)).await {
+            Ok(reply) => reply?,
+            Err(_) => {
+                self.abandon().await;
+                return Err(stalled());
+            }
+        };
         let head = reply.map_err(ProtoError::Refused)?;
         let FetchHead { size } =
             serde_json::from_value(head).map_err(|e| ProtoError::Malformed(format!("fetch answer: {e}")))?;
@@ -699,7 +711,17 @@ impl RegistryClient {
             .await
             .map_err(|e| ProtoError::Setup(format!("cannot write {}: {e}", partial.display())))?;
         let mut got = 0u64;
-        while let Some(chunk) = recv.read_chunk(CHUNK, true).await.map_err(|e| ProtoError::Io(e.to_string()))? {
+        loop {
+            let chunk = match tokio::time::timeout(FETCH_STALL, recv.read_chunk(CHUNK, true)).await {
+                Ok(chunk) => chunk.map_err(|e| ProtoError::Io(e.to_string()))?,
+                Err(_) => {
+                    drop(out);
+                    let _ = tokio::fs::remove_file(&partial).await;
+                    self.abandon().await;
+                    return Err(stalled());
+                }
+            };
+            let Some(chunk) = chunk else { break };
             got += chunk.bytes.len() as u64;
             if got > size {
                 let _ = tokio::fs::remove_file(&partial).await;
