@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: a whole local fabric on this machine, nothing installed by hand.
 #
-#   bash scripts/run-fabric.sh [--no-build] [--bin-dir DIR] [--data DIR] [--base-port N]
+#   bash scripts/run-fabric.sh [--ha] [--no-build] [--bin-dir DIR] [--data DIR] [--base-port N]
 #
 # Installs what it needs (scripts/setup.sh: a Python venv, the generated and trained models, the ONNX
 # Runtime library), builds the release binaries, makes development certificates, and starts on
@@ -17,6 +17,10 @@
 # A second run reuses the state (DATA, default build/fabric): the registry remembers the model and the
 # nodes serve it from their caches at once.
 #
+#   --ha            the replicated registry instead: a 3-member etcd cluster (Debian's etcd-server,
+#                   members in DATA/etcd, client ports N+10, N+20, N+30) and three model-registry
+#                   replicas on it (quic N, N+5, N+6; status pages N+4, N+7, N+8; one elected
+#                   leader), every node and the CLI given all three (default DATA build/fabric-ha)
 #   --no-build      use the binaries as they are (CI builds them itself)
 #   --bin-dir DIR   where the binaries are (default target/release)
 #   --data DIR      state and logs (default build/fabric)
@@ -26,8 +30,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build=1
+ha=0
 bin=target/release
-data=build/fabric
+data=""
 registry_port=7000 hub_quic=4433 edge_http=8000 hub_http=8100 page_port=7080
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,12 +42,14 @@ while [ $# -gt 0 ]; do
     --base-port)
       registry_port="$2" hub_quic=$(($2 + 1)) edge_http=$(($2 + 2)) hub_http=$(($2 + 3)) page_port=$(($2 + 4))
       shift ;;
-    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --ha) ha=1 ;;
+    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run-fabric.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
+[ -n "$data" ] || { [ "$ha" = 1 ] && data=build/fabric-ha || data=build/fabric; }
 bash scripts/setup.sh
 export ORT_DYLIB_PATH="$(cat build/ort-dylib-path)"
 if [ "$build" = 1 ]; then
@@ -55,8 +62,9 @@ done
 
 certs="$data/certs"
 mkdir -p "$data/logs" "$data/edge-1/repo" "$data/hub-1/repo"
-[ -f "$certs/registry-1.pem" ] || "$bin/fabric" certs --out "$certs" \
-  --node registry-1:registry --node hub-1:hub --node edge-1:edge --node operator:operator > /dev/null
+[ -f "$certs/registry-3.pem" ] || "$bin/fabric" certs --out "$certs" --node registry-1:registry \
+  --node registry-2:registry --node registry-3:registry --node hub-1:hub --node edge-1:edge \
+  --node operator:operator > /dev/null
 
 pids=()
 stop() {
@@ -89,9 +97,52 @@ start() {
 
 registry="registry-1@127.0.0.1:$registry_port"
 export RUST_LOG=${RUST_LOG:-info}
-start registry "listening on" "$bin/model-registry" --listen "127.0.0.1:$registry_port" \
-  --http-addr "127.0.0.1:$page_port" \
-  --data-dir "$data/registry" --certs "$certs"
+if [ "$ha" = 0 ]; then
+  start registry "listening on" "$bin/model-registry" --listen "127.0.0.1:$registry_port" \
+    --http-addr "127.0.0.1:$page_port" \
+    --data-dir "$data/registry" --certs "$certs"
+else
+  command -v etcd > /dev/null || { echo "run-fabric.sh --ha: etcd is missing (scripts/setup.sh installs etcd-server)" >&2; exit 1; }
+  etcd_ports=($((registry_port + 10)) $((registry_port + 20)) $((registry_port + 30)))
+  initial=""
+  for i in 0 1 2; do initial+="${initial:+,}m$i=http://127.0.0.1:$((etcd_ports[i] + 1))"; done
+  endpoints=""
+  for i in 0 1 2; do
+    c=${etcd_ports[i]}
+    endpoints+="${endpoints:+,}127.0.0.1:$c"
+    state=new; [ -d "$data/etcd/m$i/member" ] && state=existing
+    # Started together (each member waits for the others to form the cluster), waited for below.
+    etcd --name "m$i" --data-dir "$data/etcd/m$i" \
+      --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+      --listen-peer-urls "http://127.0.0.1:$((c + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((c + 1))" \
+      --initial-cluster "$initial" --initial-cluster-token fabric-ha --initial-cluster-state "$state" \
+      --logger zap --log-outputs stderr > "$data/logs/etcd-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in 0 1 2; do
+    for n in $(seq 600); do
+      grep -q "ready to serve client requests" "$data/logs/etcd-$i.log" && break
+      [ "$n" = 600 ] && { echo "etcd member $i did not start within 60 s; its log: $data/logs/etcd-$i.log" >&2; exit 1; }
+      sleep 0.1
+    done
+  done
+  replica_ports=("$registry_port" $((registry_port + 5)) $((registry_port + 6)))
+  page_ports=("$page_port" $((registry_port + 7)) $((registry_port + 8)))
+  registry=""
+  for i in 0 1 2; do
+    registry+="${registry:+,}registry-$((i + 1))@127.0.0.1:${replica_ports[i]}"
+  done
+  for i in 0 1 2; do
+    start "registry-$((i + 1))" "listening on" "$bin/model-registry" --listen "127.0.0.1:${replica_ports[i]}" \
+      --http-addr "127.0.0.1:${page_ports[i]}" --node-id "registry-$((i + 1))" --certs "$certs" \
+      --store "etcd://$endpoints" --data-dir "$data/registry"
+  done
+  for i in $(seq 300); do
+    grep -q "model-registry leader" "$data"/logs/registry-*.log && break
+    [ "$i" = 300 ] && { echo "no registry replica became leader within 30 s; logs in $data/logs" >&2; exit 1; }
+    sleep 0.1
+  done
+fi
 start hub-1 "cloud-hub listening on" "$bin/cloud-hub" --model-repository "$data/hub-1/repo" --certs "$certs" \
   --node-id hub-1 --http-addr "127.0.0.1:$hub_http" --quic-addr "127.0.0.1:$hub_quic" \
   --registry "$registry" --data-dir "$data/hub-1"
@@ -125,7 +176,7 @@ done
 cat <<EOF
 
 The fabric is up (logs in $data/logs):
-  model-registry  quic://127.0.0.1:$registry_port  status page http://127.0.0.1:$page_port
+  model-registry  $registry  status page http://127.0.0.1:$page_port
   cloud-hub       http://127.0.0.1:$hub_http   quic://127.0.0.1:$hub_quic
   edge-node       http://127.0.0.1:$edge_http  (KServe v2; offloads overflow to the hub)
 

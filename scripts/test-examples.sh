@@ -6,7 +6,9 @@
 #      examples/canary.py (retrain, canary, promote, a bad version rolled back automatically);
 #   3. the fabric stopped (SIGTERM, what Ctrl-C does) with nothing left running, started again
 #      reusing its state (no second push), stopped again;
-#   4. examples/cluster/run.sh (two hubs, two edges, a hub killed under load).
+#   4. scripts/run-fabric.sh --ha (3 etcd members, 3 registry replicas): the digits through the edge,
+#      the leader killed, a change made through the next leader, stopped with nothing left running;
+#   5. examples/cluster/run.sh (two hubs, two edges, a hub killed under load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ORT_DYLIB_PATH="$(cat build/ort-dylib-path)"
@@ -19,7 +21,7 @@ trap '[ -n "$fabric_pid" ] && kill "$fabric_pid" 2>/dev/null; rm -f "$log"' EXIT
 
 start_fabric() {
   : > "$log"
-  bash scripts/run-fabric.sh --no-build --bin-dir target/debug --data "$data" --base-port 17400 > "$log" 2>&1 &
+  bash scripts/run-fabric.sh --no-build --bin-dir target/debug --data "$data" --base-port "${base:-17400}" "$@" > "$log" 2>&1 &
   fabric_pid=$!
   for _ in $(seq 1800); do
     grep -q "^fabric ready" "$log" && return 0
@@ -60,6 +62,26 @@ if grep -q "pushing the trained digits" "$log"; then
   exit 1
 fi
 timeout 120 .venv/bin/python examples/edge_app.py --url 127.0.0.1:17402 --senders 2
+stop_fabric
+echo "==> main command, replicated: scripts/run-fabric.sh --ha"
+data=build/ci-fabric-ha base=17500
+rm -rf "$data"
+start_fabric --ha
+timeout 120 .venv/bin/python examples/edge_app.py --url 127.0.0.1:17502 --senders 2
+leader=$(grep -l "model-registry leader" "$data"/logs/registry-*.log | head -1)
+pid=$(pgrep -f -- "--node-id $(basename "$leader" .log) " | head -1)
+echo "    killing the leader ($(basename "$leader" .log), pid $pid)"
+kill -9 "$pid"
+ha_registry="registry-1@127.0.0.1:17500,registry-2@127.0.0.1:17505,registry-3@127.0.0.1:17506"
+ok=0
+for _ in $(seq 60); do
+  if FABRIC_REGISTRY="$ha_registry" FABRIC_CERTS="$data/certs" target/debug/fabric deploy digits --to all --replicas 1 > /dev/null 2>&1; then
+    ok=1; break
+  fi
+  sleep 0.5
+done
+[ "$ok" = 1 ] || { echo "no change went through after the leader was killed" >&2; exit 1; }
+timeout 120 .venv/bin/python examples/edge_app.py --url 127.0.0.1:17502 --senders 2
 stop_fabric
 echo "==> examples/cluster/run.sh"
 timeout 600 bash examples/cluster/run.sh --bin-dir target/debug

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use model_registry::replica::{self, HaConfig, LeaseTimes, Replica};
+use model_registry::replica::{self, HaConfig, LeaseTimes};
 use model_registry::rollout::AnalysisSettings;
-use model_registry::service::{self, Registry, Settings};
+use model_registry::service::{self, Registry, Replica, Settings};
 use model_registry::store::embedded::RedbStore;
 use model_registry::store::Blobs;
 

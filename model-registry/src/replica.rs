@@ -1,6 +1,6 @@
 //! Replicated registries: several `model-registry` processes on one etcd, one of them the leader.
 //!
-//! Each replica holds a [`Replica`]: the [`Registry`] it serves now. A follower's registry answers
+//! Each replica holds a [`Replica`] (in [`crate::service`]): the [`Registry`] it serves now. A follower's registry answers
 //! reads from a state fed by an etcd watch and refuses writes and heartbeats with `not_leader`,
 //! naming the leader, so nodes and the CLI move there. The leader's registry writes through an
 //! [`EtcdStore`] fenced on its election key, and keeps the fleet (heartbeats, load) in memory only:
@@ -12,67 +12,27 @@
 //! succeeded for the lease's time less a margin, before etcd can hand the leadership to another; the
 //! fence makes any write it still tries fail.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, WatchOptions};
-use fabric_proto::registry::Refusal;
 
-use crate::service::{Registry, Settings};
+use crate::service::{Registry, Replica, Settings};
 use crate::store::etcd::{connect_options, read_all, EtcdStore, Fence};
 use crate::store::{assemble, Blobs, Store, Stored};
 
-/// The registry this process serves now, and where the leader is.
-pub struct Replica {
-    current: RwLock<Arc<Registry>>,
-    /// The leader's address as clients dial it (`NAME@HOST:PORT`), when known.
-    leader: RwLock<Option<String>>,
-    /// This replica's own address, as it campaigns with it.
-    name: String,
-}
-
-impl Replica {
-    /// A registry that is always the leader (one process, the embedded store).
-    pub fn single(registry: Arc<Registry>) -> Arc<Replica> {
-        Arc::new(Replica { current: RwLock::new(registry), leader: RwLock::new(None), name: String::new() })
-    }
-
-    /// The registry serving now (the leader's, or a follower's view).
-    pub fn current(&self) -> Arc<Registry> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set(&self, registry: Arc<Registry>) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = registry;
-    }
-
-    /// The leader's address, when known.
-    pub fn leader(&self) -> Option<String> {
-        self.leader.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set_leader(&self, leader: Option<String>) {
-        *self.leader.write().unwrap_or_else(|p| p.into_inner()) = leader;
-    }
-
-    /// The refusal a follower answers writes and heartbeats with.
-    pub fn not_leader(&self) -> Refusal {
-        match self.leader() {
-            Some(leader) => Refusal::new(
-                "not_leader",
-                format!("registry replica {} is a follower; the leader is {leader}", self.name),
-            )
-            .with_leader(leader),
-            None => Refusal::new(
-                "not_leader",
-                format!(
-                    "registry replica {} is a follower and no leader is elected now (etcd may have lost its \
-                     quorum); nodes keep serving their last desired state: try again shortly",
-                    self.name
-                ),
-            ),
-        }
-    }
+/// Why a replica's term ended or could not start (it campaigns again after a pause).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// etcd refused or could not be reached.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The lease could not be had or kept.
+    #[error("{0}")]
+    Lease(String),
 }
 
 /// The lease a leader holds.
@@ -117,14 +77,14 @@ impl HaConfig {
 }
 
 /// Connects to etcd and loads a follower's registry (the state as stored now), for [`run`].
-pub async fn start(config: &HaConfig, blobs: Arc<Blobs>) -> anyhow::Result<Arc<Replica>> {
+pub async fn start(config: &HaConfig, blobs: Arc<Blobs>) -> Result<Arc<Replica>, ReplicaError> {
     let store = connect_store(config, blobs).await?;
     let stored = tokio::task::block_in_place(|| store.load())?.unwrap_or_default();
     let registry = Registry::follower(Box::new(store.read_only()), stored, config.settings.clone());
-    Ok(Arc::new(Replica { current: RwLock::new(registry), leader: RwLock::new(None), name: config.advertise.clone() }))
+    Ok(Replica::following(registry, &config.advertise))
 }
 
-async fn connect_store(config: &HaConfig, blobs: Arc<Blobs>) -> anyhow::Result<EtcdStore> {
+async fn connect_store(config: &HaConfig, blobs: Arc<Blobs>) -> Result<EtcdStore, ReplicaError> {
     let (endpoints, prefix) = (config.endpoints.clone(), config.state_prefix());
     Ok(tokio::task::block_in_place(|| EtcdStore::connect(&endpoints, &prefix, blobs))?)
 }
@@ -136,7 +96,7 @@ pub async fn run(replica: Arc<Replica>, config: HaConfig, blobs: Arc<Blobs>) {
         match one_term(&replica, &config, &blobs).await {
             Ok(()) => pause = Duration::from_millis(200),
             Err(e) => {
-                tracing::warn!("registry replica: {e:#} (trying again in {} ms)", pause.as_millis());
+                tracing::warn!("registry replica: {e} (trying again in {} ms)", pause.as_millis());
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
@@ -145,7 +105,7 @@ pub async fn run(replica: Arc<Replica>, config: HaConfig, blobs: Arc<Blobs>) {
 }
 
 /// One lease: follow while campaigning, lead once elected, until the lease is lost.
-async fn one_term(replica: &Arc<Replica>, config: &HaConfig, blobs: &Arc<Blobs>) -> anyhow::Result<()> {
+async fn one_term(replica: &Arc<Replica>, config: &HaConfig, blobs: &Arc<Blobs>) -> Result<(), ReplicaError> {
     let mut client = Client::connect(config.endpoints.clone(), Some(connect_options())).await?;
     let ttl = config.lease.ttl.as_secs().max(1) as i64;
     let lease = client.lease_grant(ttl, None).await?.id();
@@ -154,7 +114,7 @@ async fn one_term(replica: &Arc<Replica>, config: &HaConfig, blobs: &Arc<Blobs>)
     keeper.keep_alive().await?;
     match answers.message().await? {
         Some(a) if a.ttl() > 0 => {}
-        _ => anyhow::bail!("the first keep-alive of lease {lease:x} failed"),
+        _ => return Err(ReplicaError::Lease(format!("the first keep-alive of lease {lease:x} failed"))),
     }
     // The lease holds until `valid_until` (by our clock, from when its last keep-alive was sent).
     let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
@@ -195,7 +155,7 @@ async fn one_term(replica: &Arc<Replica>, config: &HaConfig, blobs: &Arc<Blobs>)
         _ = lost.changed() => {
             follower.abort();
             keeping.abort();
-            anyhow::bail!("the lease ran out while campaigning");
+            return Err(ReplicaError::Lease("the lease ran out while campaigning".into()));
         }
     };
     follower.abort();
@@ -203,7 +163,7 @@ async fn one_term(replica: &Arc<Replica>, config: &HaConfig, blobs: &Arc<Blobs>)
         Ok(Some(key)) => key,
         Ok(None) => {
             keeping.abort();
-            anyhow::bail!("etcd's campaign answer had no leader key")
+            return Err(ReplicaError::Lease("etcd's campaign answer had no leader key".into()));
         }
         Err(e) => {
             keeping.abort();
@@ -241,7 +201,7 @@ async fn one_term(replica: &Arc<Replica>, config: &HaConfig, blobs: &Arc<Blobs>)
     let view = connect_store(config, blobs.clone()).await.map(|s| s.read_only());
     match view {
         Ok(store) => replica.set(Registry::follower(Box::new(store), stored, config.settings.clone())),
-        Err(e) => tracing::warn!("cannot reopen the store as a follower: {e:#}"),
+        Err(e) => tracing::warn!("cannot reopen the store as a follower: {e}"),
     }
     let _ = client.lease_revoke(lease).await;
     Ok(())

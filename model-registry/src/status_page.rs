@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 
-use crate::replica::Replica;
+use crate::service::Replica;
 
 /// The page, compiled in.
 const PAGE: &str = include_str!("status.html");

@@ -14,20 +14,10 @@ use std::collections::BTreeMap;
 use fabric_proto::answers::{WavePhase, Waves};
 use fabric_proto::registry::Refusal;
 
-/// A node's place in the order of `model`'s waves: FNV-1a over the model name and node id, then
-/// MurmurHash3's 64-bit finaliser (FNV alone leaves the high bits, which decide the order, to the
-/// ids' common prefix: `edge-1`, `edge-2`, ... would all sort together).
+/// A node's place in the order of `model`'s waves: a stable hash of the model name and node id.
 pub fn position(model: &str, node_id: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in model.bytes().chain([0u8]).chain(node_id.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    hash ^ (hash >> 33)
+    let key: Vec<u8> = model.bytes().chain([0u8]).chain(node_id.bytes()).collect();
+    fabric_policy::hash::stable_hash(&key)
 }
 
 /// The cutoff under which `share_pct` percent of `positions` fall (rounded up: a 1% wave of 10 nodes

@@ -5,59 +5,12 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fabric_proto::registry::{DesiredState, Heartbeat, NodeInfo, ReadyVersion, RegistryAddr, RegistryClient, Request};
-use fabric_proto::tls::TlsFiles;
+use fabric_proto::registry::DesiredState;
 use model_registry::waves::position;
 use serde_json::Value;
-use support::{infer_model, model, wait_for, Fabric, Load};
-
-/// What each simulated node was last told.
-type Told = Arc<Mutex<BTreeMap<String, DesiredState>>>;
-
-/// Simulated edges: each heartbeats as a node that loads whatever it is told at once, without traffic.
-fn simulate(f: &Fabric, registry: &str, ids: &[String]) -> (tokio::runtime::Runtime, Told) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
-    let told: Told = Arc::default();
-    for id in ids {
-        let _enter = runtime.enter();
-        let target = RegistryAddr::parse(&format!("registry-1@{registry}")).expect("address");
-        let client = RegistryClient::new(target, &TlsFiles::in_dir(&f.certs, id)).expect("client");
-        let (id, told) = (id.clone(), told.clone());
-        runtime.spawn(async move {
-            let info = NodeInfo { node_id: id.clone(), role: "edge".into(), ..Default::default() };
-            let (mut applied, mut ready) = (0u64, Vec::new());
-            loop {
-                let beat = Heartbeat {
-                    info: info.clone(),
-                    applied,
-                    ready: ready.clone(),
-                    wait_ms: 300,
-                    max_wait_ms: 1000,
-                    ..Default::default()
-                };
-                match client.call(&Request::Heartbeat(beat)).await.map(serde_json::from_value::<DesiredState>) {
-                    Ok(Ok(desired)) => {
-                        applied = desired.revision;
-                        ready = desired
-                            .models
-                            .iter()
-                            .flat_map(|m| {
-                                m.versions.iter().map(|v| ReadyVersion { name: m.name.clone(), version: v.version })
-                            })
-                            .collect();
-                        told.lock().expect("told").insert(id.clone(), desired);
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        });
-    }
-    (runtime, told)
-}
+use support::{infer_model, model, simulate, wait_for, Fabric, Load};
 
 /// Whether `desired` routes `model`'s requests to `version` at all.
 fn routes_to(desired: &DesiredState, model: &str, version: u64) -> bool {
@@ -89,7 +42,7 @@ fn waves_move_the_fleet_in_order_and_a_slower_version_stops_at_its_wave() {
     let r = registry.addr.clone();
     let edges: Vec<_> = real.iter().map(|id| f.edge(id, &r, &[])).collect();
     let nodes: Vec<String> = edges.iter().map(|e| e.addr.clone()).collect();
-    let (_sim_runtime, told) = simulate(&f, &r, &sims);
+    let (_sim_runtime, told) = simulate(&f, &format!("registry-1@{r}"), &sims, 1000);
     let a = support::client();
     let everyone: Vec<String> = sims.iter().cloned().chain(real.iter().map(|s| s.to_string())).collect();
 
@@ -122,7 +75,7 @@ fn waves_move_the_fleet_in_order_and_a_slower_version_stops_at_its_wave() {
                 let want = |id: &str| cutoff == u64::MAX || position("mlp", id) < cutoff;
                 wait_for("the simulated nodes told their wave", Duration::from_secs(30), || {
                     let told = told.lock().expect("told");
-                    sims.iter().all(|id| told.get(id).is_some_and(|d| routes_to(d, "mlp", 2) == want(id)))
+                    sims.iter().all(|id| told.get(id).is_some_and(|(d, _)| routes_to(d, "mlp", 2) == want(id)))
                 });
             }
         }
@@ -146,7 +99,7 @@ fn waves_move_the_fleet_in_order_and_a_slower_version_stops_at_its_wave() {
     wait_for("every real edge on v2", Duration::from_secs(60), || load.all_answered_with(nodes.len(), since, "2"));
     let samples = load.stop();
     assert!(samples.iter().all(|s| s.status == 200), "a request failed during the waves");
-    assert!(told.lock().expect("told").values().all(|d| routes_to(d, "mlp", 2) && !routes_to(d, "mlp", 1)));
+    assert!(told.lock().expect("told").values().all(|(d, _)| routes_to(d, "mlp", 2) && !routes_to(d, "mlp", 1)));
 
     // A slower CNN (20x the work) in waves whose first wave holds no real node and whose second holds
     // one: wave 1 passes (no traffic to judge), wave 2's real node is slower, and the waves stop there.
@@ -193,7 +146,7 @@ fn waves_move_the_fleet_in_order_and_a_slower_version_stops_at_its_wave() {
     // Every moved node back on v1: the simulated ones told so, the real one answering from it.
     wait_for("the simulated nodes back on v1", Duration::from_secs(30), || {
         let told = told.lock().expect("told");
-        sims.iter().all(|id| told.get(id).is_some_and(|d| !routes_to(d, name, 2)))
+        sims.iter().all(|id| told.get(id).is_some_and(|(d, _)| !routes_to(d, name, 2)))
     });
     let back = Instant::now();
     wait_for("every real edge answering from v1", Duration::from_secs(30), || {

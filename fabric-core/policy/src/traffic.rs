@@ -154,7 +154,7 @@ impl TrafficPolicy {
 /// spread by the Weyl sequence (even interleaving).
 pub fn draw(request_id: Option<&str>, counter: u64) -> u64 {
     match request_id {
-        Some(id) => fnv1a(id.as_bytes()),
+        Some(id) => crate::hash::stable_hash(id.as_bytes()),
         None => counter.wrapping_mul(GOLDEN),
     }
 }
@@ -162,22 +162,6 @@ pub fn draw(request_id: Option<&str>, counter: u64) -> u64 {
 /// Maps a 64-bit value evenly onto `0..n`.
 fn scale(x: u64, n: u64) -> u64 {
     ((u128::from(x) * u128::from(n)) >> 64) as u64
-}
-
-/// FNV-1a, then a final mix so similar ids (`req-1`, `req-2`) spread over the whole range. Stable
-/// across runs and builds (unlike std's SipHash with random keys), so an id keeps its version.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    // splitmix64's finaliser.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 #[cfg(test)]

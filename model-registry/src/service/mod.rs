@@ -13,7 +13,8 @@
 //! [`requests`] (who may do what, and where each request goes), [`upload`] (model files in and
 //! out), [`models`] (model and rollout transitions), [`heartbeat`] (the long poll, liveness),
 //! [`autoscale`] (the autoscaling driver), [`canary`] (the canary tick), [`views`] (what the CLI
-//! and the status page read), [`server`] (the QUIC loop and its ticks).
+//! and the status page read), [`server`] (the QUIC loop and its ticks), [`replica`] (which registry
+//! this process serves now: the leader's, or a follower's view).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -31,7 +32,6 @@ use fabric_proto::tls::{self, Identity, Role};
 use serde_json::{json, Value};
 
 use crate::fleet::{Fleet, NodeRecord};
-use crate::replica::Replica;
 use crate::rollout::{self, AnalysisSettings, Window};
 use crate::state::{now_ms, scaled_key, Deployment, ModelVersion, RegistryState, Scaled};
 use crate::store::{scaled_record_key, Change, Store};
@@ -41,11 +41,13 @@ mod autoscale;
 mod canary;
 mod heartbeat;
 mod models;
+mod replica;
 mod requests;
 mod server;
 mod upload;
 mod views;
 
+pub use replica::Replica;
 pub use server::{serve, Admission, FLUSH_TICK};
 pub use views::{DETAIL_NODES, OVERVIEW_NODES};
 

@@ -4,7 +4,7 @@
 //! to the disk.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition};
 
@@ -144,20 +144,8 @@ impl Store for RedbStore {
         Ok(revision)
     }
 
-    fn staging_path(&self) -> PathBuf {
-        self.blobs.staging_path()
-    }
-
-    fn commit_blob(&self, staged: &Path, digest: &str) -> Result<(), StoreError> {
-        self.blobs.commit(staged, digest)
-    }
-
-    fn blob_path(&self, digest: &str) -> PathBuf {
-        self.blobs.path(digest)
-    }
-
-    fn remove_blob(&self, digest: &str) {
-        self.blobs.remove(digest)
+    fn blobs(&self) -> &Blobs {
+        &self.blobs
     }
 }
 
@@ -167,6 +155,7 @@ mod tests {
     use crate::state::Scaled;
     use crate::state::{test_version as version, Rollout};
     use crate::store::Store;
+    use std::path::PathBuf;
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("registry-store-{name}-{}", std::process::id()));

@@ -12,7 +12,6 @@
 //! runtime of their own, each bounded by [`WRITE_TIMEOUT`], so a store without quorum answers with
 //! an error rather than holding a transition forever.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -23,7 +22,26 @@ use super::{assemble, Blobs, Change, Store, StoreError, Stored, REVISION};
 /// Longest one etcd call may take before the store answers that etcd is unavailable.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The most operations one transaction carries (etcd's default `--max-txn-ops` is 128).
+/// How long a call is retried while etcd elects a leader among its members (one that lost a member
+/// takes about a second); past it, the store answers that etcd is unavailable.
+pub const RETRY_WITHIN: Duration = Duration::from_secs(5);
+
+/// The pause between tries.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The key of the last write's nonce (not part of the state).
+pub const WRITER: &str = "meta/writer";
+
+/// A nonce for one write: unique within this process, and across processes with near certainty.
+fn next_nonce() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = format!("{}-{}-{n}", std::process::id(), crate::state::now_ms());
+    fabric_policy::hash::stable_hash(seed.as_bytes())
+}
+
+/// The most operations one transaction carries (etcd's default `--max-txn-ops` is 128; two more go
+/// with every transaction: the revision and the nonce).
 pub const MAX_TXN_OPS: usize = 100;
 
 /// The key prefix the registry's keys live under by default.
@@ -136,10 +154,54 @@ impl EtcdStore {
         format!("{}{key}", self.prefix).into_bytes()
     }
 
+    /// Runs `request` against etcd until it answers, retrying what passes (an election among etcd's
+    /// members, a member that went away) for up to [`RETRY_WITHIN`]; what etcd still says then is
+    /// returned as unavailable.
+    fn call<T, F, Fut>(&self, request: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send,
+    {
+        let (client, endpoints) = (self.client.clone(), self.endpoints.clone());
+        block(async move {
+            let deadline = tokio::time::Instant::now() + RETRY_WITHIN;
+            let mut unanswered = false;
+            loop {
+                let said = match tokio::time::timeout(WRITE_TIMEOUT, request(client.clone())).await {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => {
+                        unanswered = true;
+                        format!("no answer within {WRITE_TIMEOUT:?}")
+                    }
+                };
+                // A request etcd took but did not answer may be committed once its quorum returns.
+                let said = if unanswered {
+                    format!("{said} (a request etcd did not answer may still be made when it recovers: check before repeating a change)")
+                } else {
+                    said
+                };
+                let passing =
+                    ["leader changed", "no leader", "timed out", "unavailable", "transport", "connect", "no answer"]
+                        .iter()
+                        .any(|p| said.to_lowercase().contains(p));
+                if !passing || tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                    return Err(unavailable(&endpoints, said));
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        })?
+    }
+
     /// Writes one transaction: `changes` (at most [`MAX_TXN_OPS`]) and the revision `from + 1`, if the
-    /// revision is still `from` and the fence holds.
+    /// revision is still `from` and the fence holds. A transaction retried after an error that may
+    /// have hidden its success carries a nonce (`meta/writer`) that tells, when the revision moved,
+    /// whether it was this one that moved it.
     fn write_one(&self, from: u64, changes: &[Change]) -> Result<(), StoreError> {
         let revision_key = self.key(REVISION);
+        let writer_key = self.key(WRITER);
+        let nonce = next_nonce();
         let mut compares = vec![if from == 0 {
             Compare::create_revision(revision_key.clone(), CompareOp::Equal, 0)
         } else {
@@ -156,65 +218,68 @@ impl EtcdStore {
             })
             .collect();
         ops.push(TxnOp::put(revision_key.clone(), (from + 1).to_be_bytes().to_vec(), None));
-        let mut otherwise = vec![TxnOp::get(revision_key, None)];
+        ops.push(TxnOp::put(writer_key.clone(), nonce.to_be_bytes().to_vec(), None));
+        let mut otherwise = vec![TxnOp::get(revision_key, None), TxnOp::get(writer_key, None)];
         if let Some(fence) = &self.fence {
             otherwise.push(TxnOp::get(fence.key.clone(), None));
         }
         let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
-        let mut client = self.client.clone();
-        let answer = block(async move { tokio::time::timeout(WRITE_TIMEOUT, client.txn(txn)).await })?
-            .map_err(|_| unavailable(&self.endpoints, format!("no answer within {WRITE_TIMEOUT:?}")))?
-            .map_err(|e| unavailable(&self.endpoints, e))?;
+        let answer = self.call(move |mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })?;
         if answer.succeeded() {
             return Ok(());
         }
         // Why it was refused: the fence (leadership lost) first, then the revision.
-        let mut found = None;
+        let mut found = 0;
+        let mut ours = false;
         let mut fence_holds = self.fence.is_none();
         for (i, op) in answer.op_responses().into_iter().enumerate() {
-            if let TxnOpResponse::Get(get) = op {
-                let kv = get.kvs().first();
-                if i == 0 {
-                    found = Some(
-                        kv.and_then(|kv| <[u8; 8]>::try_from(kv.value()).ok()).map(u64::from_be_bytes).unwrap_or(0),
-                    );
-                } else if let Some(fence) = &self.fence {
-                    fence_holds = kv.is_some_and(|kv| kv.create_revision() == fence.revision);
+            let TxnOpResponse::Get(get) = op else { continue };
+            let kv = get.kvs().first();
+            let number = kv.and_then(|kv| <[u8; 8]>::try_from(kv.value()).ok()).map(u64::from_be_bytes);
+            match i {
+                0 => found = number.unwrap_or(0),
+                1 => ours = number == Some(nonce),
+                _ => {
+                    if let Some(fence) = &self.fence {
+                        fence_holds = kv.is_some_and(|kv| kv.create_revision() == fence.revision);
+                    }
                 }
             }
+        }
+        if ours && found == from + 1 {
+            // An earlier try went through; its answer was lost.
+            return Ok(());
         }
         if !fence_holds {
             return Err(StoreError::NotLeader(
                 "this registry replica is no longer the leader (its election key is gone or replaced): the write was not made".into(),
             ));
         }
-        Err(StoreError::Conflict { expected: from, found: found.unwrap_or(0) })
+        Err(StoreError::Conflict { expected: from, found })
     }
 
     /// Compacts etcd's history up to the revision seen at the previous call (so a follower's watch
     /// that is less than one interval behind never misses an event).
     pub fn compact(&self) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
         let key = self.key(REVISION);
-        let now = block(async move {
-            tokio::time::timeout(WRITE_TIMEOUT, client.get(key, Some(GetOptions::new().with_count_only()))).await
-        })?
-        .map_err(|_| unavailable(&self.endpoints, "no answer"))?
-        .map_err(|e| unavailable(&self.endpoints, e))?
-        .header()
-        .map(|h| h.revision())
-        .unwrap_or(0);
-        let mut last = self.compact_to.lock().unwrap_or_else(|p| p.into_inner());
-        let target = std::mem::replace(&mut *last, now);
+        let now = self
+            .call(move |mut client| {
+                let key = key.clone();
+                async move { client.get(key, Some(GetOptions::new().with_count_only())).await }
+            })?
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0);
+        let target = std::mem::replace(&mut *self.compact_to.lock().unwrap_or_else(|p| p.into_inner()), now);
         if target > 0 {
-            let mut client = self.client.clone();
-            let done = block(async move { tokio::time::timeout(WRITE_TIMEOUT, client.compact(target, None)).await })?;
-            match done {
-                Ok(Ok(_)) => tracing::debug!(revision = target, "etcd history compacted"),
+            match self.call(move |mut client| async move { client.compact(target, None).await }) {
+                Ok(_) => tracing::debug!(revision = target, "etcd history compacted"),
                 // Compacted already (by another replica or etcd's own retention): nothing to do.
-                Ok(Err(e)) if e.to_string().contains("compacted") => {}
-                Ok(Err(e)) => return Err(unavailable(&self.endpoints, e)),
-                Err(_) => return Err(unavailable(&self.endpoints, "no answer")),
+                Err(e) if e.to_string().contains("compacted") => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -239,11 +304,11 @@ pub async fn read_all(client: &mut Client, prefix: &str) -> Result<(Vec<(String,
 
 impl Store for EtcdStore {
     fn load(&self) -> Result<Option<Stored>, StoreError> {
-        let (mut client, prefix) = (self.client.clone(), self.prefix.clone());
-        let (keys, _) =
-            block(async move { tokio::time::timeout(WRITE_TIMEOUT, read_all(&mut client, &prefix)).await })?
-                .map_err(|_| unavailable(&self.endpoints, "no answer"))?
-                .map_err(|e| unavailable(&self.endpoints, e))?;
+        let prefix = self.prefix.clone();
+        let (keys, _) = self.call(move |mut client| {
+            let prefix = prefix.clone();
+            async move { read_all(&mut client, &prefix).await }
+        })?;
         if keys.is_empty() {
             return Ok(None);
         }
@@ -265,20 +330,8 @@ impl Store for EtcdStore {
         Ok(revision)
     }
 
-    fn staging_path(&self) -> PathBuf {
-        self.blobs.staging_path()
-    }
-
-    fn commit_blob(&self, staged: &Path, digest: &str) -> Result<(), StoreError> {
-        self.blobs.commit(staged, digest)
-    }
-
-    fn blob_path(&self, digest: &str) -> PathBuf {
-        self.blobs.path(digest)
-    }
-
-    fn remove_blob(&self, digest: &str) {
-        self.blobs.remove(digest)
+    fn blobs(&self) -> &Blobs {
+        &self.blobs
     }
 
     fn maintain(&self) {

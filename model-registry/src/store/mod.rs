@@ -83,14 +83,24 @@ pub trait Store: Send + Sync {
     /// Writes `changes` if the stored revision is still `expected`; returns the new revision. Atomic
     /// and durable when it returns.
     fn write(&self, expected: u64, changes: &[Change]) -> Result<u64, StoreError>;
+    /// The model files.
+    fn blobs(&self) -> &Blobs;
     /// A fresh path to stage an upload in (same filesystem as the blobs).
-    fn staging_path(&self) -> PathBuf;
+    fn staging_path(&self) -> PathBuf {
+        self.blobs().staging_path()
+    }
     /// Moves a staged, synced file into place as the blob `digest`.
-    fn commit_blob(&self, staged: &Path, digest: &str) -> Result<(), StoreError>;
+    fn commit_blob(&self, staged: &Path, digest: &str) -> Result<(), StoreError> {
+        self.blobs().commit(staged, digest)
+    }
     /// Where blob `digest` is (it may not exist).
-    fn blob_path(&self, digest: &str) -> PathBuf;
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.blobs().path(digest)
+    }
     /// Deletes blob `digest`.
-    fn remove_blob(&self, digest: &str);
+    fn remove_blob(&self, digest: &str) {
+        self.blobs().remove(digest)
+    }
     /// Housekeeping the leader runs now and then (etcd: compacting old revisions).
     fn maintain(&self) {}
 }
@@ -199,6 +209,8 @@ pub fn assemble(keys: impl Iterator<Item = (String, Vec<u8>)>) -> Result<Stored,
         }
         let mut parts = k.splitn(3, '/');
         match (parts.next(), parts.next(), parts.next()) {
+            // The etcd store's last write nonce: not state.
+            (Some("meta"), Some("writer"), None) => {}
             (Some("meta"), Some("revision"), None) => {
                 stored.revision = u64::from_be_bytes(v.try_into().map_err(|_| StoreError::Corrupt("revision".into()))?)
             }

@@ -5,6 +5,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fabric_proto::registry::DesiredState;
 
 use fabric_testkit::ort::ort_library;
 use fabric_testkit::process::{workspace_binary, Proc};
@@ -223,4 +226,62 @@ pub fn figure(what: &str, value: &str) {
 /// SHA-256 of a file, hex.
 pub fn digest(path: &Path) -> String {
     fabric_proto::registry::sha256_file(path).expect("readable")
+}
+
+/// What each simulated node was last told, and when it last got an answer.
+pub type Told = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, (DesiredState, Instant)>>>;
+
+/// Simulated edges `ids` (certificates in the fabric's folder) of the registry at `registry`
+/// (`NAME@HOST:PORT,...`): each heartbeats as an idle node that loads whatever it is told at once,
+/// held at most `hold_ms`, and gives up on an answer 2 s past its hold (as the node agent does), over
+/// one UDP socket per 250 nodes.
+pub fn simulate(f: &Fabric, registry: &str, ids: &[String], hold_ms: u64) -> (tokio::runtime::Runtime, Told) {
+    use fabric_proto::registry::{Heartbeat, NodeInfo, ReadyVersion, RegistryAddr, RegistryClient, Request};
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+    let told: Told = Default::default();
+    let targets = RegistryAddr::parse_list(registry).expect("addresses");
+    let _enter = runtime.enter();
+    let mut endpoint = None;
+    for (i, id) in ids.iter().enumerate() {
+        if i % 250 == 0 {
+            endpoint = Some(quinn::Endpoint::client("0.0.0.0:0".parse().expect("bind")).expect("endpoint"));
+        }
+        let socket = endpoint.clone().expect("endpoint");
+        let files = fabric_proto::tls::TlsFiles::in_dir(&f.certs, id);
+        let client = RegistryClient::on_endpoint_replicated(socket, targets.clone(), &files).expect("client");
+        let (id, told) = (id.clone(), told.clone());
+        runtime.spawn(async move {
+            let info = NodeInfo { node_id: id.clone(), role: "edge".into(), ..Default::default() };
+            let (mut applied, mut ready) = (0u64, Vec::new());
+            loop {
+                let beat = Heartbeat {
+                    info: info.clone(),
+                    applied,
+                    ready: ready.clone(),
+                    wait_ms: 500,
+                    max_wait_ms: hold_ms,
+                    ..Default::default()
+                };
+                let request = Request::Heartbeat(beat);
+                let answer = tokio::time::timeout(Duration::from_millis(hold_ms + 2000), client.call(&request)).await;
+                match answer {
+                    Ok(Ok(value)) => {
+                        let Ok(desired) = serde_json::from_value::<DesiredState>(value) else { continue };
+                        applied = desired.revision;
+                        ready = desired
+                            .models
+                            .iter()
+                            .flat_map(|m| {
+                                m.versions.iter().map(|v| ReadyVersion { name: m.name.clone(), version: v.version })
+                            })
+                            .collect();
+                        told.lock().expect("told").insert(id.clone(), (desired, Instant::now()));
+                    }
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Err(_) => client.abandon().await,
+                }
+            }
+        });
+    }
+    (runtime, told)
 }
