@@ -135,14 +135,13 @@ fn the_etcd_store_keeps_the_contract_fences_writes_and_says_when_quorum_is_lost(
     // says it may still be made.
     cluster.kill(1);
     let started = Instant::now();
-    let mut unanswered = false;
-    match store.write(r3, &[Change::Put("meta/generation".into(), json(&6u64))]) {
+    let unanswered = match store.write(r3, &[Change::Put("meta/generation".into(), json(&6u64))]) {
         Err(StoreError::Unavailable(message)) => {
             assert!(message.contains("quorum"), "{message}");
-            unanswered = message.contains("may still be made");
+            message.contains("may still be made")
         }
         other => panic!("a write without quorum was not refused as unavailable: {other:?}"),
-    }
+    };
     assert!(started.elapsed() < Duration::from_secs(30), "the refusal took {:?}", started.elapsed());
     // Quorum back: writes resume from what etcd holds (the unanswered write made, or not at all).
     cluster.restart(1);

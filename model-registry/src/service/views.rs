@@ -55,8 +55,8 @@ impl Registry {
             _ => None,
         };
         let analysis = compared.map(|(stable, canary)| Analysis {
-            stable: figures(&window(&nodes, name, stable, timeout)),
-            canary: figures(&window(&nodes, name, canary, timeout)),
+            stable: figures(&window(nodes, name, stable, timeout)),
+            canary: figures(&window(nodes, name, canary, timeout)),
         });
         let waves = active_waves.map(|w| {
             let (mut taking_part, mut moved) = (0usize, 0usize);
