@@ -121,7 +121,7 @@ else
   done
   for i in 0 1 2; do
     for n in $(seq 600); do
-      grep -q "ready to serve client requests" "$data/logs/etcd-$i.log" && break
+      curl -sf "http://127.0.0.1:${etcd_ports[i]}/health" 2> /dev/null | grep -q '"true"' && break
       [ "$n" = 600 ] && { echo "etcd member $i did not start within 60 s; its log: $data/logs/etcd-$i.log" >&2; exit 1; }
       sleep 0.1
     done
@@ -149,6 +149,7 @@ start hub-1 "cloud-hub listening on" "$bin/cloud-hub" --model-repository "$data/
 start edge-1 "edge-node listening on" "$bin/edge-node" --model-repository "$data/edge-1/repo" --certs "$certs" \
   --node-id edge-1 --http-addr "127.0.0.1:$edge_http" --registry "$registry" --data-dir "$data/edge-1" \
   --label site=local
+node_pids=("${pids[-2]}" "${pids[-1]}")
 
 fabric() { FABRIC_REGISTRY="$registry" FABRIC_CERTS="$certs" FABRIC_ID=operator "$bin/fabric" "$@"; }
 # What the registry already holds (a second run reuses it); retried, since a busy machine can take a
@@ -192,6 +193,10 @@ Next, in another shell:
 
 fabric ready (Ctrl-C stops everything)
 EOF
-wait -n "${pids[@]}" || true
+# Any process exiting stops the fabric, but for a replica or an etcd member of the replicated form
+# (the others carry on: kill the leader and watch another take over).
+watched=("${pids[@]}")
+[ "$ha" = 1 ] && watched=("${node_pids[@]}")
+wait -n "${watched[@]}" || true
 echo "a fabric process exited; see $data/logs" >&2
 exit 1
