@@ -523,6 +523,10 @@ fn hubs_learnt_from_the_registry_scale_to_zero_share_offload_and_survive_a_kill(
         "hub kill -9 -> marked down by the registry and unused by the edge (heartbeat timeout 3 s)",
         &format!("{} ms", killed.elapsed().as_millis()),
     );
+    // Attempts sent before the mark end on their own time (the hub's patience): count from when none is left.
+    wait_for("the edge's requests to hub-1 drained", Duration::from_secs(30), || {
+        metric("fabric_offload_in_flight{hub=\"hub-1\"}") == 0.0
+    });
     let attempts = metric("fabric_offload_attempts_total{hub=\"hub-1\"");
     let after_down = Instant::now();
     wait_for("requests after hub-1 went down", Duration::from_secs(30), || {

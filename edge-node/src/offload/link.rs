@@ -95,6 +95,14 @@ impl HubLink {
         }
     }
 
+    /// Publishes how many of our requests to this hub are unanswered.
+    pub(super) fn publish_in_flight(&self) {
+        if let Some(m) = &self.metrics {
+            let sending = i64::from(self.in_flight.load(Ordering::Relaxed));
+            m.offload_in_flight.with_label_values(&[&self.label()]).set(sending);
+        }
+    }
+
     /// Counts one offload attempt's outcome.
     pub(super) fn count(&self, outcome: &str) {
         if let Some(m) = &self.metrics {

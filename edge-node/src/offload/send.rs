@@ -79,19 +79,21 @@ pub(super) fn rand_trace() -> u64 {
     (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
 }
 
-/// One of our requests in flight to a hub, counted while it lives.
-pub(super) struct Sending<'a>(&'a AtomicU32);
+/// One of our requests in flight to a hub, counted (and published) while it lives.
+pub(super) struct Sending<'a>(&'a HubLink);
 
 impl<'a> Sending<'a> {
-    fn start(counter: &'a AtomicU32) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Sending(counter)
+    fn start(link: &'a HubLink) -> Self {
+        link.in_flight.fetch_add(1, Ordering::Relaxed);
+        link.publish_in_flight();
+        Sending(link)
     }
 }
 
 impl Drop for Sending<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.publish_in_flight();
     }
 }
 
@@ -118,11 +120,15 @@ impl Overflow for Offloader {
                 if now >= deadline {
                     break;
                 }
+                // The registry may have marked it down since the candidates were picked.
+                if link.down.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let patience = link.patience(&conn);
                 let attempt_deadline = deadline.min(now + patience);
                 let result = {
                     // Uncounted when the attempt ends, or when this future is dropped (the client left).
-                    let _sending = Sending::start(&link.in_flight);
+                    let _sending = Sending::start(&link);
                     self.attempt(&link, &conn, model, version, inputs, attempt_deadline).await
                 };
                 let name = link.name.lock().map(|n| n.clone()).unwrap_or_default();

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub hub_usable: IntGaugeVec,
     /// An edge's offload attempts by hub and outcome (served, busy, failed).
     pub offload_attempts: IntCounterVec,
+    /// Offload requests sent to each hub and not yet answered, by hub.
+    pub offload_in_flight: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -114,6 +116,11 @@ impl Metrics {
                 "offload_attempts_total",
                 "Offload attempts by hub and outcome (served, busy, failed)",
                 &["hub", "outcome"],
+            ),
+            offload_in_flight: gauge(
+                "offload_in_flight",
+                "Offload requests sent to the hub and not yet answered or given up",
+                &["hub"],
             ),
             registry,
             prefix: prefix.to_string(),
