@@ -126,8 +126,28 @@ async fn repository_unload(state: web::Data<HttpState>, req: HttpRequest, payloa
     }
 }
 
-/// The token mutating admin calls must present.
-struct AdminToken(String);
+/// The token mutating admin calls must present, kept only as its SHA-256 digest.
+struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    /// Keeps the digest of `token`; the token itself is not held after this.
+    fn new(token: &str) -> Self {
+        AdminToken(sha256(token.as_bytes()))
+    }
+
+    /// Whether `given` is the token: digests compared in constant time, so neither the token's
+    /// length nor a matching prefix shows in how long the answer takes.
+    fn matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(sha256(given).ct_eq(&self.0))
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
 
 /// Registers the admin API's routes; needs `web::Data<HttpState>` and the token in the app.
 fn admin_routes(cfg: &mut web::ServiceConfig) {
@@ -138,7 +158,7 @@ fn admin_routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/fabric/models/{model}/versions/{version}/config", web::put().to(put_config));
 }
 
-/// Checks the bearer token of a mutating call (constant time over the token's length).
+/// Checks the bearer token of a mutating call.
 fn authorised(req: &HttpRequest, token: &AdminToken) -> Result<(), HttpResponse> {
     if req.method() == Method::GET {
         return Ok(());
@@ -150,9 +170,7 @@ fn authorised(req: &HttpRequest, token: &AdminToken) -> Result<(), HttpResponse>
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default()
         .as_bytes();
-    let want = token.0.as_bytes();
-    let same = given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if same {
+    if token.matches(given) {
         Ok(())
     } else {
         Err(error(
@@ -238,7 +256,7 @@ async fn put_config(
 
 /// Binds the admin API (one worker: it is small and rarely called); returns the server and address.
 pub fn bind(state: web::Data<HttpState>, config: &AdminConfig) -> Result<(actix_web::dev::Server, SocketAddr), String> {
-    let token = web::Data::new(AdminToken(config.resolve_token()?));
+    let token = web::Data::new(AdminToken::new(&config.resolve_token()?));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -265,4 +283,25 @@ pub fn start(state: &web::Data<HttpState>, config: &AdminConfig) -> Result<Optio
     actix_rt::spawn(server);
     tracing::info!(%addr, "admin API listening");
     Ok(Some(addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdminToken;
+
+    #[test]
+    fn the_admin_token_matches_only_itself() {
+        let token = AdminToken::new("s3cret-admin-token");
+        let cases: &[(&[u8], bool)] = &[
+            (b"s3cret-admin-token", true),
+            (b"s3cret-admin-toke", false),
+            (b"s3cret-admin-token ", false),
+            (b"S3cret-admin-token", false),
+            (b"", false),
+            (b"s3cret-admin-token-and-more", false),
+        ];
+        for (given, want) in cases {
+            assert_eq!(token.matches(given), *want, "{:?}", String::from_utf8_lossy(given));
+        }
+    }
 }
