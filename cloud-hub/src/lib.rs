@@ -10,7 +10,7 @@ use std::time::Duration;
 use fabric_engine::EngineChoice;
 use fabric_node::boot::{self, RoleParts};
 use fabric_node::config::AutoscaleConfig;
-use fabric_node::config::{AdminConfig, HttpConfig, RepositoryConfig, ServingConfig};
+use fabric_node::config::{AdminConfig, GrpcConfig, HttpConfig, RepositoryConfig, ServingConfig};
 use fabric_node::metrics::Metrics;
 use fabric_proto::tls::{self, TlsFiles};
 use fabric_proto::wire::WireLimits;
@@ -66,6 +66,7 @@ impl Default for HubConfig {
         HubConfig {
             serving: ServingConfig {
                 http: HttpConfig { addr: "127.0.0.1:8100".into(), ..defaults.http },
+                grpc: GrpcConfig { addr: "127.0.0.1:8102".into(), ..defaults.grpc },
                 models: RepositoryConfig { engine: EngineChoice::Ort, ..defaults.models },
                 admin: AdminConfig { addr: "127.0.0.1:8101".into(), ..defaults.admin },
                 // Hubs serve many models for many edges: an idle one frees its replicas.

@@ -46,7 +46,7 @@ fn load_file(edge: &Edge, model: &str, version: u64, file: &std::path::Path) -> 
     let bytes = std::fs::read(file).expect("model file");
     let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
     let body = json!({ "parameters": { format!("file:{version}/model.onnx"): encoded } });
-    send_json(&client(), "POST", &format!("{}/v2/repository/models/{model}/load", edge.url), &body, false)
+    send_json(&client(), "POST", &format!("{}/v2/repository/models/{model}/load", edge.url), &body, true)
 }
 
 fn set_policy(edge: &Edge, model: &str, policy: Value) -> Reply {
@@ -181,7 +181,7 @@ fn canary_rollout_under_load_fails_nothing_and_follows_the_weights() {
         "POST",
         &format!("{}/v2/repository/models/mlp/unload", edge.url),
         &json!({ "parameters": { "version": "1" } }),
-        false,
+        true,
     );
     assert_eq!(unload.status, 200, "unload v1: {}", unload.error());
     if let Some(last) = bounds.last_mut() {
@@ -283,7 +283,7 @@ fn a_bad_model_is_refused_with_the_reason_and_serving_is_untouched() {
         assert!(model["last_load_error"].as_str().is_some_and(|e| e.starts_with("2: ")), "{model}");
     }
     // A model neither in the repository nor given as a file.
-    let r = send_json(&agent, "POST", &format!("{}/v2/repository/models/nope/load", edge.url), &json!({}), false);
+    let r = send_json(&agent, "POST", &format!("{}/v2/repository/models/nope/load", edge.url), &json!({}), true);
     assert_eq!(r.status, 404, "{}", r.error());
     assert!(r.error().contains("not in the repository"), "{}", r.error());
 }
@@ -314,7 +314,7 @@ fn policies_and_unloads_that_would_lose_traffic_are_refused() {
             "POST",
             &format!("{}/v2/repository/models/mlp/unload", edge.url),
             &json!({ "parameters": { "version": version } }),
-            false,
+            true,
         )
     };
     let r = unload("1");
@@ -336,11 +336,14 @@ fn policies_and_unloads_that_would_lose_traffic_are_refused() {
 #[test]
 fn model_control_is_refused_unless_switched_on() {
     let edge = start_edge_with_args(&[("mlp", "")], "", &[]);
-    let r = send_json(&client(), "POST", &format!("{}/v2/repository/models/mlp/load", edge.url), &json!({}), false);
+    let r = send_json(&client(), "POST", &format!("{}/v2/repository/models/mlp/load", edge.url), &json!({}), true);
     assert_eq!(r.status, 403, "{}", r.error());
     assert!(r.error().contains("--model-control explicit"), "{}", r.error());
-    let r = send_json(&client(), "POST", &format!("{}/v2/repository/models/mlp/unload", edge.url), &json!({}), false);
+    let r = send_json(&client(), "POST", &format!("{}/v2/repository/models/mlp/unload", edge.url), &json!({}), true);
     assert_eq!(r.status, 403, "{}", r.error());
+    // Without the token, the answer is the same refusal whether control is on or off: nothing says more.
+    let r = send_json(&client(), "POST", &format!("{}/v2/repository/models/mlp/unload", edge.url), &json!({}), false);
+    assert_eq!(r.status, 401, "{}", r.error());
     assert!(edge.admin.is_none(), "the admin API is off by default");
 }
 
@@ -379,7 +382,7 @@ fn unloading_answers_everything_queued() {
         v["in_flight"].as_u64().unwrap_or(0) as usize + answered.load(Ordering::SeqCst) >= REQUESTS
     });
     let unload =
-        send_json(&client(), "POST", &format!("{}/v2/repository/models/cnn/unload", edge.url), &json!({}), false);
+        send_json(&client(), "POST", &format!("{}/v2/repository/models/cnn/unload", edge.url), &json!({}), true);
     assert_eq!(unload.status, 200, "{}", unload.error());
     let outcomes: Vec<(u16, String)> = clients.into_iter().map(|c| c.join().expect("client")).collect();
     let failed: Vec<_> = outcomes.iter().filter(|(status, _)| *status != 200).collect();
@@ -419,7 +422,7 @@ fn concurrent_loads_of_the_same_version_share_one_load() {
             let (gate, url, body) = (gate.clone(), url.clone(), body.clone());
             std::thread::spawn(move || {
                 gate.wait();
-                send_json(&client(), "POST", &url, &body, false)
+                send_json(&client(), "POST", &url, &body, true)
             })
         })
         .collect::<Vec<_>>()

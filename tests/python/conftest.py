@@ -38,8 +38,11 @@ def load_case(model, case):
     return read(manifest["inputs"]), read(manifest["outputs"]), read(manifest.get("extras", []))
 
 
-def start_edge(repo, *args):
-    """Starts edge-node on `repo` with extra arguments; returns (process, "host:port")."""
+def start_edge(repo, *args, grpc=None):
+    """Starts edge-node on `repo` with extra arguments; returns (process, "host:port"). With `grpc`
+    (a dict), the gRPC API is on too and grpc["url"] is set to its "host:port"."""
+    if grpc is not None:
+        args = (*args, "--grpc-addr", "127.0.0.1:0")
     proc = subprocess.Popen(
         [edge_binary(), "--model-repository", repo, "--http-addr", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
@@ -50,6 +53,8 @@ def start_edge(repo, *args):
 
     def wait_for_ready():
         for line in proc.stdout:
+            if line.startswith("edge-node gRPC on ") and grpc is not None:
+                grpc["url"] = line.strip().removeprefix("edge-node gRPC on ")
             if line.startswith("edge-node listening on http://"):
                 found["url"] = line.strip().removeprefix("edge-node listening on http://")
                 return
@@ -68,6 +73,23 @@ def link_model(repo, name, version, source=None):
     folder = pathlib.Path(repo, name, str(version))
     folder.mkdir(parents=True)
     (folder / "model.onnx").symlink_to(BUILD / "models" / (source or name) / "1" / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def edge_grpc_url():
+    """An edge-node with the gRPC API on, serving the same models; yields its gRPC "host:port"."""
+    repo = tempfile.mkdtemp(prefix="edge-py-grpc-")
+    for name in ("mlp", "cnn", "mixed", "digits"):
+        link_model(repo, name, 1)
+    pathlib.Path(repo, "digits", "config.toml").write_text("max_batch_size = 512\n")
+    grpc = {}
+    proc, _ = start_edge(repo, grpc=grpc)
+    if "url" not in grpc:
+        proc.kill()
+        pytest.fail("edge-node printed no 'edge-node gRPC on' line")
+    yield grpc["url"]
+    proc.terminate()
+    proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,8 @@ pub struct Edge {
     pub dir: PathBuf,
     /// The admin API's URL, when it was switched on (`--admin-addr`).
     pub admin: Option<String>,
+    /// The gRPC API's address (`HOST:PORT`), when it was switched on (`--grpc-addr`).
+    pub grpc: Option<String>,
 }
 
 impl Drop for Edge {
@@ -97,10 +99,11 @@ fn spawn_edge(models: &[(&str, &str)], config: &str, args: &[String], with_ort: 
         .args(args)
         .env("RUST_LOG", "warn")
         .env("FABRIC_ADMIN_TOKEN", ADMIN_TOKEN);
-    let proc = Proc::spawn(command, "edge-node listening on ", &["edge-node admin API on "]);
+    let proc = Proc::spawn(command, "edge-node listening on ", &["edge-node admin API on ", "edge-node gRPC on "]);
     let admin = proc.seen("edge-node admin API on ").map(str::to_string);
+    let grpc = proc.seen("edge-node gRPC on ").map(str::to_string);
     let url = proc.addr.clone();
-    Edge { proc, url, dir, admin }
+    Edge { proc, url, dir, admin, grpc }
 }
 
 /// Sends a JSON body with `method`, with the admin token when `token` is set.

@@ -26,6 +26,10 @@ pub struct ServingArgs {
     /// HTTP listen address, e.g. 127.0.0.1:8000 (port 0 picks a free one)
     #[arg(long)]
     pub http_addr: Option<String>,
+    /// Serve KServe v2 over gRPC on this address too, e.g. 127.0.0.1:8002 (tritonclient.grpc,
+    /// perf_analyzer -i grpc); port 0 picks a free one
+    #[arg(long)]
+    pub grpc_addr: Option<String>,
     /// Model repository folder: <repo>/<model>/<version>/model.onnx [default: models]
     #[arg(long)]
     pub model_repository: Option<PathBuf>,
@@ -75,6 +79,10 @@ impl ServingArgs {
     pub fn apply(self, config: &mut ServingConfig) {
         if let Some(addr) = self.http_addr {
             config.http.addr = addr;
+        }
+        if let Some(addr) = self.grpc_addr {
+            config.grpc.addr = addr;
+            config.grpc.enabled = true;
         }
         if let Some(repo) = self.model_repository {
             config.models.path = repo;
@@ -148,6 +156,10 @@ pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<L
     if serving.admin.enabled {
         serving.admin.resolve_token().map_err(LoadError::Admin)?;
     }
+    // The repository API loads and unloads models: it answers only callers with the admin token.
+    if serving.models.control == ModelControl::Explicit {
+        serving.admin.resolve_token().map_err(|e| LoadError::Admin(format!("--model-control explicit: {e}")))?;
+    }
     let models = Arc::new(ModelSet::default());
     let (loaded, failed) = repository::load_all(serving, &models, metrics).await?;
     if serving.models.strict && !failed.is_empty() {
@@ -170,6 +182,9 @@ pub enum StartError {
     /// The HTTP API could not bind its address.
     #[error("HTTP API on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    /// The gRPC API could not start on its address.
+    #[error("gRPC API on {addr}: {source}")]
+    Grpc { addr: String, source: std::io::Error },
     /// The admin API could not start.
     #[error("{0}")]
     Admin(String),
@@ -184,6 +199,8 @@ pub struct Node {
     pub state: web::Data<HttpState>,
     /// Where the KServe v2 API listens.
     pub http: SocketAddr,
+    /// Where the KServe v2 gRPC API listens, when it is on.
+    pub grpc: Option<SocketAddr>,
     server: actix_web::dev::Server,
 }
 
@@ -211,7 +228,8 @@ pub struct RoleParts<'a> {
     pub quic: Option<SocketAddr>,
 }
 
-/// Binds the HTTP API over the loaded models, starts the admin API when it is on (printing
+/// Binds the HTTP API over the loaded models, starts the gRPC API when it is on (printing
+/// `<name> gRPC on ADDR`) and the admin API when it is on (printing
 /// `<name> admin API on http://ADDR`, a line scripts wait for), marks the node ready, and starts
 /// the registry agent (with a registry) or the autoscaler (without).
 pub fn start(
@@ -227,6 +245,15 @@ pub fn start(
         .first()
         .copied()
         .ok_or_else(|| bind_error(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "bound no address")))?;
+    let grpc = if serving.grpc.enabled {
+        let grpc_error = |source| StartError::Grpc { addr: serving.grpc.addr.clone(), source };
+        let bound = crate::grpc::start(state.clone(), &serving.grpc, serving.http.workers).map_err(grpc_error)?;
+        // A line on stdout that scripts and tests wait for (before the ready line).
+        println!("{} gRPC on {bound}", parts.name);
+        Some(bound)
+    } else {
+        None
+    };
     if let Some(admin) = http::admin::start(&state, &serving.admin).map_err(StartError::Admin)? {
         // A line on stdout that scripts and tests wait for (before the ready line).
         println!("{} admin API on http://{admin}", parts.name);
@@ -234,7 +261,7 @@ pub fn start(
     state.ready.store(true, Ordering::Release);
     start_registry_or_autoscaler(&state, serving, parts.tls, parts.role, addr, parts.quic, parts.hubs)
         .map_err(StartError::Control)?;
-    Ok(Node { state, http: addr, server })
+    Ok(Node { state, http: addr, grpc, server })
 }
 
 /// Starts the registry agent when the config names a registry (the node's identity comes from its

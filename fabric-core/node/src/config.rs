@@ -37,6 +37,25 @@ impl Default for HttpConfig {
     }
 }
 
+/// KServe v2 over gRPC (`inference.GRPCInferenceService`): a listener of its own beside the HTTP one,
+/// off by default.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Whether to serve it (`--grpc-addr` turns it on).
+    pub enabled: bool,
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub addr: String,
+    /// Largest request message accepted, in bytes; larger ones get OUT_OF_RANGE unread.
+    pub max_message_bytes: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig { enabled: false, addr: "127.0.0.1:8002".into(), max_message_bytes: 64 << 20 }
+    }
+}
+
 /// The admin API (`/v2/fabric/...`: traffic policies, pool settings, the load report): a listener of
 /// its own, off by default and on 127.0.0.1 when on.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -225,6 +244,8 @@ impl Default for RepositoryConfig {
 pub struct ServingConfig {
     /// HTTP server.
     pub http: HttpConfig,
+    /// gRPC server.
+    pub grpc: GrpcConfig,
     /// Model repository.
     pub models: RepositoryConfig,
     /// Defaults for every model.

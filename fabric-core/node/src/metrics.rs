@@ -1,7 +1,9 @@
 //! Prometheus metrics of a serving process, per model and version, in a registry of its own
 //! (so several servers in one test process never collide).
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// One metric a serving process exports, as the metrics reference (docs/metrics.md) lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +36,9 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// Time from arrival to answer, in seconds.
     pub request_duration: HistogramVec,
+    /// Seconds from arrival to answer summed over the requests answered with outputs (the gRPC
+    /// face's model statistics read it).
+    pub request_success: CounterVec,
     /// Time a request waited in the queue, in seconds.
     pub queue_duration: HistogramVec,
     /// Time a replica took per batch, in seconds.
@@ -96,6 +101,14 @@ impl Metrics {
                 "Admission decisions by model, version and route",
                 &["model", "version", "route"],
             ),
+            request_success: {
+                let name = "request_success_seconds_total";
+                let help = "Seconds from arrival to answer, summed over the requests answered with outputs";
+                define(name, "counter", mv, help);
+                let c = CounterVec::new(Opts::new(format!("{prefix}_{name}"), help), mv).expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             queue_depth: gauge("queue_depth", "Requests waiting in the model's queue", mv),
             replicas: gauge("replicas", "Replicas serving the model", mv),
             batch_size: histogram("batch_size", "Rows per batch run by a replica", BATCH_BUCKETS),
@@ -158,6 +171,7 @@ impl Metrics {
         let mv = [model, version];
         let _ = self.queue_depth.remove_label_values(&mv);
         let _ = self.replicas.remove_label_values(&mv);
+        let _ = self.request_success.remove_label_values(&mv);
         for h in [&self.batch_size, &self.request_duration, &self.queue_duration, &self.compute_duration] {
             let _ = h.remove_label_values(&mv);
         }

@@ -90,7 +90,8 @@ pub fn spawn(
     deadline: Instant,
     primary: oneshot::Receiver<Vec<NamedTensor>>,
 ) {
-    actix_rt::spawn(async move {
+    // tokio's spawn, not actix's: the gRPC face serves from a runtime of its own, outside actix.
+    tokio::spawn(async move {
         let result = shadow.infer_counted(inputs, Instant::now(), deadline).await;
         let Ok(reply) = result else {
             stats.shadow_failed.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 //! - Triton's model-repository extension on the main API: `POST /v2/repository/models/{m}/load`
 //!   (parameters `config`, a JSON override, and `file:<version>/model.onnx`, base64 bytes) and
 //!   `.../unload` (extension: parameter `version` unloads one version). Carried out only with
-//!   `--model-control explicit`.
+//!   `--model-control explicit`, and only for a caller presenting the admin token.
 //! - The admin API on a listener of its own (`/v2/fabric/...`, JSON): the load report, traffic
 //!   policies and pool settings. Mutating calls need `Authorization: Bearer <token>`.
 
@@ -63,6 +63,9 @@ async fn parameters(state: &HttpState, req: &HttpRequest, payload: web::Payload)
 }
 
 async fn repository_load(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    if let Some(denied) = repository_denied(&state, &req) {
+        return denied;
+    }
     let name = model_of(&req);
     let params = match parameters(&state, &req, payload).await {
         Ok(p) => p,
@@ -108,6 +111,9 @@ fn load_parameters(params: &Value) -> Result<(Option<Value>, BTreeMap<u64, Vec<u
 }
 
 async fn repository_unload(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    if let Some(denied) = repository_denied(&state, &req) {
+        return denied;
+    }
     let name = model_of(&req);
     let params = match parameters(&state, &req, payload).await {
         Ok(p) => p,
@@ -127,20 +133,39 @@ async fn repository_unload(state: web::Data<HttpState>, req: HttpRequest, payloa
 }
 
 /// The token mutating admin calls must present, kept only as its SHA-256 digest.
-struct AdminToken([u8; 32]);
+pub struct AdminToken([u8; 32]);
 
 impl AdminToken {
     /// Keeps the digest of `token`; the token itself is not held after this.
-    fn new(token: &str) -> Self {
+    pub fn new(token: &str) -> Self {
         AdminToken(sha256(token.as_bytes()))
     }
 
     /// Whether `given` is the token: digests compared in constant time, so neither the token's
     /// length nor a matching prefix shows in how long the answer takes.
-    fn matches(&self, given: &[u8]) -> bool {
+    pub fn matches(&self, given: &[u8]) -> bool {
         use subtle::ConstantTimeEq as _;
         bool::from(sha256(given).ct_eq(&self.0))
     }
+
+    /// Whether an `Authorization` header's value is `Bearer <the token>`.
+    pub fn matches_bearer(&self, header: Option<&str>) -> bool {
+        self.matches(header.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().as_bytes())
+    }
+}
+
+/// What a repository call without the admin token is told (both faces).
+pub const REPOSITORY_NEEDS_TOKEN: &str =
+    "the repository API (load, unload) needs 'Authorization: Bearer <token>' with the node's admin token";
+
+/// Whether a repository call may go ahead: the node has an admin token and the call presents it.
+pub fn repository_authorised(state: &HttpState, authorization: Option<&str>) -> bool {
+    state.repository_token.as_ref().is_some_and(|t| t.matches_bearer(authorization))
+}
+
+fn repository_denied(state: &HttpState, req: &HttpRequest) -> Option<HttpResponse> {
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    (!repository_authorised(state, header)).then(|| error(StatusCode::UNAUTHORIZED, REPOSITORY_NEEDS_TOKEN))
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -163,14 +188,7 @@ fn authorised(req: &HttpRequest, token: &AdminToken) -> Result<(), HttpResponse>
     if req.method() == Method::GET {
         return Ok(());
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .as_bytes();
-    if token.matches(given) {
+    if token.matches_bearer(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
         Ok(())
     } else {
         Err(error(

@@ -7,7 +7,6 @@
 //! failed).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::http::StatusCode;
@@ -15,11 +14,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
 use super::state::{read_body, read_json, ApiError, HttpState};
-use crate::dispatch::DispatchError;
-use crate::load_report::Outcome;
+use crate::infer;
 use crate::models::ServedModel;
-use crate::pool::PoolError;
-use crate::shadow::{self, ShadowStats};
 use fabric_proto::kserve;
 use fabric_types::tensor::NamedTensor;
 
@@ -52,8 +48,16 @@ async fn live() -> HttpResponse {
 /// loaded later do not count (a probe must not restart a node because a new version is warming up);
 /// their own `/ready` says whether they serve.
 async fn ready(state: web::Data<HttpState>) -> HttpResponse {
+    match readiness(&state) {
+        Ok(()) => HttpResponse::Ok().json(json!({ "ready": true })),
+        Err(message) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).response(),
+    }
+}
+
+/// Whether the server is ready (see [`ready`]), or why not; both faces answer from it.
+pub(crate) fn readiness(state: &HttpState) -> Result<(), String> {
     if !state.ready.load(Ordering::Acquire) {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "server is loading models").response();
+        return Err("server is loading models".into());
     }
     let unavailable: Vec<String> = state
         .models
@@ -64,15 +68,14 @@ async fn ready(state: web::Data<HttpState>) -> HttpResponse {
         .map(|e| format!("{}/{}: {}", e.name, e.version, e.reason))
         .collect();
     if unavailable.is_empty() {
-        HttpResponse::Ok().json(json!({ "ready": true }))
+        Ok(())
     } else {
-        let message = format!("not every model is ready: {}", unavailable.join("; "));
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).response()
+        Err(format!("not every model is ready: {}", unavailable.join("; ")))
     }
 }
 
 /// Why a served model version cannot take requests now, if it cannot.
-fn not_ready(model: &ServedModel) -> Option<String> {
+pub(crate) fn not_ready(model: &ServedModel) -> Option<String> {
     (!model.pool.serving()).then(|| "no replica is loaded".to_string())
 }
 
@@ -100,7 +103,7 @@ fn path_model<'a>(req: &'a HttpRequest) -> (&'a str, Option<&'a str>) {
     (req.match_info().get("model").unwrap_or(""), req.match_info().get("version"))
 }
 
-fn platform(model: &ServedModel) -> &'static str {
+pub(crate) fn platform(model: &ServedModel) -> &'static str {
     match model.engine {
         fabric_types::EngineKind::Tract => "tract_onnx",
         fabric_types::EngineKind::Ort => "onnxruntime_onnx",
@@ -184,11 +187,6 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
-/// The served result of one request, encoded.
-struct Served {
-    response: kserve::EncodedResponse,
-}
-
 /// Reads and decodes an infer request's body.
 async fn read_request(
     state: &HttpState,
@@ -207,60 +205,6 @@ async fn read_request(
         })?),
     };
     Ok(kserve::decode_request(&body, header_length)?)
-}
-
-async fn serve(
-    state: &HttpState,
-    model: &ServedModel,
-    shadow: Option<(Arc<ServedModel>, Arc<ShadowStats>)>,
-    request: kserve::DecodedRequest,
-    arrived: Instant,
-) -> Result<Served, ApiError> {
-    // The version's load report counts the request from here: its latency is the version's own (queue,
-    // compute or hub), not the time to receive and decode the body, which no version changes.
-    let stats = model.pool.stats();
-    let at = Instant::now();
-    stats.arrival(at);
-    let result = dispatch(state, model, shadow, request, arrived).await;
-    let outcome = match &result {
-        Ok((_, Some(_))) => Outcome::Served,
-        Ok((_, None)) => Outcome::Offloaded,
-        Err(e) => Outcome::Rejected(e.kind),
-    };
-    let finished = result.as_ref().ok().and_then(|(_, f)| *f).unwrap_or_else(Instant::now);
-    stats.answer(at, finished, outcome);
-    result.map(|(served, _)| served)
-}
-
-/// Validates, dispatches and encodes; says when the replica answered (`None`: a hub served it).
-async fn dispatch(
-    state: &HttpState,
-    model: &ServedModel,
-    shadow: Option<(Arc<ServedModel>, Arc<ShadowStats>)>,
-    request: kserve::DecodedRequest,
-    arrived: Instant,
-) -> Result<(Served, Option<Instant>), ApiError> {
-    // Validate here, before any route is chosen: a request that does not fit the model gets its 400
-    // whether it would have been served locally or by a hub.
-    model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
-    kserve::check_outputs(&request.outputs, model.pool.metadata().outputs.iter().map(|o| o.name.as_str()))?;
-    let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
-    // A shadow copy runs beside the request; it gets the primary's outputs to compare, never the client.
-    let compare = shadow.map(|(shadow, stats)| {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        shadow::spawn(shadow.pool.clone(), stats, request.inputs.clone(), deadline, rx);
-        tx
-    });
-    let done = state.dispatcher.infer(model, request.inputs, deadline).await.map_err(|e| match e {
-        DispatchError::Pool(e) => ApiError::from(e),
-        DispatchError::Invalid(msg) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", msg),
-    })?;
-    if let Some(tx) = compare {
-        let _ = tx.send(done.outputs.clone());
-    }
-    let finished = done.finished;
-    let response = finish(model, &request.id, &request.outputs, done.served_by, done.batch_rows, done.outputs)?;
-    Ok((Served { response }, finished))
 }
 
 /// Encodes outputs with the response parameters saying where they were served.
@@ -284,33 +228,17 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
     let arrived = Instant::now();
     let (name, version) = path_model(&req);
     // An unknown model is answered before its body is read.
-    let known = match state.models.route(name, version) {
+    let known = match infer::known(&state, name, version) {
         Ok(m) => m,
-        Err(e) => return ApiError::from(e).response(),
+        Err(e) => return e.response(),
     };
-    // The version is chosen once the body is read: the traffic policy routes by the request's id.
-    // Requests that reach a version are counted in its load report by `serve`.
-    let (model, result) = match read_request(&state, &req, payload).await {
-        Err(e) => (known, Err(e)),
-        Ok(request) => match state.models.route_infer(name, version, request.id.as_deref()) {
-            Err(e) => (known, Err(ApiError::from(e))),
-            Ok(routed) => {
-                drop(known);
-                let result = serve(&state, &routed.model, routed.shadow, request, arrived).await;
-                (routed.model, result)
-            }
-        },
+    let request = read_request(&state, &req, payload).await;
+    let encode = |model: &ServedModel, o: infer::Outputs| {
+        finish(model, &o.id, &o.selection, o.served_by, o.batch_rows, o.outputs)
     };
-    let version = model.version_str();
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.kind,
-    };
-    let latency = arrived.elapsed();
-    state.metrics.requests.with_label_values(&[model.name.as_str(), &version, outcome]).inc();
-    state.metrics.request_duration.with_label_values(&[model.name.as_str(), &version]).observe(latency.as_secs_f64());
+    let (model, result) = infer::serve(&state, known, name, version, request, arrived, encode).await;
     match result {
-        Ok(Served { response }) => match response.header_length {
+        Ok(response) => match response.header_length {
             None => HttpResponse::Ok().content_type("application/json").body(response.body),
             Some(n) => HttpResponse::Ok()
                 .content_type("application/octet-stream")

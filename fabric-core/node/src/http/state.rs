@@ -10,6 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use super::admin::AdminToken;
 use crate::config::ServingConfig;
 use crate::control::NodeControl;
 use crate::dispatch::{Dispatcher, Overflow};
@@ -37,6 +38,8 @@ pub struct HttpState {
     pub dispatcher: Dispatcher,
     /// Live control of the models (repository and admin APIs).
     pub control: Arc<NodeControl>,
+    /// The admin token repository calls (load, unload) must present, when the node has one.
+    pub repository_token: Option<AdminToken>,
 }
 
 impl HttpState {
@@ -57,6 +60,7 @@ impl HttpState {
             max_body_bytes: http.max_body_bytes,
             body_timeout: std::time::Duration::from_millis(http.body_timeout_ms),
             ready: AtomicBool::new(false),
+            repository_token: serving.admin.resolve_token().ok().map(|t| AdminToken::new(&t)),
             dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()),
             metrics,
         }
@@ -67,16 +71,21 @@ impl HttpState {
 #[derive(Debug)]
 pub struct ApiError {
     /// The HTTP status answered.
-    pub(super) status: StatusCode,
+    pub(crate) status: StatusCode,
     /// What the body's `error` says.
-    pub(super) message: String,
+    pub(crate) message: String,
     /// The failure's kind, as the load report and metrics count it.
-    pub(super) kind: &'static str,
+    pub(crate) kind: &'static str,
 }
 
 impl ApiError {
-    pub(super) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into(), kind }
+    }
+
+    /// A 400 for a request that does not fit the model.
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", message)
     }
 
     /// The error as a response.

@@ -1,0 +1,134 @@
+//! One infer request served, whichever face it came in by (KServe v2 over REST or gRPC): the
+//! version chosen by the traffic policy, the inputs validated, the deadline set, a shadow copy
+//! spawned, the request dispatched (here, a hub, or refused), then counted in the version's load
+//! report and in the request metrics. The faces only decode and encode, so they cannot drift apart.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::dispatch::DispatchError;
+use crate::http::state::{ApiError, HttpState};
+use crate::load_report::Outcome;
+use crate::models::ServedModel;
+use crate::pool::PoolError;
+use crate::shadow::{self, ShadowStats};
+use fabric_proto::kserve::{self, DecodedRequest, OutputSelection};
+use fabric_types::tensor::NamedTensor;
+
+/// A served request's outputs, for its face to encode.
+pub struct Outputs {
+    /// The request's id, echoed.
+    pub id: Option<String>,
+    /// Which outputs the client asked for, and how.
+    pub selection: OutputSelection,
+    /// Every output, in graph order.
+    pub outputs: Vec<NamedTensor>,
+    /// `edge-node`, `cloud-hub`, or `hub <node id>`.
+    pub served_by: String,
+    /// Rows in the batch it ran in, when served here.
+    pub batch_rows: Option<usize>,
+}
+
+/// The model version a request names, before its body is read (unknown ones are answered first).
+pub fn known(state: &HttpState, name: &str, version: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
+    Ok(state.models.route(name, version)?)
+}
+
+/// Serves a decoded request (or counts the decoding failure) against `known`, the version it named,
+/// and encodes the outputs with `encode`; returns the version that answered and the encoded result.
+pub async fn serve<R>(
+    state: &HttpState,
+    known: Arc<ServedModel>,
+    name: &str,
+    version: Option<&str>,
+    request: Result<DecodedRequest, ApiError>,
+    arrived: Instant,
+    encode: impl FnOnce(&ServedModel, Outputs) -> Result<R, ApiError>,
+) -> (Arc<ServedModel>, Result<R, ApiError>) {
+    // The version is chosen once the request is read: the traffic policy routes by the request's id.
+    let (model, result) = match request {
+        Err(e) => (known, Err(e)),
+        Ok(request) => match state.models.route_infer(name, version, request.id.as_deref()) {
+            Err(e) => (known, Err(ApiError::from(e))),
+            Ok(routed) => {
+                drop(known);
+                let result = counted(state, &routed.model, routed.shadow, request, arrived, encode).await;
+                (routed.model, result)
+            }
+        },
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.kind,
+    };
+    let version = model.version_str();
+    state.metrics.requests.with_label_values(&[model.name.as_str(), &version, outcome]).inc();
+    let latency = arrived.elapsed().as_secs_f64();
+    state.metrics.request_duration.with_label_values(&[model.name.as_str(), &version]).observe(latency);
+    if result.is_ok() {
+        state.metrics.request_success.with_label_values(&[model.name.as_str(), &version]).inc_by(latency);
+    }
+    (model, result)
+}
+
+/// Dispatches and encodes, counted in the version's load report.
+async fn counted<R>(
+    state: &HttpState,
+    model: &ServedModel,
+    shadow: Option<(Arc<ServedModel>, Arc<ShadowStats>)>,
+    request: DecodedRequest,
+    arrived: Instant,
+    encode: impl FnOnce(&ServedModel, Outputs) -> Result<R, ApiError>,
+) -> Result<R, ApiError> {
+    // The version's load report counts the request from here: its latency is the version's own (queue,
+    // compute or hub), not the time to receive and decode the body, which no version changes.
+    let stats = model.pool.stats();
+    let at = Instant::now();
+    stats.arrival(at);
+    let result = dispatch(state, model, shadow, request, arrived).await;
+    let outcome = match &result {
+        Ok((_, Some(_))) => Outcome::Served,
+        Ok((_, None)) => Outcome::Offloaded,
+        Err(e) => Outcome::Rejected(e.kind),
+    };
+    let finished = result.as_ref().ok().and_then(|(_, f)| *f).unwrap_or_else(Instant::now);
+    let result = result.and_then(|(outputs, _)| encode(model, outputs));
+    stats.answer(at, finished, outcome);
+    result
+}
+
+/// Validates and dispatches; says when the replica answered (`None`: a hub served it).
+async fn dispatch(
+    state: &HttpState,
+    model: &ServedModel,
+    shadow: Option<(Arc<ServedModel>, Arc<ShadowStats>)>,
+    request: DecodedRequest,
+    arrived: Instant,
+) -> Result<(Outputs, Option<Instant>), ApiError> {
+    // Validate here, before any route is chosen: a request that does not fit the model gets its 400
+    // whether it would have been served locally or by a hub.
+    model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
+    kserve::check_outputs(&request.outputs, model.pool.metadata().outputs.iter().map(|o| o.name.as_str()))?;
+    let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
+    // A shadow copy runs beside the request; it gets the primary's outputs to compare, never the client.
+    let compare = shadow.map(|(shadow, stats)| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        shadow::spawn(shadow.pool.clone(), stats, request.inputs.clone(), deadline, rx);
+        tx
+    });
+    let done = state.dispatcher.infer(model, request.inputs, deadline).await.map_err(|e| match e {
+        DispatchError::Pool(e) => ApiError::from(e),
+        DispatchError::Invalid(msg) => ApiError::invalid(msg),
+    })?;
+    if let Some(tx) = compare {
+        let _ = tx.send(done.outputs.clone());
+    }
+    let outputs = Outputs {
+        id: request.id,
+        selection: request.outputs,
+        outputs: done.outputs,
+        served_by: done.served_by,
+        batch_rows: done.batch_rows,
+    };
+    Ok((outputs, done.finished))
+}
