@@ -224,6 +224,26 @@ def make_shape_use():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def make_shape_out():
+    """The shape of the batched input as an output, beside a batch-major one (an issue-23 defect: tract
+    folded Shape(x) into a constant holding the symbol N and failed every request).
+
+    x float32 [N,4] -> y float32 [N,4] (x * 2), s int64 [2] (Shape(x))
+    """
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+        helper.make_node("Mul", ["x", "two"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "shape_out",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 def make_odd_outputs():
     """A batch-major input but outputs that are not batch-major: the pool must serve it one request at a time.
 
@@ -365,6 +385,10 @@ def main():
 
     for name, model, cases in [
         ("shape_use", make_shape_use(), {"batch3": {"x": rng.standard_normal((3, 4)).astype(np.float32)}}),
+        ("shape_out", make_shape_out(), {
+            "batch3": {"x": rng.standard_normal((3, 4)).astype(np.float32)},
+            "batch1": {"x": rng.standard_normal((1, 4)).astype(np.float32)},
+        }),
         ("odd_outputs", make_odd_outputs(), {"batch3": {"x": rng.standard_normal((3, 4)).astype(np.float32)}}),
         ("partly", make_partly(), {"batch2": {
             "x": rng.standard_normal((2, 4)).astype(np.float32),

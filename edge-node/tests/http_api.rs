@@ -22,6 +22,7 @@ const ALL: &[(&str, &str)] = &[
     ("digits_raw", "max_batch_size = 512\n"),
     ("shape_use", ""),
     ("odd_outputs", ""),
+    ("shape_out", ""),
     ("partly", ""),
 ];
 
@@ -147,7 +148,7 @@ fn health_and_metadata() {
 fn json_and_binary_inference_match_the_reference() {
     let edge = start_edge(ALL, "");
     let agent = client();
-    for model in ["mlp", "cnn", "mixed", "digits", "digits_raw", "shape_use", "odd_outputs", "partly"] {
+    for model in ["mlp", "cnn", "mixed", "digits", "digits_raw", "shape_use", "shape_out", "odd_outputs", "partly"] {
         for case in reference::load_cases(model).expect("cases") {
             let url = format!("{}/v2/models/{model}/infer", edge.url);
             let what = format!("{model}/{}", case.name);
@@ -199,7 +200,7 @@ fn errors_have_the_protocol_status_and_a_precise_message() {
         ("element count", infer("mlp"), mlp("[1,784]", "FP32", "[1,2]").into_bytes(), None, 400, "needs 784 elements, data has 2"),
         ("binary size mismatch", infer("mlp"), bin[..bin.len() - 4].to_vec(), Some(n), 400, "declares 3136 bytes but only 3132 remain"),
         ("unknown output", infer("mlp"), format!(r#"{{"inputs":[{{"name":"input","shape":[1,784],"datatype":"FP32","data":{row}}}],"outputs":[{{"name":"probs"}}]}}"#).into_bytes(), None, 400, "unknown output 'probs'"),
-        ("unknown model", infer("resnet"), b"{}".to_vec(), None, 404, "unknown model 'resnet' (served models: cnn, digits, digits_raw, mixed, mlp, odd_outputs, partly, shape_use)"),
+        ("unknown model", infer("resnet"), b"{}".to_vec(), None, 404, "unknown model 'resnet' (served models: cnn, digits, digits_raw, mixed, mlp, odd_outputs, partly, shape_out, shape_use)"),
         ("zero rows", infer("mlp"), mlp("[0,784]", "FP32", "[]").into_bytes(), None, 400, "input 'input' has 0 rows: send at least one row"),
         ("unknown version", format!("{}/v2/models/mlp/versions/7/infer", edge.url), b"{}".to_vec(), None, 404, "model 'mlp' has no version '7' (versions: 1)"),
         ("body over the limit", infer("cnn"), vec![b' '; 2 << 20], None, 413, "exceeds the limit of 1048576 bytes"),

@@ -81,6 +81,35 @@ impl TractEngine {
     }
 }
 
+/// The value of each symbol that names an input dimension, from the inputs of this run.
+fn input_symbols(model: &TypedModel, inputs: &[&FabricTensor]) -> SymbolValues {
+    let mut values = SymbolValues::default();
+    for (i, input) in inputs.iter().enumerate() {
+        let Ok(fact) = model.input_fact(i) else { continue };
+        for (dim, &n) in fact.shape.iter().zip(input.shape()) {
+            if let TDim::Sym(symbol) = dim {
+                values.set(symbol, n as i64);
+            }
+        }
+    }
+    values
+}
+
+/// A tensor of symbolic dimensions with the symbols replaced by their values in this run.
+fn resolve_dims(tensor: &Tensor, symbols: &SymbolValues) -> TractResult<Tensor> {
+    let plain = tensor.try_as_plain_ram()?;
+    let dims = plain.as_slice::<TDim>()?;
+    let values = dims
+        .iter()
+        .map(|d| {
+            d.eval(symbols)
+                .to_i64()
+                .map_err(|_| TractError::msg(format!("dimension {d} does not follow from the inputs")))
+        })
+        .collect::<TractResult<Vec<i64>>>()?;
+    Tensor::from_shape(tensor.shape(), &values)
+}
+
 impl TractEngine {
     /// The optimised plan this engine runs (for profiling it operator by operator).
     pub fn plan(&self) -> Arc<TypedSimplePlan> {
@@ -113,13 +142,20 @@ impl Engine for TractEngine {
             .collect::<TractResult<TVec<TValue>>>()
             .map_err(run_err)?;
         let outputs = self.state.run(values).map_err(run_err)?;
+        // Symbol values are worked out only when an output needs them (a shape the plan folded into a
+        // constant holding the batch symbol, e.g. `Shape(x)` as an output).
+        let mut symbols: Option<SymbolValues> = None;
         self.metadata
             .outputs
             .iter()
             .zip(outputs)
             .map(|(spec, value)| {
                 // tract may hand back symbolic dims (TDim) for integer outputs, or a wider type: cast to the declared one.
-                let tensor = value.into_tensor();
+                let mut tensor = value.into_tensor();
+                if tensor.datum_type() == DatumType::TDim {
+                    let values = symbols.get_or_insert_with(|| input_symbols(self.state.plan().model(), inputs));
+                    tensor = resolve_dims(&tensor, values).map_err(run_err)?;
+                }
                 let cast = tensor.cast_to_dt(datum_type(spec.datatype)).map_err(run_err)?;
                 Ok(FabricTensor::from_bytes(spec.datatype, cast.shape().to_vec(), cast.as_bytes().to_vec())?)
             })

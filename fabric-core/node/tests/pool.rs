@@ -196,6 +196,7 @@ async fn every_model_answers_concurrent_mixed_requests_exactly_as_alone() {
         ("digits_raw", true),
         ("shape_use", true),
         ("odd_outputs", false),
+        ("shape_out", false),
         ("partly", false),
         ("cnn", true),
     ] {
