@@ -125,6 +125,9 @@ pub struct ModelConfig {
     /// Admit a request only if its expected finish leaves this share of its deadline free, in percent
     /// (headroom for a loaded machine's scheduling noise); beyond it, refuse at once (or offload).
     pub deadline_margin_pct: u32,
+    /// Without a hub: admit only while the expected queueing wait is under this share of the
+    /// deadline (at least two batch rounds); 100 turns the target off.
+    pub queue_wait_pct: u32,
     /// Most input bytes one warm-up batch may allocate; larger batch sizes are not timed at load (they
     /// are estimated from smaller ones), so loading a model with large inputs stays within memory.
     pub warmup_max_bytes: usize,
@@ -142,6 +145,7 @@ impl Default for ModelConfig {
             watchdog_ms: 0,
             local_wait_pct: 25,
             deadline_margin_pct: 25,
+            queue_wait_pct: 25,
             warmup_max_bytes: 64 << 20,
         }
     }

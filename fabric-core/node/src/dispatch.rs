@@ -173,7 +173,7 @@ impl Dispatcher {
                 Ok(Dispatched { outputs: done.outputs, served_by: done.served_by, batch_rows: None, finished: None })
             }
             // Turned away only for the wait target: here can still make the deadline.
-            Err(o) if matches!(error, PoolError::OverWaitTarget { .. }) => {
+            Err(o) if matches!(error, PoolError::OverWaitTarget { .. } | PoolError::OverQueueTarget { .. }) => {
                 tracing::debug!(model = %model.name, "late offload failed, serving here: {o}");
                 self.local(model, inputs, deadline).await
             }
@@ -209,6 +209,7 @@ fn is_overload(e: &PoolError) -> bool {
     matches!(
         e,
         PoolError::OverWaitTarget { .. }
+            | PoolError::OverQueueTarget { .. }
             | PoolError::QueueFull { .. }
             | PoolError::WouldMissDeadline { .. }
             | PoolError::NotReady

@@ -7,7 +7,11 @@
 //! queue stays under a share of its budget ([`AdmissionSettings::local_wait_pct`]); beyond that it
 //! goes to the hub. Without one (or when the hub could not answer in time), it is admitted only while
 //! its expected finish leaves a safety margin before the deadline ([`AdmissionSettings::margin_pct`]):
-//! estimates are averages, and on a loaded machine a batch can take longer than its average.
+//! estimates are averages, and on a loaded machine a batch can take longer than its average. And
+//! only while its expected wait stays under a queueing target too ([`AdmissionSettings::queue_wait_pct`]
+//! of the budget, never less than two batch rounds): on a saturated node a standing queue buys no
+//! goodput (two rounds keep every replica fed) and costs every request its latency, so what would
+//! queue past the target is refused at the door instead.
 
 use std::time::Duration;
 
@@ -39,11 +43,14 @@ pub struct AdmissionSettings {
     /// The share of the budget kept free for scheduling noise, in percent: admitted only if the expected
     /// finish comes before the deadline less this margin.
     pub margin_pct: u32,
+    /// Without a hub: the longest expected queueing delay admitted, in percent of the request's budget
+    /// (at least two batch rounds); 100 turns the target off.
+    pub queue_wait_pct: u32,
 }
 
 impl Default for AdmissionSettings {
     fn default() -> Self {
-        AdmissionSettings { local_wait_pct: 25, margin_pct: 25 }
+        AdmissionSettings { local_wait_pct: 25, margin_pct: 25, queue_wait_pct: 25 }
     }
 }
 
@@ -75,6 +82,8 @@ pub enum Rejection {
     NoReplicas,
     /// No replica is ready and one cannot be loaded before the deadline (margin kept).
     ColdStart { expected: Duration, budget: Duration },
+    /// No hub, and the expected queueing delay is over the target: the node is saturated.
+    OverQueueTarget { wait: Duration, target: Duration },
 }
 
 /// The decision.
@@ -142,8 +151,10 @@ pub fn admit_or_offload(
 ) -> Admission {
     let hub = hub.filter(|h| h.expected <= input.budget);
     let usable = input.budget.saturating_sub(pct(input.budget, input.settings.margin_pct));
-    // Can it be served here before the deadline, margin kept? And is its wait short enough to prefer here?
-    let local: Result<bool, Rejection> = if input.load.replicas == 0 {
+    // Can it be served here before the deadline, margin kept? With what expected wait (`None`: a replica
+    // is on its way, or nothing is measured yet)?
+    let cold = input.load.replicas == 0;
+    let local: Result<Option<(Duration, Duration)>, Rejection> = if cold {
         // A replica is on its way (or will be woken): queue if it can be ready in time, unless a hub can
         // take the request now.
         let coming = input.load.loading > 0 || input.load.asleep;
@@ -155,23 +166,42 @@ pub fn admit_or_offload(
         } else if let Some(expected) = expected.filter(|e| *e > usable) {
             Err(Rejection::ColdStart { expected, budget: usable })
         } else {
-            Ok(false)
+            Ok(None)
         }
     } else if input.load.queued_requests >= input.queue_capacity {
         Err(Rejection::QueueFull { capacity: input.queue_capacity })
     } else {
         match expected_times(input, batch_time) {
-            None => Ok(true), // nothing measured yet
+            None => Ok(None), // nothing measured yet
             Some((_, finish)) if finish > usable => {
                 Err(Rejection::WouldMissDeadline { expected: finish, budget: usable })
             }
-            Some((wait, _)) => Ok(wait <= pct(input.budget, input.settings.local_wait_pct)),
+            Some(times) => Ok(Some(times)),
         }
     };
     match (local, hub) {
-        (Ok(true), _) | (Ok(false), None) => Admission::Local,
-        (Ok(false), Some(_)) | (Err(_), Some(_)) => Admission::Offload,
+        (Err(_), Some(_)) => Admission::Offload,
         (Err(why), None) => Admission::Reject(why),
+        // A replica is loading: the hub answers sooner.
+        (Ok(None), Some(_)) if cold => Admission::Offload,
+        (Ok(None), _) => Admission::Local,
+        (Ok(Some((wait, _))), Some(_)) => {
+            if wait <= pct(input.budget, input.settings.local_wait_pct) {
+                Admission::Local
+            } else {
+                Admission::Offload
+            }
+        }
+        (Ok(Some((wait, finish))), None) => {
+            // Two rounds (the batch running and the next, filling) keep every replica busy.
+            let round = finish.saturating_sub(wait);
+            let target = pct(input.budget, input.settings.queue_wait_pct).max(round.saturating_mul(2));
+            if input.settings.queue_wait_pct < 100 && wait > target {
+                Admission::Reject(Rejection::OverQueueTarget { wait, target })
+            } else {
+                Admission::Local
+            }
+        }
     }
 }
 
@@ -195,7 +225,7 @@ mod tests {
             queue_capacity: 100,
             max_batch_size: 8,
             load: PoolLoad { queued_requests, queued_rows, replicas, busy_replicas: busy, ..Default::default() },
-            settings: AdmissionSettings { local_wait_pct: 25, margin_pct: 20 },
+            settings: AdmissionSettings { local_wait_pct: 25, margin_pct: 20, queue_wait_pct: 100 },
         }
     }
 
@@ -271,6 +301,42 @@ mod tests {
         ];
         for (label, inp, view, want) in cases {
             assert_eq!(admit_or_offload(&inp, time, view), want, "{label}");
+        }
+    }
+
+    #[test]
+    fn queue_target_table() {
+        // One batch of n rows takes 1 ms + 0.25 ms per row; a full batch of 8 takes 3 ms.
+        let time = |n: usize| Some(MS + MS * n as u32 / 4);
+        let target = |pct: u32, i: AdmissionInput| AdmissionInput {
+            settings: AdmissionSettings { queue_wait_pct: pct, ..i.settings },
+            ..i
+        };
+        let hub = Some(OffloadView { expected: MS * 5 });
+        #[rustfmt::skip]
+        let cases: Vec<(&str, AdmissionInput, Option<OffloadView>, Admission)> = vec![
+            ("idle", target(25, input(1, 100, 0, 0, 1, 0)), None, Admission::Local),
+            // 40 queued, busy: 7 rounds of 3 ms, wait 18 ms; 25% of 100 ms is 25 ms.
+            ("wait under the target", target(25, input(1, 100, 40, 40, 1, 1)), None, Admission::Local),
+            ("wait over the target: refused at the door", target(10, input(1, 100, 40, 40, 1, 1)), None,
+                Admission::Reject(Rejection::OverQueueTarget { wait: MS * 18, target: MS * 10 })),
+            // Busy with 8 queued: wait 2 rounds (6 ms) is over 25% of 20 ms (5 ms) but is the floor.
+            ("two rounds are always allowed", target(25, input(1, 20, 8, 8, 1, 1)), None, Admission::Local),
+            ("three rounds are not", target(25, input(1, 20, 16, 16, 1, 1)), None,
+                Admission::Reject(Rejection::OverQueueTarget { wait: MS * 9, target: MS * 6 })),
+            ("target off at 100", target(100, input(1, 100, 40, 40, 1, 1)), None, Admission::Local),
+            ("a hub takes what waits too long here", target(10, input(1, 60, 40, 40, 1, 1)), hub, Admission::Offload),
+            ("the deadline still comes first", target(25, input(1, 20, 40, 40, 1, 1)), None,
+                Admission::Reject(Rejection::WouldMissDeadline { expected: MS * 21, budget: MS * 16 })),
+            ("nothing measured: admitted", target(1, input(1, 100, 40, 40, 1, 1)), None, Admission::Local),
+        ];
+        for (label, inp, view, want) in cases {
+            let got = if label.starts_with("nothing measured") {
+                admit_or_offload(&inp, |_| None, view)
+            } else {
+                admit_or_offload(&inp, time, view)
+            };
+            assert_eq!(got, want, "{label}");
         }
     }
 }

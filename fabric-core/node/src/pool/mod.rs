@@ -95,6 +95,7 @@ impl PoolConfig {
             admission: AdmissionSettings {
                 local_wait_pct: model.local_wait_pct,
                 margin_pct: model.deadline_margin_pct,
+                queue_wait_pct: model.queue_wait_pct,
             },
             warmup_max_bytes: model.warmup_max_bytes,
         }
@@ -166,6 +167,9 @@ pub enum PoolError {
     /// With a hub at hand, the expected wait here is over the local target: the caller offloads it.
     #[error("expected wait of {:.1} ms is over the local target of {:.1} ms while a hub can take it", wait.as_secs_f64() * 1e3, target.as_secs_f64() * 1e3)]
     OverWaitTarget { wait: Duration, target: Duration },
+    /// No hub, and the expected queueing delay is over the target: the node is saturated.
+    #[error("the node is saturated: the expected queueing wait of {:.1} ms is over the target of {:.1} ms (model_defaults.queue_wait_pct of the deadline); retry later, or add replicas or a hub", wait.as_secs_f64() * 1e3, target.as_secs_f64() * 1e3)]
+    OverQueueTarget { wait: Duration, target: Duration },
     /// The replica running the batch failed (panicked, or ran past the watchdog).
     #[error("replica failed while running the batch: {0}")]
     ReplicaFailed(String),
@@ -188,6 +192,7 @@ impl PoolError {
             | PoolError::NotReady
             | PoolError::ColdStart { .. }
             | PoolError::OverWaitTarget { .. }
+            | PoolError::OverQueueTarget { .. }
             | PoolError::Stopped => ErrorCode::Busy,
             PoolError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
             PoolError::ReplicaFailed(_) | PoolError::Engine(_) => ErrorCode::Internal,
@@ -204,6 +209,7 @@ impl PoolError {
             PoolError::NotReady => "not_ready",
             PoolError::ColdStart { .. } => "cold_start",
             PoolError::OverWaitTarget { .. } => "over_wait_target",
+            PoolError::OverQueueTarget { .. } => "over_queue_target",
             PoolError::ReplicaFailed(_) => "replica_failed",
             PoolError::Engine(_) => "engine_error",
             PoolError::Stopped => "stopped",
@@ -218,6 +224,7 @@ impl From<Rejection> for PoolError {
             Rejection::WouldMissDeadline { expected, budget } => PoolError::WouldMissDeadline { expected, budget },
             Rejection::NoReplicas => PoolError::NotReady,
             Rejection::ColdStart { expected, budget } => PoolError::ColdStart { expected, budget },
+            Rejection::OverQueueTarget { wait, target } => PoolError::OverQueueTarget { wait, target },
         }
     }
 }

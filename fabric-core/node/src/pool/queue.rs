@@ -197,9 +197,17 @@ impl Intake {
         st.waking |= wake;
         let input = self.input(&st, request.rows, request.deadline.saturating_duration_since(Instant::now()));
         let estimate = |n: usize| st.service.estimate(n);
-        let decision = match admission::admit(&input, estimate) {
-            Admission::Local if hub.is_some() => admission::admit_or_offload(&input, estimate, hub),
-            other => other,
+        let decision = match hub {
+            None => admission::admit(&input, estimate),
+            // With a hub, the local wait target decides (below); the queueing target is for a node alone.
+            Some(_) => {
+                let feasible =
+                    AdmissionInput { settings: AdmissionSettings { queue_wait_pct: 100, ..input.settings }, ..input };
+                match admission::admit(&feasible, estimate) {
+                    Admission::Local => admission::admit_or_offload(&input, estimate, hub),
+                    other => other,
+                }
+            }
         };
         match decision {
             Admission::Local => {
