@@ -7,6 +7,9 @@
    differs).
 2. Goodput (answers within the deadline per second) at 2x, 3x and 5x the edge's capacity, open loop
    (edge-node's `openloop` example), for the CNN, with and without a hub (the hub on ONNX Runtime).
+3. Without a hub, at 1.25x and 3x: latency-first admission (the queueing target,
+   `model_defaults.queue_wait_pct` = 25) beside the standing queue it replaced (the target off, 100):
+   goodput, served p50 / p99 and how fast refusals come.
 
 Run through scripts/bench/offload.sh.
 """
@@ -71,6 +74,7 @@ def main():
     # One replica per model, as the figures in docs/benchmarks.md were taken (the nodes' autoscaler off).
     (work / "fixed.toml").write_text('[autoscale]\nenabled = false\n')
     (work / "always.toml").write_text('[offload]\nmode = "always"\n[autoscale]\nenabled = false\n')
+    (work / "standing.toml").write_text('[autoscale]\nenabled = false\n[model_defaults]\nqueue_wait_pct = 100\n')
 
     hub, line = start([REL / "cloud-hub", "--model-repository", work / "hub", "--certs", work / "certs",
                        "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--config", work / "fixed.toml"],
@@ -81,8 +85,9 @@ def main():
     local, line_local = start([REL / "edge-node", *common, "--config", work / "fixed.toml"], "listening")
     always, line_always = start([REL / "edge-node", *common, *via_hub, "--config", work / "always.toml"], "listening")
     overflow, line_overflow = start([REL / "edge-node", *common, *via_hub, "--config", work / "fixed.toml"], "listening")
+    standing, line_standing = start([REL / "edge-node", *common, "--config", work / "standing.toml"], "listening")
     url = {name: l.split("listening on ")[1] for name, l in
-           [("local", line_local), ("always", line_always), ("overflow", line_overflow)]}
+           [("local", line_local), ("always", line_always), ("overflow", line_overflow), ("standing", line_standing)]}
     time.sleep(1.0)  # let the edges connect to the hub
     rows = []
     try:
@@ -95,17 +100,18 @@ def main():
         cnn_n = binary_body(work / "cnn.bin", 4, [3, 64, 64])
         capacity, _ = wrk(f"{url['local']}/v2/models/cnn/infer", work / "cnn.bin", cnn_n, 4, 5, work / "post.lua")
         print(f"edge capacity, CNN 4 rows: {capacity:.0f} req/s", flush=True)
-        goodput = []
-        for mult in (2, 3, 5):
-            for name in ("local", "overflow"):
-                out = subprocess.run([REL / "examples" / "openloop", f"{url[name]}/v2/models/cnn/infer", work / "cnn.bin",
-                                      str(cnn_n), str(capacity * mult), str(SECONDS), str(DEADLINE_MS)],
-                                     capture_output=True, text=True, check=True).stdout
-                result = json.loads(out)
-                goodput.append((mult, name, result))
-                print(goodput[-1], flush=True)
+
+        def open_loop(name, mult):
+            out = subprocess.run([REL / "examples" / "openloop", f"{url[name]}/v2/models/cnn/infer", work / "cnn.bin",
+                                  str(cnn_n), str(capacity * mult), str(SECONDS), str(DEADLINE_MS)],
+                                 capture_output=True, text=True, check=True).stdout
+            print((mult, name, out.strip()), flush=True)
+            return mult, name, json.loads(out)
+
+        alone = [open_loop(name, mult) for mult in (1.25, 3) for name in ("local", "standing")]
+        goodput = [open_loop(name, mult) for mult in (2, 3, 5) for name in ("local", "overflow")]
     finally:
-        for p in (local, always, overflow, hub):
+        for p in (local, always, overflow, standing, hub):
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=30)
 
@@ -137,6 +143,21 @@ def main():
         f"With a hub, goodput at 5x / goodput at 3x: {hub_goodput[5] / hub_goodput[3]:.2f} (target >= 0.9); "
         f"with / without a hub at 2x, 3x, 5x: " + ", ".join(f"{hub_goodput[m] / local_goodput[m]:.2f}" for m in (2, 3, 5)) + ".",
     ]
+    lines += [
+        "",
+        f"Without a hub: latency-first admission (`queue_wait_pct` = 25, the default) beside a standing queue (100), deadline {DEADLINE_MS} ms:",
+        "",
+        "| offered | admission | sent | goodput/s | refused (503) | late | served p50 / p99 ms | served p50 in % of the deadline | refusal p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mult, name, r in alone:
+        lines.append(f"| {mult}x ({capacity * mult:.0f}/s) | {'latency first' if name == 'local' else 'standing queue'} | {r['sent']} | "
+                     f"{r['goodput']:.0f} | {r['refused']} | {r['late']} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+                     f"{100 * r['p50_ms'] / DEADLINE_MS:.0f}% | {r['refused_p99_ms']:.1f} |")
+    first = {m: r["goodput"] for m, n, r in alone if n == "local"}
+    standing_goodput = {m: r["goodput"] for m, n, r in alone if n == "standing"}
+    lines += ["", "Goodput latency first / standing queue at 1.25x, 3x: " +
+              ", ".join(f"{first[m] / standing_goodput[m]:.2f}" for m in (1.25, 3)) + "."]
     report = "\n".join(lines)
     out = BUILD / "bench" / f"offload-{time.strftime('%Y-%m-%d')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
