@@ -96,6 +96,14 @@ struct Cli {
     /// the node retries with jittered backoff (a whole fleet reconnecting after a restart comes in waves)
     #[arg(long, default_value_t = 256)]
     max_handshakes: usize,
+    /// Longest a stream may take to deliver its request once opened, in ms; one that announces a
+    /// frame and stalls is answered `timeout` and closed
+    #[arg(long, default_value_t = 10_000)]
+    request_timeout_ms: u64,
+    /// Streams one connection may have open at once (a node holds one heartbeat and a few fetches);
+    /// more wait for one to end
+    #[arg(long, default_value_t = 64)]
+    max_streams_per_connection: u32,
     /// UDP receive and send buffer of the QUIC socket, in MiB (the kernel may cap it: net.core.rmem_max)
     #[arg(long, default_value_t = 8)]
     socket_buffer_mib: usize,
@@ -203,7 +211,10 @@ fn main() -> anyhow::Result<()> {
                 cli.node_id
             )
         })?;
-        config.transport_config(Arc::new(fabric_proto::registry::transport()));
+        let mut transport = fabric_proto::registry::transport();
+        transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cli.max_streams_per_connection.max(1)));
+        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        config.transport_config(Arc::new(transport));
         let addr: std::net::SocketAddr =
             cli.listen.parse().map_err(|e| anyhow::anyhow!("--listen {}: {e}", cli.listen))?;
         let socket = fleet_socket(addr, cli.socket_buffer_mib << 20)?;
@@ -254,7 +265,11 @@ fn main() -> anyhow::Result<()> {
         }
         tracing::info!(%bound, data = %cli.data_dir.display(), store = %cli.store, "model-registry ready");
         println!("model-registry listening on quic://{bound}");
-        let admission = service::Admission { max_handshakes: cli.max_handshakes.max(1), ..Default::default() };
+        let admission = service::Admission {
+            max_handshakes: cli.max_handshakes.max(1),
+            request_timeout: std::time::Duration::from_millis(cli.request_timeout_ms.max(1)),
+            ..Default::default()
+        };
         let serving = tokio::spawn(service::serve(endpoint.clone(), Arc::clone(&replica), admission));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -312,7 +312,8 @@ pub async fn write_raw_frame(send: &mut quinn::SendStream, body: &[u8]) -> Resul
     send.write_all(body).await.map_err(|e| ProtoError::Io(e.to_string()))
 }
 
-/// Reads one frame of at most `max` bytes.
+/// Reads one frame of at most `max` bytes. The buffer grows as bytes arrive: a peer that announces a
+/// large frame and sends nothing costs nothing.
 pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<T, ProtoError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| ProtoError::Io(format!("reading a frame: {e}")))?;
@@ -320,8 +321,15 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: 
     if len > max {
         return Err(ProtoError::Malformed(format!("frame of {len} bytes over the {max} limit")));
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| ProtoError::Io(format!("reading a frame: {e}")))?;
+    let mut body: Vec<u8> = Vec::with_capacity(len.min(64 << 10));
+    while body.len() < len {
+        let chunk = recv
+            .read_chunk(len - body.len(), true)
+            .await
+            .map_err(|e| ProtoError::Io(format!("reading a frame: {e}")))?
+            .ok_or_else(|| ProtoError::Io(format!("the stream ended {} bytes into a {len}-byte frame", body.len())))?;
+        body.extend_from_slice(&chunk.bytes);
+    }
     serde_json::from_slice(&body).map_err(|e| ProtoError::Malformed(e.to_string()))
 }
 
@@ -546,6 +554,25 @@ impl RegistryClient {
                 .map_err(|_| ProtoError::Io(format!("no answer from the registry at {target} within {within:?}")))?;
             match connected {
                 Ok(c) => {
+                    // The CA vouches for the name; the role says it is a registry and not, say, a hub
+                    // whose certificate happens to carry that name.
+                    match crate::tls::peer_identity(&c) {
+                        Ok(id) if id.role == crate::tls::Role::Registry => {}
+                        Ok(id) => {
+                            c.close(1u32.into(), b"not a registry");
+                            return Err(ProtoError::Setup(format!(
+                                "the server at {target} presents a certificate for a {} ('{}'), not a registry: check --registry",
+                                id.role.as_str(),
+                                id.node_id
+                            )));
+                        }
+                        Err(e) => {
+                            c.close(1u32.into(), b"no identity");
+                            return Err(ProtoError::Setup(format!(
+                                "the server at {target} has no usable identity: {e}"
+                            )));
+                        }
+                    }
                     link.connection = Some(c.clone());
                     return Ok(c);
                 }

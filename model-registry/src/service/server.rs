@@ -20,11 +20,14 @@ pub struct Admission {
     pub max_handshakes: usize,
     /// Longest a handshake waits for its turn before it is refused.
     pub queue_wait: Duration,
+    /// Longest a stream may take to deliver its request frame (a silent or stalling peer is answered
+    /// `timeout` and its stream closed).
+    pub request_timeout: Duration,
 }
 
 impl Default for Admission {
     fn default() -> Self {
-        Admission { max_handshakes: 256, queue_wait: Duration::from_secs(1) }
+        Admission { max_handshakes: 256, queue_wait: Duration::from_secs(1), request_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -110,7 +113,8 @@ pub async fn serve(endpoint: quinn::Endpoint, replica: Arc<Replica>, admission: 
             while let Ok((send, recv)) = connection.accept_bi().await {
                 let (registry, peer) = (replica.current(), peer.clone());
                 let replica = replica.clone();
-                tokio::spawn(async move { handle_stream(&registry, &replica, &peer, send, recv).await });
+                let limit = admission.request_timeout;
+                tokio::spawn(async move { handle_stream(&registry, &replica, &peer, send, recv, limit).await });
             }
         });
     }
@@ -122,10 +126,23 @@ pub(super) async fn handle_stream(
     peer: &Identity,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    request_timeout: Duration,
 ) {
-    let request: Request = match registry::read_frame(&mut recv, MAX_FRAME).await {
-        Ok(r) => r,
-        Err(e) => {
+    // The request frame must arrive in time: a peer that opens streams and stalls (or announces a
+    // large frame and sends nothing) holds nothing past this.
+    let read = tokio::time::timeout(request_timeout, registry::read_frame(&mut recv, MAX_FRAME)).await;
+    let request: Request = match read {
+        Ok(Ok(r)) => r,
+        Err(_) => {
+            let message =
+                format!("no complete request within {} ms: the stream is closed", request_timeout.as_millis());
+            tracing::debug!(peer = %peer.node_id, "{message}");
+            let _ = recv.stop(0u32.into());
+            let _ = registry::write_frame(&mut send, &Reply::Err(Refusal::new("timeout", message))).await;
+            let _ = send.finish();
+            return;
+        }
+        Ok(Err(e)) => {
             let reply: Reply = Err(Refusal::new("invalid", format!("malformed request: {e}")));
             let _ = registry::write_frame(&mut send, &reply).await;
             let _ = send.finish();
