@@ -156,6 +156,7 @@ pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<L
     if serving.admin.enabled {
         serving.admin.resolve_token().map_err(LoadError::Admin)?;
     }
+    crate::clients::Clients::new(&serving.clients).map_err(LoadError::Admin)?;
     // The repository API loads and unloads models: it answers only callers with the admin token.
     if serving.models.control == ModelControl::Explicit {
         serving.admin.resolve_token().map_err(|e| LoadError::Admin(format!("--model-control explicit: {e}")))?;

@@ -56,6 +56,33 @@ impl Default for GrpcConfig {
     }
 }
 
+/// Client API keys: who may call the inference API, on which models, how fast. With no key listed the
+/// API is open (as before); with one, every inference and model call must present a listed key.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientsConfig {
+    /// The keys, each `[[clients.keys]]`.
+    pub keys: Vec<ClientKeyConfig>,
+}
+
+/// One client's key (kept only as its SHA-256 digest) and what it may do.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientKeyConfig {
+    /// The client's name, as metrics and logs show it.
+    pub name: String,
+    /// SHA-256 of the key, hex (`printf %s "$KEY" | sha256sum`): the key itself is never stored.
+    pub sha256: String,
+    /// Models the key may call; empty: every model.
+    pub models: Vec<String>,
+    /// Requests per second on average; unset: no rate limit.
+    pub rate_per_s: Option<f64>,
+    /// Requests allowed at once above that rate (the bucket); unset: one second's worth.
+    pub burst: Option<f64>,
+    /// Requests in flight at once; unset: no limit.
+    pub max_in_flight: Option<usize>,
+}
+
 /// The admin API (`/v2/fabric/...`: traffic policies, pool settings, the load report): a listener of
 /// its own, off by default and on 127.0.0.1 when on.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -250,6 +277,8 @@ pub struct ServingConfig {
     pub http: HttpConfig,
     /// gRPC server.
     pub grpc: GrpcConfig,
+    /// Client API keys and quotas.
+    pub clients: ClientsConfig,
     /// Model repository.
     pub models: RepositoryConfig,
     /// Defaults for every model.

@@ -46,7 +46,12 @@ pub fn code_of(status: StatusCode) -> Code {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        Status::new(code_of(e.status), e.message)
+        let after = e.retry_after_s();
+        let mut status = Status::new(code_of(e.status), e.message);
+        if let Some(s) = after.and_then(|s| s.to_string().parse().ok()) {
+            status.metadata_mut().insert("retry-after", s);
+        }
+        status
     }
 }
 
@@ -95,6 +100,11 @@ fn version_of(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
 }
 
+/// The call's `authorization` metadata, for the client-key checks.
+fn authorization<T>(request: &Request<T>) -> Option<String> {
+    request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
 /// The time left by the client's own gRPC deadline, when it set one.
 fn grpc_deadline<T>(request: &Request<T>) -> Option<Duration> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -102,13 +112,22 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Duration> {
 }
 
 impl GrpcFace {
+    /// The client-key check of a read about `model` (`None`: about the repository).
+    fn may_read<T>(&self, request: &Request<T>, model: Option<&str>) -> Result<(), Status> {
+        let auth = authorization(request);
+        Ok(self.state.clients.check(auth.as_deref(), model, &self.state.metrics)?)
+    }
+
     /// One infer request, served as the REST face serves it.
     async fn infer(
         &self,
         message: pb::ModelInferRequest,
         client_deadline: Option<Duration>,
+        authorization: Option<&str>,
     ) -> Result<pb::ModelInferResponse, Status> {
         let arrived = Instant::now();
+        // The caller's key and quota first (as REST): its place is held until the answer is built.
+        let _admitted = self.state.clients.admit(authorization, &message.model_name, &self.state.metrics)?;
         let (name, version, request) = match kserve_grpc::decode_infer(message) {
             Ok(decoded) => decoded,
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
@@ -191,6 +210,7 @@ impl GrpcInferenceService for GrpcFace {
         &self,
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        self.may_read(&request, Some(&request.get_ref().name))?;
         let r = request.into_inner();
         let model = self.state.models.route(&r.name, version_of(&r.version)).map_err(ApiError::from)?;
         let meta = model.pool.metadata();
@@ -217,8 +237,8 @@ impl GrpcInferenceService for GrpcFace {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let deadline = grpc_deadline(&request);
-        self.infer(request.into_inner(), deadline).await.map(Response::new)
+        let (deadline, auth) = (grpc_deadline(&request), authorization(&request));
+        self.infer(request.into_inner(), deadline, auth.as_deref()).await.map(Response::new)
     }
 
     type ModelStreamInferStream = InferStream;
@@ -229,12 +249,12 @@ impl GrpcInferenceService for GrpcFace {
         &self,
         request: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<InferStream>, Status> {
-        let deadline = grpc_deadline(&request);
+        let (deadline, auth) = (grpc_deadline(&request), Arc::new(authorization(&request)));
         let face = Arc::new(GrpcFace { state: self.state.clone() });
         let answers = request
             .into_inner()
             .map(move |message| {
-                let face = face.clone();
+                let (face, auth) = (face.clone(), auth.clone());
                 async move {
                     let message = match message {
                         Ok(m) => m,
@@ -243,7 +263,7 @@ impl GrpcInferenceService for GrpcFace {
                     };
                     let (id, model_name, model_version) =
                         (message.id.clone(), message.model_name.clone(), message.model_version.clone());
-                    Ok(match face.infer(message, deadline).await {
+                    Ok(match face.infer(message, deadline, auth.as_deref()).await {
                         Ok(response) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -278,6 +298,8 @@ impl GrpcInferenceService for GrpcFace {
         &self,
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        self.may_read(&request, (!name.is_empty()).then_some(name.as_str()))?;
         let r = request.into_inner();
         let models = if r.name.is_empty() {
             self.state.models.all()
@@ -299,6 +321,7 @@ impl GrpcInferenceService for GrpcFace {
         &self,
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        self.may_read(&request, None)?;
         let only_ready = request.into_inner().ready;
         let models = self
             .state

@@ -6,6 +6,7 @@
 //!   [`dispatch`] (where a request is served: here, a hub, or nowhere), [`models`] (the versions
 //!   served and their routes), [`repository`] (model files to running pools), [`shadow`] (copies
 //!   of traffic to a shadow version), [`metrics`];
+//! - [`clients`]: client keys, the models each may call, and their quotas;
 //! - the faces: [`infer`] (one request served, whichever face it came by), [`http`] (the KServe v2
 //!   REST API and the admin API) and [`grpc`] (KServe v2 over gRPC), thin layers over dispatch and
 //!   control;
@@ -17,6 +18,7 @@
 
 pub mod agent;
 pub mod boot;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod dispatch;

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub offload_attempts: IntCounterVec,
     /// Offload requests sent to each hub and not yet answered, by hub.
     pub offload_in_flight: IntGaugeVec,
+    /// Client-key checks by client and outcome (admitted, or why refused).
+    pub client_requests: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -134,6 +136,11 @@ impl Metrics {
                 "offload_in_flight",
                 "Offload requests sent to the hub and not yet answered or given up",
                 &["hub"],
+            ),
+            client_requests: counter(
+                "client_requests_total",
+                "Client-key checks by client and outcome (admitted, unauthenticated, forbidden, rate_limited, concurrency_limited)",
+                &["client", "outcome"],
             ),
             registry,
             prefix: prefix.to_string(),

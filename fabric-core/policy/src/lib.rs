@@ -11,6 +11,7 @@ pub mod engine_choice;
 pub mod hash;
 pub mod histogram;
 pub mod hub;
+pub mod quota;
 pub mod reconnect;
 pub mod service_time;
 pub mod traffic;

@@ -82,6 +82,9 @@ pub(crate) fn not_ready(model: &ServedModel) -> Option<String> {
 /// Triton's repository index: every model version known, with its state and the reason when it is
 /// unavailable; `{"ready": true}` lists only the ready ones.
 async fn repository_index(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    if let Err(denied) = may_read(&state, &req, None) {
+        return denied;
+    }
     let only_ready = match read_json(&state, &req, payload).await {
         Ok(body) => body.get("ready").and_then(Value::as_bool).unwrap_or(false),
         Err(e) => return e.response(),
@@ -112,6 +115,9 @@ pub(crate) fn platform(model: &ServedModel) -> &'static str {
 
 async fn model_metadata(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
     let (name, version) = path_model(&req);
+    if let Err(denied) = may_read(&state, &req, Some(name)) {
+        return denied;
+    }
     let model = match state.models.route(name, version) {
         Ok(m) => m,
         Err(e) => return ApiError::from(e).response(),
@@ -129,6 +135,9 @@ async fn model_metadata(state: web::Data<HttpState>, req: HttpRequest) -> HttpRe
 
 async fn model_ready(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
     let (name, version) = path_model(&req);
+    if let Err(denied) = may_read(&state, &req, Some(name)) {
+        return denied;
+    }
     let model = match state.models.route(name, version) {
         Ok(m) => m,
         Err(e) => return ApiError::from(e).response(),
@@ -151,6 +160,9 @@ async fn model_ready(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespo
 /// The model's configuration in the form Triton's client tools read.
 async fn model_config(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
     let (name, version) = path_model(&req);
+    if let Err(denied) = may_read(&state, &req, Some(name)) {
+        return denied;
+    }
     let model = match state.models.route(name, version) {
         Ok(m) => m,
         Err(e) => return ApiError::from(e).response(),
@@ -224,9 +236,24 @@ fn finish(
     Ok(kserve::encode_response(&model.name, &model.version_str(), id.as_deref(), &parameters, &outputs, selection)?)
 }
 
+/// The request's `Authorization` header, for the client-key checks.
+fn authorization(req: &HttpRequest) -> Option<&str> {
+    req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+/// The client-key check of a read about `model` (`None`: about the repository).
+fn may_read(state: &HttpState, req: &HttpRequest, model: Option<&str>) -> Result<(), HttpResponse> {
+    state.clients.check(authorization(req), model, &state.metrics).map_err(|e| e.response())
+}
+
 async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let arrived = Instant::now();
     let (name, version) = path_model(&req);
+    // The caller's key and quota first: its place is held until the answer is built.
+    let _admitted = match state.clients.admit(authorization(&req), name, &state.metrics) {
+        Ok(admitted) => admitted,
+        Err(e) => return e.response(),
+    };
     // An unknown model is answered before its body is read.
     let known = match infer::known(&state, name, version) {
         Ok(m) => m,

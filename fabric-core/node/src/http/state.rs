@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::admin::AdminToken;
+use crate::clients::Clients;
 use crate::config::ServingConfig;
 use crate::control::NodeControl;
 use crate::dispatch::{Dispatcher, Overflow};
@@ -40,6 +41,8 @@ pub struct HttpState {
     pub control: Arc<NodeControl>,
     /// The admin token repository calls (load, unload) must present, when the node has one.
     pub repository_token: Option<AdminToken>,
+    /// Client keys and quotas (empty: the API is open).
+    pub clients: Clients,
 }
 
 impl HttpState {
@@ -61,6 +64,11 @@ impl HttpState {
             body_timeout: std::time::Duration::from_millis(http.body_timeout_ms),
             ready: AtomicBool::new(false),
             repository_token: serving.admin.resolve_token().ok().map(|t| AdminToken::new(&t)),
+            // Checked at start (boot::load_models); a config that fails here refuses every key.
+            clients: Clients::new(&serving.clients).unwrap_or_else(|e| {
+                tracing::error!("clients: {e}; refusing every client key");
+                Clients::refusing_all()
+            }),
             dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()),
             metrics,
         }
@@ -76,11 +84,24 @@ pub struct ApiError {
     pub(crate) message: String,
     /// The failure's kind, as the load report and metrics count it.
     pub(crate) kind: &'static str,
+    /// When to try again (429: answered as `Retry-After`, whole seconds rounded up).
+    pub(crate) retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
     pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind }
+        ApiError { status, message: message.into(), kind, retry_after: None }
+    }
+
+    /// The same error, telling the client when to try again.
+    pub(crate) fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// `Retry-After` in whole seconds, at least 1.
+    pub(crate) fn retry_after_s(&self) -> Option<u64> {
+        self.retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
     }
 
     /// A 400 for a request that does not fit the model.
@@ -90,7 +111,11 @@ impl ApiError {
 
     /// The error as a response.
     pub fn response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(json!({ "error": self.message }))
+        let mut response = HttpResponse::build(self.status);
+        if let Some(s) = self.retry_after_s() {
+            response.insert_header((header::RETRY_AFTER, s.to_string()));
+        }
+        response.json(json!({ "error": self.message }))
     }
 }
 
