@@ -20,6 +20,7 @@ pub struct Client {
     digest: [u8; 32],
     models: Vec<String>,
     quota: Mutex<Quota>,
+    priority: Option<u8>,
 }
 
 /// The clients a node knows; empty: the API is open.
@@ -32,6 +33,20 @@ pub struct Clients {
 /// A request admitted under a client's quota: its place is given back when this is dropped.
 pub struct Admitted {
     client: Option<Arc<Client>>,
+}
+
+impl Admitted {
+    /// The priority the client's requests have when they name none.
+    pub fn priority(&self) -> Option<u8> {
+        self.client.as_ref().and_then(|c| c.priority)
+    }
+
+    /// Gives `request` the client's priority unless it names its own.
+    pub fn apply_priority(&self, request: &mut fabric_proto::kserve::DecodedRequest) {
+        if let Some(p) = self.priority() {
+            request.parameters.entry("priority").or_insert_with(|| serde_json::Value::from(p));
+        }
+    }
 }
 
 impl Drop for Admitted {
@@ -92,6 +107,7 @@ impl Clients {
                 digest,
                 models: key.models.clone(),
                 quota: Mutex::new(Quota::new(limits, now)),
+                priority: key.priority,
             }));
         }
         Ok(Clients { clients, closed: false })

@@ -81,6 +81,9 @@ pub struct ClientKeyConfig {
     pub burst: Option<f64>,
     /// Requests in flight at once; unset: no limit.
     pub max_in_flight: Option<usize>,
+    /// The priority of this client's requests that name none (1 most urgent, 9 least); unset: the
+    /// model's `default_priority`.
+    pub priority: Option<u8>,
 }
 
 /// The admin API (`/v2/fabric/...`: traffic policies, pool settings, the load report): a listener of
@@ -155,6 +158,9 @@ pub struct ModelConfig {
     /// Without a hub: admit only while the expected queueing wait is under this share of the
     /// deadline (at least two batch rounds); 100 turns the target off.
     pub queue_wait_pct: u32,
+    /// The priority of a request that names none (the v2 `priority` parameter): 1 is the most
+    /// urgent, 9 the least.
+    pub default_priority: u8,
     /// Most input bytes one warm-up batch may allocate; larger batch sizes are not timed at load (they
     /// are estimated from smaller ones), so loading a model with large inputs stays within memory.
     pub warmup_max_bytes: usize,
@@ -173,6 +179,7 @@ impl Default for ModelConfig {
             local_wait_pct: 25,
             deadline_margin_pct: 25,
             queue_wait_pct: 25,
+            default_priority: 5,
             warmup_max_bytes: 64 << 20,
         }
     }
@@ -537,7 +544,7 @@ mod tests {
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
         assert!(
             err.to_string().contains(
-                "unknown key `modles` (the keys are admin, autoscale, http, model_defaults, models, ort, registry)"
+                "unknown key `modles` (the keys are admin, autoscale, clients, grpc, http, model_defaults, models, ort, registry)"
             ),
             "{err}"
         );

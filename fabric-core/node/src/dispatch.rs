@@ -102,21 +102,23 @@ impl Dispatcher {
         self.metrics.routes.with_label_values(&[model.name.as_str(), &model.version_str(), route]).inc();
     }
 
-    /// Serves validated inputs by `deadline`, here or on a hub, or says precisely why not.
+    /// Serves validated inputs by `deadline` at `priority` (1 most urgent), here or on a hub, or says
+    /// precisely why not.
     pub async fn infer(
         &self,
         model: &ServedModel,
         inputs: Vec<NamedTensor>,
         deadline: Instant,
+        priority: u8,
     ) -> Result<Dispatched, DispatchError> {
         let Some(overflow) = &self.overflow else {
             self.count(model, "local");
-            return self.local(model, inputs, deadline).await;
+            return self.local(model, inputs, deadline, priority).await;
         };
         let view = overflow.view();
         let route = match view {
             Some(_) if overflow.always() => Admission::Offload,
-            view => model.pool.admission(&inputs, deadline, view),
+            view => model.pool.admission(&inputs, deadline, view, priority),
         };
         match (route, view) {
             (Admission::Reject(why), _) => {
@@ -137,20 +139,20 @@ impl Dispatcher {
                         // Serve here after all if the deadline still allows; the pool decides.
                         tracing::debug!(model = %model.name, "offload failed, trying locally: {msg}");
                         self.count(model, "local");
-                        self.local(model, inputs, deadline).await
+                        self.local(model, inputs, deadline, priority).await
                     }
                 }
             }
             (Admission::Local, None) => {
                 self.count(model, "local");
-                self.local(model, inputs, deadline).await
+                self.local(model, inputs, deadline, priority).await
             }
             (Admission::Local, Some(view)) => {
                 self.count(model, "local");
-                match model.pool.infer_with_hub(inputs, deadline, view).await {
+                match model.pool.infer_with_hub(inputs, deadline, view, priority).await {
                     Ok(reply) => Ok(self.served_here(model, reply)),
                     Err(Refused { error, inputs: Some(inputs) }) if is_overload(&error) => {
-                        self.late_offload(overflow.as_ref(), model, error, inputs, deadline).await
+                        self.late_offload(overflow.as_ref(), model, error, inputs, deadline, priority).await
                     }
                     Err(refused) => Err(refused.error.into()),
                 }
@@ -166,6 +168,7 @@ impl Dispatcher {
         error: PoolError,
         inputs: Vec<NamedTensor>,
         deadline: Instant,
+        priority: u8,
     ) -> Result<Dispatched, DispatchError> {
         self.count(model, "late_offload");
         match overflow.infer(&model.name, model.version, &inputs, deadline).await {
@@ -175,7 +178,7 @@ impl Dispatcher {
             // Turned away only for the wait target: here can still make the deadline.
             Err(o) if matches!(error, PoolError::OverWaitTarget { .. } | PoolError::OverQueueTarget { .. }) => {
                 tracing::debug!(model = %model.name, "late offload failed, serving here: {o}");
-                self.local(model, inputs, deadline).await
+                self.local(model, inputs, deadline, priority).await
             }
             Err(o) => {
                 tracing::debug!(model = %model.name, "late offload failed: {o}");
@@ -189,8 +192,9 @@ impl Dispatcher {
         model: &ServedModel,
         inputs: Vec<NamedTensor>,
         deadline: Instant,
+        priority: u8,
     ) -> Result<Dispatched, DispatchError> {
-        let reply = model.pool.infer(inputs, deadline).await?;
+        let reply = model.pool.infer_at(inputs, deadline, priority).await?;
         Ok(self.served_here(model, reply))
     }
 

@@ -127,13 +127,14 @@ impl GrpcFace {
     ) -> Result<pb::ModelInferResponse, Status> {
         let arrived = Instant::now();
         // The caller's key and quota first (as REST): its place is held until the answer is built.
-        let _admitted = self.state.clients.admit(authorization, &message.model_name, &self.state.metrics)?;
+        let admitted = self.state.clients.admit(authorization, &message.model_name, &self.state.metrics)?;
         let (name, version, request) = match kserve_grpc::decode_infer(message) {
             Ok(decoded) => decoded,
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
         let known = infer::known(&self.state, &name, version.as_deref())?;
         let mut request = request;
+        admitted.apply_priority(&mut request);
         // The earlier of the `timeout` parameter and the call's own deadline.
         request.timeout = match (request.timeout, client_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),

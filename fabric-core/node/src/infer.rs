@@ -10,7 +10,7 @@ use crate::dispatch::DispatchError;
 use crate::http::state::{ApiError, HttpState};
 use crate::load_report::Outcome;
 use crate::models::ServedModel;
-use crate::pool::PoolError;
+use crate::pool::{PoolError, MAX_PRIORITY, PRIORITY_LABELS};
 use crate::shadow::{self, ShadowStats};
 use fabric_proto::kserve::{self, DecodedRequest, OutputSelection};
 use fabric_types::tensor::NamedTensor;
@@ -45,6 +45,7 @@ pub async fn serve<R>(
     arrived: Instant,
     encode: impl FnOnce(&ServedModel, Outputs) -> Result<R, ApiError>,
 ) -> (Arc<ServedModel>, Result<R, ApiError>) {
+    let priority = priority_label(&request, &known);
     // The version is chosen once the request is read: the traffic policy routes by the request's id.
     let (model, result) = match request {
         Err(e) => (known, Err(e)),
@@ -63,12 +64,37 @@ pub async fn serve<R>(
     };
     let version = model.version_str();
     state.metrics.requests.with_label_values(&[model.name.as_str(), &version, outcome]).inc();
+    state.metrics.priority_requests.with_label_values(&[model.name.as_str(), priority, outcome]).inc();
     let latency = arrived.elapsed().as_secs_f64();
     state.metrics.request_duration.with_label_values(&[model.name.as_str(), &version]).observe(latency);
     if result.is_ok() {
         state.metrics.request_success.with_label_values(&[model.name.as_str(), &version]).inc_by(latency);
     }
     (model, result)
+}
+
+/// The request's priority: its `priority` parameter (1 most urgent to 9), else the model's default.
+fn priority_of(request: &DecodedRequest, model: &ServedModel) -> Result<u8, ApiError> {
+    match request.parameters.get("priority") {
+        None => Ok(model.pool.default_priority()),
+        Some(v) => {
+            v.as_u64().and_then(|p| u8::try_from(p).ok()).filter(|p| (1..=MAX_PRIORITY).contains(p)).ok_or_else(|| {
+                ApiError::invalid(format!("parameter priority must be 1 (most urgent) to {MAX_PRIORITY}, got {v}"))
+            })
+        }
+    }
+}
+
+/// The priority label of a request for the per-class metrics ("" when it names an invalid one).
+fn priority_label(request: &Result<DecodedRequest, ApiError>, model: &ServedModel) -> &'static str {
+    let priority = match request {
+        Ok(r) => priority_of(r, model).unwrap_or(0),
+        Err(_) => model.pool.default_priority(),
+    };
+    match priority {
+        1..=MAX_PRIORITY => PRIORITY_LABELS[usize::from(priority) - 1],
+        _ => "",
+    }
 }
 
 /// Dispatches and encodes, counted in the version's load report.
@@ -110,13 +136,14 @@ async fn dispatch(
     model.pool.metadata().validate(&request.inputs, model.pool.max_batch_size()).map_err(PoolError::Input)?;
     kserve::check_outputs(&request.outputs, model.pool.metadata().outputs.iter().map(|o| o.name.as_str()))?;
     let deadline = arrived + request.timeout.unwrap_or_else(|| model.config.default_timeout());
+    let priority = priority_of(&request, model)?;
     // A shadow copy runs beside the request; it gets the primary's outputs to compare, never the client.
     let compare = shadow.map(|(shadow, stats)| {
         let (tx, rx) = tokio::sync::oneshot::channel();
         shadow::spawn(shadow.pool.clone(), stats, request.inputs.clone(), deadline, rx);
         tx
     });
-    let done = state.dispatcher.infer(model, request.inputs, deadline).await.map_err(|e| match e {
+    let done = state.dispatcher.infer(model, request.inputs, deadline, priority).await.map_err(|e| match e {
         DispatchError::Pool(e) => ApiError::from(e),
         DispatchError::Invalid(msg) => ApiError::invalid(msg),
     })?;

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub offload_in_flight: IntGaugeVec,
     /// Client-key checks by client and outcome (admitted, or why refused).
     pub client_requests: IntCounterVec,
+    /// Inference requests by model, priority and outcome.
+    pub priority_requests: IntCounterVec,
+    /// Time a request waited in the queue, by model, version and priority, in seconds.
+    pub priority_queue_duration: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -137,6 +141,21 @@ impl Metrics {
                 "Offload requests sent to the hub and not yet answered or given up",
                 &["hub"],
             ),
+            priority_requests: counter(
+                "priority_requests_total",
+                "Inference requests by model, priority (1 most urgent) and outcome",
+                &["model", "priority", "outcome"],
+            ),
+            priority_queue_duration: {
+                let name = "priority_queue_duration_seconds";
+                let help = "Time waiting in the queue, by priority (1 most urgent)";
+                let labels = ["model", "version", "priority"];
+                define(name, "histogram", &labels, help);
+                let opts = HistogramOpts::new(format!("{prefix}_{name}"), help).buckets(LATENCY_BUCKETS.to_vec());
+                let h = HistogramVec::new(opts, &labels).expect("valid metric");
+                registry.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             client_requests: counter(
                 "client_requests_total",
                 "Client-key checks by client and outcome (admitted, unauthenticated, forbidden, rate_limited, concurrency_limited)",
@@ -179,6 +198,9 @@ impl Metrics {
         let _ = self.queue_depth.remove_label_values(&mv);
         let _ = self.replicas.remove_label_values(&mv);
         let _ = self.request_success.remove_label_values(&mv);
+        for priority in ["1", "2", "3", "4", "5", "6", "7", "8", "9"] {
+            let _ = self.priority_queue_duration.remove_label_values(&[model, version, priority]);
+        }
         for h in [&self.batch_size, &self.request_duration, &self.queue_duration, &self.compute_duration] {
             let _ = h.remove_label_values(&mv);
         }

@@ -388,7 +388,7 @@ async fn a_replica_that_fails_to_reload_is_retried_and_the_pool_says_why() {
     assert_eq!(pool.ready_replicas(), 0);
     // With a hub at hand, admission sends requests there instead of queueing for a replica that may not come.
     let hub = Some(OffloadView { expected: Duration::from_millis(5) });
-    assert_eq!(pool.admission(&row(1.0), soon(1_000), hub), Admission::Offload);
+    assert_eq!(pool.admission(&row(1.0), soon(1_000), hub, pool.default_priority()), Admission::Offload);
     // Load 4 works: the pool recovers by itself and serves again.
     wait_for(&pool, "recovered", |s| s.replicas == 1 && s.last_error.is_none()).await;
     pool.infer(row(1.0), soon(10_000)).await.expect("served after the retry");

@@ -250,7 +250,7 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
     let arrived = Instant::now();
     let (name, version) = path_model(&req);
     // The caller's key and quota first: its place is held until the answer is built.
-    let _admitted = match state.clients.admit(authorization(&req), name, &state.metrics) {
+    let admitted = match state.clients.admit(authorization(&req), name, &state.metrics) {
         Ok(admitted) => admitted,
         Err(e) => return e.response(),
     };
@@ -259,7 +259,10 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
         Ok(m) => m,
         Err(e) => return e.response(),
     };
-    let request = read_request(&state, &req, payload).await;
+    let mut request = read_request(&state, &req, payload).await;
+    if let Ok(request) = &mut request {
+        admitted.apply_priority(request);
+    }
     let encode = |model: &ServedModel, o: infer::Outputs| {
         finish(model, &o.id, &o.selection, o.served_by, o.batch_rows, o.outputs)
     };

@@ -56,7 +56,23 @@ impl PoolHandle {
 
     /// Validates, queues and awaits one request; always returns by `deadline` (plus scheduling slack).
     pub async fn infer(&self, inputs: Vec<NamedTensor>, deadline: Instant) -> Result<PoolReply, PoolError> {
-        self.submit(inputs, deadline, None).await.map_err(|refused| refused.error)
+        self.infer_at(inputs, deadline, self.intake.default_priority()).await
+    }
+
+    /// Like [`infer`](Self::infer), at `priority` (1 most urgent, [`MAX_PRIORITY`](super::MAX_PRIORITY)
+    /// least): queued ahead of less urgent requests, and admitted on what is as urgent or more.
+    pub async fn infer_at(
+        &self,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+        priority: u8,
+    ) -> Result<PoolReply, PoolError> {
+        self.submit(inputs, deadline, None, priority).await.map_err(|refused| refused.error)
+    }
+
+    /// The priority of requests that name none.
+    pub fn default_priority(&self) -> u8 {
+        self.intake.default_priority()
     }
 
     /// Like [`infer`](Self::infer), counted in the load report (arrival at `arrived`, and the outcome):
@@ -85,8 +101,9 @@ impl PoolHandle {
         inputs: Vec<NamedTensor>,
         deadline: Instant,
         hub: OffloadView,
+        priority: u8,
     ) -> Result<PoolReply, Refused> {
-        self.submit(inputs, deadline, Some(hub)).await
+        self.submit(inputs, deadline, Some(hub), priority).await
     }
 
     async fn submit(
@@ -94,6 +111,7 @@ impl PoolHandle {
         inputs: Vec<NamedTensor>,
         deadline: Instant,
         hub: Option<OffloadView>,
+        priority: u8,
     ) -> Result<PoolReply, Refused> {
         let arrived = Instant::now();
         let (inputs, rows) = self.metadata.into_ordered(inputs, self.max_batch_size).map_err(Refused::from)?;
@@ -108,7 +126,8 @@ impl PoolHandle {
             self.solo_keys.fetch_add(1, Ordering::Relaxed)
         };
         let (reply, rx) = oneshot::channel();
-        let pending = Pending { inputs, rows, shape_key, arrived, deadline, reply };
+        let priority = priority.clamp(1, super::MAX_PRIORITY);
+        let pending = Pending { inputs, rows, priority, shape_key, arrived, deadline, reply };
         let (wake, queued) = self.intake.submit(pending, hub);
         if wake {
             self.addr.do_send(Wake);
@@ -138,7 +157,13 @@ impl PoolHandle {
     }
 
     /// Where a request should go now: here, to a hub (when `hub` says one could answer in time), or nowhere.
-    pub fn admission(&self, inputs: &[NamedTensor], deadline: Instant, hub: Option<OffloadView>) -> Admission {
+    pub fn admission(
+        &self,
+        inputs: &[NamedTensor],
+        deadline: Instant,
+        hub: Option<OffloadView>,
+        priority: u8,
+    ) -> Admission {
         let rows = self
             .metadata
             .inputs
@@ -147,7 +172,7 @@ impl PoolHandle {
             .find(|(spec, _)| spec.has_dynamic_leading())
             .map(|(_, t)| t.tensor.batch_size())
             .unwrap_or(1);
-        self.intake.admission(rows, deadline, hub)
+        self.intake.admission(rows, deadline, hub, priority)
     }
 
     /// Changes the replica count (without waiting for it).

@@ -30,6 +30,7 @@ mod supervisor;
 mod warmup;
 
 pub use handle::PoolHandle;
+pub(crate) use queue::PRIORITY_LABELS;
 pub use warmup::{race, warmup_sizes, warmup_sizes_for};
 
 use std::sync::atomic::AtomicU64;
@@ -73,6 +74,8 @@ pub struct PoolConfig {
     pub admission: AdmissionSettings,
     /// Most input bytes one warm-up batch may take (larger batch sizes are not measured).
     pub warmup_max_bytes: usize,
+    /// The priority of requests that name none (1 most urgent, 9 least).
+    pub default_priority: u8,
 }
 
 /// The shortest automatic watchdog: engine calls are timed on a shared machine, so tiny averages lie.
@@ -98,9 +101,13 @@ impl PoolConfig {
                 queue_wait_pct: model.queue_wait_pct,
             },
             warmup_max_bytes: model.warmup_max_bytes,
+            default_priority: model.default_priority.clamp(1, MAX_PRIORITY),
         }
     }
 }
+
+/// The least urgent priority (1 is the most): requests are served, and admitted, most urgent first.
+pub const MAX_PRIORITY: u8 = 9;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -112,6 +119,7 @@ impl Default for PoolConfig {
             watchdog: None,
             admission: AdmissionSettings::default(),
             warmup_max_bytes: 64 << 20,
+            default_priority: 5,
         }
     }
 }
@@ -299,6 +307,9 @@ pub struct PoolStatus {
 struct Pending {
     inputs: Vec<Tensor>,
     rows: usize,
+    /// 1 (most urgent) to [`MAX_PRIORITY`]: queued behind every request as urgent or more, ahead of
+    /// every less urgent one.
+    priority: u8,
     shape_key: u64,
     arrived: Instant,
     deadline: Instant,

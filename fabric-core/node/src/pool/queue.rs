@@ -18,6 +18,9 @@ use fabric_policy::batching::{self, BatchConfig, BatchDecision, Queued};
 use fabric_policy::service_time::ServiceTimes;
 use fabric_types::tensor::Tensor;
 
+/// Metric labels of the priorities, 1 to 9.
+pub(crate) const PRIORITY_LABELS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+
 /// Longest a replica sleeps without looking at the queue (a guard against a missed wake-up).
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
@@ -131,6 +134,11 @@ impl Intake {
         Intake { state: Mutex::new(state), work: Condvar::new(), config, batched, batch_cap, label, metrics, stats }
     }
 
+    /// The priority of requests that name none.
+    pub(super) fn default_priority(&self) -> u8 {
+        self.config.default_priority
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent counters (no code between updates panics).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -138,6 +146,12 @@ impl Intake {
 
     fn labels(&self) -> [&str; 2] {
         [&self.label.0, &self.label.1]
+    }
+
+    /// The requests and rows queued behind a new request of `priority`: the less urgent tail (the
+    /// queue is kept in priority order, oldest first within a priority).
+    fn behind(st: &State, priority: u8) -> (usize, usize) {
+        st.queue.iter().rev().take_while(|p| p.priority > priority).fold((0, 0), |(n, rows), p| (n + 1, rows + p.rows))
     }
 
     fn load(&self, st: &State) -> PoolLoad {
@@ -160,23 +174,27 @@ impl Intake {
         }
     }
 
-    fn input(&self, st: &State, rows: usize, budget: Duration) -> admission::AdmissionInput {
+    /// Admission's view for a request of `rows` rows and `priority`: only what is as urgent or more is
+    /// ahead of it.
+    fn input(&self, st: &State, rows: usize, budget: Duration, priority: u8) -> admission::AdmissionInput {
         let limit = st.service.preferred_batch().min(self.batch_cap.max(1));
-        admission_input(
-            self.batched,
-            rows,
-            budget,
-            self.config.queue_capacity,
-            limit,
-            self.load(st),
-            self.config.admission,
-        )
+        let mut load = self.load(st);
+        let (behind, behind_rows) = Self::behind(st, priority);
+        load.queued_requests -= behind;
+        load.queued_rows = load.queued_rows.saturating_sub(behind_rows);
+        admission_input(self.batched, rows, budget, self.config.queue_capacity, limit, load, self.config.admission)
     }
 
-    /// Where a request of `rows` rows should go now (on the exact state).
-    pub(super) fn admission(&self, rows: usize, deadline: Instant, hub: Option<OffloadView>) -> Admission {
+    /// Where a request of `rows` rows and `priority` should go now (on the exact state).
+    pub(super) fn admission(
+        &self,
+        rows: usize,
+        deadline: Instant,
+        hub: Option<OffloadView>,
+        priority: u8,
+    ) -> Admission {
         let st = self.lock();
-        let input = self.input(&st, rows, deadline.saturating_duration_since(Instant::now()));
+        let input = self.input(&st, rows, deadline.saturating_duration_since(Instant::now()), priority);
         admission::admit_or_offload(&input, |n| st.service.estimate(n), hub)
     }
 
@@ -195,7 +213,8 @@ impl Intake {
         }
         let wake = st.target == 0 && !st.waking;
         st.waking |= wake;
-        let input = self.input(&st, request.rows, request.deadline.saturating_duration_since(Instant::now()));
+        let input =
+            self.input(&st, request.rows, request.deadline.saturating_duration_since(Instant::now()), request.priority);
         let estimate = |n: usize| st.service.estimate(n);
         let decision = match hub {
             None => admission::admit(&input, estimate),
@@ -212,7 +231,9 @@ impl Intake {
         match decision {
             Admission::Local => {
                 st.queued_rows += request.rows;
-                st.queue.push_back(request);
+                // Ahead of every less urgent request, behind the rest.
+                let at = st.queue.len() - Self::behind(&st, request.priority).0;
+                st.queue.insert(at, request);
                 self.metrics.queue_depth.with_label_values(&self.labels()).set(st.queue.len() as i64);
                 drop(st);
                 self.work.notify_one();
@@ -311,7 +332,10 @@ impl Intake {
         let id = st.next_batch;
         let labels = self.labels();
         for p in &taken {
-            self.metrics.queue_duration.with_label_values(&labels).observe((now - p.arrived).as_secs_f64());
+            let waited = (now - p.arrived).as_secs_f64();
+            self.metrics.queue_duration.with_label_values(&labels).observe(waited);
+            let priority = PRIORITY_LABELS[usize::from(p.priority.clamp(1, super::MAX_PRIORITY)) - 1];
+            self.metrics.priority_queue_duration.with_label_values(&[labels[0], labels[1], priority]).observe(waited);
         }
         self.metrics.batch_size.with_label_values(&labels).observe(rows as f64);
         self.metrics.queue_depth.with_label_values(&labels).set(st.queue.len() as i64);
