@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
         print!("{}", toml::to_string(&config)?);
         return Ok(());
     }
+    let scheme = if config.serving.tls.cert.is_some() { "https" } else { "http" };
     actix_web::rt::System::new().block_on(cloud_hub::run(config, |addrs| {
-        println!("cloud-hub listening on http://{} quic://{}", addrs.http, addrs.quic);
+        println!("cloud-hub listening on {scheme}://{} quic://{}", addrs.http, addrs.quic);
     }))
 }

@@ -54,8 +54,9 @@ fn main() -> anyhow::Result<()> {
         print!("{}", toml::to_string(&config)?);
         return Ok(());
     }
+    let scheme = if config.serving.tls.cert.is_some() { "https" } else { "http" };
     actix_web::rt::System::new().block_on(edge_node::run(config, |addr| {
         // A line on stdout that scripts and tests wait for.
-        println!("edge-node listening on http://{addr}");
+        println!("edge-node listening on {scheme}://{addr}");
     }))
 }

@@ -157,6 +157,7 @@ pub async fn load_models(serving: &ServingConfig, metrics: &Metrics) -> Result<L
         serving.admin.resolve_token().map_err(LoadError::Admin)?;
     }
     crate::clients::Clients::new(&serving.clients).map_err(LoadError::Admin)?;
+    serving.tls.files().map_err(LoadError::Admin)?;
     // The repository API loads and unloads models: it answers only callers with the admin token.
     if serving.models.control == ModelControl::Explicit {
         serving.admin.resolve_token().map_err(|e| LoadError::Admin(format!("--model-control explicit: {e}")))?;
@@ -241,14 +242,15 @@ pub fn start(
 ) -> Result<Node, StartError> {
     let state = web::Data::new(HttpState::new(parts.name, loaded.models.clone(), metrics, serving, parts.overflow));
     let bind_error = |source| StartError::Bind { addr: serving.http.addr.clone(), source };
-    let (server, addrs) = http::bind(state.clone(), &serving.http).map_err(bind_error)?;
+    let (server, addrs) = http::bind(state.clone(), &serving.http, &serving.tls).map_err(bind_error)?;
     let addr = addrs
         .first()
         .copied()
         .ok_or_else(|| bind_error(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "bound no address")))?;
     let grpc = if serving.grpc.enabled {
         let grpc_error = |source| StartError::Grpc { addr: serving.grpc.addr.clone(), source };
-        let bound = crate::grpc::start(state.clone(), &serving.grpc, serving.http.workers).map_err(grpc_error)?;
+        let bound =
+            crate::grpc::start(state.clone(), &serving.grpc, &serving.tls, serving.http.workers).map_err(grpc_error)?;
         // A line on stdout that scripts and tests wait for (before the ready line).
         println!("{} gRPC on {bound}", parts.name);
         Some(bound)

@@ -56,6 +56,31 @@ impl Default for GrpcConfig {
     }
 }
 
+/// TLS on the node's HTTP and gRPC ports (rustls): on when `cert` and `key` are set; with
+/// `client_ca`, mutual TLS, and a client certificate of the fabric's `operator` role may call the
+/// repository API without the admin token.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PortTlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA whose client certificates are required (PEM); unset: clients need none.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl PortTlsConfig {
+    /// The certificate and key, when TLS is on; one without the other is an error.
+    pub fn files(&self) -> Result<Option<(&Path, &Path)>, String> {
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Ok(Some((c.as_path(), k.as_path()))),
+            (None, None) if self.client_ca.is_none() => Ok(None),
+            _ => Err("tls: set both tls.cert and tls.key (and tls.client_ca for mutual TLS)".into()),
+        }
+    }
+}
+
 /// Client API keys: who may call the inference API, on which models, how fast. With no key listed the
 /// API is open (as before); with one, every inference and model call must present a listed key.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -286,6 +311,8 @@ pub struct ServingConfig {
     pub grpc: GrpcConfig,
     /// Client API keys and quotas.
     pub clients: ClientsConfig,
+    /// TLS on the HTTP and gRPC ports.
+    pub tls: PortTlsConfig,
     /// Model repository.
     pub models: RepositoryConfig,
     /// Defaults for every model.

@@ -19,7 +19,7 @@ use actix_web::web;
 use futures::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 
-use crate::config::GrpcConfig;
+use crate::config::{GrpcConfig, PortTlsConfig};
 use crate::control::ControlError;
 use crate::http::admin::{control_status, repository_authorised, REPOSITORY_NEEDS_TOKEN};
 use crate::http::kserve_api::{not_ready, platform, readiness};
@@ -63,9 +63,27 @@ fn control_failed(e: ControlError) -> Status {
     Status::new(code_of(status), e.to_string())
 }
 
-/// Binds `config.addr` and serves the gRPC face of `state` on a runtime of its own until the process
-/// exits; returns the bound address.
-pub fn start(state: web::Data<HttpState>, config: &GrpcConfig, workers: usize) -> std::io::Result<SocketAddr> {
+/// Binds `config.addr` and serves the gRPC face of `state` (over TLS when `tls` is on) on a runtime
+/// of its own until the process exits; returns the bound address.
+pub fn start(
+    state: web::Data<HttpState>,
+    config: &GrpcConfig,
+    tls: &PortTlsConfig,
+    workers: usize,
+) -> std::io::Result<SocketAddr> {
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let tls = match tls.files().map_err(invalid)? {
+        None => None,
+        Some((cert, key)) => {
+            let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| invalid(format!("{}: {e}", p.display())));
+            let mut server = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+            if let Some(ca) = &tls.client_ca {
+                server = server.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+            }
+            Some(server)
+        }
+    };
     let listener = std::net::TcpListener::bind(&config.addr)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -80,10 +98,13 @@ pub fn start(state: web::Data<HttpState>, config: &GrpcConfig, workers: usize) -
     let service = GrpcInferenceServiceServer::new(GrpcFace { state })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| invalid(format!("gRPC TLS: {e}")))?;
+    }
     std::thread::Builder::new().name("grpc-server".into()).spawn(move || {
-        let serve = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let serve =
+            builder.add_service(service).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         if let Err(e) = runtime.block_on(serve) {
             tracing::error!("the gRPC server on {addr} stopped: {e}");
         }
@@ -374,7 +395,9 @@ impl GrpcInferenceService for GrpcFace {
 /// Repository calls need the admin token, as `authorization: Bearer <token>` metadata.
 fn authorised<T>(state: &HttpState, request: &Request<T>) -> Result<(), Status> {
     let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-    if repository_authorised(state, header) {
+    let peer =
+        request.peer_certs().and_then(|certs| certs.first().and_then(|c| fabric_proto::tls::identity_of(c).ok()));
+    if repository_authorised(state, header, peer.as_ref()) {
         Ok(())
     } else {
         Err(Status::unauthenticated(REPOSITORY_NEEDS_TOKEN))

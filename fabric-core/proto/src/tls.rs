@@ -156,6 +156,33 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 
+/// A TLS server config for a node's HTTP and gRPC ports (TLS 1.2 and 1.3, ALPN `alpn`): any CA's
+/// certificate in `cert`; with `client_ca`, mutual TLS (clients must present a certificate that CA
+/// signed).
+pub fn port_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config =
+        builder.with_single_cert(read_certs(cert)?, read_key(key)?).map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// The identity (node id, role) the certificate in `files` carries: who this node is to its peers.
 pub fn own_identity(files: &TlsFiles) -> Result<Identity, TlsError> {
     let certs = read_certs(&files.cert)?;

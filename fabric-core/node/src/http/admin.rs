@@ -15,10 +15,12 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use super::server::PeerIdentity;
 use super::state::{not_found, read_json, status_of, HttpState};
 use crate::config::AdminConfig;
 use crate::control::ControlError;
 use fabric_policy::traffic::{PolicyError, TrafficPolicy};
+use fabric_proto::tls::{Identity, Role};
 
 /// The HTTP status of a control failure.
 pub fn control_status(e: &ControlError) -> StatusCode {
@@ -156,16 +158,19 @@ impl AdminToken {
 
 /// What a repository call without the admin token is told (both faces).
 pub const REPOSITORY_NEEDS_TOKEN: &str =
-    "the repository API (load, unload) needs 'Authorization: Bearer <token>' with the node's admin token";
+    "the repository API (load, unload) needs 'Authorization: Bearer <token>' with the node's admin token, or an operator client certificate over mutual TLS";
 
-/// Whether a repository call may go ahead: the node has an admin token and the call presents it.
-pub fn repository_authorised(state: &HttpState, authorization: Option<&str>) -> bool {
-    state.repository_token.as_ref().is_some_and(|t| t.matches_bearer(authorization))
+/// Whether a repository call may go ahead: it presents the node's admin token, or comes over mutual
+/// TLS with a certificate of the fabric's operator role (`peer`).
+pub fn repository_authorised(state: &HttpState, authorization: Option<&str>, peer: Option<&Identity>) -> bool {
+    peer.is_some_and(|p| p.role == Role::Operator)
+        || state.repository_token.as_ref().is_some_and(|t| t.matches_bearer(authorization))
 }
 
 fn repository_denied(state: &HttpState, req: &HttpRequest) -> Option<HttpResponse> {
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    (!repository_authorised(state, header)).then(|| error(StatusCode::UNAUTHORIZED, REPOSITORY_NEEDS_TOKEN))
+    let peer = req.conn_data::<PeerIdentity>().map(|p| &p.0);
+    (!repository_authorised(state, header, peer)).then(|| error(StatusCode::UNAUTHORIZED, REPOSITORY_NEEDS_TOKEN))
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {

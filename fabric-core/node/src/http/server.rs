@@ -1,5 +1,6 @@
 //! The node's HTTP server: the KServe v2 routes and the repository routes in one app, with the JSON
-//! 404 for anything else, bound on the configured address.
+//! 404 for anything else, bound on the configured address, over TLS when the config says so (the
+//! client's certificate, under mutual TLS, is kept with its connection for the handlers).
 
 use std::net::SocketAddr;
 
@@ -7,15 +8,43 @@ use actix_web::{web, App, HttpServer};
 
 use super::state::{not_found, HttpState};
 use super::{admin, kserve_api};
-use crate::config::HttpConfig;
+use crate::config::{HttpConfig, PortTlsConfig};
+use fabric_proto::tls::Identity;
 
-/// Binds the API on the configured address; returns the server (to run) and the bound addresses.
+/// The fabric identity (node id, role) of the client certificate a TLS connection presented.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity(pub Identity);
+
+/// The rustls config of the node's ports, when TLS is on.
+pub fn tls_config(tls: &PortTlsConfig, alpn: &[&[u8]]) -> std::io::Result<Option<rustls::ServerConfig>> {
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let Some((cert, key)) = tls.files().map_err(invalid)? else { return Ok(None) };
+    fabric_proto::tls::port_server_config(cert, key, tls.client_ca.as_deref(), alpn)
+        .map(Some)
+        .map_err(|e| invalid(e.to_string()))
+}
+
+/// Keeps the identity of a TLS client's certificate with its connection.
+fn remember_peer(connection: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+    let Some(stream) = connection.downcast_ref::<Tls>() else { return };
+    let (_, session) = stream.get_ref();
+    if let Some(identity) =
+        session.peer_certificates().and_then(|c| c.first()).and_then(|c| fabric_proto::tls::identity_of(c).ok())
+    {
+        data.insert(PeerIdentity(identity));
+    }
+}
+
+/// Binds the API on the configured address (over TLS when `tls` is on); returns the server (to
+/// run) and the bound addresses.
 pub fn bind(
     state: web::Data<HttpState>,
     config: &HttpConfig,
+    tls: &PortTlsConfig,
 ) -> std::io::Result<(actix_web::dev::Server, Vec<SocketAddr>)> {
     let max_body = config.max_body_bytes;
-    let mut server = HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             // Our own reader enforces the limit; this only lifts actix's smaller default for extractors.
@@ -24,8 +53,12 @@ pub fn bind(
             .configure(admin::repository_routes)
             .default_service(web::to(not_found))
     })
-    .shutdown_timeout(config.shutdown_timeout_s)
-    .bind(&config.addr)?;
+    .on_connect(remember_peer)
+    .shutdown_timeout(config.shutdown_timeout_s);
+    let mut server = match tls_config(tls, &[b"h2", b"http/1.1"])? {
+        Some(rustls) => server.bind_rustls_0_23(&config.addr, rustls)?,
+        None => server.bind(&config.addr)?,
+    };
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
