@@ -28,6 +28,10 @@ struct Cli {
     /// The read-only status page (HTML, live): its HTTP address, or "off"
     #[arg(long, default_value = "127.0.0.1:7080")]
     http_addr: String,
+    /// File holding the status page's token (first line; or FABRIC_STATUS_TOKEN): needed, as
+    /// ?token=, when --http-addr is beyond loopback
+    #[arg(long)]
+    status_token_file: Option<PathBuf>,
     /// Folder for the database and the model files (replicated: a folder the replicas share, such as
     /// a shared volume, for the model files)
     #[arg(long, default_value = "registry-data")]
@@ -254,12 +258,26 @@ fn main() -> anyhow::Result<()> {
             }
         };
         if cli.http_addr != "off" {
-            let page = model_registry::status_page::start(Arc::clone(&replica), &cli.http_addr).map_err(|e| {
-                anyhow::anyhow!(
-                    "the status page cannot listen on {}: {e} (pass another --http-addr, or --http-addr off)",
-                    cli.http_addr
-                )
-            })?;
+            let token = match &cli.status_token_file {
+                Some(file) => Some(
+                    std::fs::read_to_string(file)
+                        .map_err(|e| anyhow::anyhow!("--status-token-file {}: {e}", file.display()))?
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                ),
+                None => std::env::var("FABRIC_STATUS_TOKEN").ok().map(|t| t.trim().to_string()),
+            }
+            .filter(|t| !t.is_empty());
+            let page = model_registry::status_page::start(Arc::clone(&replica), &cli.http_addr, token.as_deref())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the status page cannot listen on {}: {e} (pass another --http-addr, or --http-addr off)",
+                        cli.http_addr
+                    )
+                })?;
             // A line scripts and tests wait for (before the listening line).
             println!("model-registry status page on http://{page}");
         }

@@ -94,3 +94,48 @@ fn clients_refuse_a_server_whose_certificate_is_not_a_registrys() {
     let error = result.expect_err("a hub is not a registry").to_string();
     assert!(error.contains("presents a certificate for a hub ('hub-1'), not a registry"), "{error}");
 }
+
+fn registry_command(f: &Fabric, http_addr: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_model-registry"));
+    cmd.args(["--listen", "127.0.0.1:0", "--node-id", "registry-1", "--http-addr", http_addr])
+        .arg("--data-dir")
+        .arg(f.dir.join("registry"))
+        .arg("--certs")
+        .arg(&f.certs)
+        .env_remove("FABRIC_STATUS_TOKEN")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+#[test]
+fn the_status_page_needs_a_token_beyond_loopback_and_then_checks_it() {
+    let f = Fabric::new("page-token");
+    // Beyond loopback without a token: refused at start, saying what to do.
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(registry_command(&f, "0.0.0.0:0").get_program())
+        .args(registry_command(&f, "0.0.0.0:0").get_args())
+        .env_remove("FABRIC_STATUS_TOKEN")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "started a tokenless status page beyond loopback");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs a token: pass --status-token-file or set FABRIC_STATUS_TOKEN"), "{stderr}");
+
+    // With a token: the page and its data answer only with it.
+    let mut cmd = registry_command(&f, "127.0.0.1:0");
+    cmd.env("FABRIC_STATUS_TOKEN", "page-token-0123456789");
+    let proc = fabric_testkit::process::Proc::spawn(
+        cmd,
+        "model-registry listening on quic://",
+        &["model-registry status page on "],
+    );
+    let page = proc.seen("model-registry status page on ").expect("page line").to_string();
+    let agent = support::client();
+    let status = |path: &str| fabric_testkit::http::get(&agent, &format!("{page}{path}")).status;
+    assert_eq!(status("/"), 401);
+    assert_eq!(status("/api/status"), 401);
+    assert_eq!(status("/?token=wrong-token-0123456789"), 401);
+    assert_eq!(status("/?token=page-token-0123456789"), 200);
+    assert_eq!(status("/api/status?token=page-token-0123456789"), 200);
+}
