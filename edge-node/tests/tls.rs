@@ -1,6 +1,7 @@
 //! TLS on a real edge-node's HTTP and gRPC ports, mutual: clients need a certificate from the
 //! configured CA (none, or one from another CA, cannot connect); an operator's certificate may call
-//! the repository API without the admin token, another role's may not; plain text gets no answer.
+//! the repository and admin APIs without the admin token, another role's may not; plain text gets
+//! no answer.
 
 mod support;
 
@@ -42,7 +43,8 @@ fn start(certs: &Path) -> Edge {
         "[tls]\ncert = \"{0}/edge-1.pem\"\nkey = \"{0}/edge-1.key.pem\"\nclient_ca = \"{0}/ca.pem\"\n[grpc]\nenabled = true\naddr = \"127.0.0.1:0\"\n",
         certs.display()
     );
-    start_edge_with_args(&[("mlp", ""), ("mixed", "")], &config, &["--model-control".into(), "explicit".into()])
+    let args = ["--model-control", "explicit", "--admin-addr", "127.0.0.1:0"].map(String::from);
+    start_edge_with_args(&[("mlp", ""), ("mixed", "")], &config, &args)
 }
 
 /// One HTTP/1.1 request over TLS, as `identity` (a certificate in `certs`, or none); the status.
@@ -106,6 +108,13 @@ fn mutual_tls_on_both_ports_and_operator_certificates_for_the_repository() {
     assert_eq!(https(&addr, &certs, Some("app"), "POST", "/v2/repository/models/mixed/unload"), Ok(401));
     assert_eq!(https(&addr, &certs, Some("ops"), "POST", "/v2/repository/models/mixed/unload"), Ok(200));
     assert_eq!(https(&addr, &certs, Some("app"), "GET", "/v2/models/mixed/ready"), Ok(404), "unloaded");
+    // The admin API is behind the same TLS: an operator's certificate may change a policy, an edge's not.
+    let admin = edge.admin.clone().expect("admin API");
+    assert!(admin.starts_with("https://"), "{admin}");
+    let admin = admin.trim_start_matches("https://").to_string();
+    assert_eq!(https(&admin, &certs, Some("app"), "DELETE", "/v2/fabric/models/mlp/policy"), Ok(401));
+    assert_eq!(https(&admin, &certs, Some("ops"), "DELETE", "/v2/fabric/models/mlp/policy"), Ok(200));
+    assert_eq!(https(&admin, &certs, Some("app"), "GET", "/v2/fabric/load"), Ok(200), "reads need no token");
 
     // gRPC over the same TLS: served with a client certificate, the repository with an operator's.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

@@ -257,9 +257,10 @@ pub fn start(
     } else {
         None
     };
-    if let Some(admin) = http::admin::start(&state, &serving.admin).map_err(StartError::Admin)? {
+    if let Some(admin) = http::admin::start(&state, &serving.admin, &serving.tls).map_err(StartError::Admin)? {
         // A line on stdout that scripts and tests wait for (before the ready line).
-        println!("{} admin API on http://{admin}", parts.name);
+        let scheme = if serving.tls.cert.is_some() { "https" } else { "http" };
+        println!("{} admin API on {scheme}://{admin}", parts.name);
     }
     state.ready.store(true, Ordering::Release);
     start_registry_or_autoscaler(&state, serving, parts.tls, parts.role, addr, parts.quic, parts.hubs)

@@ -5,7 +5,8 @@
 //!   `.../unload` (extension: parameter `version` unloads one version). Carried out only with
 //!   `--model-control explicit`, and only for a caller presenting the admin token.
 //! - The admin API on a listener of its own (`/v2/fabric/...`, JSON): the load report, traffic
-//!   policies and pool settings. Mutating calls need `Authorization: Bearer <token>`.
+//!   policies and pool settings. Mutating calls need `Authorization: Bearer <token>` (or, over mutual
+//!   TLS, an operator's client certificate).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,9 +16,9 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::server::PeerIdentity;
+use super::server::{remember_peer, tls_config, PeerIdentity};
 use super::state::{not_found, read_json, status_of, HttpState};
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, PortTlsConfig};
 use crate::control::ControlError;
 use fabric_policy::traffic::{PolicyError, TrafficPolicy};
 use fabric_proto::tls::{Identity, Role};
@@ -188,12 +189,13 @@ fn admin_routes(cfg: &mut web::ServiceConfig) {
         .route("/v2/fabric/models/{model}/versions/{version}/config", web::put().to(put_config));
 }
 
-/// Checks the bearer token of a mutating call.
+/// Checks a mutating call: the bearer token, or (over mutual TLS) an operator's client certificate.
 fn authorised(req: &HttpRequest, token: &AdminToken) -> Result<(), HttpResponse> {
     if req.method() == Method::GET {
         return Ok(());
     }
-    if token.matches_bearer(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
+    let operator = req.conn_data::<PeerIdentity>().is_some_and(|p| p.0.role == Role::Operator);
+    if operator || token.matches_bearer(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
         Ok(())
     } else {
         Err(error(
@@ -277,8 +279,13 @@ async fn put_config(
     }
 }
 
-/// Binds the admin API (one worker: it is small and rarely called); returns the server and address.
-pub fn bind(state: web::Data<HttpState>, config: &AdminConfig) -> Result<(actix_web::dev::Server, SocketAddr), String> {
+/// Binds the admin API (one worker: it is small and rarely called), over the node's TLS when it has
+/// one; returns the server and address.
+pub fn bind(
+    state: web::Data<HttpState>,
+    config: &AdminConfig,
+    tls: &PortTlsConfig,
+) -> Result<(actix_web::dev::Server, SocketAddr), String> {
     let token = web::Data::new(AdminToken::new(&config.resolve_token()?));
     let server = HttpServer::new(move || {
         App::new()
@@ -287,9 +294,13 @@ pub fn bind(state: web::Data<HttpState>, config: &AdminConfig) -> Result<(actix_
             .configure(admin_routes)
             .default_service(web::to(not_found))
     })
-    .workers(1)
-    .bind(&config.addr)
-    .map_err(|e| format!("admin API on {}: {e}", config.addr))?;
+    .on_connect(remember_peer)
+    .workers(1);
+    let failed = |e: std::io::Error| format!("admin API on {}: {e}", config.addr);
+    let server = match tls_config(tls, &[b"http/1.1"]).map_err(failed)? {
+        Some(rustls) => server.bind_rustls_0_23(&config.addr, rustls).map_err(failed)?,
+        None => server.bind(&config.addr).map_err(failed)?,
+    };
     let addr = server.addrs().first().copied().ok_or("the admin API bound no address")?;
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the admin API listens beyond this machine: keep it behind TLS");
@@ -298,11 +309,15 @@ pub fn bind(state: web::Data<HttpState>, config: &AdminConfig) -> Result<(actix_
 }
 
 /// Starts the admin API when the config turns it on; returns its address.
-pub fn start(state: &web::Data<HttpState>, config: &AdminConfig) -> Result<Option<SocketAddr>, String> {
+pub fn start(
+    state: &web::Data<HttpState>,
+    config: &AdminConfig,
+    tls: &PortTlsConfig,
+) -> Result<Option<SocketAddr>, String> {
     if !config.enabled {
         return Ok(None);
     }
-    let (server, addr) = bind(state.clone(), config)?;
+    let (server, addr) = bind(state.clone(), config, tls)?;
     actix_rt::spawn(server);
     tracing::info!(%addr, "admin API listening");
     Ok(Some(addr))

@@ -25,7 +25,7 @@ pub fn tls_config(tls: &PortTlsConfig, alpn: &[&[u8]]) -> std::io::Result<Option
 }
 
 /// Keeps the identity of a TLS client's certificate with its connection.
-fn remember_peer(connection: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
+pub(super) fn remember_peer(connection: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
     type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
     let Some(stream) = connection.downcast_ref::<Tls>() else { return };
     let (_, session) = stream.get_ref();
