@@ -75,15 +75,20 @@ def link_model(repo, name, version, source=None):
     (folder / "model.onnx").symlink_to(BUILD / "models" / (source or name) / "1" / "model.onnx")
 
 
-@pytest.fixture(scope="session")
-def edge_grpc_url():
-    """An edge-node with the gRPC API on, serving the same models; yields its gRPC "host:port"."""
-    repo = tempfile.mkdtemp(prefix="edge-py-grpc-")
+def start_model_edge(prefix, grpc=None):
+    """An edge-node serving mlp, cnn, mixed and digits (batches of 512) from a temporary repository."""
+    repo = tempfile.mkdtemp(prefix=prefix)
     for name in ("mlp", "cnn", "mixed", "digits"):
         link_model(repo, name, 1)
     pathlib.Path(repo, "digits", "config.toml").write_text("max_batch_size = 512\n")
+    return start_edge(repo, grpc=grpc)
+
+
+@pytest.fixture(scope="session")
+def edge_grpc_url():
+    """An edge-node with the gRPC API on; yields its gRPC "host:port"."""
     grpc = {}
-    proc, _ = start_edge(repo, grpc=grpc)
+    proc, _ = start_model_edge("edge-py-grpc-", grpc=grpc)
     if "url" not in grpc:
         proc.kill()
         pytest.fail("edge-node printed no 'edge-node gRPC on' line")
@@ -94,11 +99,7 @@ def edge_grpc_url():
 
 @pytest.fixture(scope="session")
 def edge_url():
-    repo = tempfile.mkdtemp(prefix="edge-py-")
-    for name in ("mlp", "cnn", "mixed", "digits"):
-        link_model(repo, name, 1)
-    pathlib.Path(repo, "digits", "config.toml").write_text("max_batch_size = 512\n")
-    proc, url = start_edge(repo)
+    proc, url = start_model_edge("edge-py-")
     yield url
     proc.terminate()
     proc.wait(timeout=20)

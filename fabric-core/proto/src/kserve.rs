@@ -313,6 +313,25 @@ fn push_scalar(dtype: DataType, index: usize, v: Scalar, out: &mut Vec<u8>) -> R
     Ok(())
 }
 
+/// An input's declared datatype and shape, checked: a served datatype, no negative dimension (both
+/// faces, REST and gRPC, declare inputs alike).
+pub(crate) fn input_declaration(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+) -> Result<(DataType, Vec<usize>), CodecError> {
+    let err = |reason: String| CodecError::Input { name: name.to_string(), reason };
+    let dtype: DataType = datatype.parse().map_err(|e: fabric_types::dtype::UnknownDataType| err(e.to_string()))?;
+    if !dtype.is_served() {
+        return Err(err(TensorError::UnsupportedDataType(dtype).to_string()));
+    }
+    let dims = shape
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| err(format!("shape {shape:?} has a negative dimension"))))
+        .collect::<Result<_, _>>()?;
+    Ok((dtype, dims))
+}
+
 /// Decodes a request body; `header_length` is the `Inference-Header-Content-Length` value if present.
 pub fn decode_request(body: &[u8], header_length: Option<usize>) -> Result<DecodedRequest, CodecError> {
     let (json, mut binary) = match header_length {
@@ -329,16 +348,7 @@ pub fn decode_request(body: &[u8], header_length: Option<usize>) -> Result<Decod
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
         let err = |reason: String| CodecError::Input { name: input.name.clone(), reason };
-        let dtype: DataType =
-            input.datatype.parse().map_err(|e: fabric_types::dtype::UnknownDataType| err(e.to_string()))?;
-        if !dtype.is_served() {
-            return Err(err(TensorError::UnsupportedDataType(dtype).to_string()));
-        }
-        let shape: Vec<usize> = input
-            .shape
-            .iter()
-            .map(|&d| usize::try_from(d).map_err(|_| err(format!("shape {:?} has a negative dimension", input.shape))))
-            .collect::<Result<_, _>>()?;
+        let (dtype, shape) = input_declaration(&input.name, &input.datatype, &input.shape)?;
         let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size"));
         let bytes = match (binary_size, input.data) {
             (Some(size), None) => {

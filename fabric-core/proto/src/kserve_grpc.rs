@@ -90,16 +90,7 @@ pub fn decode_infer(request: pb::ModelInferRequest) -> Result<(String, Option<St
 
 fn decode_input(input: &InferInputTensor, raw: Option<bytes::Bytes>) -> Result<Tensor, CodecError> {
     let err = |reason: String| CodecError::Input { name: input.name.clone(), reason };
-    let dtype: DataType =
-        input.datatype.parse().map_err(|e: fabric_types::dtype::UnknownDataType| err(e.to_string()))?;
-    if !dtype.is_served() {
-        return Err(err(TensorError::UnsupportedDataType(dtype).to_string()));
-    }
-    let shape: Vec<usize> = input
-        .shape
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| err(format!("shape {:?} has a negative dimension", input.shape))))
-        .collect::<Result<_, _>>()?;
+    let (dtype, shape) = crate::kserve::input_declaration(&input.name, &input.datatype, &input.shape)?;
     let bytes = match (raw, &input.contents) {
         (Some(_), Some(_)) => return Err(err("has contents and a raw_input_contents entry: send one".into())),
         (Some(raw), None) => raw.to_vec(),
