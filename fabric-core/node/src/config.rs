@@ -571,7 +571,7 @@ mod tests {
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
         assert!(
             err.to_string().contains(
-                "unknown key `modles` (the keys are admin, autoscale, clients, grpc, http, model_defaults, models, ort, registry)"
+                "unknown key `modles` (the keys are admin, autoscale, clients, grpc, http, model_defaults, models, ort, registry, tls)"
             ),
             "{err}"
         );
