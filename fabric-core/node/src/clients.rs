@@ -1,7 +1,8 @@
-//! Who calls the inference API: named client keys (kept as SHA-256 digests, compared in constant
-//! time), the models each may call, and each one's quota (a rate and a concurrency limit, from
-//! [`fabric_policy::quota`]). Both faces (REST and gRPC) ask here before serving; a refusal is 401
-//! (no or unknown key), 403 (a model the key may not call) or 429 with `Retry-After`.
+//! Who calls the node: named client keys (kept as SHA-256 digests, compared in constant time), the
+//! models each may call, and each one's quota (a rate and a concurrency limit, from
+//! [`fabric_policy::quota`]); and the admin token. Both faces (REST and gRPC) ask here before
+//! serving; a refusal is 401 (no or unknown key), 403 (a model the key may not call) or 429 with
+//! `Retry-After`, which each face answers in its own form.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,9 +10,55 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 
 use crate::config::ClientsConfig;
-use crate::http::state::ApiError;
 use crate::metrics::Metrics;
 use fabric_policy::quota::{Quota, QuotaLimits, QuotaRefusal};
+
+/// Why a caller is turned away: the HTTP status (each face maps it), a kind for metrics, what to tell
+/// the caller, and when to try again.
+#[derive(Debug)]
+pub struct Refusal {
+    /// 401, 403 or 429.
+    pub status: StatusCode,
+    /// `unauthenticated`, `forbidden`, `rate_limited` or `concurrency_limited`.
+    pub kind: &'static str,
+    /// The same words on both faces.
+    pub message: String,
+    /// When to try again (429).
+    pub retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal { status, kind, message: message.into(), retry_after: None }
+    }
+
+    fn retry_after(mut self, after: Duration) -> Refusal {
+        self.retry_after = Some(after);
+        self
+    }
+}
+
+/// The token mutating admin and repository calls must present, kept only as its SHA-256 digest.
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    /// Keeps the digest of `token`; the token itself is not held after this.
+    pub fn new(token: &str) -> Self {
+        AdminToken(sha256(token.as_bytes()))
+    }
+
+    /// Whether `given` is the token: digests compared in constant time, so neither the token's
+    /// length nor a matching prefix shows in how long the answer takes.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(sha256(given).ct_eq(&self.0))
+    }
+
+    /// Whether an `Authorization` header's value is `Bearer <the token>`.
+    pub fn matches_bearer(&self, header: Option<&str>) -> bool {
+        self.matches(header.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().as_bytes())
+    }
+}
 
 /// One client: its name, its key's digest, its models and its quota.
 pub struct Client {
@@ -125,7 +172,7 @@ impl Clients {
 
     /// The client whose key an `Authorization` value carries (`None` when the API is open). Every
     /// listed digest is compared, in constant time, whichever matches.
-    fn identify(&self, authorization: Option<&str>) -> Result<Option<Arc<Client>>, ApiError> {
+    fn identify(&self, authorization: Option<&str>) -> Result<Option<Arc<Client>>, Refusal> {
         if !self.enabled() {
             return Ok(None);
         }
@@ -137,12 +184,12 @@ impl Clients {
                 found = Some(client.clone());
             }
         }
-        found.map(Some).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", NEEDS_KEY))
+        found.map(Some).ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", NEEDS_KEY))
     }
 
     /// Checks that the caller has a key and may see `model` (metadata, readiness; `None`: any model,
     /// as the repository index): no quota taken.
-    pub fn check(&self, authorization: Option<&str>, model: Option<&str>, metrics: &Metrics) -> Result<(), ApiError> {
+    pub fn check(&self, authorization: Option<&str>, model: Option<&str>, metrics: &Metrics) -> Result<(), Refusal> {
         let result = self.identify(authorization).and_then(|client| match (client, model) {
             (Some(c), Some(model)) if !c.models.is_empty() && !c.models.iter().any(|m| m == model) => {
                 Err(forbidden(&c, model))
@@ -156,7 +203,7 @@ impl Clients {
     }
 
     /// Admits an inference on `model` under the caller's quota, or says why not.
-    pub fn admit(&self, authorization: Option<&str>, model: &str, metrics: &Metrics) -> Result<Admitted, ApiError> {
+    pub fn admit(&self, authorization: Option<&str>, model: &str, metrics: &Metrics) -> Result<Admitted, Refusal> {
         let client = match self.identify(authorization) {
             Ok(None) => return Ok(Admitted { client: None }),
             Ok(Some(c)) => c,
@@ -183,7 +230,7 @@ impl Clients {
                     client.name,
                     retry_after.as_millis().max(1)
                 );
-                Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(retry_after))
+                Err(Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(retry_after))
             }
             Err(QuotaRefusal::Concurrency { limit }) => {
                 count("concurrency_limited");
@@ -191,15 +238,15 @@ impl Clients {
                     "client '{}' has {limit} requests in flight, its limit: retry when one is answered",
                     client.name
                 );
-                Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "concurrency_limited", message)
+                Err(Refusal::new(StatusCode::TOO_MANY_REQUESTS, "concurrency_limited", message)
                     .retry_after(Duration::from_secs(1)))
             }
         }
     }
 }
 
-fn forbidden(client: &Client, model: &str) -> ApiError {
-    ApiError::new(
+fn forbidden(client: &Client, model: &str) -> Refusal {
+    Refusal::new(
         StatusCode::FORBIDDEN,
         "forbidden",
         format!("client '{}' may not call model '{model}' (its models: {})", client.name, client.models.join(", ")),
@@ -231,7 +278,7 @@ mod tests {
             ],
         };
         let clients = Clients::new(&config).expect("clients");
-        let status = |r: Result<Admitted, ApiError>| r.map(|_| 200).unwrap_or_else(|e| e.status.as_u16());
+        let status = |r: Result<Admitted, Refusal>| r.map(|_| 200).unwrap_or_else(|e| e.status.as_u16());
         let cases: &[(Option<&str>, &str, u16)] = &[
             (Some("Bearer app-key-0123456789"), "mlp", 200),
             (Some("Bearer app-key-012345678"), "mlp", 401),

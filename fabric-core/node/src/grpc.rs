@@ -22,9 +22,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::config::{GrpcConfig, PortTlsConfig};
 use crate::control::ControlError;
 use crate::http::admin::{control_status, repository_authorised, REPOSITORY_NEEDS_TOKEN};
+use crate::http::infer;
 use crate::http::kserve_api::{not_ready, platform, readiness};
 use crate::http::state::{ApiError, HttpState};
-use crate::infer;
 use crate::models::ServedModel;
 use fabric_proto::kserve_grpc::{self, pb};
 use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
@@ -136,7 +136,7 @@ impl GrpcFace {
     /// The client-key check of a read about `model` (`None`: about the repository).
     fn may_read<T>(&self, request: &Request<T>, model: Option<&str>) -> Result<(), Status> {
         let auth = authorization(request);
-        Ok(self.state.clients.check(auth.as_deref(), model, &self.state.metrics)?)
+        Ok(self.state.clients.check(auth.as_deref(), model, &self.state.metrics).map_err(ApiError::from)?)
     }
 
     /// One infer request, served as the REST face serves it.
@@ -148,7 +148,11 @@ impl GrpcFace {
     ) -> Result<pb::ModelInferResponse, Status> {
         let arrived = Instant::now();
         // The caller's key and quota first (as REST): its place is held until the answer is built.
-        let admitted = self.state.clients.admit(authorization, &message.model_name, &self.state.metrics)?;
+        let admitted = self
+            .state
+            .clients
+            .admit(authorization, &message.model_name, &self.state.metrics)
+            .map_err(ApiError::from)?;
         let (name, version, request) = match kserve_grpc::decode_infer(message) {
             Ok(decoded) => decoded,
             Err(e) => return Err(Status::invalid_argument(e.to_string())),

@@ -7,9 +7,9 @@
 //!   served and their routes), [`repository`] (model files to running pools), [`shadow`] (copies
 //!   of traffic to a shadow version), [`metrics`];
 //! - [`clients`]: client keys, the models each may call, and their quotas;
-//! - the faces: [`infer`] (one request served, whichever face it came by), [`http`] (the KServe v2
-//!   REST API and the admin API) and [`grpc`] (KServe v2 over gRPC), thin layers over dispatch and
-//!   control;
+//! - the faces: [`http`] (the KServe v2 REST API and the admin API, and `http::infer`: one request
+//!   served whichever face it came by) and [`grpc`] (KServe v2 over gRPC), thin layers over dispatch
+//!   and control;
 //! - live control: [`control`] (load, unload, traffic policies, resize, the load report) and
 //!   [`load_report`] (rolling per-version statistics);
 //! - [`agent`]: the node's side of the model registry (heartbeats, converging to the desired state);
@@ -24,7 +24,6 @@ pub mod control;
 pub mod dispatch;
 pub mod grpc;
 pub mod http;
-pub mod infer;
 pub mod load_report;
 pub mod metrics;
 pub mod models;

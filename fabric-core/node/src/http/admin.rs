@@ -16,8 +16,9 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::server::{remember_peer, tls_config, PeerIdentity};
 use super::state::{not_found, read_json, status_of, HttpState};
+use super::tls::{remember_peer, tls_config, PeerIdentity};
+use crate::clients::AdminToken;
 use crate::config::{AdminConfig, PortTlsConfig};
 use crate::control::ControlError;
 use fabric_policy::traffic::{PolicyError, TrafficPolicy};
@@ -135,28 +136,6 @@ async fn repository_unload(state: web::Data<HttpState>, req: HttpRequest, payloa
     }
 }
 
-/// The token mutating admin calls must present, kept only as its SHA-256 digest.
-pub struct AdminToken([u8; 32]);
-
-impl AdminToken {
-    /// Keeps the digest of `token`; the token itself is not held after this.
-    pub fn new(token: &str) -> Self {
-        AdminToken(sha256(token.as_bytes()))
-    }
-
-    /// Whether `given` is the token: digests compared in constant time, so neither the token's
-    /// length nor a matching prefix shows in how long the answer takes.
-    pub fn matches(&self, given: &[u8]) -> bool {
-        use subtle::ConstantTimeEq as _;
-        bool::from(sha256(given).ct_eq(&self.0))
-    }
-
-    /// Whether an `Authorization` header's value is `Bearer <the token>`.
-    pub fn matches_bearer(&self, header: Option<&str>) -> bool {
-        self.matches(header.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().as_bytes())
-    }
-}
-
 /// What a repository call without the admin token is told (both faces).
 pub const REPOSITORY_NEEDS_TOKEN: &str =
     "the repository API (load, unload) needs 'Authorization: Bearer <token>' with the node's admin token, or an operator client certificate over mutual TLS";
@@ -172,12 +151,6 @@ fn repository_denied(state: &HttpState, req: &HttpRequest) -> Option<HttpRespons
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let peer = req.conn_data::<PeerIdentity>().map(|p| &p.0);
     (!repository_authorised(state, header, peer)).then(|| error(StatusCode::UNAUTHORIZED, REPOSITORY_NEEDS_TOKEN))
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
 }
 
 /// Registers the admin API's routes; needs `web::Data<HttpState>` and the token in the app.
@@ -325,7 +298,7 @@ pub fn start(
 
 #[cfg(test)]
 mod tests {
-    use super::AdminToken;
+    use crate::clients::AdminToken;
 
     #[test]
     fn the_admin_token_matches_only_itself() {

@@ -13,8 +13,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
+use super::infer;
 use super::state::{read_body, read_json, ApiError, HttpState};
-use crate::infer;
 use crate::models::ServedModel;
 use fabric_proto::kserve;
 use fabric_types::tensor::NamedTensor;
@@ -243,7 +243,7 @@ fn authorization(req: &HttpRequest) -> Option<&str> {
 
 /// The client-key check of a read about `model` (`None`: about the repository).
 fn may_read(state: &HttpState, req: &HttpRequest, model: Option<&str>) -> Result<(), HttpResponse> {
-    state.clients.check(authorization(req), model, &state.metrics).map_err(|e| e.response())
+    state.clients.check(authorization(req), model, &state.metrics).map_err(|e| ApiError::from(e).response())
 }
 
 async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
@@ -252,7 +252,7 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
     // The caller's key and quota first: its place is held until the answer is built.
     let admitted = match state.clients.admit(authorization(&req), name, &state.metrics) {
         Ok(admitted) => admitted,
-        Err(e) => return e.response(),
+        Err(e) => return ApiError::from(e).response(),
     };
     // An unknown model is answered before its body is read.
     let known = match infer::known(&state, name, version) {

@@ -10,8 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::admin::AdminToken;
-use crate::clients::Clients;
+use crate::clients::{AdminToken, Clients, Refusal};
 use crate::config::ServingConfig;
 use crate::control::NodeControl;
 use crate::dispatch::{Dispatcher, Overflow};
@@ -93,12 +92,6 @@ impl ApiError {
         ApiError { status, message: message.into(), kind, retry_after: None }
     }
 
-    /// The same error, telling the client when to try again.
-    pub(crate) fn retry_after(mut self, after: std::time::Duration) -> Self {
-        self.retry_after = Some(after);
-        self
-    }
-
     /// `Retry-After` in whole seconds, at least 1.
     pub(crate) fn retry_after_s(&self) -> Option<u64> {
         self.retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
@@ -137,6 +130,12 @@ impl From<RouteError> for ApiError {
             _ => "not_found",
         };
         ApiError::new(status_of(e.code()), kind, e.to_string())
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        ApiError { status: r.status, message: r.message, kind: r.kind, retry_after: r.retry_after }
     }
 }
 

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::state::{ApiError, HttpState};
 use crate::dispatch::DispatchError;
-use crate::http::state::{ApiError, HttpState};
 use crate::load_report::Outcome;
 use crate::models::ServedModel;
 use crate::pool::{PoolError, MAX_PRIORITY, PRIORITY_LABELS};
