@@ -103,8 +103,14 @@ pub fn start(
         builder = builder.tls_config(tls).map_err(|e| invalid(format!("gRPC TLS: {e}")))?;
     }
     std::thread::Builder::new().name("grpc-server".into()).spawn(move || {
-        let serve =
-            builder.add_service(service).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        // Small answers must not wait for Nagle's algorithm (a 40 ms stall against delayed ACKs).
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+            if let Ok(s) = &stream {
+                let _ = s.set_nodelay(true);
+            }
+            stream
+        });
+        let serve = builder.add_service(service).serve_with_incoming(incoming);
         if let Err(e) = runtime.block_on(serve) {
             tracing::error!("the gRPC server on {addr} stopped: {e}");
         }
