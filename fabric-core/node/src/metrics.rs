@@ -89,13 +89,14 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
-        let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            define(name, "histogram", mv, help);
+        let histogram_by = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            define(name, "histogram", labels, help);
             let opts = HistogramOpts::new(format!("{prefix}_{name}"), help).buckets(buckets.to_vec());
-            let h = HistogramVec::new(opts, mv).expect("valid metric");
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| histogram_by(name, help, buckets, mv);
         Metrics {
             requests: counter(
                 "requests_total",
@@ -146,16 +147,12 @@ impl Metrics {
                 "Inference requests by model, priority (1 most urgent) and outcome",
                 &["model", "priority", "outcome"],
             ),
-            priority_queue_duration: {
-                let name = "priority_queue_duration_seconds";
-                let help = "Time waiting in the queue, by priority (1 most urgent)";
-                let labels = ["model", "version", "priority"];
-                define(name, "histogram", &labels, help);
-                let opts = HistogramOpts::new(format!("{prefix}_{name}"), help).buckets(LATENCY_BUCKETS.to_vec());
-                let h = HistogramVec::new(opts, &labels).expect("valid metric");
-                registry.register(Box::new(h.clone())).expect("unique metric");
-                h
-            },
+            priority_queue_duration: histogram_by(
+                "priority_queue_duration_seconds",
+                "Time waiting in the queue, by priority (1 most urgent)",
+                LATENCY_BUCKETS,
+                &["model", "version", "priority"],
+            ),
             client_requests: counter(
                 "client_requests_total",
                 "Client-key checks by client and outcome (admitted, unauthenticated, forbidden, rate_limited, concurrency_limited)",
