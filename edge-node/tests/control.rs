@@ -351,7 +351,12 @@ fn model_control_is_refused_unless_switched_on() {
 fn unloading_answers_everything_queued() {
     const ROWS: usize = 8;
     const REQUESTS: usize = 700;
-    let edge = start_controlled(&[("cnn", "max_batch_size = 8\nqueue_capacity = 2000\ndefault_timeout_ms = 120000\n")]);
+    // A standing queue is what this test drains: the queueing-delay target is off (100%), or admission
+    // would refuse part of the burst at the door on a slow machine.
+    let edge = start_controlled(&[(
+        "cnn",
+        "max_batch_size = 8\nqueue_capacity = 2000\ndefault_timeout_ms = 120000\nqueue_wait_pct = 100\n",
+    )]);
     let data: Vec<u8> = (0..ROWS * 3 * 64 * 64).flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes()).collect();
     let head = json!({ "inputs": [{ "name": "input", "shape": [ROWS, 3, 64, 64], "datatype": "FP32",
                                     "parameters": { "binary_data_size": data.len() } }] });
