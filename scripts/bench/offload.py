@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from serving import BUILD, ROOT, machine, to_ms  # noqa: E402
@@ -51,6 +52,21 @@ def wrk(url, body, header_length, connections, secs, script):
     refused = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)) - (int(refused.group(1)) / secs if refused else 0.0)
     return rps, to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+
+
+def engine_time(url):
+    """The CNN replicas' engine seconds, batches and rows so far, from the node's /metrics."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    total = {"engine_s": 0.0, "batches": 0.0, "rows": 0.0}
+    for line in text.splitlines():
+        if line.startswith("#") or 'model="cnn"' not in line:
+            continue
+        name, value = line.split("{")[0], float(line.split()[-1])
+        key = {"fabric_compute_duration_seconds_sum": "engine_s", "fabric_batch_size_count": "batches",
+               "fabric_batch_size_sum": "rows"}.get(name)
+        if key:
+            total[key] += value
+    return total
 
 
 def binary_body(path, rows, width_shape):
@@ -107,11 +123,20 @@ def main():
         print(f"edge capacity, CNN 4 rows: {capacity:.0f} req/s", flush=True)
 
         def open_loop(name, mult):
+            before = engine_time(url[name])
             out = subprocess.run([REL / "examples" / "openloop", f"{url[name]}/v2/models/cnn/infer", work / "cnn.bin",
                                   str(cnn_n), str(capacity * mult), str(SECONDS), str(DEADLINE_MS)],
                                  capture_output=True, text=True, check=True).stdout
-            print((mult, name, out.strip()), flush=True)
-            return mult, name, json.loads(out)
+            result = json.loads(out)
+            # The replica's own account of the run: how long its engine ran, in how many batches of how
+            # many rows (the window runs from the first request to the last answer, about SECONDS).
+            after = engine_time(url[name])
+            batches = after["batches"] - before["batches"]
+            result["engine_busy_pct"] = 100 * (after["engine_s"] - before["engine_s"]) / SECONDS
+            result["engine_ms_per_batch"] = 1e3 * (after["engine_s"] - before["engine_s"]) / max(1, batches)
+            result["rows_per_batch"] = (after["rows"] - before["rows"]) / max(1, batches)
+            print((mult, name, json.dumps(result)), flush=True)
+            return mult, name, result
 
         # Five alternating runs of each, the median kept: one run's goodput moves by a fifth or more on
         # a shared machine, more than the difference looked for. Compared on the steady goodput: a
@@ -121,8 +146,11 @@ def main():
         for mult in (1.25, 3):
             for name in ("local", "standing"):
                 alone.append((mult, name, []))
-            for _ in range(RUNS):
-                for entry in alone[-2:]:
+            # The order flips every pair (A B, B A, ...): a drift of the shared machine over the minutes
+            # of the runs then falls on both settings alike.
+            for i in range(RUNS):
+                pair = alone[-2:] if i % 2 == 0 else alone[-2:][::-1]
+                for entry in pair:
                     entry[2].append(open_loop(entry[1], mult)[2])
         alone = [(m, n, sorted(runs, key=lambda r: r["steady_goodput"])[RUNS // 2], runs) for m, n, runs in alone]
         goodput = [open_loop(name, mult) for mult in (2, 3, 5) for name in ("local", "overflow")]
@@ -163,22 +191,33 @@ def main():
         "",
         f"Without a hub: latency-first admission (`queue_wait_pct` = 25, the default) beside a standing queue (100), deadline {DEADLINE_MS} ms; "
         f"each row the median run of {RUNS} by steady goodput (requests due after the first second and before the last), "
-        "the two settings alternating; the range is over all runs:",
+        "the two settings alternating (the order flipped every pair); the range is over all runs:",
         "",
-        "| offered | admission | sent | steady goodput/s (range) | goodput/s | refused (503) | late | served p50 / p99 ms | served p50 in % of the deadline | refusal p99 ms (range) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| offered | admission | sent | steady goodput/s (range) | goodput/s | refused (503) | late | served p50 / p99 ms | served p50 in % of the deadline | refusal p99 ms (range) | engine busy % | engine ms / batch (range) | rows / batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mult, name, r, runs in alone:
         steady = sorted(x["steady_goodput"] for x in runs)
-        refusal = sorted(x["refused_p99_ms"] for x in runs)
+        # A run with no refusal has no refusal p99 (NaN), left out of the range.
+        refusal = sorted(x["refused_p99_ms"] for x in runs if x["refused_p99_ms"] == x["refused_p99_ms"]) or [float("nan")]
+        per_batch = sorted(x["engine_ms_per_batch"] for x in runs)
         lines.append(f"| {mult}x ({capacity * mult:.0f}/s) | {'latency first' if name == 'local' else 'standing queue'} | {r['sent']} | "
                      f"{r['steady_goodput']:.0f} ({steady[0]:.0f}-{steady[-1]:.0f}) | {r['goodput']:.0f} | {r['refused']} | {r['late']} | "
                      f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {100 * r['p50_ms'] / DEADLINE_MS:.0f}% | "
-                     f"{r['refused_p99_ms']:.1f} ({refusal[0]:.1f}-{refusal[-1]:.1f}) |")
+                     f"{r['refused_p99_ms']:.1f} ({refusal[0]:.1f}-{refusal[-1]:.1f}) | {r['engine_busy_pct']:.0f} | "
+                     f"{r['engine_ms_per_batch']:.2f} ({per_batch[0]:.2f}-{per_batch[-1]:.2f}) | {r['rows_per_batch']:.1f} |")
     first = {m: r["steady_goodput"] for m, n, r, _ in alone if n == "local"}
     standing_goodput = {m: r["steady_goodput"] for m, n, r, _ in alone if n == "standing"}
+    # Goodput per engine second: what admission itself costs or wins, apart from how fast the shared
+    # cores ran the engine in that run.
+    per_engine = {(m, n): r["steady_goodput"] / max(1e-9, r["engine_busy_pct"] / 100) for m, n, r, _ in alone}
     lines += ["", "Steady goodput latency first / standing queue at 1.25x, 3x: " +
-              ", ".join(f"{first[m] / standing_goodput[m]:.2f}" for m in (1.25, 3)) + "."]
+              ", ".join(f"{first[m] / standing_goodput[m]:.2f}" for m in (1.25, 3)) +
+              "; engine busy latency first / standing queue: " +
+              ", ".join(f"{next(r['engine_busy_pct'] for mm, n, r, _ in alone if mm == m and n == 'local'):.0f}% / "
+                        f"{next(r['engine_busy_pct'] for mm, n, r, _ in alone if mm == m and n == 'standing'):.0f}%" for m in (1.25, 3)) +
+              "; steady goodput per engine-busy second: " +
+              ", ".join(f"{per_engine[(m, 'local')]:.0f} / {per_engine[(m, 'standing')]:.0f}" for m in (1.25, 3)) + "."]
     report = "\n".join(lines)
     out = BUILD / "bench" / f"offload-{time.strftime('%Y-%m-%d')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
