@@ -6,10 +6,12 @@
 //! - [`load`]: closed- and open-loop load that keeps every answer;
 //! - [`reference`]: the reference cases and models the model script writes; [`ort`]: the ONNX
 //!   Runtime library to load; [`tools`]: external tools, skipped with a reason where absent;
-//! - [`etcd`]: a real etcd cluster on loopback, members killed and restarted.
+//! - [`etcd`]: a real etcd cluster on loopback, members killed and restarted;
+//! - [`link`]: an emulated WAN link (delay, jitter, loss, rate, reordering, cuts) as a UDP relay.
 
 pub mod etcd;
 pub mod http;
+pub mod link;
 pub mod load;
 pub mod ort;
 pub mod process;
