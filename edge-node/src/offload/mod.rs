@@ -44,7 +44,7 @@ mod hub_set;
 mod link;
 mod send;
 
-pub use config::{HubEndpoint, OffloadConfig, OffloadMode, OffloadSetupError};
+pub use config::{Congestion, HubEndpoint, OffloadConfig, OffloadMode, OffloadSetupError};
 
 use connector::{keep_connected, Endpoints};
 use link::HubLink;
@@ -83,6 +83,7 @@ impl Offloader {
         let idle = quinn::VarInt::from_u64(config.idle_timeout_ms)
             .map_err(|_| OffloadSetupError::IdleTimeout(config.idle_timeout_ms))?;
         transport.max_idle_timeout(Some(idle.into()));
+        transport.congestion_controller_factory(config.congestion.factory());
         client.transport_config(Arc::new(transport));
         // The endpoints and their connections run on a thread of their own, not between the pools'
         // turns. One per address family: an IPv4 socket cannot reach an IPv6 hub.
