@@ -116,13 +116,13 @@ async fn a_hub_refusing_our_certificate_after_connect_is_retried_with_backoff() 
     let until = started + Duration::from_secs(30);
     while offload.connect_attempts() < 3 {
         assert!(Instant::now() < until, "not retried twice within 30 s ({})", offload.connect_attempts());
-        assert!(offload.view().is_none(), "a hub that refuses us is not offered for offload");
+        assert!(offload.view(1000).is_none(), "a hub that refuses us is not offered for offload");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let attempts = offload.connect_attempts();
     let allowed = policy_bound(started.elapsed());
     assert!(attempts as u32 <= allowed, "reconnect hot loop: {attempts} attempts, the policy allows {allowed}");
-    assert!(offload.view().is_none(), "a hub that refuses us is not offered for offload");
+    assert!(offload.view(1000).is_none(), "a hub that refuses us is not offered for offload");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -139,7 +139,7 @@ async fn a_fabric_peer_that_is_not_a_hub_is_never_used() {
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         assert_eq!(offload.connected(), 0, "connected to a peer whose role is not hub");
-        assert!(offload.view().is_none());
+        assert!(offload.view(1000).is_none());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let attempts = offload.connect_attempts();

@@ -12,7 +12,7 @@ use fabric_testkit::http::binary_body;
 use fabric_testkit::link::{Direction, Link};
 use fabric_testkit::process::temp_dir;
 use fabric_testkit::wait::wait_for;
-use support::{certs, client, post, start_edge_with_args, start_hub};
+use support::{certs, client, get, post, start_edge_with_args, start_hub};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -58,6 +58,20 @@ fn offload_crosses_a_wan_link_survives_loss_and_a_cut() {
             assert!(took >= 40 * MS, "request {i} crossed a 40 ms round trip in {took:?}");
         }
     }
+    // The edge measured the link: its round trip (at least the 40 ms the relay holds datagrams) and
+    // its uplink rate (a 49 KB request spends about 8 ms on a 50 Mbit/s wire).
+    let metrics = String::from_utf8_lossy(&get(&client(), &format!("{}/metrics", edge.url)).body).into_owned();
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{hub=\"hub-1\"}}")))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let rtt = gauge("fabric_hub_rtt_seconds").expect("the round trip in the edge's metrics");
+    assert!(rtt >= 0.040, "a 40 ms round trip measured as {rtt} s");
+    let rate = gauge("fabric_hub_uplink_bytes_per_second").expect("the uplink rate in the edge's metrics");
+    assert!(rate > 0.0, "uplink rate {rate}");
     // 2% loss each way: QUIC retransmits; every request is answered.
     let lossy = Direction::wan(20 * MS, 50.0, 0.02);
     link.set(lossy, lossy);
@@ -89,6 +103,6 @@ fn offload_crosses_a_wan_link_survives_loss_and_a_cut() {
     let back = wait_for("the edge to offload again after the cut", Duration::from_secs(60), || {
         infer(&url).1.starts_with("hub")
     });
-    eprintln!("lossy link: {by_hub} of 40 offloaded; during the cut: {during:?}; offloading again {back:?} after the restore; {:?}", link.stats());
+    eprintln!("clean link: rtt {rtt} s, uplink {rate:.0} B/s; lossy link: {by_hub} of 40 offloaded; during the cut: {during:?}; offloading again {back:?} after the restore; {:?}", link.stats());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from offload import REL, binary_body, start  # noqa: E402
@@ -28,8 +29,24 @@ from serving import BUILD, machine  # noqa: E402
 DEADLINE_MS = 500
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 # (round trip ms, Mbit/s, loss)
-LINKS = [(40, 50, 0.01), (40, 50, 0.0), (150, 10, 0.0), (150, 10, 0.01)]
-CONTROLLERS = ["cubic", "bbr"]
+LINKS = [tuple(float(x) for x in link.split("/")) for link in
+         os.environ.get("BENCH_LINKS", "40/50/0.01 40/50/0 150/10/0 150/10/0.01").split()]
+CONTROLLERS = os.environ.get("BENCH_CONTROLLERS", "cubic bbr").split()
+
+
+def edge_link_metrics(url):
+    """What the edge measured of its link and how its offload attempts ended, from its /metrics."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    found = {"rtt_s": float("nan"), "uplink_bytes_s": float("nan"), "attempts": {}}
+    for line in text.splitlines():
+        if line.startswith("fabric_hub_rtt_seconds{"):
+            found["rtt_s"] = float(line.split()[-1])
+        elif line.startswith("fabric_hub_uplink_bytes_per_second{"):
+            found["uplink_bytes_s"] = float(line.split()[-1])
+        elif line.startswith("fabric_offload_attempts_total{"):
+            outcome = line.split('outcome="')[1].split('"')[0]
+            found["attempts"][outcome] = int(float(line.split()[-1]))
+    return found
 
 
 def main():
@@ -75,6 +92,7 @@ def main():
                                           str(body_n), str(1.5 * bound), str(SECONDS), str(DEADLINE_MS)],
                                          capture_output=True, text=True, check=True).stdout
                     r = json.loads(out)
+                    r["link"] = edge_link_metrics(url)
                 finally:
                     edge.send_signal(signal.SIGTERM)
                     edge.wait(timeout=30)
@@ -94,14 +112,17 @@ def main():
         f"CNN 4 rows ({request_bytes} bytes a request), deadline {DEADLINE_MS} ms, `offload.mode = \"always\"`, "
         f"open loop at 1.5x the link's bound for {SECONDS} s:",
         "",
-        "| round trip ms | Mbit/s | loss | controller | link bound req/s | offloaded req/s | % of bound | served p50 / p99 ms | served here | refused | late |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| round trip ms | Mbit/s | loss | controller | link bound req/s | offloaded req/s | % of bound | served p50 / p99 ms | served here | refused | late | edge measured: rtt ms / uplink Mbit/s | attempts: served / not sent, link too slow / failed |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for rtt, mbit, loss, cc, bound, r in rows:
+        a = r["link"]["attempts"]
         per_s = r["offloaded"] / SECONDS
         local = r["ok"] - r["offloaded"]
-        lines.append(f"| {rtt} | {mbit} | {100 * loss:.0f}% | {cc} | {bound:.1f} | {per_s:.1f} | {100 * per_s / bound:.0f}% | "
-                     f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {local} | {r['refused']} | {r['late']} |")
+        lines.append(f"| {rtt:g} | {mbit:g} | {100 * loss:.0f}% | {cc} | {bound:.1f} | {per_s:.1f} | {100 * per_s / bound:.0f}% | "
+                     f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {local} | {r['refused']} | {r['late']} | "
+                     f"{1e3 * r['link']['rtt_s']:.0f} / {8 * r['link']['uplink_bytes_s'] / 1e6:.1f} | "
+                     f"{a.get('served', 0)} / {a.get('link_too_slow', 0)} / {a.get('failed', 0)} |")
     report = "\n".join(lines)
     out = BUILD / "bench" / f"wan-{time.strftime('%Y-%m-%d')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

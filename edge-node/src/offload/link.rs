@@ -18,6 +18,10 @@ pub(super) struct HubLink {
     pub(super) name: Mutex<String>,
     pub(super) in_flight: AtomicU32,
     pub(super) health: Mutex<HubHealth>,
+    /// What the link's transfers have shown (its rate, the hub's time after an upload).
+    pub(super) uplink: Mutex<Uplink>,
+    /// Bytes of our requests written to this hub and not yet acknowledged.
+    pub(super) unacked: AtomicU64,
 
     /// Whether the current connection has shown the hub accepted this node (an answer or a load report).
     pub(super) proven: AtomicBool,
@@ -53,10 +57,52 @@ impl HubLink {
         self.with_health(|h| h.reported(load, Instant::now()));
     }
 
-    /// The expected answer time (twice the round trip before the first answer).
-    pub(super) fn expected(&self, conn: &quinn::Connection) -> Duration {
+    /// The expected answer time of a request of `bytes` sent now: its upload behind what is still
+    /// unacknowledged, then the hub's usual time after an upload; before any such answer, the hub's
+    /// recent answer times (twice the round trip before the first).
+    pub(super) fn expected(&self, conn: &quinn::Connection, bytes: u64) -> Duration {
+        let sized = self.sized_answer(conn, bytes);
         let fallback = conn.rtt() * 2;
-        self.health.lock().map(|h| h.expected(fallback)).unwrap_or(fallback)
+        sized.unwrap_or_else(|| self.health.lock().map(|h| h.expected(fallback)).unwrap_or(fallback))
+    }
+
+    /// Expected answer time of a request of `bytes` sent now, from its size (`None` until the hub's
+    /// time after an upload was measured).
+    pub(super) fn sized_answer(&self, conn: &quinn::Connection, bytes: u64) -> Option<Duration> {
+        let ahead = self.unacked.load(Ordering::Relaxed);
+        self.uplink.lock().ok().and_then(|u| u.answer(bytes, ahead, conn.rtt()))
+    }
+
+    /// Expected time until a request of `bytes` sent now has reached the hub.
+    pub(super) fn upload(&self, conn: &quinn::Connection, bytes: u64) -> Duration {
+        let ahead = self.unacked.load(Ordering::Relaxed);
+        self.uplink.lock().map(|u| u.upload(bytes, ahead, conn.rtt())).unwrap_or_else(|_| conn.rtt())
+    }
+
+    /// Records a request's upload (`ahead`: bytes unacknowledged when it started) and, when it was
+    /// answered, the time from the upload to the answer; publishes the link's rate and round trip.
+    pub(super) fn record_transfer(
+        &self,
+        conn: &quinn::Connection,
+        bytes: u64,
+        ahead: u64,
+        upload: Duration,
+        after: Option<Duration>,
+    ) {
+        let rate = self.uplink.lock().ok().and_then(|mut u| {
+            u.uploaded(bytes, ahead, upload, conn.rtt());
+            if let Some(after) = after {
+                u.answered(after);
+            }
+            u.bytes_per_s()
+        });
+        if let Some(m) = &self.metrics {
+            let hub = self.label();
+            m.hub_rtt.with_label_values(&[&hub]).set(conn.rtt().as_secs_f64());
+            if let Some(rate) = rate {
+                m.hub_uplink_rate.with_label_values(&[&hub]).set(rate);
+            }
+        }
     }
 
     /// How long to wait for this hub before trying elsewhere.

@@ -31,6 +31,7 @@ use fabric_policy::admission::OffloadView;
 use fabric_policy::backoff::seed_of;
 use fabric_policy::hub::{self, HubHealth, Reported};
 use fabric_policy::reconnect::{LinkEnd, ReconnectPolicy};
+use fabric_policy::uplink::Uplink;
 use fabric_proto::registry::HubEntry;
 use fabric_proto::tls::{self, Role, TlsFiles};
 use fabric_proto::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
@@ -135,6 +136,8 @@ impl Offloader {
             conn: Mutex::new(None),
             in_flight: AtomicU32::new(0),
             health: Mutex::new(HubHealth::default()),
+            uplink: Mutex::new(Uplink::default()),
+            unacked: AtomicU64::new(0),
             proven: AtomicBool::new(false),
             attempts: AtomicU64::new(0),
             metrics: self.metrics.clone(),
@@ -148,8 +151,9 @@ impl Offloader {
         self.hubs.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Hubs that are up, connected and have room, the soonest expected answer first.
-    fn candidates(&self) -> Vec<(Arc<HubLink>, quinn::Connection)> {
+    /// Hubs that are up, connected and have room, the soonest expected answer for a request of
+    /// `bytes` first.
+    fn candidates(&self, bytes: u64) -> Vec<(Arc<HubLink>, quinn::Connection)> {
         let now = Instant::now();
         let up: Vec<_> = self
             .links()
@@ -159,7 +163,7 @@ impl Offloader {
             .collect();
         let costs: Vec<(u32, Duration)> = up
             .iter()
-            .map(|(h, c)| (h.reported_in_flight(now) + h.in_flight.load(Ordering::Relaxed), h.expected(c)))
+            .map(|(h, c)| (h.reported_in_flight(now) + h.in_flight.load(Ordering::Relaxed), h.expected(c, bytes)))
             .collect();
         let mut slots: Vec<Option<(Arc<HubLink>, quinn::Connection)>> = up.into_iter().map(Some).collect();
         hub::by_expected_answer(&costs).into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect()

@@ -28,16 +28,40 @@ impl Offloader {
         let tensors: Vec<&Tensor> = inputs.iter().map(|t| &t.tensor).collect();
         let bytes = wire::encode_message(&header, &tensors).map_err(|e| Attempt::Invalid(e.to_string()))?;
         let limits = self.limits;
+        let size = bytes.len() as u64;
+        // Counted unacknowledged from the first byte written until the hub acknowledges the last (or
+        // the attempt ends): what a request sent meanwhile waits behind on the link.
+        let ahead = link.unacked.fetch_add(size, Ordering::Relaxed);
+        let unacked = Unacked { link, size: std::sync::atomic::AtomicU64::new(size) };
+        let mut uploaded: Option<Instant> = None;
         let exchange = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("cannot open a stream: {e}"))?;
             send.write_all(&bytes).await.map_err(|e| format!("hub lost while sending: {e}"))?;
             let _ = send.finish();
-            wire::read_message(&mut recv, &limits, |h: &ResponseHeader| h.result.as_deref().unwrap_or(&[]))
-                .await
-                .map_err(|e| format!("hub lost while answering: {e}"))
+            let acked = send.stopped();
+            let answer =
+                wire::read_message(&mut recv, &limits, |h: &ResponseHeader| h.result.as_deref().unwrap_or(&[]));
+            tokio::pin!(acked, answer);
+            loop {
+                tokio::select! {
+                    read = &mut answer => break read.map_err(|e| format!("hub lost while answering: {e}")),
+                    _ = &mut acked, if uploaded.is_none() => {
+                        uploaded = Some(Instant::now());
+                        unacked.release();
+                    }
+                }
+            }
         };
         let guard = tokio::time::Instant::from_std(deadline);
-        let (head, outputs) = match tokio::time::timeout_at(guard, exchange).await {
+        let result = tokio::time::timeout_at(guard, exchange).await;
+        unacked.release();
+        if let (Some(at), Ok(Ok(_))) = (uploaded, &result) {
+            let upload = at.duration_since(started);
+            link.record_transfer(conn, size, ahead, upload, Some(started.elapsed().saturating_sub(upload)));
+        } else if let Some(at) = uploaded {
+            link.record_transfer(conn, size, ahead, at.duration_since(started), None);
+        }
+        let (head, outputs) = match result {
             Err(_) => {
                 // A timeout is an answer time too (a lower bound): without it, a hub too slow to ever
                 // answer in time would keep the estimate of its last good answers and keep being chosen.
@@ -62,6 +86,27 @@ impl Offloader {
             }
             Err((code, msg)) => Err(Attempt::Next(format!("{code:?}: {msg}"))),
         }
+    }
+}
+
+/// A request's bytes counted as unacknowledged on its link until released (once).
+struct Unacked<'a> {
+    link: &'a HubLink,
+    size: std::sync::atomic::AtomicU64,
+}
+
+impl Unacked<'_> {
+    fn release(&self) {
+        let size = self.size.swap(0, Ordering::Relaxed);
+        if size > 0 {
+            self.link.unacked.fetch_sub(size, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Unacked<'_> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -98,8 +143,8 @@ impl Drop for Sending<'_> {
 }
 
 impl Overflow for Offloader {
-    fn view(&self) -> Option<OffloadView> {
-        self.candidates().first().map(|(h, c)| OffloadView { expected: h.expected(c) })
+    fn view(&self, request_bytes: u64) -> Option<OffloadView> {
+        self.candidates(request_bytes).first().map(|(h, c)| OffloadView { expected: h.expected(c, request_bytes) })
     }
 
     fn always(&self) -> bool {
@@ -115,13 +160,26 @@ impl Overflow for Offloader {
     ) -> BoxFuture<'a, Result<Offloaded, OverflowError>> {
         Box::pin(async move {
             let mut failures = Vec::new();
-            for (link, conn) in self.candidates() {
+            let bytes: u64 = inputs.iter().map(|t| t.tensor.bytes().len() as u64).sum();
+            for (link, conn) in self.candidates(bytes) {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
                 }
                 // The registry may have marked it down since the candidates were picked.
                 if link.down.load(Ordering::Relaxed) {
+                    continue;
+                }
+                // Never sent where its transfer alone, or its expected answer, would miss the deadline:
+                // the link's time goes to requests that can still make it.
+                let upload = link.upload(&conn, bytes).max(link.sized_answer(&conn, bytes).unwrap_or_default());
+                if now + upload >= deadline {
+                    link.count("link_too_slow");
+                    failures.push(format!(
+                        "{}: its link would take {:.0} ms to carry the request and answer, past its deadline",
+                        link.label(),
+                        upload.as_secs_f64() * 1e3
+                    ));
                     continue;
                 }
                 let patience = link.patience(&conn);

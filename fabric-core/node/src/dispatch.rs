@@ -41,8 +41,9 @@ pub struct Offloaded {
 
 /// Somewhere else to serve requests this node cannot serve in time (a hub, for an edge-node).
 pub trait Overflow: Send + Sync {
-    /// The best hub's expected answer time, or `None` when no hub is usable now.
-    fn view(&self) -> Option<OffloadView>;
+    /// The best hub's expected answer time for a request of `request_bytes` (its transfer across the
+    /// link included), or `None` when no hub is usable now.
+    fn view(&self, request_bytes: u64) -> Option<OffloadView>;
     /// Whether to send every request to a hub while one is usable (not only what overflows).
     fn always(&self) -> bool {
         false
@@ -115,7 +116,8 @@ impl Dispatcher {
             self.count(model, "local");
             return self.local(model, inputs, deadline, priority).await;
         };
-        let view = overflow.view();
+        let bytes: usize = inputs.iter().map(|t| t.tensor.bytes().len()).sum();
+        let view = overflow.view(bytes as u64);
         let route = match view {
             Some(_) if overflow.always() => Admission::Offload,
             view => model.pool.admission(&inputs, deadline, view, priority),

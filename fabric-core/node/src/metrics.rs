@@ -2,7 +2,7 @@
 //! (so several servers in one test process never collide).
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// One metric a serving process exports, as the metrics reference (docs/metrics.md) lists it.
@@ -51,6 +51,11 @@ pub struct Metrics {
     pub offload_attempts: IntCounterVec,
     /// Offload requests sent to each hub and not yet answered, by hub.
     pub offload_in_flight: IntGaugeVec,
+    /// An edge's measured round trip to each hub, in seconds (QUIC's estimate).
+    pub hub_rtt: GaugeVec,
+    /// An edge's uplink rate to each hub as its transfers showed it, in bytes a second (absent until a
+    /// transfer took long enough to show it).
+    pub hub_uplink_rate: GaugeVec,
     /// Client-key checks by client and outcome (admitted, or why refused).
     pub client_requests: IntCounterVec,
     /// Inference requests by model, priority and outcome.
@@ -86,6 +91,12 @@ impl Metrics {
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             define(name, "gauge", labels, help);
             let g = IntGaugeVec::new(Opts::new(format!("{prefix}_{name}"), help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let float_gauge = |name: &str, help: &str, labels: &[&str]| {
+            define(name, "gauge", labels, help);
+            let g = GaugeVec::new(Opts::new(format!("{prefix}_{name}"), help), labels).expect("valid metric");
             registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
@@ -134,12 +145,18 @@ impl Metrics {
             ),
             offload_attempts: counter(
                 "offload_attempts_total",
-                "Offload attempts by hub and outcome (served, busy, failed)",
+                "Offload attempts by hub and outcome (served, busy, failed, link_too_slow)",
                 &["hub", "outcome"],
             ),
             offload_in_flight: gauge(
                 "offload_in_flight",
                 "Offload requests sent to the hub and not yet answered or given up",
+                &["hub"],
+            ),
+            hub_rtt: float_gauge("hub_rtt_seconds", "Round trip to the hub (QUIC's estimate), in seconds", &["hub"]),
+            hub_uplink_rate: float_gauge(
+                "hub_uplink_bytes_per_second",
+                "Uplink rate to the hub as this edge's transfers showed it, in bytes a second",
                 &["hub"],
             ),
             priority_requests: counter(

@@ -15,3 +15,4 @@ pub mod quota;
 pub mod reconnect;
 pub mod service_time;
 pub mod traffic;
+pub mod uplink;
