@@ -471,8 +471,10 @@ async fn an_engine_failing_every_third_call_fails_only_those_requests() {
 
 #[actix_rt::test]
 async fn scaled_to_zero_a_request_wakes_a_replica_or_is_refused_at_once_when_it_cannot_wait() {
+    // 40 ms a batch: the 20 requests below take at least 200 ms, so the status poll sees them queued
+    // even on a loaded machine (at 5 ms a batch they were once all served before the first poll).
     let faults =
-        Faults { load_delay: Duration::from_millis(300), delay: Duration::from_millis(5), ..Faults::default() };
+        Faults { load_delay: Duration::from_millis(300), delay: Duration::from_millis(40), ..Faults::default() };
     let config = PoolConfig { max_batch_size: 4, ..PoolConfig::default() };
     let pool = start_faulty(faults, config).await;
     // Requests queued when the pool goes to zero are all served: the last replica leaves after them.
