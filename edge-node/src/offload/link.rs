@@ -36,6 +36,12 @@ impl HubLink {
         self.conn.lock().ok().and_then(|c| c.clone()).filter(|c| c.close_reason().is_none())
     }
 
+    /// The connection, once the hub has shown it accepts this node (an answer or a load report): a
+    /// hub that refuses our certificate completes the handshake and closes only afterwards.
+    pub(super) fn usable_connection(&self) -> Option<quinn::Connection> {
+        self.connection().filter(|_| self.proven.load(Ordering::Relaxed))
+    }
+
     pub(super) fn has_room(&self, now: Instant) -> bool {
         let sending = self.in_flight.load(Ordering::Relaxed);
         self.health.lock().map(|h| h.has_room(now, sending)).unwrap_or(true)
@@ -52,7 +58,9 @@ impl HubLink {
     }
 
     pub(super) fn record_load(&self, load: HubLoad) {
-        self.proven.store(true, Ordering::Relaxed);
+        if !self.proven.swap(true, Ordering::Relaxed) {
+            self.publish();
+        }
         let load = Reported { in_flight: load.in_flight, capacity: load.capacity };
         self.with_health(|h| h.reported(load, Instant::now()));
     }
@@ -136,7 +144,7 @@ impl HubLink {
         if let Some(m) = &self.metrics {
             let usable = !self.retired.load(Ordering::Relaxed)
                 && !self.down.load(Ordering::Relaxed)
-                && self.connection().is_some();
+                && self.usable_connection().is_some();
             m.hub_usable.with_label_values(&[&self.label()]).set(i64::from(usable));
         }
     }

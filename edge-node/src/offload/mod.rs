@@ -13,7 +13,8 @@
 //! What the edge concludes about each hub (its load reports, busy answers, a window of requests in
 //! flight) is the pure [`HubHealth`] policy. A connection that closes before any good
 //! answer or load report (a hub refusing this node's certificate, say) counts as a failed connect: the
-//! reconnect backs off instead of looping.
+//! reconnect backs off instead of looping; and no request is sent on a connection until it has shown
+//! one (the hub's first load report comes one round trip after the handshake).
 //!
 //! Here: the [`Offloader`] and its hub set (the registry's list applied through the pure
 //! [`hub_set`] diff). Its parts: [`config`], [`link`] (one hub's state), [`connector`] (keeping it
@@ -159,7 +160,7 @@ impl Offloader {
             .links()
             .into_iter()
             .filter(|h| !h.down.load(Ordering::Relaxed) && h.has_room(now))
-            .filter_map(|h| h.connection().map(|c| (h, c)))
+            .filter_map(|h| h.usable_connection().map(|c| (h, c)))
             .collect();
         let costs: Vec<(u32, Duration)> = up
             .iter()
@@ -169,9 +170,9 @@ impl Offloader {
         hub::by_expected_answer(&costs).into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect()
     }
 
-    /// Hubs connected right now.
+    /// Hubs connected right now that have shown they accept this node.
     pub fn connected(&self) -> usize {
-        self.links().iter().filter(|h| h.connection().is_some()).count()
+        self.links().iter().filter(|h| h.usable_connection().is_some()).count()
     }
 
     /// Connection attempts to all hubs since start (reconnects included).

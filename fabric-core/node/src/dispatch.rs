@@ -5,7 +5,9 @@
 //! 1. Admission ([`policy::admission`](fabric_policy::admission)) on the pool's published snapshot and
 //!    the best hub's expected answer time: local, offload, or refuse at the door.
 //! 2. Offload: a hub that fails (busy, gone, too slow) leaves the request to the local pool while the
-//!    deadline allows.
+//!    deadline allows. Where every request goes to a hub first (offload mode `always`), the hubs get
+//!    the deadline less what serving here would take, so a hub that vanishes mid-request (killed, its
+//!    connection not yet timed out) leaves time to serve the request here.
 //! 3. Local: with a hub at hand the pool re-checks the wait target on its exact state; what it turns
 //!    away comes back with its inputs and goes to the hub after all ("late offload").
 
@@ -118,9 +120,10 @@ impl Dispatcher {
         };
         let bytes: usize = inputs.iter().map(|t| t.tensor.bytes().len()).sum();
         let view = overflow.view(bytes as u64);
-        let route = match view {
-            Some(_) if overflow.always() => Admission::Offload,
-            view => model.pool.admission(&inputs, deadline, view, priority),
+        let (route, hub_deadline) = match view {
+            // Sent to a hub first, by a deadline that keeps time to serve it here if the hub fails.
+            Some(_) if overflow.always() => (Admission::Offload, model.pool.hub_deadline(&inputs, deadline, priority)),
+            view => (model.pool.admission(&inputs, deadline, view, priority), deadline),
         };
         match (route, view) {
             (Admission::Reject(why), _) => {
@@ -129,7 +132,7 @@ impl Dispatcher {
             }
             (Admission::Offload, _) => {
                 self.count(model, "offload");
-                match overflow.infer(&model.name, model.version, &inputs, deadline).await {
+                match overflow.infer(&model.name, model.version, &inputs, hub_deadline).await {
                     Ok(done) => Ok(Dispatched {
                         outputs: done.outputs,
                         served_by: done.served_by,

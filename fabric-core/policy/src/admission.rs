@@ -134,6 +134,22 @@ pub fn expected_completion(input: &AdmissionInput, batch_time: impl Fn(usize) ->
     expected_times(input, batch_time).map(|(_, finish)| finish)
 }
 
+/// The share of the budget a hub gets when every request goes to a hub (offload mode `always`): the
+/// whole budget less what serving here would take (expected finish plus the safety margin), so that a
+/// hub that vanishes mid-request leaves time to serve the request here. Where here cannot make the
+/// deadline anyway, or nothing is measured yet, the hub gets it all.
+pub fn hub_budget_before_local(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Duration>) -> Duration {
+    let Some(finish) = expected_completion(input, batch_time) else {
+        return input.budget;
+    };
+    let reserve = finish + pct(input.budget, input.settings.margin_pct);
+    if reserve >= input.budget {
+        input.budget
+    } else {
+        input.budget - reserve
+    }
+}
+
 /// Decides whether to take the request here, without a hub.
 pub fn admit(input: &AdmissionInput, batch_time: impl Fn(usize) -> Option<Duration>) -> Admission {
     admit_or_offload(input, batch_time, None)
@@ -239,6 +255,28 @@ mod tests {
         i.load.asleep = true;
         i.load.cold_wait = cold_ms.map(|ms| MS * ms);
         i
+    }
+
+    #[test]
+    fn hub_budget_before_local_table() {
+        // One batch of n rows takes 1 ms + 0.25 ms per row; margin 20% of the budget.
+        let time = |n: usize| Some(MS + MS * n as u32 / 4);
+        let unmeasured = |_: usize| None;
+        #[rustfmt::skip]
+        let cases: Vec<(&str, AdmissionInput, bool, Duration)> = vec![
+            ("idle: one 1.25 ms batch and 200 ms of margin kept", input(1, 1000, 0, 0, 1, 0), true, MS * 800 - MS * 5 / 4),
+            ("a queue here: 17 rows, three 3 ms batches after the running one", input(1, 1000, 16, 16, 1, 1), true, MS * 788),
+            ("here cannot make it: the hub gets it all", input(1, 5, 16, 16, 1, 1), true, MS * 5),
+            ("nothing measured: the hub gets it all", input(1, 1000, 0, 0, 1, 0), false, MS * 1000),
+        ];
+        for (name, case, measured, want) in cases {
+            let got = if measured {
+                hub_budget_before_local(&case, time)
+            } else {
+                hub_budget_before_local(&case, unmeasured)
+            };
+            assert_eq!(got, want, "{name}");
+        }
     }
 
     #[test]

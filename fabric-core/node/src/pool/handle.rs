@@ -164,15 +164,25 @@ impl PoolHandle {
         hub: Option<OffloadView>,
         priority: u8,
     ) -> Admission {
-        let rows = self
-            .metadata
+        self.intake.admission(self.rows(inputs), deadline, hub, priority)
+    }
+
+    /// When a hub must answer a request sent to it first (offload mode `always`) for this pool to
+    /// still serve it by `deadline` if the hub fails.
+    pub fn hub_deadline(&self, inputs: &[NamedTensor], deadline: Instant, priority: u8) -> Instant {
+        let now = Instant::now();
+        now + self.intake.hub_budget(self.rows(inputs), deadline, priority)
+    }
+
+    /// Rows in a request: the leading size of its batched input (1 for a model that does not batch).
+    fn rows(&self, inputs: &[NamedTensor]) -> usize {
+        self.metadata
             .inputs
             .iter()
             .zip(inputs)
             .find(|(spec, _)| spec.has_dynamic_leading())
             .map(|(_, t)| t.tensor.batch_size())
-            .unwrap_or(1);
-        self.intake.admission(rows, deadline, hub, priority)
+            .unwrap_or(1)
     }
 
     /// Changes the replica count (without waiting for it).

@@ -198,6 +198,14 @@ impl Intake {
         admission::admit_or_offload(&input, |n| st.service.estimate(n), hub)
     }
 
+    /// The budget a hub gets for a request of `rows` rows when every request goes to a hub, so that
+    /// serving it here stays possible if the hub fails (see [`admission::hub_budget_before_local`]).
+    pub(super) fn hub_budget(&self, rows: usize, deadline: Instant, priority: u8) -> Duration {
+        let st = self.lock();
+        let input = self.input(&st, rows, deadline.saturating_duration_since(Instant::now()), priority);
+        admission::hub_budget_before_local(&input, |n| st.service.estimate(n))
+    }
+
     /// Queues a request, or says at once why not (handing its inputs back). The flag says the pool is
     /// scaled to zero and the caller must wake it: the first request to arrive does, whether it can
     /// wait for the load or not (a request refused for its short deadline is still demand: the next
