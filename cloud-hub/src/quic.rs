@@ -4,6 +4,9 @@
 //! A malformed, truncated or oversized message gets an error response naming the problem and the
 //! stream is finished; the connection and its other streams carry on. A stream that stalls is cut
 //! at its deadline (or the header timeout).
+//!
+//! Each answer says how its request arrived ([`Arrival`]: the bytes the connection received while
+//! it did, over how long, and the hub's own time after), from which the edge learns its uplink.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -11,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use fabric_node::models::ModelSet;
 use fabric_proto::tls::{self, Role};
-use fabric_proto::wire::{self, codes, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireError, WireLimits};
+use fabric_proto::wire::{
+    self, codes, Arrival, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireError, WireLimits,
+};
 use fabric_types::tensor::{NamedTensor, Tensor};
 
 /// What every stream handler shares.
@@ -66,7 +71,8 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<QuicService>) {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
                         let service = service.clone();
-                        tokio::spawn(async move { handle_stream(&service, send, recv).await });
+                        let conn = conn.clone();
+                        tokio::spawn(async move { handle_stream(&service, &conn, send, recv).await });
                     }
                     Err(e) => {
                         tracing::info!(node = %peer.node_id, "peer disconnected: {e}");
@@ -94,7 +100,7 @@ async fn report_load(conn: quinn::Connection, service: Arc<QuicService>) {
 }
 
 fn failure(code: ErrorCode, message: String, request_id: u64, load: HubLoad) -> ResponseHeader {
-    ResponseHeader { protocol: wire::PROTOCOL_VERSION, request_id, result: Err((code, message)), load }
+    ResponseHeader { protocol: wire::PROTOCOL_VERSION, request_id, result: Err((code, message)), load, arrival: None }
 }
 
 /// A request counted in flight; dropping it (answered, or the handler's future dropped) uncounts it.
@@ -163,8 +169,14 @@ async fn read_request(
     }
 }
 
-async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn handle_stream(
+    service: &QuicService,
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let arrived = Instant::now();
+    let received_before = conn.stats().udp_rx.bytes;
     let (header, inputs) = match read_request(service, &mut recv).await {
         Ok(request) => request,
         Err(f) => {
@@ -174,6 +186,8 @@ async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut r
             return;
         }
     };
+    let read = Instant::now();
+    let received = conn.stats().udp_rx.bytes.saturating_sub(received_before);
     let id = header.request_id;
     let Some(counted) = service.admit() else {
         let message = format!("hub at capacity ({} requests)", service.capacity);
@@ -200,12 +214,21 @@ async fn handle_stream(service: &QuicService, mut send: quinn::SendStream, mut r
                 request_id: id,
                 result: Ok(wire::tensor_headers(&named)),
                 load: service.load(),
+                arrival: Some(Arrival {
+                    bytes: received,
+                    micros: micros(read.duration_since(arrived)),
+                    hub_micros: micros(read.elapsed()),
+                }),
             };
             let tensors: Vec<&Tensor> = named.iter().map(|t| &t.tensor).collect();
             respond(&mut send, &head, &tensors).await;
         }
         Err((code, message)) => respond(&mut send, &failure(code, message, id, service.load()), &[]).await,
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 async fn respond(send: &mut quinn::SendStream, header: &ResponseHeader, tensors: &[&Tensor]) {

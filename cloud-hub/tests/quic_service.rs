@@ -146,7 +146,12 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
 
     let good = request("mlp", &reference::load_cases("mlp").expect("cases")[0].inputs);
     let mut garbage = Vec::new();
-    wire::put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).expect("frame");
+    // The version this build speaks (a varint under 128 is its own byte), then nonsense.
+    let version = u8::try_from(wire::PROTOCOL_VERSION).expect("a one-byte version");
+    wire::put_frame(&mut garbage, &[version, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).expect("frame");
+    // A header from a build that speaks the protocol before this one.
+    let mut older = Vec::new();
+    wire::put_frame(&mut older, &[version - 1, 0x00]).expect("frame");
     let mut huge_tensor = good[..4 + u32::from_be_bytes([good[0], good[1], good[2], good[3]]) as usize].to_vec();
     huge_tensor.extend_from_slice(&(2u32 << 20).to_be_bytes());
     let wrong_shape =
@@ -154,6 +159,7 @@ async fn hub_outputs_equal_the_edge_engine_and_bad_frames_get_precise_errors() {
     #[rustfmt::skip]
     let cases: Vec<(&str, Vec<u8>, ErrorCode, &str)> = vec![
         ("garbage header", garbage, ErrorCode::Malformed, "malformed message: header"),
+        ("an older protocol", older, ErrorCode::UnsupportedProtocol, "peer speaks protocol version 1, this build speaks 2"),
         ("truncated message", good[..good.len() - 100].to_vec(), ErrorCode::Malformed, "stream ended early"),
         ("tensor frame longer than declared", huge_tensor, ErrorCode::Malformed, "tensor frame of 2097152 bytes exceeds the limit of 3136 bytes"),
         ("oversized length prefix", vec![0xff; 4], ErrorCode::Malformed, "exceeds the limit of 65536 bytes"),

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Offload across an emulated WAN link, in one run on one machine (the first part of the WAN
-benchmark: how much of the link offload can use, by QUIC congestion controller).
+"""Offload across an emulated WAN link, in one run on one machine.
 
 A release cloud-hub (ONNX Runtime) behind the test kit's link relay (`wan_link`: delay each way,
-rate limit, random loss), and release edge-nodes (tract) sending every request to it
-(`offload.mode = "always"`, local serving the fallback), one per congestion controller. Open loop
-(edge-node's `openloop`) of 4-row CNN requests (196 KB) at 1.5x what the link carries, deadline
-500 ms; reported: requests offloaded and answered by the hub per second, against the link's bound
-R / (8 x request bytes).
+rate limit, random loss) and release edge-nodes (tract) in front of it. Open loops (edge-node's
+`openloop`) of CNN requests, deadline 500 ms. Two parts (BENCH_PARTS, default both):
 
-Run through scripts/bench/wan.sh.
+- `overflow`: the edge as deployed (`offload.mode = "overflow"`, BBR), at BENCH_LOADS times its
+  capacity (measured first with wrk, closed loop), beside the same edge with no hub at the same
+  load; 4-row requests (196 KB), and 1-row ones (49 KB) at 3x on the first link. Reported: goodput,
+  what the hub answered, the link's share used, late answers.
+- `controllers`: every request sent to the hub (`offload.mode = "always"`) at 1.5x what the link
+  carries, by QUIC congestion controller (BENCH_CONTROLLERS).
+
+The link's bound: R / (8 x request bytes) requests a second. Run through scripts/bench/wan.sh.
 """
 
 import json
@@ -23,15 +26,17 @@ import time
 import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from offload import REL, binary_body, start  # noqa: E402
+from offload import REL, binary_body, start, wrk  # noqa: E402
 from serving import BUILD, machine  # noqa: E402
 
 DEADLINE_MS = 500
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 # (round trip ms, Mbit/s, loss)
 LINKS = [tuple(float(x) for x in link.split("/")) for link in
-         os.environ.get("BENCH_LINKS", "40/50/0.01 40/50/0 150/10/0 150/10/0.01").split()]
+         os.environ.get("BENCH_LINKS", "40/50/0.01 150/10/0 150/10/0.01 5/100/0").split()]
 CONTROLLERS = os.environ.get("BENCH_CONTROLLERS", "cubic bbr").split()
+LOADS = [float(x) for x in os.environ.get("BENCH_LOADS", "2 3 5").split()]
+PARTS = os.environ.get("BENCH_PARTS", "overflow controllers").split()
 
 
 def edge_link_metrics(url):
@@ -49,73 +54,145 @@ def edge_link_metrics(url):
     return found
 
 
-def main():
-    work = pathlib.Path(tempfile.mkdtemp(prefix="fabric-wan-bench-"))
-    subprocess.run([REL / "fabric", "certs", "--out", work / "certs", "--node", "hub-1:hub", "--node", "edge-1:edge"],
-                   check=True, capture_output=True)
-    for repo in ("hub", "edge"):
-        (work / repo / "cnn" / "1").mkdir(parents=True)
-        (work / repo / "cnn" / "1" / "model.onnx").symlink_to(BUILD / "models" / "cnn" / "1" / "model.onnx")
-    (work / "edge" / "cnn" / "config.toml").write_text(f'default_timeout_ms = {DEADLINE_MS}\nmax_batch_size = 8\nengine = "tract"\n')
-    (work / "hub.toml").write_text('[autoscale]\nenabled = false\n')
-    for cc in CONTROLLERS:
-        (work / f"edge-{cc}.toml").write_text(f'[offload]\nmode = "always"\ncongestion = "{cc}"\n[autoscale]\nenabled = false\n')
-    body_n = binary_body(work / "cnn.bin", 4, [3, 64, 64])
-    request_bytes = (work / "cnn.bin").stat().st_size
-    hub, line = start([REL / "cloud-hub", "--model-repository", work / "hub", "--certs", work / "certs",
-                       "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--config", work / "hub.toml"],
-                      "cloud-hub listening")
-    quic = line.split("quic://")[1]
-    rows = []
-    procs = [hub]
-    try:
-        for rtt, mbit, loss in LINKS:
-            bound = mbit * 1e6 / (8 * request_bytes)
-            for cc in CONTROLLERS:
-                relay = subprocess.Popen([REL / "examples" / "wan_link", "--to", quic, "--delay-ms", str(rtt / 2),
-                                          "--mbit", str(mbit), "--loss", str(loss)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                link_addr = relay.stdout.readline().split()[3]
-                edge, eline = start([REL / "edge-node", "--model-repository", work / "edge", "--http-addr", "127.0.0.1:0",
-                                     "--hub", f"hub-1@{link_addr}", "--certs", work / "certs",
-                                     "--config", work / f"edge-{cc}.toml"], "listening")
-                url = eline.split("listening on ")[1]
-                try:
-                    # The first answer from the hub: the link is up.
-                    deadline = time.time() + 30
-                    while time.time() < deadline:
-                        out = subprocess.run([REL / "examples" / "openloop", f"{url}/v2/models/cnn/infer", work / "cnn.bin",
-                                              str(body_n), "2", "1", str(DEADLINE_MS)], capture_output=True, text=True).stdout
-                        if out and json.loads(out)["offloaded"] > 0:
-                            break
-                    out = subprocess.run([REL / "examples" / "openloop", f"{url}/v2/models/cnn/infer", work / "cnn.bin",
-                                          str(body_n), str(1.5 * bound), str(SECONDS), str(DEADLINE_MS)],
-                                         capture_output=True, text=True, check=True).stdout
-                    r = json.loads(out)
-                    r["link"] = edge_link_metrics(url)
-                finally:
-                    edge.send_signal(signal.SIGTERM)
-                    edge.wait(timeout=30)
-                    relay.send_signal(signal.SIGTERM)
-                    relay.wait(timeout=10)
-                rows.append((rtt, mbit, loss, cc, bound, r))
-                print((rtt, mbit, loss, cc, json.dumps(r)), flush=True)
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=30)
+def open_loop(url, body, n, rate, secs):
+    out = subprocess.run([REL / "examples" / "openloop", f"{url}/v2/models/cnn/infer", body, str(n), str(rate), str(secs),
+                          str(DEADLINE_MS)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
 
+
+class Bench:
+    def __init__(self):
+        self.work = pathlib.Path(tempfile.mkdtemp(prefix="fabric-wan-bench-"))
+        w = self.work
+        subprocess.run([REL / "fabric", "certs", "--out", w / "certs", "--node", "hub-1:hub", "--node", "edge-1:edge"],
+                       check=True, capture_output=True)
+        for repo in ("hub", "edge"):
+            (w / repo / "cnn" / "1").mkdir(parents=True)
+            (w / repo / "cnn" / "1" / "model.onnx").symlink_to(BUILD / "models" / "cnn" / "1" / "model.onnx")
+        (w / "edge" / "cnn" / "config.toml").write_text(
+            f'default_timeout_ms = {DEADLINE_MS}\nmax_batch_size = 8\nengine = "tract"\n')
+        (w / "hub.toml").write_text('[autoscale]\nenabled = false\n')
+        (w / "post.lua").write_text(
+            (pathlib.Path(__file__).parent / "serving.py").read_text().split('LUA = """')[1].split('"""')[0])
+        self.bodies = {rows: (w / f"cnn{rows}.bin", binary_body(w / f"cnn{rows}.bin", rows, [3, 64, 64])) for rows in (1, 4)}
+        self.hub, line = start([REL / "cloud-hub", "--model-repository", w / "hub", "--certs", w / "certs",
+                                "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--config", w / "hub.toml"],
+                               "cloud-hub listening")
+        self.quic = line.split("quic://")[1]
+
+    def request_bytes(self, rows):
+        return self.bodies[rows][0].stat().st_size
+
+    def edge(self, name, config, link_addr):
+        path = self.work / f"edge-{name}.toml"
+        path.write_text(config + '[autoscale]\nenabled = false\n')
+        cmd = [REL / "edge-node", "--model-repository", self.work / "edge", "--http-addr", "127.0.0.1:0",
+               "--certs", self.work / "certs", "--config", path]
+        if link_addr:
+            cmd += ["--hub", f"hub-1@{link_addr}"]
+        proc, line = start(cmd, "listening")
+        return proc, line.split("listening on ")[1]
+
+    def relay(self, rtt, mbit, loss):
+        relay = subprocess.Popen([REL / "examples" / "wan_link", "--to", self.quic, "--delay-ms", str(rtt / 2),
+                                  "--mbit", str(mbit), "--loss", str(loss)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return relay, relay.stdout.readline().split()[3]
+
+    def wait_offload(self, url, rows):
+        """Until the hub has answered through the link (bounded)."""
+        body, n = self.bodies[rows]
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            r = subprocess.run([REL / "examples" / "openloop", f"{url}/v2/models/cnn/infer", body, str(n), "2", "1",
+                                str(DEADLINE_MS)], capture_output=True, text=True).stdout
+            if r and json.loads(r)["offloaded"] > 0:
+                return
+        raise SystemExit("the hub never answered across the link")
+
+    def with_link(self, name, config, link, rows, rate):
+        relay, addr = self.relay(*link)
+        edge, url = self.edge(name, config, addr)
+        try:
+            self.wait_offload(url, rows)
+            body, n = self.bodies[rows]
+            r = open_loop(url, body, n, rate, SECONDS)
+            r["link"] = edge_link_metrics(url)
+            return r
+        finally:
+            for p in (edge, relay):
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+
+    def close(self):
+        self.hub.send_signal(signal.SIGTERM)
+        self.hub.wait(timeout=30)
+
+
+def overflow_part(b):
+    """The edge as deployed, at multiples of its capacity, beside itself alone."""
+    alone, url = b.edge("alone", "", None)
+    try:
+        body, n = b.bodies[4]
+        capacity, _ = wrk(f"{url}/v2/models/cnn/infer", body, n, 4, 5, b.work / "post.lua")
+        print(f"edge capacity, CNN 4 rows: {capacity:.0f} req/s", flush=True)
+        capacity1, _ = wrk(f"{url}/v2/models/cnn/infer", b.bodies[1][0], b.bodies[1][1], 4, 5, b.work / "post.lua")
+        print(f"edge capacity, CNN 1 row: {capacity1:.0f} req/s", flush=True)
+        cases = [(link, 4, mult) for link in LINKS for mult in LOADS]
+        cases += [(LINKS[0], 1, 3.0)]
+        by_load = {}
+        for rows, mult in sorted({(rows, mult) for _, rows, mult in cases}):
+            cap = capacity if rows == 4 else capacity1
+            by_load[(rows, mult)] = open_loop(url, *b.bodies[rows], cap * mult, SECONDS)
+            print(("alone", rows, mult, json.dumps(by_load[(rows, mult)])), flush=True)
+    finally:
+        alone.send_signal(signal.SIGTERM)
+        alone.wait(timeout=30)
+    results = []
+    for link, rows, mult in cases:
+        cap = capacity if rows == 4 else capacity1
+        r = b.with_link("overflow", '[offload]\nmode = "overflow"\n', link, rows, cap * mult)
+        results.append((link, rows, mult, cap, r))
+        print((link, rows, mult, json.dumps(r)), flush=True)
     lines = [
-        f"WAN benchmark (congestion controllers), {time.strftime('%Y-%m-%d')}, on {machine()}; edge-node, cloud-hub, "
-        "the link relay and the client on the same cores.",
+        f"Overflow offload across the link, the edge at {', '.join(f'{m:g}x' for m in LOADS)} its capacity "
+        f"({capacity:.0f} 4-row / {capacity1:.0f} 1-row requests a second, 1 tract replica), BBR, open loop {SECONDS} s, "
+        f"beside the edge alone at the same load:",
         "",
-        f"CNN 4 rows ({request_bytes} bytes a request), deadline {DEADLINE_MS} ms, `offload.mode = \"always\"`, "
+        "| round trip ms | Mbit/s | loss | rows | load | alone goodput/s | with the hub goodput/s | hub answered/s | link bound req/s | % of bound | late | refused | edge measured: rtt ms / uplink Mbit/s | attempts: served / link too slow / failed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (rtt, mbit, loss), rows, mult, cap, r in results:
+        alone_r = by_load[(rows, mult)]
+        bound = mbit * 1e6 / (8 * b.request_bytes(rows))
+        hub_s = r["offloaded"] / SECONDS
+        a = r["link"]["attempts"]
+        lines.append(f"| {rtt:g} | {mbit:g} | {100 * loss:.0f}% | {rows} | {mult:g}x ({cap * mult:.0f}/s) | "
+                     f"{alone_r['goodput']:.1f} | {r['goodput']:.1f} | {hub_s:.1f} | {bound:.1f} | {100 * hub_s / bound:.0f}% | "
+                     f"{r['late']} of {r['ok']} | {r['refused']} | "
+                     f"{1e3 * r['link']['rtt_s']:.0f} / {8 * r['link']['uplink_bytes_s'] / 1e6:.1f} | "
+                     f"{a.get('served', 0)} / {a.get('link_too_slow', 0)} / {a.get('failed', 0)} |")
+    return lines
+
+
+def controllers_part(b):
+    """Every request to the hub at 1.5x the link's bound, by congestion controller."""
+    request_bytes = b.request_bytes(4)
+    results = []
+    for rtt, mbit, loss in LINKS:
+        bound = mbit * 1e6 / (8 * request_bytes)
+        for cc in CONTROLLERS:
+            r = b.with_link(cc, f'[offload]\nmode = "always"\ncongestion = "{cc}"\n', (rtt, mbit, loss), 4, 1.5 * bound)
+            results.append((rtt, mbit, loss, cc, bound, r))
+            print((rtt, mbit, loss, cc, json.dumps(r)), flush=True)
+    lines = [
+        f"Every request to the hub (`offload.mode = \"always\"`), CNN 4 rows ({request_bytes} bytes a request), "
         f"open loop at 1.5x the link's bound for {SECONDS} s:",
         "",
         "| round trip ms | Mbit/s | loss | controller | link bound req/s | offloaded req/s | % of bound | served p50 / p99 ms | served here | refused | late | edge measured: rtt ms / uplink Mbit/s | attempts: served / not sent, link too slow / failed |",
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for rtt, mbit, loss, cc, bound, r in rows:
+    for rtt, mbit, loss, cc, bound, r in results:
         a = r["link"]["attempts"]
         per_s = r["offloaded"] / SECONDS
         local = r["ok"] - r["offloaded"]
@@ -123,6 +200,22 @@ def main():
                      f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {local} | {r['refused']} | {r['late']} | "
                      f"{1e3 * r['link']['rtt_s']:.0f} / {8 * r['link']['uplink_bytes_s'] / 1e6:.1f} | "
                      f"{a.get('served', 0)} / {a.get('link_too_slow', 0)} / {a.get('failed', 0)} |")
+    return lines
+
+
+def main():
+    b = Bench()
+    lines = [
+        f"WAN benchmark, {time.strftime('%Y-%m-%d')}, on {machine()}; edge-node, cloud-hub, the link relay and the "
+        f"client on the same cores; deadline {DEADLINE_MS} ms.",
+    ]
+    try:
+        if "overflow" in PARTS:
+            lines += [""] + overflow_part(b)
+        if "controllers" in PARTS:
+            lines += [""] + controllers_part(b)
+    finally:
+        b.close()
     report = "\n".join(lines)
     out = BUILD / "bench" / f"wan-{time.strftime('%Y-%m-%d')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,8 @@ pub(super) struct HubLink {
     pub(super) name: Mutex<String>,
     pub(super) in_flight: AtomicU32,
     pub(super) health: Mutex<HubHealth>,
-    /// What the link's transfers have shown (its rate, the hub's time after an upload).
+    /// What the hub's answers have shown of the link (its rate, the hub's own time) and its backlog.
     pub(super) uplink: Mutex<Uplink>,
-    /// Bytes of our requests written to this hub and not yet acknowledged.
-    pub(super) unacked: AtomicU64,
 
     /// Whether the current connection has shown the hub accepted this node (an answer or a load report).
     pub(super) proven: AtomicBool,
@@ -65,9 +63,20 @@ impl HubLink {
         self.with_health(|h| h.reported(load, Instant::now()));
     }
 
-    /// The expected answer time of a request of `bytes` sent now: its upload behind what is still
-    /// unacknowledged, then the hub's usual time after an upload; before any such answer, the hub's
-    /// recent answer times (twice the round trip before the first).
+    /// The path's round trip without queueing: the shortest QUIC has seen (its smoothed round trip
+    /// also holds the time datagrams wait at the bottleneck, which the backlog already accounts for).
+    pub(super) fn path_rtt(conn: &quinn::Connection) -> Duration {
+        let min = conn.stats().path.min_rtt;
+        if min.is_zero() {
+            conn.rtt()
+        } else {
+            min.min(conn.rtt())
+        }
+    }
+
+    /// The expected answer time of a request of `bytes` sent now: its transfer behind the link's
+    /// backlog, the hub's usual time, the way back; before the hub's time is known, its recent answer
+    /// times (twice the round trip before the first).
     pub(super) fn expected(&self, conn: &quinn::Connection, bytes: u64) -> Duration {
         let sized = self.sized_answer(conn, bytes);
         let fallback = conn.rtt() * 2;
@@ -75,38 +84,35 @@ impl HubLink {
     }
 
     /// Expected answer time of a request of `bytes` sent now, from its size (`None` until the hub's
-    /// time after an upload was measured).
+    /// own time was measured).
     pub(super) fn sized_answer(&self, conn: &quinn::Connection, bytes: u64) -> Option<Duration> {
-        let ahead = self.unacked.load(Ordering::Relaxed);
-        self.uplink.lock().ok().and_then(|u| u.answer(bytes, ahead, conn.rtt()))
+        let rtt = Self::path_rtt(conn);
+        self.uplink.lock().ok().and_then(|u| u.answer(bytes, Instant::now(), rtt))
     }
 
     /// Expected time until a request of `bytes` sent now has reached the hub.
     pub(super) fn upload(&self, conn: &quinn::Connection, bytes: u64) -> Duration {
-        let ahead = self.unacked.load(Ordering::Relaxed);
-        self.uplink.lock().map(|u| u.upload(bytes, ahead, conn.rtt())).unwrap_or_else(|_| conn.rtt())
+        let rtt = Self::path_rtt(conn);
+        self.uplink.lock().map(|u| u.upload(bytes, Instant::now(), rtt)).unwrap_or(rtt / 2)
     }
 
-    /// Records a request's upload (`ahead`: bytes unacknowledged when it started) and, when it was
-    /// answered, the time from the upload to the answer; publishes the link's rate and round trip.
-    pub(super) fn record_transfer(
-        &self,
-        conn: &quinn::Connection,
-        bytes: u64,
-        ahead: u64,
-        upload: Duration,
-        after: Option<Duration>,
-    ) {
+    /// A request of `bytes` is being sent now: it joins the link's backlog.
+    pub(super) fn sending(&self, bytes: u64) {
+        if let Ok(mut u) = self.uplink.lock() {
+            u.sent(bytes, Instant::now());
+        }
+    }
+
+    /// Records what the hub saw of a request's arrival; publishes the link's rate and round trip.
+    pub(super) fn record_arrival(&self, conn: &quinn::Connection, arrival: Arrival) {
         let rate = self.uplink.lock().ok().and_then(|mut u| {
-            u.uploaded(bytes, ahead, upload, conn.rtt());
-            if let Some(after) = after {
-                u.answered(after);
-            }
+            u.delivered(arrival.bytes, Duration::from_micros(arrival.micros));
+            u.hub_took(Duration::from_micros(arrival.hub_micros));
             u.bytes_per_s()
         });
         if let Some(m) = &self.metrics {
             let hub = self.label();
-            m.hub_rtt.with_label_values(&[&hub]).set(conn.rtt().as_secs_f64());
+            m.hub_rtt.with_label_values(&[&hub]).set(Self::path_rtt(conn).as_secs_f64());
             if let Some(rate) = rate {
                 m.hub_uplink_rate.with_label_values(&[&hub]).set(rate);
             }

@@ -35,7 +35,7 @@ use fabric_policy::reconnect::{LinkEnd, ReconnectPolicy};
 use fabric_policy::uplink::Uplink;
 use fabric_proto::registry::HubEntry;
 use fabric_proto::tls::{self, Role, TlsFiles};
-use fabric_proto::wire::{self, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
+use fabric_proto::wire::{self, Arrival, ErrorCode, HubLoad, RequestHeader, ResponseHeader, WireLimits};
 use fabric_types::tensor::{NamedTensor, Tensor};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -138,7 +138,6 @@ impl Offloader {
             in_flight: AtomicU32::new(0),
             health: Mutex::new(HubHealth::default()),
             uplink: Mutex::new(Uplink::default()),
-            unacked: AtomicU64::new(0),
             proven: AtomicBool::new(false),
             attempts: AtomicU64::new(0),
             metrics: self.metrics.clone(),

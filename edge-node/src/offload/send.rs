@@ -28,39 +28,17 @@ impl Offloader {
         let tensors: Vec<&Tensor> = inputs.iter().map(|t| &t.tensor).collect();
         let bytes = wire::encode_message(&header, &tensors).map_err(|e| Attempt::Invalid(e.to_string()))?;
         let limits = self.limits;
-        let size = bytes.len() as u64;
-        // Counted unacknowledged from the first byte written until the hub acknowledges the last (or
-        // the attempt ends): what a request sent meanwhile waits behind on the link.
-        let ahead = link.unacked.fetch_add(size, Ordering::Relaxed);
-        let unacked = Unacked { link, size: std::sync::atomic::AtomicU64::new(size) };
-        let mut uploaded: Option<Instant> = None;
+        link.sending(bytes.len() as u64);
         let exchange = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("cannot open a stream: {e}"))?;
             send.write_all(&bytes).await.map_err(|e| format!("hub lost while sending: {e}"))?;
             let _ = send.finish();
-            let acked = send.stopped();
-            let answer =
-                wire::read_message(&mut recv, &limits, |h: &ResponseHeader| h.result.as_deref().unwrap_or(&[]));
-            tokio::pin!(acked, answer);
-            loop {
-                tokio::select! {
-                    read = &mut answer => break read.map_err(|e| format!("hub lost while answering: {e}")),
-                    _ = &mut acked, if uploaded.is_none() => {
-                        uploaded = Some(Instant::now());
-                        unacked.release();
-                    }
-                }
-            }
+            wire::read_message(&mut recv, &limits, |h: &ResponseHeader| h.result.as_deref().unwrap_or(&[]))
+                .await
+                .map_err(|e| format!("hub lost while answering: {e}"))
         };
         let guard = tokio::time::Instant::from_std(deadline);
         let result = tokio::time::timeout_at(guard, exchange).await;
-        unacked.release();
-        if let (Some(at), Ok(Ok(_))) = (uploaded, &result) {
-            let upload = at.duration_since(started);
-            link.record_transfer(conn, size, ahead, upload, Some(started.elapsed().saturating_sub(upload)));
-        } else if let Some(at) = uploaded {
-            link.record_transfer(conn, size, ahead, at.duration_since(started), None);
-        }
         let (head, outputs) = match result {
             Err(_) => {
                 // A timeout is an answer time too (a lower bound): without it, a hub too slow to ever
@@ -73,6 +51,9 @@ impl Offloader {
             Ok(Ok(answer)) => answer,
         };
         link.record_load(head.load);
+        if let Some(arrival) = head.arrival {
+            link.record_arrival(conn, arrival);
+        }
         match head.result {
             Ok(_) => {
                 link.record_answer(started.elapsed());
@@ -86,27 +67,6 @@ impl Offloader {
             }
             Err((code, msg)) => Err(Attempt::Next(format!("{code:?}: {msg}"))),
         }
-    }
-}
-
-/// A request's bytes counted as unacknowledged on its link until released (once).
-struct Unacked<'a> {
-    link: &'a HubLink,
-    size: std::sync::atomic::AtomicU64,
-}
-
-impl Unacked<'_> {
-    fn release(&self) {
-        let size = self.size.swap(0, Ordering::Relaxed);
-        if size > 0 {
-            self.link.unacked.fetch_sub(size, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for Unacked<'_> {
-    fn drop(&mut self) {
-        self.release();
     }
 }
 

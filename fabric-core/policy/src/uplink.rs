@@ -2,18 +2,25 @@
 //! the requests already sent, so that offload judges each request by its size.
 //!
 //! A hub's recent answer times alone are blind to size: across a 10 Mbit/s uplink a 196 KB request
-//! spends 157 ms on the wire, a 4 KB one 3 ms. Each sent request gives two measurements: how long
-//! after its first byte was written the hub acknowledged its last (`upload`), and how long after that
-//! its answer came (`after_upload`: the hub's queue and compute, and the way back). The upload is
-//! modelled as one round trip plus the bytes that had to cross before it was complete (its own and
-//! those of earlier requests still unacknowledged when it started) at the link's rate; the rate is
-//! the moving average of what each upload shows. On a link too fast for its transfer to show (under
+//! spends 157 ms on the wire, a 4 KB one 3 ms. The rate is learnt where the bottleneck's pace shows,
+//! at the receiving end: each answer says how many bytes the hub's connection received while the
+//! request arrived, and over how long ([`Uplink::delivered`]), and how long the hub took after
+//! ([`Uplink::hub_took`]). (Timing uploads by the hub's acknowledgements at the sender, as this did
+//! first, was off by up to 1.6x either way across a 10 Mbit/s link: acknowledgements come late, and a
+//! request's start includes the time it waits in the edge's own send buffer.)
+//!
+//! What is still to cross is a fluid backlog ([`Uplink::sent`]): every request sent adds its bytes,
+//! the link drains them at the learnt rate. A request sent now arrives after half the path's round
+//! trip plus the backlog and its own bytes at that rate, and is answered after the hub's usual time
+//! and the other half of the round trip. On a link too fast for a transfer to show (a window under
 //! [`MIN_WIRE`], loopback or a LAN), no rate is learnt and a transfer costs nothing extra.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// A transfer shorter than this (after the round trip) shows nothing of the link's rate.
+/// An arrival shorter than this shows nothing of the link's rate.
 pub const MIN_WIRE: Duration = Duration::from_millis(2);
+/// An arrival of fewer bytes than this (about a dozen packets) is too short a train to time.
+pub const MIN_SAMPLE_BYTES: u64 = 16 * 1024;
 
 /// Weight of the newest sample in the moving averages.
 const WEIGHT: f64 = 0.2;
@@ -21,15 +28,12 @@ const WEIGHT: f64 = 0.2;
 /// What an edge has learnt of its uplink to one hub.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Uplink {
-    /// Bytes a second the link carried, while the transfer showed (`None`: never did).
+    /// Bytes a second the hub received while requests arrived (`None`: no arrival ever showed it).
     bytes_per_s: Option<f64>,
-    /// From the hub's acknowledgement of a request's last byte to its answer.
-    after_upload: Option<Duration>,
-    /// The shortest round trip seen: the path's own delay. QUIC's smoothed round trip also holds
-    /// the time datagrams queue at the bottleneck, which the bytes ahead already account for
-    /// (measured across a 150 ms, 10 Mbit/s link: smoothed 200 ms, and a rate taken against it
-    /// came out twice the link's).
-    min_rtt: Option<Duration>,
+    /// The hub's own time from a request's last bytes to its answer.
+    hub_time: Option<Duration>,
+    /// Bytes sent and, at the learnt rate, not yet across, as of the instant beside them.
+    backlog: Option<(f64, Instant)>,
 }
 
 fn average(old: Option<f64>, sample: f64) -> f64 {
@@ -40,48 +44,60 @@ fn average(old: Option<f64>, sample: f64) -> f64 {
 }
 
 impl Uplink {
-    /// A request of `bytes`, sent with `ahead` bytes of earlier requests still unacknowledged, was
-    /// acknowledged `upload` after its first byte was written, on a path whose round trip is `rtt`.
-    pub fn uploaded(&mut self, bytes: u64, ahead: u64, upload: Duration, rtt: Duration) {
-        let rtt = self.path_rtt(rtt);
-        self.min_rtt = Some(rtt);
-        let wire = upload.saturating_sub(rtt);
-        if wire >= MIN_WIRE {
-            let sample = (bytes + ahead) as f64 / wire.as_secs_f64();
+    /// The hub's connection received `bytes` over `window` while one request arrived.
+    pub fn delivered(&mut self, bytes: u64, window: Duration) {
+        if window >= MIN_WIRE && bytes >= MIN_SAMPLE_BYTES {
+            let sample = bytes as f64 / window.as_secs_f64();
             self.bytes_per_s = Some(average(self.bytes_per_s, sample));
         }
     }
 
-    /// A request's answer came `after` the hub had acknowledged its last byte.
-    pub fn answered(&mut self, after: Duration) {
-        let avg = average(self.after_upload.map(|d| d.as_secs_f64()), after.as_secs_f64());
-        self.after_upload = Some(Duration::from_secs_f64(avg.max(0.0)));
+    /// The hub answered `took` after a request's last bytes reached it.
+    pub fn hub_took(&mut self, took: Duration) {
+        let avg = average(self.hub_time.map(|d| d.as_secs_f64()), took.as_secs_f64());
+        self.hub_time = Some(Duration::from_secs_f64(avg.max(0.0)));
     }
 
-    /// The path's own round trip: the shortest seen, `rtt` (QUIC's current estimate) included.
-    fn path_rtt(&self, rtt: Duration) -> Duration {
-        self.min_rtt.map_or(rtt, |m| m.min(rtt))
+    /// A request of `bytes` was sent at `now`: its bytes join the backlog (none is kept while no rate
+    /// is learnt: nothing could say when they have crossed).
+    pub fn sent(&mut self, bytes: u64, now: Instant) {
+        self.backlog = self.rate().map(|_| (self.backlog_at(now) + bytes as f64, now));
     }
 
-    /// The learnt rate in bytes a second, if the link ever showed it.
+    /// Bytes sent and, at the learnt rate, not yet across at `now` (0 while no rate is learnt).
+    pub fn backlog_at(&self, now: Instant) -> f64 {
+        match (self.backlog, self.rate()) {
+            (Some((bytes, at)), Some(rate)) => {
+                (bytes - rate * now.saturating_duration_since(at).as_secs_f64()).max(0.0)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// The learnt rate in bytes a second, if an arrival ever showed it.
     pub fn bytes_per_s(&self) -> Option<f64> {
         self.bytes_per_s
     }
 
-    /// Expected time until a request of `bytes`, sent now with `ahead` bytes unacknowledged before
-    /// it, has reached the hub: the path's round trip, plus the bytes at the learnt rate.
-    pub fn upload(&self, bytes: u64, ahead: u64, rtt: Duration) -> Duration {
-        let rtt = self.path_rtt(rtt);
-        match self.bytes_per_s.filter(|r| *r > 0.0) {
-            None => rtt,
-            Some(rate) => rtt + Duration::from_secs_f64((bytes + ahead) as f64 / rate),
-        }
+    fn rate(&self) -> Option<f64> {
+        self.bytes_per_s.filter(|r| *r > 0.0)
     }
 
-    /// Expected time until its answer: the upload, then the hub's usual time from upload to answer
-    /// (`None` until one answer was measured).
-    pub fn answer(&self, bytes: u64, ahead: u64, rtt: Duration) -> Option<Duration> {
-        self.after_upload.map(|after| self.upload(bytes, ahead, rtt) + after)
+    /// Expected time until a request of `bytes` sent at `now` has reached the hub, on a path whose
+    /// round trip (without queueing) is `path_rtt`: half of it, plus the backlog and its own bytes at
+    /// the learnt rate.
+    pub fn upload(&self, bytes: u64, now: Instant, path_rtt: Duration) -> Duration {
+        let wire = match self.rate() {
+            None => Duration::ZERO,
+            Some(rate) => Duration::from_secs_f64((self.backlog_at(now) + bytes as f64) / rate),
+        };
+        path_rtt / 2 + wire
+    }
+
+    /// Expected time until its answer: the upload, the hub's usual time, and the way back (`None`
+    /// until the hub's time was measured).
+    pub fn answer(&self, bytes: u64, now: Instant, path_rtt: Duration) -> Option<Duration> {
+        self.hub_time.map(|hub| self.upload(bytes, now, path_rtt) + hub + path_rtt / 2)
     }
 }
 
@@ -92,52 +108,70 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn uploads_table() {
-        // (what was measured: bytes, ahead, upload, rtt; then a request asked about: bytes, ahead,
-        // rtt; its expected upload)
+    fn rates_table() {
+        // (arrivals the hub reported: bytes, window; then a request of `bytes` sent on an empty
+        // link with a 40 ms round trip; its expected upload)
         #[rustfmt::skip]
-        let cases: [(&str, Vec<(u64, u64, Duration)>, (u64, u64), Duration); 6] = [
-            ("nothing learnt: a round trip", vec![], (196_000, 0), 40 * MS),
-            // 125,000 bytes in 100 ms past a 40 ms round trip: 1.25 MB/s (10 Mbit/s).
-            ("one sample", vec![(125_000, 0, 140 * MS)], (250_000, 0), 240 * MS),
-            ("bytes ahead wait too", vec![(125_000, 0, 140 * MS)], (125_000, 125_000), 240 * MS),
-            // Two requests of 62,500 bytes, the second behind the first: the same rate.
-            ("a sample with bytes ahead", vec![(62_500, 62_500, 140 * MS)], (125_000, 0), 140 * MS),
-            ("loopback: the transfer never shows", vec![(196_000, 0, 41 * MS)], (196_000, 0), 40 * MS),
+        let cases: [(&str, Vec<(u64, Duration)>, u64, Duration); 6] = [
+            ("nothing learnt: half a round trip", vec![], 196_000, 20 * MS),
+            // 125,000 bytes in 100 ms: 1.25 MB/s (10 Mbit/s).
+            ("one arrival", vec![(125_000, 100 * MS)], 250_000, 220 * MS),
+            ("loopback: the arrival too quick to time", vec![(196_000, MS)], 196_000, 20 * MS),
+            ("a short train says nothing", vec![(8_000, 50 * MS)], 196_000, 20 * MS),
             // 10 Mbit/s, then 20: the average moves a fifth of the way (1.25 -> 1.5 MB/s).
-            ("moving average", vec![(125_000, 0, 140 * MS), (125_000, 0, 90 * MS)], (150_000, 0), 140 * MS),
+            ("moving average", vec![(125_000, 100 * MS), (125_000, 50 * MS)], 150_000, 120 * MS),
+            // Another stream's bytes arrived meanwhile: they count, the link carried them.
+            ("the link's delivery, not the stream's", vec![(250_000, 200 * MS)], 125_000, 120 * MS),
         ];
-        for (name, samples, (bytes, ahead), want) in cases {
+        let now = Instant::now();
+        for (name, arrivals, bytes, want) in cases {
             let mut up = Uplink::default();
-            for (b, a, took) in samples {
-                up.uploaded(b, a, took, 40 * MS);
+            for (b, window) in arrivals {
+                up.delivered(b, window);
             }
-            let got = up.upload(bytes, ahead, 40 * MS);
-            let diff = got.abs_diff(want);
-            assert!(diff < Duration::from_micros(10), "{name}: {got:?}, want {want:?}");
+            let got = up.upload(bytes, now, 40 * MS);
+            assert!(got.abs_diff(want) < Duration::from_micros(10), "{name}: {got:?}, want {want:?}");
         }
     }
 
     #[test]
-    fn queueing_in_the_smoothed_round_trip_is_not_taken_for_speed() {
+    fn the_backlog_drains_at_the_learnt_rate() {
+        let t0 = Instant::now();
         let mut up = Uplink::default();
-        // The first upload sees the path's 40 ms; later QUIC's smoothed round trip grows to 90 ms as
-        // datagrams queue, and the rate is still taken against 40 ms.
-        up.uploaded(125_000, 0, 140 * MS, 40 * MS);
-        up.uploaded(125_000, 0, 140 * MS, 90 * MS);
-        assert_eq!(up.bytes_per_s().map(|r| r.round()), Some(1_250_000.0));
-        assert_eq!(up.upload(125_000, 0, 90 * MS), 140 * MS);
+        up.sent(196_000, t0);
+        assert_eq!(up.backlog_at(t0), 0.0, "no rate learnt: nothing counted ahead");
+        up.delivered(125_000, 100 * MS); // 1.25 MB/s
+        up.sent(125_000, t0);
+        #[rustfmt::skip]
+        let cases: [(&str, Duration, f64, Duration); 4] = [
+            // 125,000 bytes ahead plus 125,000 of its own: 200 ms, plus 20 ms.
+            ("right behind another", Duration::ZERO, 125_000.0, 220 * MS),
+            ("half drained", 50 * MS, 62_500.0, 170 * MS),
+            ("drained", 100 * MS, 0.0, 120 * MS),
+            ("long idle: never below empty", 10_000 * MS, 0.0, 120 * MS),
+        ];
+        for (name, after, backlog, upload) in cases {
+            let at = t0 + after;
+            assert!((up.backlog_at(at) - backlog).abs() < 1.0, "{name}: {}", up.backlog_at(at));
+            let got = up.upload(125_000, at, 40 * MS);
+            assert!(got.abs_diff(upload) < Duration::from_micros(10), "{name}: {got:?}");
+        }
+        // Sent again once half drained: what is left plus the new bytes.
+        up.sent(125_000, t0 + 50 * MS);
+        assert!((up.backlog_at(t0 + 50 * MS) - 187_500.0).abs() < 1.0);
     }
 
     #[test]
-    fn the_answer_adds_the_hubs_time_after_the_upload() {
+    fn the_answer_adds_the_hubs_time_and_the_way_back() {
+        let now = Instant::now();
         let mut up = Uplink::default();
-        assert_eq!(up.answer(1000, 0, 40 * MS), None, "no answer measured yet");
-        up.uploaded(125_000, 0, 140 * MS, 40 * MS);
-        up.answered(10 * MS);
-        assert_eq!(up.answer(125_000, 0, 40 * MS), Some(150 * MS));
-        up.answered(20 * MS); // 10 + (20 - 10) / 5
-        let got = up.answer(125_000, 0, 40 * MS).expect("measured");
+        assert_eq!(up.answer(1000, now, 40 * MS), None, "the hub's time not measured yet");
+        up.delivered(125_000, 100 * MS);
+        up.hub_took(10 * MS);
+        // 20 ms there, 100 ms on the wire, 10 ms at the hub, 20 ms back.
+        assert_eq!(up.answer(125_000, now, 40 * MS), Some(150 * MS));
+        up.hub_took(20 * MS); // 10 + (20 - 10) / 5
+        let got = up.answer(125_000, now, 40 * MS).expect("measured");
         assert!(got.abs_diff(152 * MS) < Duration::from_micros(10), "{got:?}");
         assert_eq!(up.bytes_per_s().map(|r| r.round()), Some(1_250_000.0));
     }

@@ -14,8 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use fabric_types::dtype::DataType;
 use fabric_types::tensor::{NamedTensor, Tensor};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks (2: responses say how the request arrived, [`Arrival`]).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// QUIC application error codes used to reset streams and close connections.
 pub mod codes {
@@ -140,6 +140,22 @@ pub struct ResponseHeader {
     pub result: Result<Vec<TensorHeader>, (ErrorCode, String)>,
     /// The hub's load after this request.
     pub load: HubLoad,
+    /// How the request's bytes arrived and how long the hub took after (`None`: not measured).
+    pub arrival: Option<Arrival>,
+}
+
+/// What the hub saw of one request's arrival: the edge learns its uplink from the receiving end,
+/// where the bottleneck's pace shows (acknowledgements seen at the sender come late, and QUIC may
+/// delay them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// Bytes the connection received while the request's bytes were arriving (its own and any other
+    /// stream's: the link's delivery over that time).
+    pub bytes: u64,
+    /// From the request's first bytes to its last, in microseconds.
+    pub micros: u64,
+    /// From its last bytes to the answer being written: the hub's queue and compute, in microseconds.
+    pub hub_micros: u64,
 }
 
 /// What can go wrong reading or writing messages.
@@ -354,7 +370,7 @@ mod tests {
         wrong_size.inputs[0].shape = vec![3, 2];
         let mismatch = encode_message(&wrong_size, &[&tensors[0].tensor]).expect("encode");
         let mut garbage = Vec::new();
-        put_frame(&mut garbage, &[0x01, 0xff, 0xff, 0xff, 0xff, 0xff]).expect("frame");
+        put_frame(&mut garbage, &[PROTOCOL_VERSION as u8, 0xff, 0xff, 0xff, 0xff, 0xff]).expect("frame");
         let tight = WireLimits { max_header_bytes: 8, ..WireLimits::default() };
         // Two tensors of 16 bytes each, each under the frame limit, together over a 40-byte message.
         let mut two = header.clone();
