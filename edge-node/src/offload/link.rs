@@ -42,6 +42,10 @@ impl HubLink {
 
     pub(super) fn has_room(&self, now: Instant) -> bool {
         let sending = self.in_flight.load(Ordering::Relaxed);
+        let measured = self.uplink.lock().map(|u| u.measured()).unwrap_or(false);
+        if !measured && sending > 0 {
+            return false;
+        }
         self.health.lock().map(|h| h.has_room(now, sending)).unwrap_or(true)
     }
 
@@ -75,12 +79,10 @@ impl HubLink {
     }
 
     /// The expected answer time of a request of `bytes` sent now: its transfer behind the link's
-    /// backlog, the hub's usual time, the way back; before the hub's time is known, its recent answer
-    /// times (twice the round trip before the first).
+    /// backlog, the hub's usual time, the way back; before the first answer, twice the round trip
+    /// (that one request, alone on the link, is how the rest are learnt).
     pub(super) fn expected(&self, conn: &quinn::Connection, bytes: u64) -> Duration {
-        let sized = self.sized_answer(conn, bytes);
-        let fallback = conn.rtt() * 2;
-        sized.unwrap_or_else(|| self.health.lock().map(|h| h.expected(fallback)).unwrap_or(fallback))
+        self.sized_answer(conn, bytes).unwrap_or_else(|| conn.rtt() * 2)
     }
 
     /// Expected answer time of a request of `bytes` sent now, from its size (`None` until the hub's

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use fabric_node::agent::HubDirectory;
 use fabric_node::dispatch::{Offloaded, Overflow, OverflowError};
 use fabric_node::metrics::Metrics;
-use fabric_policy::admission::OffloadView;
+use fabric_policy::admission::{self, OffloadView};
 use fabric_policy::backoff::seed_of;
 use fabric_policy::hub::{self, HubHealth, Reported};
 use fabric_policy::reconnect::{LinkEnd, ReconnectPolicy};
@@ -86,6 +86,10 @@ impl Offloader {
             .map_err(|_| OffloadSetupError::IdleTimeout(config.idle_timeout_ms))?;
         transport.max_idle_timeout(Some(idle.into()));
         transport.congestion_controller_factory(config.congestion.factory());
+        // Requests cross the link one after another, in the order sent, as the offload's backlog
+        // reckons them: interleaved (quinn's default), two requests on a 10 Mbit/s link each took
+        // twice as long, the earlier one past the time it was judged by.
+        transport.send_fairness(false);
         client.transport_config(Arc::new(transport));
         // The endpoints and their connections run on a thread of their own, not between the pools'
         // turns. One per address family: an IPv4 socket cannot reach an IPv6 hub.

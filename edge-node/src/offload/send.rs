@@ -133,10 +133,10 @@ impl Overflow for Offloader {
                 // Never sent where its transfer alone, or its expected answer, would miss the deadline:
                 // the link's time goes to requests that can still make it.
                 let upload = link.upload(&conn, bytes).max(link.sized_answer(&conn, bytes).unwrap_or_default());
-                if now + upload >= deadline {
+                if !admission::hub_in_time(upload, deadline.saturating_duration_since(now)) {
                     link.count("link_too_slow");
                     failures.push(format!(
-                        "{}: its link would take {:.0} ms to carry the request and answer, past its deadline",
+                        "{}: its link would take {:.0} ms to carry the request and answer, past its deadline (less the hub margin)",
                         link.label(),
                         upload.as_secs_f64() * 1e3
                     ));
@@ -144,6 +144,7 @@ impl Overflow for Offloader {
                 }
                 let patience = link.patience(&conn);
                 let attempt_deadline = deadline.min(now + patience);
+                let (expected, budget) = (link.expected(&conn, bytes), attempt_deadline.saturating_duration_since(now));
                 let result = {
                     // Uncounted when the attempt ends, or when this future is dropped (the client left).
                     let _sending = Sending::start(&link);
@@ -153,12 +154,24 @@ impl Overflow for Offloader {
                 match result {
                     Ok(outputs) => {
                         link.count("served");
+                        tracing::trace!(
+                            hub = %name,
+                            expected_ms = expected.as_millis() as u64,
+                            took_ms = now.elapsed().as_millis() as u64,
+                            "offloaded"
+                        );
                         return Ok(Offloaded { outputs, served_by: format!("hub {name}") });
                     }
                     Err(Attempt::Invalid(msg)) => return Err(OverflowError::Invalid(msg)),
                     Err(Attempt::Next(msg)) => {
                         link.count(if msg.starts_with("Busy") { "busy" } else { "failed" });
-                        tracing::debug!(hub = %name, "offload attempt failed: {msg}");
+                        tracing::debug!(
+                            hub = %name,
+                            expected_ms = expected.as_millis() as u64,
+                            budget_ms = budget.as_millis() as u64,
+                            took_ms = now.elapsed().as_millis() as u64,
+                            "offload attempt failed: {msg}"
+                        );
                         failures.push(format!("{name}: {msg}"));
                     }
                 }

@@ -5,9 +5,12 @@
 //! spends 157 ms on the wire, a 4 KB one 3 ms. The rate is learnt where the bottleneck's pace shows,
 //! at the receiving end: each answer says how many bytes the hub's connection received while the
 //! request arrived, and over how long ([`Uplink::delivered`]), and how long the hub took after
-//! ([`Uplink::hub_took`]). (Timing uploads by the hub's acknowledgements at the sender, as this did
-//! first, was off by up to 1.6x either way across a 10 Mbit/s link: acknowledgements come late, and a
-//! request's start includes the time it waits in the edge's own send buffer.)
+//! ([`Uplink::hub_took`]). The connection's bytes, not the request's own: across 40 ms and 50 Mbit/s
+//! with 1% loss a request's own bytes over its arrival read 23-28 Mbit/s (a loss near its end
+//! stretches the arrival by a round trip while the link carries other bytes), the connection's 47.
+//! (Timing uploads by the hub's acknowledgements at the sender, as this did first, was off by up to
+//! 1.6x either way across a 10 Mbit/s link: acknowledgements come late, and a request's start
+//! includes the time it waits in the edge's own send buffer.)
 //!
 //! What is still to cross is a fluid backlog ([`Uplink::sent`]): every request sent adds its bytes,
 //! the link drains them at the learnt rate. A request sent now arrives after half the path's round
@@ -72,6 +75,12 @@ impl Uplink {
             }
             _ => 0.0,
         }
+    }
+
+    /// Whether an answer has shown the hub's own time: until then a link carries one request at a
+    /// time (a burst sent on a guess could crowd a slow link past every deadline, and teach nothing).
+    pub fn measured(&self) -> bool {
+        self.hub_time.is_some()
     }
 
     /// The learnt rate in bytes a second, if an arrival ever showed it.
