@@ -474,9 +474,11 @@ fn an_unknown_output_is_refused_before_any_inference() {
 }
 
 #[test]
-fn auto_serves_each_model_with_the_engine_that_is_faster_on_it_and_says_why() {
-    // Here the CNN runs about 3x as fast on ONNX Runtime; the digits classifier, served one request
-    // per engine call, about 1.4x as fast on tract (engines bench): each way well past the 1.1x rule.
+fn auto_serves_each_model_with_the_engine_its_measurement_named_and_says_why() {
+    // Here the CNN runs 3-4.5x as fast on ONNX Runtime (engines bench), far past the 1.1x rule. The
+    // digits classifier, served one request per engine call, is within a few microseconds either
+    // way (tract 1.4x as fast on one machine, ONNX Runtime 1.1x on another): what is checked there is
+    // that the engine serving it is the one its own measurement named, and the reason says so.
     let args = vec!["--admin-addr".to_string(), "127.0.0.1:0".to_string()];
     let edge = start_edge_with_ort(&[("cnn", ""), ("digits", "max_batch_size = 1\n")], "", &args);
     let agent = client();
@@ -485,17 +487,21 @@ fn auto_serves_each_model_with_the_engine_that_is_faster_on_it_and_says_why() {
     assert_eq!((cnn["backend"].as_str(), cnn["platform"].as_str()), (Some("ort"), Some("onnxruntime_onnx")), "{cnn}");
     let why = cnn["parameters"]["engine_choice"].as_str().unwrap_or_default();
     assert!(why.starts_with("auto: onnxruntime") && why.contains("as fast as tract over batch sizes 1.."), "{why}");
+    let why = digits["parameters"]["engine_choice"].as_str().unwrap_or_default();
+    let digits_engine = if why.starts_with("auto: tract") { "tract" } else { "ort" };
+    let platform = if digits_engine == "tract" { "tract_onnx" } else { "onnxruntime_onnx" };
+    assert!(why.starts_with("auto: tract") || why.starts_with("auto: onnxruntime"), "{why}");
+    assert!(why.contains("over batch size 1") && why.contains("as fast"), "{why}");
     assert_eq!(
         (digits["backend"].as_str(), digits["platform"].as_str()),
-        (Some("tract"), Some("tract_onnx")),
+        (Some(digits_engine), Some(platform)),
         "{digits}"
     );
-    let why = digits["parameters"]["engine_choice"].as_str().unwrap_or_default();
-    assert!(why.starts_with("auto: tract") && why.contains("batch size 1"), "{why}");
     // The load report says the same.
     let report = get(&agent, &format!("{}/v2/fabric/load", edge.admin.as_deref().expect("admin API"))).json();
     let versions = report["versions"].as_array().expect("versions");
-    for (model, engine, says) in [("cnn", "ort", "auto: onnxruntime"), ("digits", "tract", "auto: tract")] {
+    let digits_says = if digits_engine == "tract" { "auto: tract" } else { "auto: onnxruntime" };
+    for (model, engine, says) in [("cnn", "ort", "auto: onnxruntime"), ("digits", digits_engine, digits_says)] {
         let v = versions.iter().find(|v| v["name"] == model).expect("version in the report");
         assert_eq!(v["engine"], engine, "{v}");
         assert!(v["engine_choice"].as_str().unwrap_or_default().starts_with(says), "{v}");
