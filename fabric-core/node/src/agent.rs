@@ -2,7 +2,8 @@
 //! converges the node to the desired state each answer carries, through [`NodeControl`].
 //!
 //! Converging: fetch each wanted model file by digest into the node's cache (`<data_dir>/models`,
-//! verified by SHA-256 before every load: a corrupted file is fetched again, never served), load and
+//! verified by SHA-256 before every load: a corrupted file is fetched again, never served; a download
+//! cut short is kept as `<digest>.partial` and resumed from where it stopped), load and
 //! warm the versions not loaded yet, set replica counts, then the traffic policy (whose weights the
 //! registry only gives to versions this node reported ready), and last unload, after draining, the
 //! versions the registry placed here and no longer wants. The desired state is kept on disk
@@ -249,6 +250,13 @@ impl Agent {
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().to_string();
+                // A download cut short is kept to be resumed, while its version is still wanted.
+                if let Some(digest) = name.strip_suffix(".partial") {
+                    if !wanted.contains(digest) {
+                        std::fs::remove_file(entry.path())?;
+                    }
+                    continue;
+                }
                 let Some(digest) = name.strip_suffix(".onnx") else { continue };
                 let meta = entry.metadata()?;
                 let last_used = meta
@@ -368,10 +376,10 @@ impl Agent {
             tracing::warn!(%digest, "cached model file does not match its digest (corrupted on disk): fetching it again");
             let _ = std::fs::remove_file(&path);
         }
-        let size = self.client.fetch(digest, &path).await.map_err(|e| ConvergeError::Fetch(e.to_string()))?;
+        let fetched = self.client.fetch(digest, &path).await.map_err(|e| ConvergeError::Fetch(e.to_string()))?;
         match digest_of(&path).await {
             Some(d) if d == digest => {
-                tracing::info!(%digest, size, "model file fetched");
+                tracing::info!(%digest, size = fetched.size, resumed_from = fetched.resumed_from, "model file fetched");
                 Ok(path)
             }
             got => {

@@ -231,6 +231,11 @@ pub struct Scaled {
 pub struct FetchHead {
     /// The model file's size.
     pub size: u64,
+    /// Where in the file the bytes that follow start: the offset a resumed fetch asked for, or 0
+    /// (the whole file: asked from 0, an offset past the file's end, or a registry from before
+    /// fetches resumed).
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// `fabric model show NAME`: every version, where it is deployed, its rollout.

@@ -1,7 +1,8 @@
 //! The emulated WAN link as a process, for benchmarks: relays UDP from a local port to a server
 //! with a delay, jitter, loss and rate limit in each direction (see `fabric_testkit::link`), prints
 //! `wan link on ADDR -> SERVER` once it listens, and every 5 s (on standard error) what crossed and
-//! what was dropped.
+//! what was dropped. Lines on standard input change it while it runs: `cut` drops everything both
+//! ways, `restore` ends the cut, `stats` prints the counts so far as one line of JSON.
 //!
 //! ```text
 //! cargo run --release -p fabric-testkit --example wan_link -- --to 127.0.0.1:9000 --delay-ms 20 --mbit 50 --loss 0.01
@@ -65,6 +66,29 @@ fn main() -> anyhow::Result<()> {
     );
     let link = Link::start(args.to, up, down, args.seed).context("starting the link")?;
     println!("wan link on {} -> {}", link.addr(), args.to);
+    let link = std::sync::Arc::new(link);
+    let commanded = link.clone();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            match line.trim() {
+                "cut" => commanded.cut(true),
+                "restore" => commanded.cut(false),
+                "stats" => {
+                    let s = commanded.stats();
+                    println!(
+                        "{{\"up_bytes\":{},\"up_lost\":{},\"down_bytes\":{},\"down_lost\":{},\"down_buffer_full\":{},\"cut\":{}}}",
+                        s.up.bytes,
+                        s.up.lost,
+                        s.down.bytes,
+                        s.down.lost,
+                        s.down.queue_full,
+                        s.up.cut + s.down.cut
+                    );
+                }
+                other => eprintln!("unknown command {other:?} (cut, restore, stats)"),
+            }
+        }
+    });
     loop {
         std::thread::sleep(Duration::from_secs(5));
         let s = link.stats();

@@ -149,8 +149,8 @@ pub(super) async fn handle_stream(
             return;
         }
     };
-    if let Request::Fetch { digest } = &request {
-        if let Err(refusal) = registry.fetch(peer, digest, &mut send).await {
+    if let Request::Fetch { digest, offset } = &request {
+        if let Err(refusal) = registry.fetch(peer, digest, *offset, &mut send).await {
             let _ = registry::write_frame(&mut send, &Reply::Err(refusal)).await;
         }
         let _ = send.finish();

@@ -129,16 +129,27 @@ impl Registry {
         Ok(registry::hex(context.finish().as_ref()))
     }
 
-    /// Streams a model file to a node (or operator) that asked for it by digest.
-    pub async fn fetch(&self, peer: &Identity, digest: &str, send: &mut quinn::SendStream) -> Result<(), Refusal> {
+    /// Streams a model file to a node (or operator) that asked for it by digest, from byte `offset`
+    /// on (a download resumed after a cut); an offset past the file's end gets the whole file, the
+    /// answer's head saying from where.
+    pub async fn fetch(
+        &self,
+        peer: &Identity,
+        digest: &str,
+        offset: u64,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), Refusal> {
+        use tokio::io::AsyncSeekExt;
         let known = self.state().models.values().flat_map(|v| v.values()).find(|m| m.digest == digest).cloned();
         let Some(model) = known else {
             return Err(Refusal::new("not_found", format!("no model file with digest {digest}")));
         };
-        tracing::debug!(node = %peer.node_id, model = %model.name, version = model.version, "model file fetched");
+        let offset = if offset <= model.size { offset } else { 0 };
+        tracing::debug!(node = %peer.node_id, model = %model.name, version = model.version, offset, "model file fetched");
         let path = self.store.blob_path(digest);
         let mut file = tokio::fs::File::open(&path).await.map_err(internal)?;
-        registry::write_frame(send, &answer(&FetchHead { size: model.size })).await.map_err(internal)?;
+        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(internal)?;
+        registry::write_frame(send, &answer(&FetchHead { size: model.size, offset })).await.map_err(internal)?;
         tokio::io::copy(&mut file, send).await.map_err(internal)?;
         Ok(())
     }
