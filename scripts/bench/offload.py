@@ -35,8 +35,10 @@ RUNS = int(os.environ.get("BENCH_RUNS", "5"))  # alternating runs of each admiss
 
 
 def start(cmd, marker):
+    """Starts a fabric binary and waits for its first line; its logs (errors only, or BENCH_RUST_LOG's
+    filter, to see what a node decided) go to this script's standard error."""
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "RUST_LOG": "error"})
+                            env={**os.environ, "RUST_LOG": os.environ.get("BENCH_RUST_LOG", "error")})
     line = proc.stdout.readline()
     if marker not in line:
         raise SystemExit(f"{cmd[0]} failed to start: {line!r}")

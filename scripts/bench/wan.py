@@ -6,7 +6,7 @@ rate limit, random loss) and release edge-nodes (tract) in front of it. Open loo
 `openloop`) of CNN requests, deadline 500 ms. Two parts (BENCH_PARTS, default both):
 
 - `overflow`: the edge as deployed (`offload.mode = "overflow"`, BBR), at BENCH_LOADS times its
-  capacity (measured first with wrk, closed loop), beside the same edge with no hub at the same
+  capacity (measured first with wrk, closed loop), each right after the same edge with no hub at the same
   load; 4-row requests (196 KB), and 1-row ones (49 KB) at 1.5x on the first link (at more the
   open-loop client alone takes the 2 cores here). Reported: goodput,
   what the hub answered, the link's share used, late answers.
@@ -38,6 +38,19 @@ LINKS = [tuple(float(x) for x in link.split("/")) for link in
 CONTROLLERS = os.environ.get("BENCH_CONTROLLERS", "cubic bbr").split()
 LOADS = [float(x) for x in os.environ.get("BENCH_LOADS", "2 3 5").split()]
 PARTS = os.environ.get("BENCH_PARTS", "overflow controllers").split()
+# BENCH_PIN=1: the edge on CPU 0, the hub, the relay and the client on CPU 1, so that what the link
+# and the hub cost (QUIC, the relay, the hub's engine) does not come out of the edge's own CPU as it
+# would not on separate machines.
+PIN = os.environ.get("BENCH_PIN") == "1"
+
+
+def pinned(cmd, cpu):
+    """`cmd` bound to one CPU when BENCH_PIN is set."""
+    return ["taskset", "-c", str(cpu), *cmd] if PIN else cmd
+
+
+# The controller of the overflow part's edge (the edge's default, bbr, unless set).
+OVERFLOW_CC = os.environ.get("BENCH_OVERFLOW_CC", "bbr")
 
 
 def edge_link_metrics(url):
@@ -56,8 +69,8 @@ def edge_link_metrics(url):
 
 
 def open_loop(url, body, n, rate, secs):
-    out = subprocess.run([REL / "examples" / "openloop", f"{url}/v2/models/cnn/infer", body, str(n), str(rate), str(secs),
-                          str(DEADLINE_MS)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(pinned([REL / "examples" / "openloop", f"{url}/v2/models/cnn/infer", body, str(n), str(rate),
+                                 str(secs), str(DEADLINE_MS)], 1), capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
@@ -76,9 +89,9 @@ class Bench:
         (w / "post.lua").write_text(
             (pathlib.Path(__file__).parent / "serving.py").read_text().split('LUA = """')[1].split('"""')[0])
         self.bodies = {rows: (w / f"cnn{rows}.bin", binary_body(w / f"cnn{rows}.bin", rows, [3, 64, 64])) for rows in (1, 4)}
-        self.hub, line = start([REL / "cloud-hub", "--model-repository", w / "hub", "--certs", w / "certs",
-                                "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--config", w / "hub.toml"],
-                               "cloud-hub listening")
+        self.hub, line = start(pinned([REL / "cloud-hub", "--model-repository", w / "hub", "--certs", w / "certs",
+                                       "--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--config",
+                                       w / "hub.toml"], 1), "cloud-hub listening")
         self.quic = line.split("quic://")[1]
 
     def request_bytes(self, rows):
@@ -91,12 +104,12 @@ class Bench:
                "--certs", self.work / "certs", "--config", path]
         if link_addr:
             cmd += ["--hub", f"hub-1@{link_addr}"]
-        proc, line = start(cmd, "listening")
+        proc, line = start(pinned(cmd, 0), "listening")
         return proc, line.split("listening on ")[1]
 
     def relay(self, rtt, mbit, loss):
-        relay = subprocess.Popen([REL / "examples" / "wan_link", "--to", self.quic, "--delay-ms", str(rtt / 2),
-                                  "--mbit", str(mbit), "--loss", str(loss)],
+        relay = subprocess.Popen([str(c) for c in pinned([REL / "examples" / "wan_link", "--to", self.quic, "--delay-ms",
+                                                          str(rtt / 2), "--mbit", str(mbit), "--loss", str(loss)], 1)],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return relay, relay.stdout.readline().split()[3]
 
@@ -130,7 +143,9 @@ class Bench:
 
 
 def overflow_part(b):
-    """The edge as deployed, at multiples of its capacity, beside itself alone."""
+    """The edge as deployed, at multiples of its capacity, each case right after the edge alone at the
+    same load (pairs: the machine's speed drifts over a run, and a drift between all the runs alone
+    and all those with the hub would read as the hub's doing)."""
     alone, url = b.edge("alone", "", None)
     try:
         body, n = b.bodies[4]
@@ -140,30 +155,27 @@ def overflow_part(b):
         print(f"edge capacity, CNN 1 row: {capacity1:.0f} req/s", flush=True)
         cases = [(link, 4, mult) for link in LINKS for mult in LOADS]
         cases += [(LINKS[0], 1, 1.5)]
-        by_load = {}
-        for rows, mult in sorted({(rows, mult) for _, rows, mult in cases}):
+        results = []
+        for link, rows, mult in cases:
             cap = capacity if rows == 4 else capacity1
-            by_load[(rows, mult)] = open_loop(url, *b.bodies[rows], cap * mult, SECONDS)
-            print(("alone", rows, mult, json.dumps(by_load[(rows, mult)])), flush=True)
+            alone_r = open_loop(url, *b.bodies[rows], cap * mult, SECONDS)
+            print(("alone", rows, mult, json.dumps(alone_r)), flush=True)
+            config = f'[offload]\nmode = "overflow"\ncongestion = "{OVERFLOW_CC}"\n'
+            r = b.with_link("overflow", config, link, rows, cap * mult)
+            results.append((link, rows, mult, cap, alone_r, r))
+            print((link, rows, mult, json.dumps(r)), flush=True)
     finally:
         alone.send_signal(signal.SIGTERM)
         alone.wait(timeout=30)
-    results = []
-    for link, rows, mult in cases:
-        cap = capacity if rows == 4 else capacity1
-        r = b.with_link("overflow", '[offload]\nmode = "overflow"\n', link, rows, cap * mult)
-        results.append((link, rows, mult, cap, r))
-        print((link, rows, mult, json.dumps(r)), flush=True)
     lines = [
         f"Overflow offload across the link, the edge at {', '.join(f'{m:g}x' for m in LOADS)} its capacity "
-        f"({capacity:.0f} 4-row / {capacity1:.0f} 1-row requests a second, 1 tract replica), BBR, open loop {SECONDS} s, "
-        f"beside the edge alone at the same load:",
+        f"({capacity:.0f} 4-row / {capacity1:.0f} 1-row requests a second, 1 tract replica), {OVERFLOW_CC}, open loop {SECONDS} s, "
+        f"each right after the edge alone at the same load:",
         "",
         "| round trip ms | Mbit/s | loss | rows | load | alone goodput/s | with the hub goodput/s | hub answered/s | link bound req/s | % of bound | late | refused | edge measured: rtt ms / uplink Mbit/s | attempts: served / link too slow / failed |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (rtt, mbit, loss), rows, mult, cap, r in results:
-        alone_r = by_load[(rows, mult)]
+    for (rtt, mbit, loss), rows, mult, cap, alone_r, r in results:
         bound = mbit * 1e6 / (8 * b.request_bytes(rows))
         hub_s = r["offloaded"] / SECONDS
         a = r["link"]["attempts"]
@@ -206,8 +218,10 @@ def controllers_part(b):
 def main():
     b = Bench()
     lines = [
-        f"WAN benchmark, {time.strftime('%Y-%m-%d')}, on {machine()}; edge-node, cloud-hub, the link relay and the "
-        f"client on the same cores; deadline {DEADLINE_MS} ms.",
+        f"WAN benchmark, {time.strftime('%Y-%m-%d')}, on {machine()}; "
+        + ("edge-node on CPU 0, cloud-hub, the link relay and the client on CPU 1 (BENCH_PIN)" if PIN else
+           "edge-node, cloud-hub, the link relay and the client on the same cores")
+        + f"; deadline {DEADLINE_MS} ms.",
     ]
     try:
         if "overflow" in PARTS:

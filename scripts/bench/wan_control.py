@@ -19,6 +19,7 @@ Run through scripts/bench/wan_control.sh.
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -160,9 +161,9 @@ def fetch_part(b):
     wait("the big model served", 3 * 3600, lambda: b.ready("big", 1), every=0.5)
     served_s = time.time() - t0
     after = b.edge_relay.stats()
-    log = (b.work / "edge.log").read_text()
-    resumed = [line for line in log.splitlines() if "download resumed" in line]
-    offset = resumed[-1].split("offset=")[1].split()[0] if resumed else "none"
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (b.work / "edge.log").read_text())  # tracing's colours
+    resumed = re.findall(r"download resumed.*?offset=(\d+)", log)
+    offset = resumed[-1] if resumed else "none"
     carried = after["down_bytes"] - before["down_bytes"]
     transfer_s = served_s - CUT_S
     return [

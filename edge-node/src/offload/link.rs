@@ -42,8 +42,9 @@ impl HubLink {
 
     pub(super) fn has_room(&self, now: Instant) -> bool {
         let sending = self.in_flight.load(Ordering::Relaxed);
-        let measured = self.uplink.lock().map(|u| u.measured()).unwrap_or(false);
-        if !measured && sending > 0 {
+        // Until an answer has shown the hub's time, and while a stale rate is probed, one at a time.
+        let alone = self.uplink.lock().map(|u| !u.measured() || u.probing(now)).unwrap_or(true);
+        if alone && sending > 0 {
             return false;
         }
         self.health.lock().map(|h| h.has_room(now, sending)).unwrap_or(true)
@@ -108,7 +109,7 @@ impl HubLink {
     /// Records what the hub saw of a request's arrival; publishes the link's rate and round trip.
     pub(super) fn record_arrival(&self, conn: &quinn::Connection, arrival: Arrival) {
         let rate = self.uplink.lock().ok().and_then(|mut u| {
-            u.delivered(arrival.bytes, Duration::from_micros(arrival.micros));
+            u.delivered(arrival.bytes, Duration::from_micros(arrival.micros), Instant::now());
             u.hub_took(Duration::from_micros(arrival.hub_micros));
             u.bytes_per_s()
         });
