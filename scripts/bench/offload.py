@@ -26,7 +26,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from serving import BUILD, ROOT, machine, to_ms  # noqa: E402
+from serving import BUILD, ROOT, machine, save_report, to_ms  # noqa: E402
 
 REL = ROOT / "target" / "release"
 DEADLINE_MS = 500
@@ -220,11 +220,7 @@ def main():
                         f"{next(r['engine_busy_pct'] for mm, n, r, _ in alone if mm == m and n == 'standing'):.0f}%" for m in (1.25, 3)) +
               "; steady goodput per engine-busy second: " +
               ", ".join(f"{per_engine[(m, 'local')]:.0f} / {per_engine[(m, 'standing')]:.0f}" for m in (1.25, 3)) + "."]
-    report = "\n".join(lines)
-    out = BUILD / "bench" / f"offload-{time.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-    print("\n" + report + f"\n\nwritten to {out}")
+    save_report("offload", lines)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ rate limit, random loss) and release edge-nodes (tract) in front of it. Open loo
 - `controllers`: every request sent to the hub (`offload.mode = "always"`) at 1.5x what the link
   carries, by QUIC congestion controller (BENCH_CONTROLLERS).
 
-The link's bound: R / (8 x request bytes) requests a second. Run through scripts/bench/wan.sh.
+The link's bound: R / (8 x request bytes) requests a second. Writes build/bench/wan-DATE.md and a plot
+of the overflow part (build/bench/wan.png, copied to scripts/bench/wan.png for the docs); `--plot-from
+REPORT.md` redraws the plot from a report. Run through scripts/bench/wan.sh.
 """
 
 import json
@@ -28,7 +30,7 @@ import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from offload import REL, binary_body, start, wrk  # noqa: E402
-from serving import BUILD, machine  # noqa: E402
+from serving import BUILD, machine, save_report  # noqa: E402
 
 DEADLINE_MS = 500
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
@@ -175,6 +177,7 @@ def overflow_part(b):
         "| round trip ms | Mbit/s | loss | rows | load | alone goodput/s | with the hub goodput/s | hub answered/s | link bound req/s | % of bound | late | refused | edge measured: rtt ms / uplink Mbit/s | attempts: served / link too slow / failed |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    drawn = []
     for (rtt, mbit, loss), rows, mult, cap, alone_r, r in results:
         bound = mbit * 1e6 / (8 * b.request_bytes(rows))
         hub_s = r["offloaded"] / SECONDS
@@ -184,7 +187,52 @@ def overflow_part(b):
                      f"{r['late']} of {r['ok']} | {r['refused']} | "
                      f"{1e3 * r['link']['rtt_s']:.0f} / {8 * r['link']['uplink_bytes_s'] / 1e6:.1f} | "
                      f"{a.get('served', 0)} / {a.get('link_too_slow', 0)} / {a.get('failed', 0)} |")
+        drawn.append((f"{rtt:g}/{mbit:g}/{100 * loss:.0f}%", f"{rows} rows {mult:g}x", alone_r["goodput"], r["goodput"],
+                      hub_s, 100 * hub_s / bound))
+    plot(drawn, BUILD / "bench" / "wan.png")
     return lines
+
+
+def plot(rows, out):
+    """Draws the overflow part's table: the link's share used, and goodput alone and with the hub,
+    per link and load. `rows`: (link label, load, alone goodput, with-hub goodput, hub/s, % of bound)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{link}\n{load}" for link, load, *_ in rows]
+    x = range(len(rows))
+    fig, (share, goodput) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    share.bar(x, [r[5] for r in rows], color="tab:blue")
+    share.axhline(80, color="tab:green", linestyle="--", linewidth=1, label="80% target (40 ms link)")
+    share.axhline(60, color="tab:orange", linestyle="--", linewidth=1, label="60% target (150 ms link)")
+    share.set_ylabel("link bound used, %")
+    share.set_ylim(0, 125)
+    share.legend(loc="upper center", fontsize=8, ncol=2)
+    width = 0.4
+    goodput.bar([i - width / 2 for i in x], [r[2] for r in rows], width, label="edge alone", color="tab:gray")
+    goodput.bar([i + width / 2 for i in x], [r[3] for r in rows], width, label="with the hub", color="tab:blue")
+    goodput.bar([i + width / 2 for i in x], [r[4] for r in rows], width, label="of which the hub", color="tab:cyan")
+    goodput.set_ylabel("answers in time / s")
+    goodput.legend(loc="upper left", fontsize=8, ncol=3)
+    goodput.set_xticks(list(x))
+    goodput.set_xticklabels(labels, fontsize=8)
+    fig.suptitle("Overflow offload across an emulated WAN link (round trip ms / Mbit/s / loss; request rows, load)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    (pathlib.Path(__file__).parent / "wan.png").write_bytes(out.read_bytes())
+
+
+def plot_rows_from_report(text):
+    """The overflow table's rows, read back from a report this script wrote."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 14 and cells[0].replace(".", "").isdigit():
+            link = f"{cells[0]}/{cells[1]}/{cells[2]}"
+            rows.append((link, f"{cells[3]} rows {cells[4].split()[0]}", float(cells[5]), float(cells[6]), float(cells[7]),
+                         float(cells[9].rstrip("%"))))
+    return rows
 
 
 def controllers_part(b):
@@ -216,6 +264,10 @@ def controllers_part(b):
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot-from":
+        # Redraws the plot from a report written earlier (no run).
+        plot(plot_rows_from_report(pathlib.Path(sys.argv[2]).read_text()), BUILD / "bench" / "wan.png")
+        return
     b = Bench()
     lines = [
         f"WAN benchmark, {time.strftime('%Y-%m-%d')}, on {machine()}; "
@@ -230,11 +282,7 @@ def main():
             lines += [""] + controllers_part(b)
     finally:
         b.close()
-    report = "\n".join(lines)
-    out = BUILD / "bench" / f"wan-{time.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-    print("\n" + report + f"\n\nwritten to {out}")
+    save_report("wan", lines)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from offload import REL, start  # noqa: E402
-from serving import BUILD, machine  # noqa: E402
+from serving import BUILD, machine, save_report  # noqa: E402
 
 RTT_MS = float(os.environ.get("BENCH_RTT_MS", "100"))
 MBIT = float(os.environ.get("BENCH_MBIT", "10"))
@@ -226,11 +226,7 @@ def main():
             lines += [""] + fetch_part(b)
     finally:
         b.close()
-    report = "\n".join(lines)
-    out = BUILD / "bench" / f"wan-control-{time.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-    print("\n" + report + f"\n\nwritten to {out}")
+    save_report("wan-control", lines)
 
 
 if __name__ == "__main__":
