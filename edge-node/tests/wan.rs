@@ -1,13 +1,17 @@
 //! Offload across an emulated WAN link (the test kit's UDP relay between a real edge and a real hub,
 //! QUIC with mutual TLS crossing it unchanged): requests cross the link's delay, survive loss, and
 //! while the link is cut every request is still answered (served here, or refused with a precise
-//! error) within its deadline; once restored, the edge offloads again.
+//! error) within its deadline; once restored, the edge offloads again. An idle connection across a
+//! 150 ms, lossy link holds on its keep-alives, and serves when work comes.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use edge_node::offload::{HubEndpoint, OffloadConfig, Offloader};
+use fabric_node::dispatch::Overflow;
+use fabric_proto::tls::TlsFiles;
 use fabric_testkit::http::binary_body;
 use fabric_testkit::link::{Direction, Link};
 use fabric_testkit::process::temp_dir;
@@ -104,5 +108,45 @@ fn offload_crosses_a_wan_link_survives_loss_and_a_cut() {
         infer(&url).1.starts_with("hub")
     });
     eprintln!("clean link: rtt {rtt} s, uplink {rate:.0} B/s; lossy link: {by_hub} of 40 offloaded; during the cut: {during:?}; offloading again {back:?} after the restore; {:?}", link.stats());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_across_150_ms_and_loss_holds_and_serves_after() {
+    let dir = temp_dir("wan-idle");
+    let certs = certs(&dir);
+    let hub = start_hub(&dir, &certs);
+    let hub_addr: SocketAddr = hub.quic.parse().expect("the hub's QUIC address");
+    // 75 ms each way (a 150 ms round trip), 10 Mbit/s, 2% loss each way.
+    let wan = Direction::wan(75 * MS, 10.0, 0.02);
+    let link = Link::start(hub_addr, wan, wan, 29).expect("link");
+    // An idle timeout of 10 round trips, a keep-alive every 2: tighter than the defaults (1 s and 5 s).
+    let config = OffloadConfig {
+        hubs: vec![HubEndpoint { addr: link.addr().to_string(), server_name: Some("hub-1".into()) }],
+        tls: Some(TlsFiles::in_dir(&certs, "edge-1")),
+        keep_alive_ms: 300,
+        idle_timeout_ms: 1500,
+        ..OffloadConfig::default()
+    };
+    let offload = Offloader::start(&config, false, None).expect("offloader").expect("a hub is configured");
+    let until = Instant::now() + Duration::from_secs(30);
+    while offload.connected() == 0 {
+        assert!(Instant::now() < until, "never connected across the link");
+        tokio::time::sleep(20 * MS).await;
+    }
+    let attempts = offload.connect_attempts();
+    // Idle for four idle timeouts: nothing to wait on but the absence of a reconnect.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(offload.connect_attempts(), attempts, "the idle connection was dropped and dialled again");
+    assert_eq!(offload.connected(), 1, "the idle connection did not hold");
+    let inputs = vec![fabric_types::NamedTensor::new(
+        "input",
+        fabric_types::Tensor::from_vec(vec![1, 3, 64, 64], vec![0.5f32; 3 * 64 * 64]).expect("tensor"),
+    )];
+    let answered = offload.infer("cnn", 1, &inputs, Instant::now() + Duration::from_secs(3)).await;
+    let served = answered.expect("offloaded after the idle spell");
+    assert_eq!(served.served_by, "hub hub-1");
+    assert_eq!(offload.connect_attempts(), attempts, "a request after idle needed a new connection");
+    eprintln!("idle link: {:?}", link.stats());
     let _ = std::fs::remove_dir_all(&dir);
 }
