@@ -75,6 +75,9 @@ pub enum Congestion {
     Bbr,
     /// NewReno: the classic loss-driven controller.
     Newreno,
+    /// BBR and CUBIC side by side, the larger window sending (`super::congestion`): BBR's on a lossy
+    /// link, CUBIC's on a long clean one where BBR's stays below what bursts of requests need.
+    Hybrid,
 }
 
 impl Congestion {
@@ -84,6 +87,7 @@ impl Congestion {
             Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
             Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
             Congestion::Newreno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+            Congestion::Hybrid => Arc::new(super::congestion::HybridConfig::default()),
         }
     }
 }

@@ -41,6 +41,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 mod config;
+mod congestion;
 mod connector;
 mod hub_set;
 mod link;
