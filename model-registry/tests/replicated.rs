@@ -25,10 +25,24 @@ fn leader(replicas: &[Option<Proc>]) -> Option<usize> {
         .next()
 }
 
-fn routes_everywhere(f: &Fabric, registry: &str, nodes: usize, want: &Value) -> bool {
-    let status = f.cli(registry, &["rollout", "status", "mlp"]);
-    let listed = status["nodes"].as_array().cloned().unwrap_or_default();
-    listed.len() == nodes && listed.iter().all(|n| &n["policy"]["weights"] == want)
+/// Waits (60 s at most) until `nodes` nodes route `mlp` by `want`; on timeout the panic shows the
+/// last `rollout status` and `nodes` seen (what each node reported, which replica answered).
+fn wait_routes(f: &Fabric, registry: &str, nodes: usize, want: &Value, what: &str) {
+    let mut last = Value::Null;
+    let routed = |last: &mut Value| {
+        let status = f.cli(registry, &["rollout", "status", "mlp"]);
+        let listed = status["nodes"].as_array().cloned().unwrap_or_default();
+        *last = status;
+        listed.len() == nodes && listed.iter().all(|n| &n["policy"]["weights"] == want)
+    };
+    let until = Instant::now() + Duration::from_secs(60);
+    while !routed(&mut last) {
+        if Instant::now() > until {
+            let seen = f.cli(registry, &["nodes"]);
+            panic!("timed out after 60 s waiting for {what}: last rollout status {last}; nodes {seen}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits (120 s at most) until the rollout in waves of `mlp` reaches `phase`; its status then.
@@ -62,7 +76,7 @@ fn a_replicated_registry_survives_its_leader_and_etcd_losing_quorum() {
     let nodes = vec![e1.addr.clone(), e2.addr.clone()];
     f.cli(&all, &["model", "push", "mlp", &model("mlp")]);
     f.cli(&all, &["deploy", "mlp", "--to", "edge"]);
-    wait_for("both edges on v1", Duration::from_secs(60), || routes_everywhere(&f, &all, 2, &json!({ "1": 100 })));
+    wait_routes(&f, &all, 2, &json!({ "1": 100 }), "both edges on v1");
     // A follower answers reads from its watch-fed state.
     let follower = (0..3).find(|i| Some(*i) != leader(&replicas)).expect("a follower");
     let at_follower = replicas[follower].as_ref().expect("running").addr.clone();
@@ -82,9 +96,7 @@ fn a_replicated_registry_survives_its_leader_and_etcd_losing_quorum() {
     support::figure("new leader after kill -9 of the leader (3 s lease)", &format!("{} ms", elected.as_millis()));
     let status = f.cli(&all, &["rollout", "status", "mlp"]);
     assert_eq!(status["rollout"], acked["rollout"], "the new leader lost or changed an acknowledged state");
-    wait_for("both edges back with the new leader", Duration::from_secs(60), || {
-        routes_everywhere(&f, &all, 2, &json!({ "1": 50, "2": 50 }))
-    });
+    wait_routes(&f, &all, 2, &json!({ "1": 50, "2": 50 }), "both edges back with the new leader");
     support::figure(
         "both edges reporting to the new leader after the kill",
         &format!("{} ms", killed.elapsed().as_millis()),
