@@ -75,8 +75,8 @@ pub enum Congestion {
     Bbr,
     /// NewReno: the classic loss-driven controller.
     Newreno,
-    /// BBR and CUBIC side by side, the larger window sending (`super::congestion`): BBR's on a lossy
-    /// link, CUBIC's on a long clean one where BBR's stays below what bursts of requests need.
+    /// BBR and CUBIC side by side, the larger window sending (`super::congestion`): at or above BBR
+    /// on every emulated link measured, below CUBIC on a long clean one.
     Hybrid,
 }
 
