@@ -22,6 +22,7 @@ pub mod clients;
 pub mod config;
 pub mod control;
 pub mod dispatch;
+pub mod gpu;
 pub mod grpc;
 pub mod http;
 pub mod load_report;

@@ -8,6 +8,7 @@ pub mod batching;
 pub mod cache;
 pub mod cadence;
 pub mod engine_choice;
+pub mod gpu;
 pub mod hash;
 pub mod histogram;
 pub mod hub;

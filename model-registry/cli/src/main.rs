@@ -85,8 +85,9 @@ enum Command {
     /// Rollouts: status, pin, canary, shadow, promote, rollback.
     #[command(subcommand)]
     Rollout(RolloutCommand),
-    /// Nodes: id, role, labels, last heartbeat, versions ready, load; those that need attention (down,
-    /// a version failing) first.
+    /// Nodes: id, role, labels, last heartbeat, versions ready, load, GPUs (a node with a GPU also
+    /// carries the label gpu=NAME, e.g. gpu=nvidia-h200); those that need attention (down, a version
+    /// failing) first.
     ///
     /// Example: fabric nodes --state down --label site=berlin --limit 20
     Nodes {
@@ -634,6 +635,9 @@ fn show_nodes(nodes: &[NodeView]) {
             n.restarts,
             n.ready.join(" ")
         );
+        if let Some(gpu) = &n.gpu {
+            println!("{:<12} GPU {gpu}", "");
+        }
         for f in &n.failing {
             println!(
                 "{:<12} FAILING {}:{} ({} restarts): {}",
