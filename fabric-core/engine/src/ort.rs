@@ -3,6 +3,12 @@
 //! One ONNX Runtime environment per process, created on first use from the configured library path.
 //! Execution providers are tried in the configured order (default TensorRT > CUDA > CPU); the one
 //! that actually registers is logged once per session, so a CPU fallback is never silent.
+//!
+//! On a GPU provider a batch runs at bucket sizes (powers of two up to the cap, see
+//! `fabric_policy::gpu`), so the session sees a few shapes, each built and warmed before the version
+//! reports ready. TensorRT keeps its compiled engines on disk (`[ort] cache_dir`), in a folder keyed
+//! by the model file, the GPU and the runtime, so a restart or a scale-from-zero loads them instead of
+//! building them again.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -51,6 +57,11 @@ pub struct OrtOptions {
     pub providers: Vec<ExecutionProvider>,
     /// Threads ONNX Runtime may use inside one operator.
     pub intra_threads: usize,
+    /// Where TensorRT keeps compiled engines and its timing cache; `~/.cache/fabric/tensorrt` when
+    /// unset (the system's temporary folder without a home).
+    pub cache_dir: Option<PathBuf>,
+    /// Lets TensorRT run layers in FP16 (faster; the model must tolerate it).
+    pub fp16: bool,
 }
 
 impl Default for OrtOptions {
@@ -59,6 +70,8 @@ impl Default for OrtOptions {
             library: None,
             providers: vec![ExecutionProvider::Tensorrt, ExecutionProvider::Cuda, ExecutionProvider::Cpu],
             intra_threads: 1,
+            cache_dir: None,
+            fp16: false,
         }
     }
 }
@@ -107,6 +120,44 @@ pub struct OrtEngine {
     max_batch_size: usize,
     session: Session,
     provider: ExecutionProvider,
+    /// Batch sizes a GPU session runs at; empty on the CPU (any batch runs as it is).
+    buckets: Vec<usize>,
+}
+
+/// The TensorRT engine folder for a model file: `[ort] cache_dir` (or the default) joined with the
+/// key of model, GPU, runtime and batch cap.
+fn trt_cache_dir(options: &EngineOptions, model_bytes: &[u8]) -> PathBuf {
+    let root = options.ort.cache_dir.clone().unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".cache/fabric/tensorrt"))
+            .unwrap_or_else(|| std::env::temp_dir().join("fabric-tensorrt"))
+    });
+    static GPU_NAME: OnceLock<String> = OnceLock::new();
+    let gpu = GPU_NAME.get_or_init(|| {
+        crate::gpu::discover().first().map(|g| g.name.clone()).unwrap_or_else(|| "unknown-gpu".to_string())
+    });
+    let digest = format!("{:016x}", fabric_policy::hash::stable_hash(model_bytes));
+    let runtime = format!("ort-api{}", ort::MINOR_VERSION);
+    root.join(fabric_policy::gpu::engine_cache_key(&digest, gpu, &runtime, options.max_batch_size))
+}
+
+/// TensorRT optimisation profiles covering 1 to `max` rows of every input (`name:1x3x224x224`), when
+/// the batch is the inputs' only dynamic dimension; `None` otherwise (TensorRT then builds per shape).
+fn trt_profiles(metadata: &ModelMetadata, max: usize) -> Option<(String, String)> {
+    let mut min = Vec::new();
+    let mut top = Vec::new();
+    for spec in &metadata.inputs {
+        let rest = spec.shape.get(1..)?;
+        if spec.shape.first() != Some(&-1) || rest.iter().any(|&d| d <= 0) {
+            return None;
+        }
+        let dims = |n: usize| {
+            std::iter::once(n.to_string()).chain(rest.iter().map(|d| d.to_string())).collect::<Vec<_>>().join("x")
+        };
+        min.push(format!("{}:{}", spec.name, dims(1)));
+        top.push(format!("{}:{}", spec.name, dims(max)));
+    }
+    (!min.is_empty()).then(|| (min.join(","), top.join(",")))
 }
 
 impl OrtEngine {
@@ -137,7 +188,31 @@ impl OrtEngine {
                     }
                 },
                 ExecutionProvider::Tensorrt => match ep::TensorRT::is_available() {
-                    Ok(true) => Some(ep::TensorRT::default().build().error_on_failure()),
+                    Ok(true) => {
+                        let cache = trt_cache_dir(options, &bytes);
+                        if let Err(e) = std::fs::create_dir_all(&cache) {
+                            skipped.push(format!(
+                                "TensorRT: cannot create its engine cache {}: {e} (set [ort] cache_dir)",
+                                cache.display()
+                            ));
+                            continue;
+                        }
+                        let cache_path = cache.display().to_string();
+                        let mut trt = ep::TensorRT::default()
+                            .with_engine_cache(true)
+                            .with_engine_cache_path(&cache_path)
+                            .with_timing_cache(true)
+                            .with_timing_cache_path(&cache_path)
+                            .with_fp16(options.ort.fp16);
+                        if let Some((min, max)) = trt_profiles(&metadata, options.max_batch_size.max(1)) {
+                            trt = trt
+                                .with_profile_min_shapes(&min)
+                                .with_profile_opt_shapes(&max)
+                                .with_profile_max_shapes(&max);
+                        }
+                        tracing::info!(model = %path.display(), cache = %cache_path, "TensorRT engine cache");
+                        Some(trt.build().error_on_failure())
+                    }
                     _ => {
                         skipped.push("TensorRT: not in this ONNX Runtime build".to_string());
                         continue;
@@ -165,7 +240,18 @@ impl OrtEngine {
                         tracing::warn!(model = %path.display(), provider = provider.ort_name(), skipped = %skipped.join("; "),
                             "ONNX Runtime session ready on a fallback provider");
                     }
-                    return Ok(OrtEngine { metadata, max_batch_size: options.max_batch_size, session, provider });
+                    let buckets = if provider != ExecutionProvider::Cpu && metadata.is_batched() {
+                        fabric_policy::gpu::buckets(options.max_batch_size)
+                    } else {
+                        Vec::new()
+                    };
+                    return Ok(OrtEngine {
+                        metadata,
+                        max_batch_size: options.max_batch_size,
+                        session,
+                        provider,
+                        buckets,
+                    });
                 }
                 Err(e) if provider == ExecutionProvider::Cpu => return Err(load_err(e.to_string())),
                 Err(e) => skipped.push(format!("{}: {e}", provider.ort_name())),
@@ -256,25 +342,62 @@ impl Engine for OrtEngine {
     }
 
     fn run_ordered(&mut self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, EngineError> {
-        let feed = self
-            .metadata
-            .inputs
-            .iter()
-            .zip(inputs)
-            .map(|(spec, t)| Ok((spec.name.as_str(), SessionInputValue::from(to_ort(t)?))))
-            .collect::<Result<Vec<_>, EngineError>>()?;
-        let outputs =
-            self.session.run(feed).map_err(|e| EngineError::Run { engine: EngineKind::Ort, reason: e.to_string() })?;
-        self.metadata
-            .outputs
-            .iter()
-            .map(|spec| {
-                let value = outputs.get(&spec.name).ok_or_else(|| EngineError::Run {
-                    engine: EngineKind::Ort,
-                    reason: format!("ONNX Runtime returned no output '{}'", spec.name),
-                })?;
-                from_ort(value, spec.datatype)
-            })
-            .collect()
+        let (session, metadata) = (&mut self.session, &self.metadata);
+        crate::buckets::run_in_buckets(inputs, &self.buckets, |batch| run_session(session, metadata, batch))
+    }
+}
+
+/// One run of the session on inputs in graph order.
+fn run_session(
+    session: &mut Session,
+    metadata: &ModelMetadata,
+    inputs: &[&Tensor],
+) -> Result<Vec<Tensor>, EngineError> {
+    let feed = metadata
+        .inputs
+        .iter()
+        .zip(inputs)
+        .map(|(spec, t)| Ok((spec.name.as_str(), SessionInputValue::from(to_ort(t)?))))
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    let outputs = session.run(feed).map_err(|e| EngineError::Run { engine: EngineKind::Ort, reason: e.to_string() })?;
+    metadata
+        .outputs
+        .iter()
+        .map(|spec| {
+            let value = outputs.get(&spec.name).ok_or_else(|| EngineError::Run {
+                engine: EngineKind::Ort,
+                reason: format!("ONNX Runtime returned no output '{}'", spec.name),
+            })?;
+            from_ort(value, spec.datatype)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TensorSpec;
+
+    fn spec(name: &str, shape: &[i64]) -> TensorSpec {
+        TensorSpec { name: name.into(), datatype: DataType::Fp32, shape: shape.to_vec(), leading: None }
+    }
+
+    #[test]
+    fn tensorrt_profiles_span_one_row_to_the_cap_where_only_the_batch_is_dynamic() {
+        let cases: [(Vec<TensorSpec>, Option<(&str, &str)>); 5] = [
+            (vec![spec("input", &[-1, 3, 224, 224])], Some(("input:1x3x224x224", "input:32x3x224x224"))),
+            (
+                vec![spec("ids", &[-1, 128]), spec("mask", &[-1, 128])],
+                Some(("ids:1x128,mask:1x128", "ids:32x128,mask:32x128")),
+            ),
+            (vec![spec("ids", &[-1, -1])], None),
+            (vec![spec("x", &[4, 3])], None),
+            (vec![], None),
+        ];
+        for (inputs, want) in cases {
+            let metadata = ModelMetadata { inputs, outputs: vec![] };
+            let got = trt_profiles(&metadata, 32);
+            assert_eq!(got.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), want, "{:?}", metadata.inputs);
+        }
     }
 }

@@ -297,18 +297,18 @@ fn start_registry_or_autoscaler(
         ));
     }
     let (cores, memory_mib) = crate::agent::machine();
-    let gpus = crate::gpu::discover();
-    if let Some(described) = crate::gpu::describe(&gpus) {
+    let gpus = fabric_engine::gpu::discover();
+    if let Some(described) = fabric_engine::gpu::describe(&gpus) {
         tracing::info!(gpu = %described, "GPU found (nvidia-smi); reported to the registry");
     }
     let info = fabric_proto::registry::NodeInfo {
         node_id: identity.node_id,
         role: role.as_str().to_string(),
-        labels: crate::gpu::with_gpu_label(serving.registry.labels.clone(), &gpus),
+        labels: fabric_engine::gpu::with_gpu_label(serving.registry.labels.clone(), &gpus),
         engines: vec![serving.models.engine.to_string()],
         cores,
         memory_mib,
-        gpu: crate::gpu::describe(&gpus),
+        gpu: fabric_engine::gpu::describe(&gpus),
         http: format!("http://{http}"),
         quic: quic.map(|a| a.to_string()),
     };

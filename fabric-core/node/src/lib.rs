@@ -22,7 +22,6 @@ pub mod clients;
 pub mod config;
 pub mod control;
 pub mod dispatch;
-pub mod gpu;
 pub mod grpc;
 pub mod http;
 pub mod load_report;
