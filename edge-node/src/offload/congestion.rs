@@ -1,16 +1,20 @@
 //! The `hybrid` congestion controller of hub links: BBR and CUBIC side by side, both told of every
-//! packet sent, acknowledged and lost, and the larger of their windows sends.
+//! packet sent, acknowledged and lost; CUBIC's window sends while the link loses few packets, BBR's
+//! once it loses more.
 //!
 //! Neither of quinn's controllers suits every link an edge sits behind. CUBIC halves its window at
 //! every loss, so 1% random loss holds it to a few Mbit/s whatever the link (across 40 ms and
 //! 50 Mbit/s it carried 1% of the link); BBR is not cut back by random loss, but for traffic as
 //! bursty as offload's, one request at a time, its window across a 150 ms link stayed below two
-//! requests (requests took a round trip longer than the link needs; 39-54% of what the link carries
-//! where CUBIC reached 65-71%). On a lossy link CUBIC's window is the small one and BBR's sends. On a
-//! clean one CUBIC's takes over only where BBR's limits the sending: CUBIC does not grow on
-//! acknowledgements of traffic its window did not limit, so across 150 ms the hybrid carried 39% of
-//! the link, between BBR's 13% and CUBIC's 57% in the same run (docs/benchmarks.md). Pure state, no
-//! I/O.
+//! requests (39-54% of what the link carries where CUBIC reached 65-71%). Which one a link needs is
+//! what it loses: the share of bytes declared lost, over the last few megabytes sent. Above
+//! [`LOSSY`] the link is lossy and BBR's window sends; below [`CLEAN`] CUBIC's (the gap between the
+//! two keeps a link near the line from flapping). Both controllers see every event all along, so
+//! the one taking over is warm. Until [`MIN_SAMPLE`] bytes were sent, CUBIC's (the two start alike).
+//!
+//! An earlier hybrid sent at the larger of the two windows: on the long clean link CUBIC then did
+//! not grow (its window did not limit the sending) and the hybrid stayed near BBR (docs/benchmarks.md).
+//! Pure state, no I/O.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -18,6 +22,15 @@ use std::time::Instant;
 
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, CubicConfig};
 use quinn_proto::RttEstimator;
+
+/// Share of bytes lost above which the link counts as lossy (BBR's window sends).
+pub(super) const LOSSY: f64 = 0.005;
+/// Share of bytes lost below which a lossy link counts as clean again (CUBIC's window sends).
+pub(super) const CLEAN: f64 = 0.0025;
+/// Bytes sent before the loss share is judged.
+pub(super) const MIN_SAMPLE: u64 = 128 * 1024;
+/// Bytes sent after which both counts are halved, so the share follows the link's recent past.
+pub(super) const DECAY_AFTER: u64 = 8 * 1024 * 1024;
 
 /// Builds [`Hybrid`] controllers.
 #[derive(Debug, Default)]
@@ -31,14 +44,59 @@ impl ControllerFactory for HybridConfig {
         Box::new(Hybrid {
             bbr: self.bbr.clone().build(now, current_mtu),
             cubic: self.cubic.clone().build(now, current_mtu),
+            loss: LossShare::default(),
         })
     }
 }
 
-/// BBR and CUBIC fed the same events; the larger window is the connection's.
+/// Bytes sent and lost lately, and whether the link counts as lossy.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct LossShare {
+    sent: u64,
+    lost: u64,
+    lossy: bool,
+}
+
+impl LossShare {
+    /// Counts bytes sent, halving both counts past [`DECAY_AFTER`].
+    pub(super) fn sent(&mut self, bytes: u64) {
+        self.sent += bytes;
+        if self.sent > DECAY_AFTER {
+            self.sent /= 2;
+            self.lost /= 2;
+        }
+        self.judge();
+    }
+
+    /// Counts bytes declared lost.
+    pub(super) fn lost(&mut self, bytes: u64) {
+        self.lost += bytes;
+        self.judge();
+    }
+
+    fn judge(&mut self) {
+        if self.sent < MIN_SAMPLE {
+            return;
+        }
+        let share = self.lost as f64 / self.sent as f64;
+        if share > LOSSY {
+            self.lossy = true;
+        } else if share < CLEAN {
+            self.lossy = false;
+        }
+    }
+
+    /// Whether the link loses enough that BBR's window should send.
+    pub(super) fn lossy(&self) -> bool {
+        self.lossy
+    }
+}
+
+/// BBR and CUBIC fed the same events; CUBIC's window sends on a clean link, BBR's on a lossy one.
 pub(super) struct Hybrid {
     bbr: Box<dyn Controller>,
     cubic: Box<dyn Controller>,
+    loss: LossShare,
 }
 
 impl Hybrid {
@@ -51,6 +109,7 @@ impl Hybrid {
 impl Controller for Hybrid {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.both(|c| c.on_sent(now, bytes, last_packet_number));
+        self.loss.sent(bytes);
     }
 
     fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
@@ -63,6 +122,7 @@ impl Controller for Hybrid {
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
         self.both(|c| c.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes));
+        self.loss.lost(lost_bytes);
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
@@ -70,11 +130,15 @@ impl Controller for Hybrid {
     }
 
     fn window(&self) -> u64 {
-        self.bbr.window().max(self.cubic.window())
+        if self.loss.lossy() {
+            self.bbr.window()
+        } else {
+            self.cubic.window()
+        }
     }
 
     fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(Hybrid { bbr: self.bbr.clone_box(), cubic: self.cubic.clone_box() })
+        Box::new(Hybrid { bbr: self.bbr.clone_box(), cubic: self.cubic.clone_box(), loss: self.loss })
     }
 
     fn initial_window(&self) -> u64 {
@@ -111,35 +175,56 @@ mod tests {
     }
 
     #[test]
-    fn the_larger_window_of_bbr_and_cubic_fed_the_same_events_sends() {
+    fn cubic_sends_on_a_clean_link_and_bbr_once_the_link_loses_past_the_lossy_share() {
         use Event::*;
         let t0 = Instant::now();
+        let kb = 1024;
+        // (case, events, BBR's window sends)
         #[rustfmt::skip]
-        let cases: [(&str, Vec<Event>); 4] = [
-            ("fresh", vec![]),
-            ("sending only", vec![Sent(1200), Sent(1200), Sent(1200)]),
-            ("a random loss: CUBIC cuts back, BBR does not", vec![Sent(12_000), Lost(1200)]),
-            ("losses and a persistent congestion", vec![Sent(12_000), Lost(1200), Sent(12_000), Lost(2400), PersistentCongestion]),
+        let cases: [(&str, Vec<Event>, bool); 7] = [
+            ("fresh", vec![], false),
+            ("sending only", vec![Sent(1200), Sent(1200), Sent(1200)], false),
+            ("a loss before enough was sent to judge", vec![Sent(12 * kb), Lost(1200)], false),
+            ("1% lost over 1 MB", vec![Sent(1024 * kb), Lost(10 * kb)], true),
+            ("0.1% lost over 1 MB", vec![Sent(1024 * kb), Lost(kb)], false),
+            ("lossy, then clean for long enough: CUBIC again", vec![Sent(1024 * kb), Lost(10 * kb), Sent(8 * 1024 * kb), Sent(8 * 1024 * kb)], false),
+            ("lossy, then a little clean sending: still BBR (between the shares)", vec![Sent(1024 * kb), Lost(10 * kb), Sent(1024 * kb)], true),
         ];
-        for (name, events) in cases {
+        for (name, events, bbr_sends) in cases {
             let mut hybrid = Arc::new(HybridConfig::default()).build(t0, 1200);
             let mut bbr = Arc::new(BbrConfig::default()).build(t0, 1200);
             let mut cubic = Arc::new(CubicConfig::default()).build(t0, 1200);
             for c in [hybrid.as_mut(), bbr.as_mut(), cubic.as_mut()] {
                 feed(c, &events, t0);
             }
-            let want = bbr.window().max(cubic.window());
+            let want = if bbr_sends { bbr.window() } else { cubic.window() };
             assert_eq!(hybrid.window(), want, "{name}: bbr {}, cubic {}", bbr.window(), cubic.window());
             assert_eq!(hybrid.clone_box().window(), want, "{name}: a clone keeps both states");
         }
-        // After a loss the hybrid keeps sending at BBR's window where CUBIC alone would halve.
-        let mut hybrid = Arc::new(HybridConfig::default()).build(t0, 1200);
-        let mut cubic = Arc::new(CubicConfig::default()).build(t0, 1200);
-        let before = cubic.window();
-        for c in [hybrid.as_mut(), cubic.as_mut()] {
-            feed(c, &[Event::Sent(12_000), Event::Lost(1200)], t0);
-        }
-        assert!(cubic.window() < before, "CUBIC did not cut back at a loss");
-        assert!(hybrid.window() > cubic.window(), "the hybrid cut back as CUBIC does");
+    }
+
+    #[test]
+    fn the_loss_share_judges_recent_bytes_with_a_gap_between_lossy_and_clean() {
+        let mut share = LossShare::default();
+        share.sent(MIN_SAMPLE - 1);
+        share.lost(MIN_SAMPLE / 2);
+        assert!(!share.lossy(), "judged before MIN_SAMPLE bytes were sent");
+        share.sent(1);
+        assert!(share.lossy(), "half lost is lossy");
+        let mut share = LossShare::default();
+        share.sent(1_000_000);
+        share.lost(4_000);
+        assert!(!share.lossy(), "0.4% is under LOSSY");
+        share.lost(2_000);
+        assert!(share.lossy(), "0.6% is over LOSSY");
+        share.sent(1_000_000);
+        assert!(share.lossy(), "0.3%: between the shares, stays lossy");
+        share.sent(1_000_000);
+        assert!(!share.lossy(), "0.2% is under CLEAN");
+        let mut share = LossShare::default();
+        share.sent(DECAY_AFTER);
+        share.lost(DECAY_AFTER / 100);
+        share.sent(1);
+        assert_eq!((share.sent, share.lost), ((DECAY_AFTER + 1) / 2, DECAY_AFTER / 200), "halved past DECAY_AFTER");
     }
 }
