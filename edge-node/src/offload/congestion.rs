@@ -7,10 +7,13 @@
 //! 50 Mbit/s it carried 1% of the link); BBR is not cut back by random loss, but for traffic as
 //! bursty as offload's, one request at a time, its window across a 150 ms link stayed below two
 //! requests (39-54% of what the link carries where CUBIC reached 65-71%). Which one a link needs is
-//! what it loses: the share of bytes declared lost, over the last few megabytes sent. Above
-//! [`LOSSY`] the link is lossy and BBR's window sends; below [`CLEAN`] CUBIC's (the gap between the
-//! two keeps a link near the line from flapping). Both controllers see every event all along, so
-//! the one taking over is warm. Until [`MIN_SAMPLE`] bytes were sent, CUBIC's (the two start alike).
+//! how it loses: random loss comes as many separate loss events, a queue overrun by CUBIC itself as
+//! one event losing a burst. So the hybrid counts loss events (quinn reports each batch of packets
+//! found lost as one) per packet sent, over the last few thousand packets: above [`LOSSY`] the link
+//! is lossy and BBR's window sends; below [`CLEAN`] CUBIC's (the gap keeps a link near the line
+//! from flapping). Both controllers see every event all along, so the one taking over is warm. Until
+//! [`MIN_SAMPLE`] packets were sent, CUBIC's. (Counting lost bytes instead flipped the clean 150 ms
+//! link to BBR at CUBIC's first queue overrun: 20% of the link against CUBIC's 60%.)
 //!
 //! An earlier hybrid sent at the larger of the two windows: on the long clean link CUBIC then did
 //! not grow (its window did not limit the sending) and the hybrid stayed near BBR (docs/benchmarks.md).
@@ -23,14 +26,14 @@ use std::time::Instant;
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, CubicConfig};
 use quinn_proto::RttEstimator;
 
-/// Share of bytes lost above which the link counts as lossy (BBR's window sends).
+/// Loss events per packet sent above which the link counts as lossy (BBR's window sends).
 pub(super) const LOSSY: f64 = 0.005;
-/// Share of bytes lost below which a lossy link counts as clean again (CUBIC's window sends).
+/// Loss events per packet below which a lossy link counts as clean again (CUBIC's window sends).
 pub(super) const CLEAN: f64 = 0.0025;
-/// Bytes sent before the loss share is judged.
-pub(super) const MIN_SAMPLE: u64 = 128 * 1024;
-/// Bytes sent after which both counts are halved, so the share follows the link's recent past.
-pub(super) const DECAY_AFTER: u64 = 8 * 1024 * 1024;
+/// Packets sent before the link is judged.
+pub(super) const MIN_SAMPLE: u64 = 1000;
+/// Packets sent after which both counts are halved, so the judgement follows the link's recent past.
+pub(super) const DECAY_AFTER: u64 = 8000;
 
 /// Builds [`Hybrid`] controllers.
 #[derive(Debug, Default)]
@@ -44,41 +47,58 @@ impl ControllerFactory for HybridConfig {
         Box::new(Hybrid {
             bbr: self.bbr.clone().build(now, current_mtu),
             cubic: self.cubic.clone().build(now, current_mtu),
-            loss: LossShare::default(),
+            loss: LossShare::new(current_mtu),
         })
     }
 }
 
-/// Bytes sent and lost lately, and whether the link counts as lossy.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// Packets sent and loss events lately, and whether the link counts as lossy.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct LossShare {
-    sent: u64,
-    lost: u64,
+    /// Bytes sent, counted in packets of `mtu` (quinn reports a whole batch of datagrams at once).
+    sent_bytes: u64,
+    events: u64,
+    mtu: u64,
     lossy: bool,
 }
 
 impl LossShare {
-    /// Counts bytes sent, halving both counts past [`DECAY_AFTER`].
+    /// Nothing counted yet, packets of `mtu` bytes.
+    pub(super) fn new(mtu: u16) -> Self {
+        LossShare { sent_bytes: 0, events: 0, mtu: u64::from(mtu.max(1)), lossy: false }
+    }
+
+    fn packets(&self) -> u64 {
+        self.sent_bytes / self.mtu
+    }
+
+    /// Counts bytes sent, halving both counts past [`DECAY_AFTER`] packets.
     pub(super) fn sent(&mut self, bytes: u64) {
-        self.sent += bytes;
-        if self.sent > DECAY_AFTER {
-            self.sent /= 2;
-            self.lost /= 2;
+        self.sent_bytes += bytes;
+        if self.packets() > DECAY_AFTER {
+            self.sent_bytes /= 2;
+            self.events /= 2;
         }
         self.judge();
     }
 
-    /// Counts bytes declared lost.
-    pub(super) fn lost(&mut self, bytes: u64) {
-        self.lost += bytes;
+    /// Counts one loss event (however many packets it lost).
+    pub(super) fn lost(&mut self) {
+        self.events += 1;
         self.judge();
+    }
+
+    /// The packet size the counts are in, as path MTU discovery raises it.
+    pub(super) fn mtu(&mut self, mtu: u16) {
+        self.mtu = u64::from(mtu.max(1));
     }
 
     fn judge(&mut self) {
-        if self.sent < MIN_SAMPLE {
+        let packets = self.packets();
+        if packets < MIN_SAMPLE {
             return;
         }
-        let share = self.lost as f64 / self.sent as f64;
+        let share = self.events as f64 / packets as f64;
         if share > LOSSY {
             self.lossy = true;
         } else if share < CLEAN {
@@ -122,11 +142,12 @@ impl Controller for Hybrid {
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
         self.both(|c| c.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes));
-        self.loss.lost(lost_bytes);
+        self.loss.lost();
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
         self.both(|c| c.on_mtu_update(new_mtu));
+        self.loss.mtu(new_mtu);
     }
 
     fn window(&self) -> u64 {
@@ -175,20 +196,22 @@ mod tests {
     }
 
     #[test]
-    fn cubic_sends_on_a_clean_link_and_bbr_once_the_link_loses_past_the_lossy_share() {
+    fn cubic_sends_on_a_clean_link_and_bbr_once_the_link_loses_often() {
         use Event::*;
         let t0 = Instant::now();
-        let kb = 1024;
+        let packets = |n: u64| Sent(n * 1200);
+        let spread =
+            |events: u64, per: u64| -> Vec<Event> { (0..events).flat_map(|_| [packets(per), Lost(1200)]).collect() };
         // (case, events, BBR's window sends)
         #[rustfmt::skip]
         let cases: [(&str, Vec<Event>, bool); 7] = [
             ("fresh", vec![], false),
-            ("sending only", vec![Sent(1200), Sent(1200), Sent(1200)], false),
-            ("a loss before enough was sent to judge", vec![Sent(12 * kb), Lost(1200)], false),
-            ("1% lost over 1 MB", vec![Sent(1024 * kb), Lost(10 * kb)], true),
-            ("0.1% lost over 1 MB", vec![Sent(1024 * kb), Lost(kb)], false),
-            ("lossy, then clean for long enough: CUBIC again", vec![Sent(1024 * kb), Lost(10 * kb), Sent(8 * 1024 * kb), Sent(8 * 1024 * kb)], false),
-            ("lossy, then a little clean sending: still BBR (between the shares)", vec![Sent(1024 * kb), Lost(10 * kb), Sent(1024 * kb)], true),
+            ("sending only", vec![packets(3)], false),
+            ("losses before enough was sent to judge", spread(5, 100), false),
+            ("a loss every 100 packets (random loss)", spread(20, 100), true),
+            ("one burst of 60 packets in 2,000 (a queue overrun)", vec![packets(2000), Lost(72_000)], false),
+            ("a loss every 1,000 packets", spread(4, 1000), false),
+            ("lossy, then clean for long enough: CUBIC again", [spread(20, 100), vec![packets(8000), packets(8000)]].concat(), false),
         ];
         for (name, events, bbr_sends) in cases {
             let mut hybrid = Arc::new(HybridConfig::default()).build(t0, 1200);
@@ -204,27 +227,29 @@ mod tests {
     }
 
     #[test]
-    fn the_loss_share_judges_recent_bytes_with_a_gap_between_lossy_and_clean() {
-        let mut share = LossShare::default();
-        share.sent(MIN_SAMPLE - 1);
-        share.lost(MIN_SAMPLE / 2);
-        assert!(!share.lossy(), "judged before MIN_SAMPLE bytes were sent");
-        share.sent(1);
-        assert!(share.lossy(), "half lost is lossy");
-        let mut share = LossShare::default();
+    fn loss_events_per_packet_judge_the_link_with_a_gap_between_lossy_and_clean() {
+        let mut share = LossShare::new(1000);
+        share.sent((MIN_SAMPLE - 1) * 1000);
+        (0..100).for_each(|_| share.lost());
+        assert!(!share.lossy(), "judged before MIN_SAMPLE packets were sent");
+        share.sent(1000);
+        assert!(share.lossy(), "a loss every 10 packets is lossy");
+        let mut share = LossShare::new(1000);
         share.sent(1_000_000);
-        share.lost(4_000);
+        (0..4).for_each(|_| share.lost());
         assert!(!share.lossy(), "0.4% is under LOSSY");
-        share.lost(2_000);
+        (0..2).for_each(|_| share.lost());
         assert!(share.lossy(), "0.6% is over LOSSY");
         share.sent(1_000_000);
-        assert!(share.lossy(), "0.3%: between the shares, stays lossy");
+        assert!(share.lossy(), "0.3%: between the two, stays lossy");
         share.sent(1_000_000);
         assert!(!share.lossy(), "0.2% is under CLEAN");
-        let mut share = LossShare::default();
-        share.sent(DECAY_AFTER);
-        share.lost(DECAY_AFTER / 100);
-        share.sent(1);
-        assert_eq!((share.sent, share.lost), ((DECAY_AFTER + 1) / 2, DECAY_AFTER / 200), "halved past DECAY_AFTER");
+        let mut share = LossShare::new(1000);
+        share.sent(DECAY_AFTER * 1000);
+        (0..80).for_each(|_| share.lost());
+        share.sent(1000);
+        assert_eq!((share.packets(), share.events), ((DECAY_AFTER + 1) / 2, 40), "halved past DECAY_AFTER");
+        share.mtu(500);
+        assert_eq!(share.packets(), DECAY_AFTER + 1, "counted in packets of the new MTU");
     }
 }
