@@ -7,13 +7,14 @@
 //! 50 Mbit/s it carried 1% of the link); BBR is not cut back by random loss, but for traffic as
 //! bursty as offload's, one request at a time, its window across a 150 ms link stayed below two
 //! requests (39-54% of what the link carries where CUBIC reached 65-71%). Which one a link needs is
-//! how it loses: random loss comes as many separate loss events, a queue overrun by CUBIC itself as
-//! one event losing a burst. So the hybrid counts loss events (quinn reports each batch of packets
-//! found lost as one) per packet sent, over the last few thousand packets: above [`LOSSY`] the link
-//! is lossy and BBR's window sends; below [`CLEAN`] CUBIC's (the gap keeps a link near the line
-//! from flapping). Both controllers see every event all along, so the one taking over is warm. Until
-//! [`MIN_SAMPLE`] packets were sent, CUBIC's. (Counting lost bytes instead flipped the clean 150 ms
-//! link to BBR at CUBIC's first queue overrun: 20% of the link against CUBIC's 60%.)
+//! how it loses: random loss comes as a loss episode nearly every round trip, a queue overrun by
+//! CUBIC itself as one episode every few seconds. So the hybrid counts loss episodes (as CUBIC does:
+//! a loss of a packet sent before the last episode began belongs to it) per packet sent, over the
+//! last few thousand packets: above [`LOSSY`] the link is lossy and BBR's window sends; below
+//! [`CLEAN`] CUBIC's (the gap keeps a link near the line from flapping). Both controllers see every
+//! event all along, so the one taking over is warm. Until [`MIN_SAMPLE`] packets were sent, CUBIC's.
+//! (Counting lost bytes, or each report of losses, instead flipped the clean 150 ms link to BBR at
+//! CUBIC's first queue overrun: 14-20% of the link against CUBIC's 58-60%.)
 //!
 //! An earlier hybrid sent at the larger of the two windows: on the long clean link CUBIC then did
 //! not grow (its window did not limit the sending) and the hybrid stayed near BBR (docs/benchmarks.md).
@@ -26,10 +27,11 @@ use std::time::Instant;
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, CubicConfig};
 use quinn_proto::RttEstimator;
 
-/// Loss events per packet sent above which the link counts as lossy (BBR's window sends).
-pub(super) const LOSSY: f64 = 0.005;
-/// Loss events per packet below which a lossy link counts as clean again (CUBIC's window sends).
-pub(super) const CLEAN: f64 = 0.0025;
+/// Loss episodes per packet sent above which the link counts as lossy (BBR's window sends): 1%
+/// random loss across 40 ms and 50 Mbit/s makes one about every 200 packets.
+pub(super) const LOSSY: f64 = 0.003;
+/// Loss episodes per packet below which a lossy link counts as clean again (CUBIC's window sends).
+pub(super) const CLEAN: f64 = 0.0015;
 /// Packets sent before the link is judged.
 pub(super) const MIN_SAMPLE: u64 = 1000;
 /// Packets sent after which both counts are halved, so the judgement follows the link's recent past.
@@ -60,12 +62,14 @@ pub(super) struct LossShare {
     events: u64,
     mtu: u64,
     lossy: bool,
+    /// When the last counted episode began; losses of packets sent before it belong to it.
+    episode: Option<Instant>,
 }
 
 impl LossShare {
     /// Nothing counted yet, packets of `mtu` bytes.
     pub(super) fn new(mtu: u16) -> Self {
-        LossShare { sent_bytes: 0, events: 0, mtu: u64::from(mtu.max(1)), lossy: false }
+        LossShare { sent_bytes: 0, events: 0, mtu: u64::from(mtu.max(1)), lossy: false, episode: None }
     }
 
     fn packets(&self) -> u64 {
@@ -82,8 +86,13 @@ impl LossShare {
         self.judge();
     }
 
-    /// Counts one loss event (however many packets it lost).
-    pub(super) fn lost(&mut self) {
+    /// Counts a loss found at `now` of a packet sent at `sent`: a new episode unless that packet was
+    /// sent before the last episode began.
+    pub(super) fn lost(&mut self, now: Instant, sent: Instant) {
+        if self.episode.is_some_and(|began| sent <= began) {
+            return;
+        }
+        self.episode = Some(now);
         self.events += 1;
         self.judge();
     }
@@ -142,7 +151,7 @@ impl Controller for Hybrid {
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
         self.both(|c| c.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes));
-        self.loss.lost();
+        self.loss.lost(now, sent);
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
@@ -228,28 +237,49 @@ mod tests {
 
     #[test]
     fn loss_events_per_packet_judge_the_link_with_a_gap_between_lossy_and_clean() {
+        let t0 = Instant::now();
+        let mut tick = 0u64;
+        let mut at = || {
+            tick += 1;
+            t0 + Duration::from_millis(tick)
+        };
+        let mut episode = |share: &mut LossShare| {
+            let t = at();
+            share.lost(t, t);
+        };
         let mut share = LossShare::new(1000);
         share.sent((MIN_SAMPLE - 1) * 1000);
-        (0..100).for_each(|_| share.lost());
+        (0..100).for_each(|_| episode(&mut share));
         assert!(!share.lossy(), "judged before MIN_SAMPLE packets were sent");
         share.sent(1000);
         assert!(share.lossy(), "a loss every 10 packets is lossy");
         let mut share = LossShare::new(1000);
         share.sent(1_000_000);
-        (0..4).for_each(|_| share.lost());
-        assert!(!share.lossy(), "0.4% is under LOSSY");
-        (0..2).for_each(|_| share.lost());
-        assert!(share.lossy(), "0.6% is over LOSSY");
+        (0..2).for_each(|_| episode(&mut share));
+        assert!(!share.lossy(), "0.2% is under LOSSY");
+        (0..2).for_each(|_| episode(&mut share));
+        assert!(share.lossy(), "0.4% is over LOSSY");
         share.sent(1_000_000);
-        assert!(share.lossy(), "0.3%: between the two, stays lossy");
+        assert!(share.lossy(), "0.2%: between the two, stays lossy");
         share.sent(1_000_000);
-        assert!(!share.lossy(), "0.2% is under CLEAN");
+        assert!(!share.lossy(), "0.13% is under CLEAN");
         let mut share = LossShare::new(1000);
         share.sent(DECAY_AFTER * 1000);
-        (0..80).for_each(|_| share.lost());
+        (0..80).for_each(|_| episode(&mut share));
         share.sent(1000);
         assert_eq!((share.packets(), share.events), ((DECAY_AFTER + 1) / 2, 40), "halved past DECAY_AFTER");
         share.mtu(500);
         assert_eq!(share.packets(), DECAY_AFTER + 1, "counted in packets of the new MTU");
+        // A burst found lost over several reports is one episode: its packets were sent before it began.
+        let mut share = LossShare::new(1000);
+        share.sent(MIN_SAMPLE * 1000);
+        let (sent, found) = (at(), at());
+        for later in 0..50 {
+            share.lost(found + Duration::from_millis(later), sent);
+        }
+        assert_eq!(share.events, 1, "one episode");
+        let next = at() + Duration::from_millis(100);
+        share.lost(next, next);
+        assert_eq!(share.events, 2, "a packet sent after the episode began starts another");
     }
 }
