@@ -33,7 +33,7 @@ pub(super) const LOSSY: f64 = 0.003;
 /// Loss episodes per packet below which a lossy link counts as clean again (CUBIC's window sends).
 pub(super) const CLEAN: f64 = 0.0015;
 /// Packets sent before the link is judged.
-pub(super) const MIN_SAMPLE: u64 = 1000;
+pub(super) const MIN_SAMPLE: u64 = 300;
 /// Packets sent after which both counts are halved, so the judgement follows the link's recent past.
 pub(super) const DECAY_AFTER: u64 = 8000;
 
@@ -216,7 +216,7 @@ mod tests {
         let cases: [(&str, Vec<Event>, bool); 7] = [
             ("fresh", vec![], false),
             ("sending only", vec![packets(3)], false),
-            ("losses before enough was sent to judge", spread(5, 100), false),
+            ("losses before enough was sent to judge", spread(2, 100), false),
             ("a loss every 100 packets (random loss)", spread(20, 100), true),
             ("one burst of 60 packets in 2,000 (a queue overrun)", vec![packets(2000), Lost(72_000)], false),
             ("a loss every 1,000 packets", spread(4, 1000), false),
