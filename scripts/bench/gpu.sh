@@ -38,18 +38,25 @@ open(sys.argv[1], "wb").write(head + data)
 print(len(head))
 PY
 )
+# start_hub NAME REPO PROVIDERS: a release hub on REPO with those ONNX Runtime providers (the TensorRT
+# cache in $work), its log in $work/NAME.log; sets pid and url once it listens (at most 5 minutes:
+# TensorRT builds an engine per bucket before the model is ready).
+start_hub() {
+  printf '[http]\naddr = "127.0.0.1:0"\n[models]\npath = "%s"\nengine = "ort"\n[ort]\nproviders = [%s]\ncache_dir = "%s"\n[quic]\naddr = "127.0.0.1:0"\n' \
+    "$2" "$3" "$work/trt-cache" > "$work/$1.toml"
+  RUST_LOG=info "$bin/cloud-hub" --config "$work/$1.toml" --certs "$work/certs" --node-id hub-1 > "$work/$1.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1500); do grep -q "listening on" "$work/$1.log" && break; sleep 0.2; done
+  url=$(grep -o "listening on http://[0-9.:]*" "$work/$1.log" | head -1 | sed 's/listening on //')
+  sed 's/\x1b\[[0-9;]*m//g' "$work/$1.log" | grep -E "session ready|TensorRT engine cache" | head -2
+}
+
 nvidia-smi -L
 echo "cores: $(nproc)"
 for run in gpu cpu; do
   if [ $run = gpu ]; then providers='"tensorrt", "cuda", "cpu"'; else providers='"cpu"'; fi
-  printf '[http]\naddr = "127.0.0.1:0"\n[models]\npath = "%s"\nengine = "ort"\n[ort]\nproviders = [%s]\n[quic]\naddr = "127.0.0.1:0"\n' \
-    "$work/repo" "$providers" > "$work/hub-$run.toml"
-  RUST_LOG=info "$bin/cloud-hub" --config "$work/hub-$run.toml" --certs "$work/certs" --node-id hub-1 > "$work/hub-$run.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 600); do grep -q "listening on" "$work/hub-$run.log" && break; sleep 0.2; done
-  url=$(grep -o "listening on http://[0-9.:]*" "$work/hub-$run.log" | head -1 | sed 's/listening on //')
-  echo "== $run ($url)"
-  sed 's/\x1b\[[0-9;]*m//g' "$work/hub-$run.log" | grep -E "session ready" | head -1
+  echo "== $run"
+  start_hub "hub-$run" "$work/repo" "$providers"
   for rate in 2000 6000 12000; do
     echo "$run, $rate/s offered: $("$bin/examples/openloop" "$url/v2/models/cnn/infer" "$work/cnn.bin" "$hl" $rate 6 1000)"
   done
@@ -84,14 +91,8 @@ for run in gpu cpu; do
   if [ $run = gpu ]; then providers='"tensorrt", "cuda", "cpu"'; raw=cuda; rates="500 2000 5000"; else providers='"cpu"'; raw=cpu; rates="5 10 20"; fi
   echo "== resnet50 raw ONNX Runtime ($raw)"
   "$py" scripts/bench/gpu_raw.py build/gpu-models/resnet50/1/model.onnx $raw 5 1 32
-  printf '[http]\naddr = "127.0.0.1:0"\n[models]\npath = "%s"\nengine = "ort"\n[ort]\nproviders = [%s]\ncache_dir = "%s"\n[quic]\naddr = "127.0.0.1:0"\n' \
-    "$work/repo50" "$providers" "$work/trt-cache" > "$work/hub50-$run.toml"
-  RUST_LOG=info "$bin/cloud-hub" --config "$work/hub50-$run.toml" --certs "$work/certs" --node-id hub-1 > "$work/hub50-$run.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1500); do grep -q "listening on" "$work/hub50-$run.log" && break; sleep 0.2; done
-  url=$(grep -o "listening on http://[0-9.:]*" "$work/hub50-$run.log" | head -1 | sed 's/listening on //')
-  echo "== resnet50 hub $run ($url)"
-  sed 's/\x1b\[[0-9;]*m//g' "$work/hub50-$run.log" | grep -E "session ready|TensorRT engine cache" | head -2
+  echo "== resnet50 hub $run"
+  start_hub "hub50-$run" "$work/repo50" "$providers"
   for rate in $rates; do
     echo "resnet50 $run, $rate/s offered: $("$bin/examples/openloop" "$url/v2/models/resnet50/infer" "$work/r50.bin" "$hl50" $rate 6 2000)"
   done

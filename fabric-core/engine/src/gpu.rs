@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// One GPU as `nvidia-smi` names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,8 +30,15 @@ pub fn parse_query(text: &str) -> Vec<Gpu> {
         .collect()
 }
 
+/// This machine's GPUs, asked of `nvidia-smi` once per process (the node's heartbeat and the
+/// TensorRT cache key both use them).
+pub fn this_machine() -> &'static [Gpu] {
+    static GPUS: OnceLock<Vec<Gpu>> = OnceLock::new();
+    GPUS.get_or_init(discover)
+}
+
 /// The GPUs `nvidia-smi` lists; none where it is missing or fails (a CPU machine).
-pub fn discover() -> Vec<Gpu> {
+fn discover() -> Vec<Gpu> {
     match Command::new("nvidia-smi").args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]).output() {
         Ok(out) if out.status.success() => parse_query(&String::from_utf8_lossy(&out.stdout)),
         Ok(out) => {

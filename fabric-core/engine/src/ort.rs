@@ -132,10 +132,7 @@ fn trt_cache_dir(options: &EngineOptions, model_bytes: &[u8]) -> PathBuf {
             .map(|home| PathBuf::from(home).join(".cache/fabric/tensorrt"))
             .unwrap_or_else(|| std::env::temp_dir().join("fabric-tensorrt"))
     });
-    static GPU_NAME: OnceLock<String> = OnceLock::new();
-    let gpu = GPU_NAME.get_or_init(|| {
-        crate::gpu::discover().first().map(|g| g.name.clone()).unwrap_or_else(|| "unknown-gpu".to_string())
-    });
+    let gpu = crate::gpu::this_machine().first().map_or("unknown-gpu", |g| g.name.as_str());
     let digest = format!("{:016x}", fabric_policy::hash::stable_hash(model_bytes));
     let runtime = format!("ort-api{}", ort::MINOR_VERSION);
     root.join(fabric_policy::gpu::engine_cache_key(&digest, gpu, &runtime, options.max_batch_size))

@@ -297,18 +297,19 @@ fn start_registry_or_autoscaler(
         ));
     }
     let (cores, memory_mib) = crate::agent::machine();
-    let gpus = fabric_engine::gpu::discover();
-    if let Some(described) = fabric_engine::gpu::describe(&gpus) {
+    let gpus = fabric_engine::gpu::this_machine();
+    let gpu = fabric_engine::gpu::describe(gpus);
+    if let Some(described) = &gpu {
         tracing::info!(gpu = %described, "GPU found (nvidia-smi); reported to the registry");
     }
     let info = fabric_proto::registry::NodeInfo {
         node_id: identity.node_id,
         role: role.as_str().to_string(),
-        labels: fabric_engine::gpu::with_gpu_label(serving.registry.labels.clone(), &gpus),
+        labels: fabric_engine::gpu::with_gpu_label(serving.registry.labels.clone(), gpus),
         engines: vec![serving.models.engine.to_string()],
         cores,
         memory_mib,
-        gpu: fabric_engine::gpu::describe(&gpus),
+        gpu,
         http: format!("http://{http}"),
         quic: quic.map(|a| a.to_string()),
     };

@@ -15,11 +15,11 @@ pub(super) struct Warmup {
     pub(super) sizes: Vec<usize>,
 }
 
-/// The batch sizes to warm up: powers of two up to `cap` and `cap` itself (the GPU buckets), skipping those whose inputs
-/// would take more than `budget` bytes (1 row always runs). An edge device may have 1 GB in all: a
+/// The batch sizes to warm up: the GPU engine's buckets (powers of two up to `cap`, and `cap`), so a
+/// GPU session is built for each before it reports ready, skipping those whose inputs would take
+/// more than `budget` bytes (1 row always runs). An edge device may have 1 GB in all: a
 /// model with a 4 MB input must not allocate 32 rows of it just to be timed.
 pub fn warmup_sizes(cap: usize, bytes_per_row: usize, budget: usize) -> Vec<usize> {
-    // The GPU engine's buckets: a GPU session is built and warmed for each before it reports ready.
     let mut sizes = fabric_policy::gpu::buckets(cap);
     sizes.retain(|&n| n == 1 || n.saturating_mul(bytes_per_row) <= budget);
     sizes
