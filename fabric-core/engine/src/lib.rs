@@ -6,6 +6,7 @@
 //! An engine is owned by one thread at a time (`Send`, `&mut self` to run); the pool gives each
 //! replica its own engine instead of sharing one behind a lock.
 
+pub mod binding;
 mod buckets;
 pub mod gpu;
 pub mod model;

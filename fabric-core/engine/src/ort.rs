@@ -6,7 +6,8 @@
 //!
 //! On a GPU provider a batch runs at bucket sizes (powers of two up to the cap, see
 //! `fabric_policy::gpu`), so the session sees a few shapes, each built and warmed before the version
-//! reports ready. TensorRT keeps its compiled engines on disk (`[ort] cache_dir`), in a folder keyed
+//! reports ready, and runs on buffers bound once per bucket (`binding`), with a CUDA graph per
+//! bucket on the CUDA provider. TensorRT keeps its compiled engines on disk (`[ort] cache_dir`), in a folder keyed
 //! by the model file, the GPU and the runtime, so a restart or a scale-from-zero loads them instead of
 //! building them again.
 
@@ -20,6 +21,7 @@ use ort::value::{DynValue, Tensor as OrtTensor};
 use serde::{Deserialize, Serialize};
 
 use super::{shown, Engine, EngineError, EngineKind, EngineOptions};
+use crate::binding::{self, BoundSession, Placement};
 use crate::model::{read_onnx, ModelMetadata};
 use fabric_types::dtype::DataType;
 use fabric_types::tensor::Tensor;
@@ -62,6 +64,12 @@ pub struct OrtOptions {
     pub cache_dir: Option<PathBuf>,
     /// Lets TensorRT run layers in FP16 (faster; the model must tolerate it).
     pub fp16: bool,
+    /// Runs on input and output buffers allocated once per batch size and bound once (`None`: on
+    /// a GPU provider only; `true` also on the CPU, where the device is the CPU itself).
+    pub io_binding: Option<bool>,
+    /// Captures a CUDA graph per batch bucket and replays it (CUDA provider, bound buffers only);
+    /// a model the CUDA provider cannot run whole falls back to ordinary launches with a warning.
+    pub cuda_graphs: bool,
 }
 
 impl Default for OrtOptions {
@@ -72,6 +80,8 @@ impl Default for OrtOptions {
             intra_threads: 1,
             cache_dir: None,
             fp16: false,
+            io_binding: None,
+            cuda_graphs: true,
         }
     }
 }
@@ -122,6 +132,8 @@ pub struct OrtEngine {
     provider: ExecutionProvider,
     /// Batch sizes a GPU session runs at; empty on the CPU (any batch runs as it is).
     buckets: Vec<usize>,
+    /// Buffers bound once per batch size, where the model allows it and binding is on.
+    bound: Option<BoundSession>,
 }
 
 /// The TensorRT engine folder for a model file: `[ort] cache_dir` (or the default) joined with the
@@ -165,7 +177,14 @@ impl OrtEngine {
         let metadata = ModelMetadata::from_proto(&proto, path)?;
         let load_err = |reason: String| EngineError::Load { engine: EngineKind::Ort, path: shown(path), reason };
         let mut skipped = Vec::new();
-        for &provider in &options.ort.providers {
+        let bindable = binding::supports(&metadata) && options.ort.io_binding != Some(false);
+        let attempts = options.ort.providers.iter().flat_map(|&p| {
+            // CUDA graphs need bound buffers; where the provider cannot take the whole model with
+            // them, the next attempt is the same provider without.
+            let graphs = p == ExecutionProvider::Cuda && options.ort.cuda_graphs && bindable;
+            [(p, graphs)].into_iter().chain(graphs.then_some((p, false)))
+        });
+        for (provider, graphs) in attempts {
             let dispatch = match provider {
                 ExecutionProvider::Cpu => None,
                 ExecutionProvider::Cuda => match ep::CUDA::is_available() {
@@ -176,6 +195,7 @@ impl OrtEngine {
                     Ok(true) => Some(
                         ep::CUDA::default()
                             .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Heuristic)
+                            .with_cuda_graph(graphs)
                             .build()
                             .error_on_failure(),
                     ),
@@ -237,20 +257,31 @@ impl OrtEngine {
                         tracing::warn!(model = %path.display(), provider = provider.ort_name(), skipped = %skipped.join("; "),
                             "ONNX Runtime session ready on a fallback provider");
                     }
-                    let buckets = if provider != ExecutionProvider::Cpu && metadata.is_batched() {
+                    let on_gpu = provider != ExecutionProvider::Cpu;
+                    let bound = match (on_gpu, options.ort.io_binding) {
+                        _ if !bindable => None,
+                        (true, _) => Some(BoundSession::new(&session, Placement::Cuda, graphs)?),
+                        (false, Some(true)) => Some(BoundSession::new(&session, Placement::Cpu, false)?),
+                        (false, _) => None,
+                    };
+                    let buckets = if (on_gpu || bound.is_some()) && metadata.is_batched() {
                         fabric_policy::gpu::buckets(options.max_batch_size)
                     } else {
                         Vec::new()
                     };
+                    tracing::info!(model = %path.display(), io_binding = bound.is_some(), cuda_graphs = graphs,
+                        buckets = ?buckets, "ONNX Runtime batch shapes");
                     return Ok(OrtEngine {
                         metadata,
                         max_batch_size: options.max_batch_size,
                         session,
                         provider,
                         buckets,
+                        bound,
                     });
                 }
                 Err(e) if provider == ExecutionProvider::Cpu => return Err(load_err(e.to_string())),
+                Err(e) if graphs => skipped.push(format!("{} with CUDA graphs: {e}", provider.ort_name())),
                 Err(e) => skipped.push(format!("{}: {e}", provider.ort_name())),
             }
         }
@@ -260,6 +291,11 @@ impl OrtEngine {
     /// The execution provider this session runs on.
     pub fn provider(&self) -> ExecutionProvider {
         self.provider
+    }
+
+    /// The batch sizes that have bound buffers (empty without IO binding).
+    pub fn bound_sizes(&self) -> Vec<usize> {
+        self.bound.as_ref().map_or_else(Vec::new, BoundSession::sizes)
     }
 }
 
@@ -339,8 +375,11 @@ impl Engine for OrtEngine {
     }
 
     fn run_ordered(&mut self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, EngineError> {
-        let (session, metadata) = (&mut self.session, &self.metadata);
-        crate::buckets::run_in_buckets(inputs, &self.buckets, |batch| run_session(session, metadata, batch))
+        let (session, metadata, bound) = (&mut self.session, &self.metadata, &mut self.bound);
+        crate::buckets::run_in_buckets(inputs, &self.buckets, |batch| match bound {
+            Some(bound) => bound.run(session, metadata, batch),
+            None => run_session(session, metadata, batch),
+        })
     }
 }
 

@@ -202,3 +202,43 @@ fn input_errors_name_what_is_wrong() {
         }
     }
 }
+
+/// `n` rows of `t`, its rows repeated from the first where it has fewer.
+fn rows_of(t: &Tensor, n: usize) -> Tensor {
+    let singles = t.split_batch(&vec![1; t.batch_size()]).expect("split into rows");
+    let picked: Vec<&Tensor> = singles.iter().cycle().take(n).collect();
+    Tensor::concat_batch(&picked).expect("concat rows")
+}
+
+#[test]
+fn bound_buffers_give_the_plain_session_answers_and_are_made_once_per_bucket() {
+    // Without a GPU the bound path runs with the CPU as its device: the same buffers, bound once
+    // per bucket, the same copies in and out as on CUDA.
+    let mut bound_options = options();
+    bound_options.max_batch_size = 8;
+    bound_options.ort.io_binding = Some(true);
+    let mut plain_options = bound_options.clone();
+    plain_options.ort.io_binding = Some(false);
+    for model in ["mlp", "cnn", "digits"] {
+        let path = reference::model_path(model);
+        let case = reference::load_cases(model).expect("reference cases").remove(0);
+        let mut bound = OrtEngine::load(&path, &bound_options).unwrap_or_else(|e| panic!("{model}: {e}"));
+        let mut plain = OrtEngine::load(&path, &plain_options).unwrap_or_else(|e| panic!("{model}: {e}"));
+        assert!(bound.bound_sizes().is_empty(), "{model}: buffers before any run");
+        // 3 and 5 pad to the buckets 4 and 8; the second 3 reuses the buffers of 4.
+        for rows in [1, 3, 5, 3, 8, 2] {
+            let inputs: Vec<NamedTensor> =
+                case.inputs.iter().map(|t| NamedTensor::new(t.name.clone(), rows_of(&t.tensor, rows))).collect();
+            let got = bound.infer(&inputs).unwrap_or_else(|e| panic!("{model} bound, {rows} rows: {e}"));
+            let want = plain.infer(&inputs).unwrap_or_else(|e| panic!("{model} plain, {rows} rows: {e}"));
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((&g.name, g.tensor.shape()), (&w.name, w.tensor.shape()), "{model}, {rows} rows");
+                let diff = max_abs_diff(&g.tensor, &w.tensor).unwrap_or_else(|e| panic!("{model}: {e}"));
+                assert!(diff <= TOLERANCE, "{model}, {rows} rows, output {}: max diff {diff}", g.name);
+            }
+        }
+        assert_eq!(bound.bound_sizes(), [1, 2, 4, 8], "{model}: one set of buffers per bucket hit");
+        assert!(plain.bound_sizes().is_empty(), "{model}: io_binding = false binds nothing");
+    }
+}
