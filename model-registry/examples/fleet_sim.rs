@@ -145,6 +145,8 @@ fn report(ready: &[ReadyVersion], uptime_ms: u64) -> NodeReport {
             restarts: 0,
             last_load_error: None,
             cold_start_ms: Some(3.0),
+            gpu_memory_mib: None,
+            replicas_per_gpu: None,
             window: window.clone(),
             recent: WindowReport { latency: LatencyHistogram::default(), ..window.clone() },
         })

@@ -2,6 +2,9 @@
 //! in the node's heartbeat (name and memory) and as the label `gpu` (the first GPU's name, lower
 //! case, `-` for spaces), so that a deployment can target `--labels gpu=nvidia-h200`.
 //!
+//! Memory is asked the same way when a version loads on a GPU: what the GPU has free, and what this
+//! process holds (so a replica's share is measured, not guessed).
+//!
 //! `nvidia-smi` ships with the NVIDIA driver wherever a GPU can be used; no GPU library is linked.
 
 use std::collections::BTreeMap;
@@ -47,6 +50,57 @@ fn discover() -> Vec<Gpu> {
         }
         Err(_) => Vec::new(),
     }
+}
+
+/// Memory of the first GPU now, MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuMemory {
+    /// Free.
+    pub free_mib: u64,
+    /// In all.
+    pub total_mib: u64,
+}
+
+/// Parses `nvidia-smi --query-gpu=memory.free,memory.total --format=csv,noheader,nounits`: the
+/// first line that reads as two numbers.
+pub fn parse_memory(text: &str) -> Option<GpuMemory> {
+    text.lines().find_map(|line| {
+        let (free, total) = line.split_once(',')?;
+        Some(GpuMemory { free_mib: free.trim().parse().ok()?, total_mib: total.trim().parse().ok()? })
+    })
+}
+
+/// Parses `nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits`: the
+/// memory process `pid` holds on all GPUs, MiB (0 when it holds none: a process that has not
+/// touched a GPU is not listed).
+pub fn parse_process_memory(text: &str, pid: u32) -> u64 {
+    text.lines()
+        .filter_map(|line| {
+            let (p, used) = line.split_once(',')?;
+            (p.trim().parse::<u32>().ok()? == pid).then(|| used.trim().parse::<u64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// The first GPU's free and total memory now; `None` without a GPU or where `nvidia-smi` fails.
+pub fn memory_now() -> Option<GpuMemory> {
+    parse_memory(&nvidia_smi(&["--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits"])?)
+}
+
+/// GPU memory this process holds now, MiB; `None` without a GPU or where `nvidia-smi` fails.
+pub fn this_process_memory_mib() -> Option<u64> {
+    let text = nvidia_smi(&["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])?;
+    Some(parse_process_memory(&text, std::process::id()))
+}
+
+/// `nvidia-smi`'s output for `args`, on a machine that has a GPU (asked only there: the query is a
+/// process start, and a CPU machine has nothing to tell).
+fn nvidia_smi(args: &[&str]) -> Option<String> {
+    if this_machine().is_empty() {
+        return None;
+    }
+    let out = Command::new("nvidia-smi").args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// How the heartbeat describes the GPUs: `NVIDIA H200 (143771 MiB)`, `2 x NVIDIA H200 (143771 MiB)`
@@ -119,6 +173,25 @@ mod tests {
             assert_eq!(got, want, "{text:?}");
             assert_eq!(describe(&got).as_deref(), described, "{text:?}");
             assert_eq!(label(&got).as_deref(), labelled, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn memory_queries_read_free_total_and_this_process_use() {
+        let cases: [(&str, Option<(u64, u64)>); 4] = [
+            ("140000, 143771\n", Some((140000, 143771))),
+            ("80000, 81559\n1000, 81559\n", Some((80000, 81559))),
+            ("[N/A], [N/A]\n", None),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            let got = parse_memory(text).map(|m| (m.free_mib, m.total_mib));
+            assert_eq!(got, want, "{text:?}");
+        }
+        let apps = "4242, 1830\n17, 900\n4242, 170\nbad line\n99, [N/A]\n";
+        // (pid, MiB): summed over GPUs; a process that is not listed holds none.
+        for (pid, want) in [(4242, 2000), (17, 900), (99, 0), (5, 0)] {
+            assert_eq!(parse_process_memory(apps, pid), want, "pid {pid}");
         }
     }
 

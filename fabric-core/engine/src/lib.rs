@@ -58,6 +58,9 @@ pub enum EngineError {
     /// The thread loading or warming a replica died (a panic in the engine's own code).
     #[error("the {what} thread failed: {reason}")]
     Thread { what: &'static str, reason: String },
+    /// The version does not fit in the GPU's free memory (measured once its first replica loaded).
+    #[error("the model does not fit on this GPU: {0}")]
+    GpuFit(#[from] fabric_policy::gpu::FitError),
     /// A tensor could not be built from an engine's output.
     #[error("engine output: {0}")]
     Output(#[from] TensorError),

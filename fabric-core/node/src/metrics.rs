@@ -32,6 +32,10 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// Replicas serving a model.
     pub replicas: IntGaugeVec,
+    /// GPU memory one replica of a version holds, MiB, measured at load (GPU versions only).
+    pub gpu_memory: IntGaugeVec,
+    /// Replicas worth running on one GPU, measured at load (GPU versions only; autoscaling's cap).
+    pub replicas_per_gpu: IntGaugeVec,
     /// Rows per batch handed to a replica.
     pub batch_size: HistogramVec,
     /// Time from arrival to answer, in seconds.
@@ -129,6 +133,12 @@ impl Metrics {
             },
             queue_depth: gauge("queue_depth", "Requests waiting in the model's queue", mv),
             replicas: gauge("replicas", "Replicas serving the model", mv),
+            gpu_memory: gauge("gpu_memory_mib", "GPU memory one replica holds, MiB, measured at load", mv),
+            replicas_per_gpu: gauge(
+                "replicas_per_gpu",
+                "Replicas worth running on one GPU, measured at load (throughput at 1-3 streams, capped by memory)",
+                mv,
+            ),
             batch_size: histogram("batch_size", "Rows per batch run by a replica", BATCH_BUCKETS),
             request_duration: histogram("request_duration_seconds", "Time from arrival to answer", LATENCY_BUCKETS),
             queue_duration: histogram("queue_duration_seconds", "Time waiting in the queue", LATENCY_BUCKETS),

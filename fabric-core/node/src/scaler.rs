@@ -44,7 +44,7 @@ async fn run(control: Arc<NodeControl>, settings: AutoscaleSettings, interval: D
             let sample = v.load_sample(origin.elapsed());
             let scaler = scalers
                 .entry((v.name.clone(), v.version))
-                .or_insert_with(|| Autoscaler::new(settings.for_device(v.on_gpu)));
+                .or_insert_with(|| Autoscaler::new(settings.for_device(v.on_gpu, v.replicas_per_gpu)));
             let decision = scaler.decide(&sample, v.target_replicas);
             if decision.replicas == v.target_replicas {
                 continue;

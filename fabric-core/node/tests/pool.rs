@@ -515,3 +515,31 @@ async fn scaled_to_zero_a_request_wakes_a_replica_or_is_refused_at_once_when_it_
     assert!(err.to_string().contains("scaled to zero"), "{err}");
     wait_for(&pool, "woken by the refused request", |s| s.target == 1 && s.replicas == 1).await;
 }
+
+#[test]
+fn the_gpu_stream_probe_measures_one_to_n_engines_at_once_and_a_failing_stream_stops() {
+    // The probe is device-agnostic: here on tract engines (a GPU machine runs it on CUDA sessions).
+    let load = |faults: Faults| injected_factory("mlp", faults, Arc::new(AtomicUsize::new(0)))().expect("loads");
+    let inputs = vec![Tensor::from_vec(vec![8, 784], vec![0.5f32; 8 * 784]).expect("tensor")];
+    let (mut a, mut b, mut c) = (load(Faults::default()), load(Faults::default()), load(Faults::default()));
+    let mut engines = vec![&mut a, &mut b, &mut c];
+    let measured = fabric_node::pool::measure_streams(&mut engines, &inputs, 8, Duration::from_millis(30));
+    assert_eq!(measured.iter().map(|m| m.streams).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(measured.iter().all(|m| m.rows_per_s > 0.0), "{measured:?}");
+    // An engine failing every call adds nothing and does not stop the others.
+    let mut broken = load(Faults { fail_every: Some(1), ..Faults::default() });
+    let mut engines = vec![&mut a, &mut broken];
+    let measured = fabric_node::pool::measure_streams(&mut engines, &inputs, 8, Duration::from_millis(30));
+    assert_eq!(measured.len(), 2);
+    assert!(measured[1].rows_per_s > 0.0, "the working stream still counts: {measured:?}");
+    let mut engines = vec![&mut broken];
+    let measured = fabric_node::pool::measure_streams(&mut engines, &inputs, 8, Duration::from_millis(30));
+    assert_eq!(measured[0].rows_per_s, 0.0, "{measured:?}");
+}
+
+#[actix_rt::test]
+async fn a_cpu_pool_reports_no_gpu_placement() {
+    let pool = start(PoolConfig::default(), Duration::ZERO).await;
+    assert!(!pool.on_gpu());
+    assert!(pool.gpu().is_none(), "no GPU, nothing measured");
+}

@@ -56,16 +56,20 @@ impl Default for AutoscaleSettings {
     }
 }
 
-/// Most replicas of one model version on one GPU: one runs while the next one's inputs are copied;
-/// more only contend for the same device (measured on an H100: 16 replicas of the CNN, one per core,
-/// served less than one replica would).
+/// Most replicas of one model version on one GPU when none were measured: one runs while the next
+/// one's inputs are copied; more only contend for the same device (measured on an H100: 16 replicas
+/// of the CNN, one per core, served less than one replica would). A version measured at load
+/// (`replicas_per_gpu` in its load report) uses its own figure instead.
 pub const GPU_MAX_REPLICAS: usize = 2;
 
 impl AutoscaleSettings {
-    /// These settings for a pool on a GPU (`on_gpu`): at most [`GPU_MAX_REPLICAS`]; unchanged otherwise.
-    pub fn for_device(self, on_gpu: bool) -> AutoscaleSettings {
+    /// These settings for a pool on a GPU (`on_gpu`): at most `measured` replicas (what the pool
+    /// found worth running at load, by throughput and memory), or [`GPU_MAX_REPLICAS`] where nothing
+    /// was measured; unchanged on the CPU.
+    pub fn for_device(self, on_gpu: bool, measured: Option<usize>) -> AutoscaleSettings {
         if on_gpu {
-            let max = self.max_replicas.min(GPU_MAX_REPLICAS).max(1);
+            let cap = measured.filter(|&n| n > 0).unwrap_or(GPU_MAX_REPLICAS);
+            let max = self.max_replicas.min(cap).max(1);
             AutoscaleSettings { max_replicas: max, min_replicas: self.min_replicas.min(max), ..self }
         } else {
             self
@@ -284,16 +288,31 @@ mod tests {
     }
 
     #[test]
-    fn a_gpu_pool_is_capped_at_a_few_replicas() {
+    fn a_gpu_pool_is_capped_at_what_was_measured_or_a_few_replicas() {
         let cpu = AutoscaleSettings { min_replicas: 1, max_replicas: 16, ..Default::default() };
-        // (on a GPU, min, max) -> (min, max)
-        let cases = [(false, 1, 16, 1, 16), (true, 1, 16, 1, 2), (true, 1, 1, 1, 1), (true, 4, 16, 2, 2)];
-        for (on_gpu, min, max, want_min, want_max) in cases {
-            let s = AutoscaleSettings { min_replicas: min, max_replicas: max, ..cpu }.for_device(on_gpu);
-            assert_eq!((s.min_replicas, s.max_replicas), (want_min, want_max), "gpu {on_gpu}, {min}-{max}");
+        // (on a GPU, measured replicas per GPU, min, max) -> (min, max)
+        #[rustfmt::skip]
+        let cases = [
+            (false, None, 1, 16, 1, 16),
+            (false, Some(3), 1, 16, 1, 16), // a CPU pool ignores GPU figures
+            (true, None, 1, 16, 1, 2),
+            (true, None, 1, 1, 1, 1),
+            (true, None, 4, 16, 2, 2),
+            (true, Some(3), 1, 16, 1, 3),
+            (true, Some(1), 2, 16, 1, 1),
+            (true, Some(6), 1, 4, 1, 4),    // the operator's max still holds
+            (true, Some(0), 1, 16, 1, 2),   // nothing measured
+        ];
+        for (on_gpu, measured, min, max, want_min, want_max) in cases {
+            let s = AutoscaleSettings { min_replicas: min, max_replicas: max, ..cpu }.for_device(on_gpu, measured);
+            assert_eq!(
+                (s.min_replicas, s.max_replicas),
+                (want_min, want_max),
+                "gpu {on_gpu} {measured:?}, {min}-{max}"
+            );
         }
         // A 10x step on a GPU pool: two replicas, not ten.
-        let mut a = Autoscaler::new(cpu.for_device(true));
+        let mut a = Autoscaler::new(cpu.for_device(true, None));
         assert_eq!(a.decide(&sample(0.0, 1000.0, 100.0, 1), 1).replicas, 2);
     }
 

@@ -72,6 +72,13 @@ pub struct VersionReport {
     pub last_load_error: Option<String>,
     /// The last measured time to load and warm a replica, in milliseconds (the wait after scale to zero).
     pub cold_start_ms: Option<f64>,
+    /// GPU memory one replica holds, MiB, measured at load (on a GPU only).
+    #[serde(default)]
+    pub gpu_memory_mib: Option<u64>,
+    /// Replicas worth running on one GPU, measured at load by throughput at 1, 2, 3 streams and
+    /// capped by memory (on a GPU only; autoscaling stays within it).
+    #[serde(default)]
+    pub replicas_per_gpu: Option<usize>,
     /// Rates and latencies over the last few seconds.
     #[serde(flatten)]
     pub window: WindowReport,

@@ -27,9 +27,8 @@ impl Registry {
                     }
                     let sample = v.load_sample(self.started.elapsed());
                     let key = (info.node_id.clone(), m.name.clone(), dv.version);
-                    let on_gpu = v.on_gpu;
-                    let mut scaler =
-                        self.scalers.entry(key).or_insert_with(|| Autoscaler::new(settings.for_device(on_gpu)));
+                    let device = settings.for_device(v.on_gpu, v.replicas_per_gpu);
+                    let mut scaler = self.scalers.entry(key).or_insert_with(|| Autoscaler::new(device));
                     let decision = scaler.decide(&sample, dv.replicas);
                     if decision.replicas != dv.replicas {
                         changes.push((m.name.clone(), dv.version, dv.replicas, decision));

@@ -48,6 +48,8 @@ impl NodeControl {
                 in_flight: stats.in_flight(),
                 restarts: status.as_ref().map_or(0, |s| s.restarts),
                 cold_start_ms: status.as_ref().and_then(|s| s.cold_start).map(|d| d.as_secs_f64() * 1e3),
+                gpu_memory_mib: model.pool.gpu().map(|g| g.memory_mib),
+                replicas_per_gpu: model.pool.gpu().map(|g| g.replicas_per_gpu),
                 last_load_error: status.and_then(|s| s.last_error),
                 window: stats.report(now, ready_replicas),
                 recent: stats.recent(now, ready_replicas),

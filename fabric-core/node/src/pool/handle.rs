@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use super::gpu_place::GpuPlacement;
 use super::queue::Intake;
 use super::{GetStatus, ModelPool, Pending, PoolError, PoolReply, PoolStatus, Refused, SetReplicas, Stop, Wake};
 use crate::load_report::{LoadStats, Outcome};
@@ -26,6 +27,8 @@ pub struct PoolHandle {
     pub(super) metadata: Arc<ModelMetadata>,
     pub(super) batched: bool,
     pub(super) on_gpu: bool,
+    /// What was measured of it on its GPU, when it runs on one.
+    pub(super) gpu: Option<Arc<GpuPlacement>>,
     pub(super) max_batch_size: usize,
     /// Hands out unique batch keys for requests of models that cannot share a batch.
     pub(super) solo_keys: Arc<AtomicU64>,
@@ -47,6 +50,11 @@ impl PoolHandle {
     /// Whether the replicas run on a GPU.
     pub fn on_gpu(&self) -> bool {
         self.on_gpu
+    }
+
+    /// The GPU memory a replica holds and the replicas worth running, measured at load (on a GPU only).
+    pub fn gpu(&self) -> Option<&GpuPlacement> {
+        self.gpu.as_deref()
     }
 
     /// Whether requests share batches (see [`ModelMetadata::is_batched`]).

@@ -23,12 +23,14 @@
 //! into one batch and splits the outputs back (pure); [`warmup`] times batch sizes on a fresh engine.
 
 mod batch;
+mod gpu_place;
 mod handle;
 mod queue;
 mod replica;
 mod supervisor;
 mod warmup;
 
+pub use gpu_place::{measure_streams, GpuPlacement, MAX_STREAMS};
 pub use handle::PoolHandle;
 pub(crate) use queue::PRIORITY_LABELS;
 pub use warmup::{race, warmup_sizes, warmup_sizes_for};
@@ -372,6 +374,9 @@ impl ModelPool {
         metrics: Metrics,
     ) -> Result<PoolHandle, EngineError> {
         let load_started = Instant::now();
+        // This process's GPU memory before the load, so the replica's share can be measured (asked
+        // only on a machine with a GPU).
+        let gpu_memory_before = fabric_engine::gpu::this_process_memory_mib();
         let first = {
             let factory = factory.clone();
             actix_rt::task::spawn_blocking(move || factory())
@@ -394,13 +399,44 @@ impl ModelPool {
         let (first, timings) = actix_rt::task::spawn_blocking(move || warm(first, &warmup_first))
             .await
             .map_err(|e| EngineError::Thread { what: "warm-up", reason: e.to_string() })?;
+        // On a GPU: the memory a replica holds, whether it fits, and how many replicas pay off.
+        let (first, gpu) = if on_gpu {
+            let (factory, warmup) = (factory.clone(), warmup.clone());
+            let (first, placed) = actix_rt::task::spawn_blocking(move || {
+                let mut first = first;
+                let placed = gpu_place::place(&mut first, &factory, &warmup, gpu_memory_before);
+                (first, placed)
+            })
+            .await
+            .map_err(|e| EngineError::Thread { what: "GPU placement", reason: e.to_string() })?;
+            (first, Some(placed?))
+        } else {
+            (first, None)
+        };
         let mut service = ServiceTimes::new(max_batch_size);
         for (rows, took) in timings {
             service.record(rows, took);
         }
         // Loaded once even for a target of 0 (the metadata and the cold-start time come from it; the
         // engine is then dropped: the pool starts scaled to zero).
-        let target = config.replicas;
+        if let Some(placed) = &gpu {
+            let labels = [model, version];
+            metrics.gpu_memory.with_label_values(&labels).set(i64::try_from(placed.memory_mib).unwrap_or(i64::MAX));
+            metrics.replicas_per_gpu.with_label_values(&labels).set(placed.replicas_per_gpu as i64);
+        }
+        let target = match &gpu {
+            Some(placed) if config.replicas > placed.replicas_per_gpu => {
+                tracing::warn!(
+                    model,
+                    version,
+                    configured = config.replicas,
+                    per_gpu = placed.replicas_per_gpu,
+                    "fewer replicas than configured: more do not pay off on this GPU (measured at load)"
+                );
+                placed.replicas_per_gpu
+            }
+            _ => config.replicas,
+        };
         let stats = Arc::new(LoadStats::default());
         let intake =
             Arc::new(Intake::new(config, batched, batch_cap, service, label.clone(), metrics.clone(), stats.clone()));
@@ -434,6 +470,7 @@ impl ModelPool {
             metadata,
             batched,
             on_gpu,
+            gpu: gpu.map(Arc::new),
             max_batch_size,
             solo_keys: Arc::new(AtomicU64::new(0)),
             stats,

@@ -94,7 +94,7 @@ pub(super) fn bytes_per_row(metadata: &ModelMetadata) -> usize {
 }
 
 /// Zero-filled inputs of batch size `rows` (dynamic dims other than the batch set to 1), for warm-up.
-fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, TensorError> {
+pub(super) fn warmup_inputs(metadata: &ModelMetadata, rows: usize) -> Result<Vec<Tensor>, TensorError> {
     metadata
         .inputs
         .iter()
