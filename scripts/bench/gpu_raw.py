@@ -38,7 +38,8 @@ def main():
     model, provider, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     sizes = [int(s) for s in sys.argv[4:]]
     options = ort.SessionOptions()
-    session = ort.InferenceSession(model, options, providers=[PROVIDERS[provider], "CPUExecutionProvider"])
+    providers = list(dict.fromkeys([PROVIDERS[provider], "CPUExecutionProvider"]))  # CPU as the fallback, once
+    session = ort.InferenceSession(model, options, providers=providers)
     used = session.get_providers()[0]
     on_gpu = used != "CPUExecutionProvider"
     for rows in sizes:

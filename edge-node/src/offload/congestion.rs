@@ -213,13 +213,14 @@ mod tests {
             |events: u64, per: u64| -> Vec<Event> { (0..events).flat_map(|_| [packets(per), Lost(1200)]).collect() };
         // (case, events, BBR's window sends)
         #[rustfmt::skip]
-        let cases: [(&str, Vec<Event>, bool); 7] = [
+        let cases: [(&str, Vec<Event>, bool); 8] = [
             ("fresh", vec![], false),
             ("sending only", vec![packets(3)], false),
             ("losses before enough was sent to judge", spread(2, 100), false),
             ("a loss every 100 packets (random loss)", spread(20, 100), true),
             ("one burst of 60 packets in 2,000 (a queue overrun)", vec![packets(2000), Lost(72_000)], false),
             ("a loss every 1,000 packets", spread(4, 1000), false),
+            ("persistent congestion once on a clean link: both collapse, CUBIC's window", vec![packets(2000), PersistentCongestion], false),
             ("lossy, then clean for long enough: CUBIC again", [spread(20, 100), vec![packets(8000), packets(8000)]].concat(), false),
         ];
         for (name, events, bbr_sends) in cases {
