@@ -20,7 +20,8 @@
 //! [`handle`] is what callers hold ([`PoolHandle`]: submit, admission, status); [`queue`] is the
 //! shared queue (admission, batch taking, expiry, the watchdog's check); [`supervisor`] loads,
 //! retries, retires and replaces replicas; [`replica`] is the engine thread; [`batch`] joins requests
-//! into one batch and splits the outputs back (pure); [`warmup`] times batch sizes on a fresh engine.
+//! into one batch and splits the outputs back (pure); [`warmup`] times batch sizes on a fresh engine;
+//! [`gpu_place`] measures a version on a GPU (memory per replica, replicas worth running).
 
 mod batch;
 mod gpu_place;
