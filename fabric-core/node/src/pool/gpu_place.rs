@@ -54,11 +54,13 @@ pub(super) fn place(
         _ => GPU_MAX_REPLICAS.min(MAX_STREAMS),
     };
     let rows = warmup.sizes.last().copied().unwrap_or(1);
-    if fit_count < 2 || !first.metadata().is_batched() {
-        return Ok(GpuPlacement { memory_mib, replicas_per_gpu: fit_count.min(GPU_MAX_REPLICAS), streams: Vec::new() });
-    }
-    let Ok(inputs) = warmup_inputs(&warmup.metadata, rows) else {
-        return Ok(GpuPlacement { memory_mib, replicas_per_gpu: fit_count.min(GPU_MAX_REPLICAS), streams: Vec::new() });
+    // Nothing to probe with one replica's room, or with a model that runs one request at a time.
+    let inputs = match warmup_inputs(&warmup.metadata, rows) {
+        Ok(inputs) if fit_count >= 2 && first.metadata().is_batched() => inputs,
+        _ => {
+            let replicas_per_gpu = fit_count.min(GPU_MAX_REPLICAS);
+            return Ok(GpuPlacement { memory_mib, replicas_per_gpu, streams: Vec::new() });
+        }
     };
     let mut extra: Vec<Box<dyn Engine>> = Vec::new();
     for _ in 1..fit_count {
