@@ -375,14 +375,16 @@ impl ModelPool {
         metrics: Metrics,
     ) -> Result<PoolHandle, EngineError> {
         let load_started = Instant::now();
-        // This process's GPU memory before the load, so the replica's share can be measured (asked
-        // only on a machine with a GPU).
-        let gpu_memory_before = fabric_engine::gpu::this_process_memory_mib();
-        let first = {
+        // With the load, on its blocking thread: this process's GPU memory just before it, so the
+        // replica's share can be measured (asked of nvidia-smi only on a machine with a GPU).
+        let (first, gpu_memory_before) = {
             let factory = factory.clone();
-            actix_rt::task::spawn_blocking(move || factory())
-                .await
-                .map_err(|e| EngineError::Thread { what: "loader", reason: e.to_string() })??
+            actix_rt::task::spawn_blocking(move || {
+                let before = fabric_engine::gpu::this_process_memory_mib();
+                factory().map(|engine| (engine, before))
+            })
+            .await
+            .map_err(|e| EngineError::Thread { what: "loader", reason: e.to_string() })??
         };
         let metadata = Arc::new(first.metadata().clone());
         let batched = metadata.is_batched();
