@@ -345,6 +345,26 @@ def make_digits(out):
         ort_out,
         extras={"y_true": y_test, "sklearn_label": sk_label},
     )
+    # The training inputs as a reference sample for drift (`fabric model push ... --reference`), as
+    # numpy.savez writes it, named after the model's input.
+    np.savez(os.path.join(out, "reference", "digits", "train.npz"), input=x_train)
+    # The same network trained on labels with every 3 and every 5 relabelled 8: a canary that is worse
+    # on the digits while as fast as the stable version (same shape, same size), for rollback on
+    # accuracy.
+    y_bad = np.where(np.isin(y_train, [3, 5]), 8, y_train)
+    bad = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0).fit(x_train, y_bad)
+    bad_model = convert_sklearn(
+        bad, "digits",
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={type(bad): {"zipmap": False}},
+        target_opset={"": OPSET, "ai.onnx.ml": 3},
+    )
+    bad_model = onnx.load_from_string(bad_model.SerializeToString())
+    for value in list(bad_model.graph.input) + list(bad_model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) > 0 and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "N"
+    save_model(bad_model, os.path.join(out, "models", "digits_mislabelled", "1", "model.onnx"))
     return accuracy, len(y_test)
 
 

@@ -147,6 +147,8 @@ fn report(ready: &[ReadyVersion], uptime_ms: u64) -> NodeReport {
             cold_start_ms: Some(3.0),
             gpu_memory_mib: None,
             replicas_per_gpu: None,
+            drift: None,
+            feedback: None,
             window: window.clone(),
             recent: WindowReport { latency: LatencyHistogram::default(), ..window.clone() },
         })

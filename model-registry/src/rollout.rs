@@ -255,7 +255,13 @@ pub fn desired_for(
                 // The autoscaler's count once it has decided one, else the deployment's.
                 let replicas =
                     scaled.and_then(|s| s.get(&scaled_key(name, m.version))).map_or(replicas, |s| s.replicas);
-                DesiredVersion { version: m.version, digest: m.digest.clone(), size: m.size, replicas }
+                DesiredVersion {
+                    version: m.version,
+                    digest: m.digest.clone(),
+                    size: m.size,
+                    replicas,
+                    reference: m.reference.as_ref().map(|r| r.digest.clone()),
+                }
             })
             .collect();
         out.push(DesiredModel { name: name.clone(), versions: wanted, policy });
@@ -380,6 +386,7 @@ mod tests {
                     outputs: Vec::new(),
                     pushed_by: "op".into(),
                     pushed_at: 0,
+                    reference: None,
                 },
             );
         }

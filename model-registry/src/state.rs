@@ -43,6 +43,7 @@ pub(crate) fn test_version(name: &str, version: u64) -> ModelVersion {
         outputs: Vec::new(),
         pushed_by: "operator".into(),
         pushed_at: 0,
+        reference: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn version(name: &str, v: u64) -> ModelVersion {
         outputs: Vec::new(),
         pushed_by: "operator".into(),
         pushed_at: 0,
+        reference: None,
     }
 }
 

@@ -241,8 +241,12 @@ impl Agent {
 
     /// Deletes cached model files over the budget: never one `desired` wants, oldest first.
     async fn trim_cache(&self, desired: &DesiredState) {
-        let wanted: BTreeSet<String> =
-            desired.models.iter().flat_map(|m| m.versions.iter().map(|v| v.digest.clone())).collect();
+        let wanted: BTreeSet<String> = desired
+            .models
+            .iter()
+            .flat_map(|m| m.versions.iter().flat_map(|v| [Some(v.digest.clone()), v.reference.clone()]))
+            .flatten()
+            .collect();
         let dir = self.dir.join("models");
         let budget = self.cache_budget;
         let trimmed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
@@ -340,6 +344,9 @@ impl Agent {
                     Some(_) => {}
                 }
                 managed.insert((model.name.clone(), v.version));
+                if let Some(digest) = &v.reference {
+                    self.watch_reference(&model.name, v.version, digest).await?;
+                }
             }
             if let Some(policy) = &model.policy {
                 self.control.set_policy(&model.name, Some(policy.clone()))?;
@@ -360,6 +367,36 @@ impl Agent {
                     managed.remove(&(name, version));
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts `name:version`'s answers against the reference statistics `digest` (fetched like a
+    /// model file) unless it already does.
+    async fn watch_reference(&self, name: &str, version: u64, digest: &str) -> Result<(), ConvergeError> {
+        let Some(model) = self.control.loaded(name, version) else { return Ok(()) };
+        if model.quality.reference_digest().as_deref() == Some(digest) {
+            return Ok(());
+        }
+        let path = self.model_file(digest).await?;
+        let stats = std::fs::read(&path).map_err(|e| e.to_string()).and_then(|bytes| {
+            serde_json::from_slice::<fabric_policy::drift::Reference>(&bytes).map_err(|e| e.to_string())
+        });
+        match stats {
+            Ok(stats) => {
+                tracing::info!(
+                    model = name,
+                    version,
+                    rows = stats.rows,
+                    features = stats.features(),
+                    "counting drift against the version's reference"
+                );
+                model.quality.set_reference(digest, stats);
+            }
+            // Serving goes on without drift counts: a reference this node cannot read is no outage.
+            Err(e) => {
+                tracing::warn!(model = name, version, %digest, "reference statistics unreadable, drift not counted: {e}")
             }
         }
         Ok(())

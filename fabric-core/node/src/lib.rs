@@ -28,6 +28,7 @@ pub mod load_report;
 pub mod metrics;
 pub mod models;
 pub mod pool;
+pub mod quality;
 pub mod repository;
 pub mod scaler;
 pub mod shadow;

@@ -34,6 +34,8 @@ pub struct ServedModel {
     pub path: PathBuf,
     /// Its pool.
     pub pool: PoolHandle,
+    /// Its drift counts and feedback.
+    pub quality: Arc<crate::quality::Quality>,
 }
 
 impl ServedModel {
@@ -144,6 +146,7 @@ impl ModelSet {
                     config,
                     path: model.path.clone(),
                     pool: model.pool.clone(),
+                    quality: model.quality.clone(),
                 });
             }
         }

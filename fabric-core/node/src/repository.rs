@@ -152,6 +152,7 @@ pub async fn start_version(
         engine_reason,
         config: entry.config.clone(),
         path: entry.path.clone(),
+        quality: std::sync::Arc::new(crate::quality::Quality::new(&pool.metadata().outputs)),
         pool,
     })
 }

@@ -52,6 +52,36 @@ pub struct ModelVersion {
     pub pushed_by: String,
     /// When, in seconds since the Unix epoch.
     pub pushed_at: u64,
+    /// Its reference statistics for drift, when a reference sample was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<VersionReference>,
+}
+
+/// A version's reference statistics as the registry keeps them, and the digest nodes fetch them by.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VersionReference {
+    /// SHA-256 of the statistics as JSON (what [`VersionReference::bytes`] gives), hex.
+    pub digest: String,
+    /// The bins and the counts of the sample.
+    pub stats: fabric_policy::drift::Reference,
+}
+
+impl VersionReference {
+    /// The statistics with their digest.
+    pub fn new(stats: fabric_policy::drift::Reference) -> VersionReference {
+        let digest = crate::registry::sha256_bytes(&Self::encode(&stats));
+        VersionReference { digest, stats }
+    }
+
+    /// The statistics as nodes fetch them (JSON).
+    pub fn bytes(&self) -> Vec<u8> {
+        Self::encode(&self.stats)
+    }
+
+    fn encode(stats: &fabric_policy::drift::Reference) -> Vec<u8> {
+        // Plain numbers, strings and arrays: serialising cannot fail.
+        serde_json::to_vec(stats).unwrap_or_default()
+    }
 }
 
 /// A model served on a group of nodes.

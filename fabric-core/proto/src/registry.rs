@@ -165,6 +165,9 @@ pub struct DesiredVersion {
     pub size: u64,
     /// Replicas on this node.
     pub replicas: usize,
+    /// Digest of the version's reference statistics for drift, fetched like a model file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// One model a node should serve, and how to route it.
@@ -216,6 +219,20 @@ impl DesiredState {
 pub enum Request {
     /// Upload a model version (its `size` bytes follow the frame).
     Push { name: String, version: Option<u64>, size: u64 },
+    /// Sets a version's reference sample for drift (`size` bytes of `.npy` or `.npz` follow the
+    /// frame); `input` names the model input it samples (default: the first), `output` the class
+    /// output (default: an integer label, else scores).
+    Reference {
+        name: String,
+        version: u64,
+        size: u64,
+        #[serde(default)]
+        input: Option<String>,
+        #[serde(default)]
+        output: Option<String>,
+    },
+    /// A model's drift per version, over the nodes' counts.
+    Drift { name: String },
     /// Every model version.
     ListModels,
     /// One model's versions, or one version.
@@ -710,6 +727,26 @@ impl RegistryClient {
         reply.map_err(ProtoError::Refused)
     }
 
+    /// Sends a request whose `bytes` follow its frame (a reference sample), and reads the answer.
+    pub async fn ask_with_bytes(&self, request: &Request, bytes: &[u8]) -> Result<Value, ProtoError> {
+        self.with_failover(move || async move {
+            let (mut send, mut recv) = match self.open().await {
+                Ok(streams) => streams,
+                Err(e) => return (false, Err(e)),
+            };
+            let sent = async {
+                write_frame(&mut send, request).await?;
+                // A refusal mid-way cuts the write: the registry's answer says why.
+                let _ = send.write_all(bytes).await;
+                let _ = send.finish();
+                let reply: Reply = read_frame(&mut recv, MAX_FRAME).await?;
+                reply.map_err(ProtoError::Refused)
+            };
+            (true, sent.await)
+        })
+        .await
+    }
+
     /// Fetches a model file by digest into `dest` (written to `dest` with the extension `partial`,
     /// renamed into place once whole). A download cut short (the link stalled, the registry went
     /// away) keeps its partial file, and the next fetch of the digest asks only for the rest: a large
@@ -833,6 +870,11 @@ pub fn is_plain_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
+/// SHA-256 of bytes, hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// SHA-256 of a file, hex (blocking: call off the async threads for large files).
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
@@ -882,7 +924,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&text).expect("parse"), request);
         let models = vec![DesiredModel {
             name: "mlp".into(),
-            versions: vec![DesiredVersion { version: 1, digest: "ab".into(), size: 3, replicas: 1 }],
+            versions: vec![DesiredVersion { version: 1, digest: "ab".into(), size: 3, replicas: 1, reference: None }],
             policy: Some(TrafficPolicy::pinned(1)),
         }];
         assert_eq!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&models.clone()));

@@ -79,6 +79,12 @@ pub struct VersionReport {
     /// capped by memory (on a GPU only; autoscaling stays within it).
     #[serde(default)]
     pub replicas_per_gpu: Option<usize>,
+    /// Its inputs and predictions counted into its reference's bins, when it has a reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftReport>,
+    /// Labels received as feedback on its answers, when any came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<FeedbackReport>,
     /// Rates and latencies over the last few seconds.
     #[serde(flatten)]
     pub window: WindowReport,
@@ -111,6 +117,34 @@ pub struct WindowReport {
     /// nodes).
     #[serde(default, skip_serializing_if = "LatencyHistogram::is_empty")]
     pub latency: LatencyHistogram,
+}
+
+/// A version's live counts for drift, over its current and previous drift window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DriftReport {
+    /// Digest of the reference the counts are binned by.
+    pub reference: String,
+    /// Length of one drift window, in seconds.
+    pub window_s: u64,
+    /// The counts.
+    pub counts: fabric_policy::drift::DriftCounts,
+}
+
+/// Feedback on a version's answers: the labels that came for requests it answered, over its
+/// current and previous drift window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackReport {
+    /// Rows labelled.
+    pub labelled: u64,
+    /// Of those, rows whose predicted class was the label.
+    pub correct: u64,
+}
+
+impl FeedbackReport {
+    /// correct / labelled in percent (`None` before the first label).
+    pub fn accuracy_pct(&self) -> Option<f64> {
+        (self.labelled > 0).then(|| self.correct as f64 * 100.0 / self.labelled as f64)
+    }
 }
 
 /// The shadow statistics as reported.

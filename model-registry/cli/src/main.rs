@@ -85,6 +85,20 @@ enum Command {
     /// Rollouts: status, pin, canary, shadow, promote, rollback.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Drift of a model's inputs and predictions from each version's reference sample, over the
+    /// nodes' counts of the last 5-10 minutes: per feature and for the predictions, PSI (< 0.1 none,
+    /// 0.1-0.25 moderate, > 0.25 significant) and the Jensen-Shannon distance corrected for sample
+    /// size, which flags drift at 0.1 (it measures how far apart the distributions are, so it does
+    /// not flag every negligible shift once many rows came in, as a p-value does).
+    ///
+    /// Example: fabric drift digits --features 10
+    Drift {
+        /// Model name
+        name: String,
+        /// Features shown per version, the most drifted first (0: all)
+        #[arg(long, default_value_t = 5)]
+        features: usize,
+    },
     /// Nodes: id, role, labels, last heartbeat, versions ready, load, GPUs (a node with a GPU also
     /// carries the label gpu=NAME, e.g. gpu=nvidia-h200); those that need attention (down, a version
     /// failing) first.
@@ -127,6 +141,29 @@ enum ModelCommand {
         /// Version number [default: the newest + 1]
         #[arg(long)]
         version: Option<u64>,
+        /// A sample of the inputs the model was trained on (.npy, or .npz as numpy.savez writes;
+        /// rows first), binned into the version's reference statistics for drift (`fabric drift`)
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// With --reference: the model input the sample is of [default: the first]
+        #[arg(long)]
+        reference_input: Option<String>,
+        /// With --reference: the output the predicted class is read from [default: an integer label
+        /// output, else the argmax of a scores output]
+        #[arg(long)]
+        prediction_output: Option<String>,
+    },
+    /// Give an existing version a reference sample for drift: NAME:VERSION FILE (.npy or .npz; see
+    /// `push --reference`). Replaces its reference; nodes count against the new one from then on.
+    Reference {
+        name: String,
+        file: PathBuf,
+        /// The model input the sample is of [default: the first]
+        #[arg(long)]
+        input: Option<String>,
+        /// The output the predicted class is read from [default: a label output, else scores]
+        #[arg(long)]
+        prediction_output: Option<String>,
     },
     /// Every model version.
     List,
@@ -296,7 +333,15 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
     let output = cli.output;
     match cli.command {
         Command::Certs { .. } => Ok(()),
-        Command::Model(ModelCommand::Push { name, file, version }) => {
+        Command::Model(ModelCommand::Push { name, file, version, reference, reference_input, prediction_output }) => {
+            // The sample is read before the model goes up: a missing file fails before anything changes.
+            let sample = match &reference {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .map_err(|e| anyhow::anyhow!("cannot read the reference sample {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
             let mut shown = 0u64;
             let interactive = output == Output::Table;
             let answer = client
@@ -313,7 +358,39 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
                 eprintln!();
             }
             let pushed: ModelVersion = typed(answer.map_err(explain)?)?;
-            print(&pushed, output, show_version)
+            if output == Output::Table {
+                show_version(&pushed);
+            }
+            if let Some(sample) = sample {
+                let request = Request::Reference {
+                    name: pushed.name.clone(),
+                    version: pushed.version,
+                    size: sample.len() as u64,
+                    input: reference_input,
+                    output: prediction_output,
+                };
+                let set = client.ask_with_bytes(&request, &sample).await.map_err(explain)?;
+                return print(&set, output, show_reference);
+            }
+            if output == Output::Json {
+                return print(&pushed, output, show_version);
+            }
+            Ok(())
+        }
+        Command::Model(ModelCommand::Reference { name, file, input, prediction_output }) => {
+            let (name, version) = split_version(&name).map_err(anyhow::Error::msg)?;
+            let version = version
+                .ok_or_else(|| anyhow::anyhow!("say which version: fabric model reference {name}:VERSION FILE"))?;
+            let sample = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read the reference sample {}: {e}", file.display()))?;
+            let request =
+                Request::Reference { name, version, size: sample.len() as u64, input, output: prediction_output };
+            let set = client.ask_with_bytes(&request, &sample).await.map_err(explain)?;
+            print(&set, output, show_reference)
+        }
+        Command::Drift { name, features } => {
+            let view: Value = ask(&client, Request::Drift { name }).await?;
+            print(&view, output, |v| show_drift(v, features))
         }
         Command::Model(ModelCommand::List) => {
             print(&ask::<Vec<ModelVersion>>(&client, Request::ListModels).await?, output, |v| show_versions(v))
@@ -395,6 +472,61 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
             let _ = std::io::stdout().flush();
             tokio::time::sleep(std::time::Duration::from_millis(interval_ms.max(100))).await;
         },
+    }
+}
+
+/// A reference set: its size and what it counts.
+fn show_reference(v: &Value) {
+    println!(
+        "reference for {}:{}: {} rows of {} features from input '{}'; predictions from {}; digest {}",
+        v["name"].as_str().unwrap_or("?"),
+        v["version"],
+        v["rows"],
+        v["features"],
+        v["input"].as_str().unwrap_or("?"),
+        v["prediction_output"].as_str().map_or("no output (none is a class)".to_string(), |o| format!("'{o}'")),
+        v["digest"].as_str().unwrap_or("?"),
+    );
+}
+
+/// `fabric drift`: per version the verdict, the predictions' scores and the most drifted features.
+fn show_drift(v: &Value, features: usize) {
+    let name = v["name"].as_str().unwrap_or("?");
+    let versions = v["versions"].as_array().cloned().unwrap_or_default();
+    if versions.is_empty() {
+        println!("{name}: no version has a reference sample (fabric model reference {name}:VERSION FILE)");
+        return;
+    }
+    let score = |s: &Value| -> String {
+        match (s["psi"].as_f64(), s["js"].as_f64()) {
+            (Some(psi), Some(js)) => format!(
+                "PSI {psi:.3} ({}), JS {js:.3}{}",
+                fabric_policy::drift::psi_band(psi),
+                if s["drifted"].as_bool() == Some(true) { " DRIFT" } else { "" }
+            ),
+            _ => "-".into(),
+        }
+    };
+    for version in &versions {
+        println!(
+            "{name}:{}: {} ({} live rows from {} node(s), reference {} rows, input '{}')",
+            version["version"],
+            version["verdict"].as_str().unwrap_or("?"),
+            version["rows"],
+            version["nodes"],
+            version["reference_rows"],
+            version["input"].as_str().unwrap_or("?"),
+        );
+        match version["prediction_output"].as_str() {
+            Some(output) => println!("  predictions ('{output}'): {}", score(&version["prediction"])),
+            None => println!("  predictions: not counted (no class output)"),
+        }
+        let all = version["features"].as_array().cloned().unwrap_or_default();
+        println!("  features drifted: {} of {}", version["drifted_features"], all.len());
+        let shown = if features == 0 { all.len() } else { features.min(all.len()) };
+        for f in &all[..shown] {
+            println!("  feature {:>4}: {}", f["feature"], score(f));
+        }
     }
 }
 

@@ -41,6 +41,7 @@ mod autoscale;
 mod canary;
 mod heartbeat;
 mod models;
+mod reference;
 mod replica;
 mod requests;
 mod server;

@@ -25,6 +25,10 @@ impl Registry {
                 operator()?;
                 self.push(peer, &name, version, size, recv).await
             }
+            Request::Reference { name, version, size, input, output } => {
+                operator()?;
+                self.set_reference(&name, version, size, input, output, recv).await
+            }
             Request::Heartbeat(heartbeat) => self.heartbeat(peer, heartbeat).await.and_then(|d| answer(&d.state)),
             Request::Fetch { .. } => Err(Refusal::new("invalid", "fetch is answered on its stream")),
             other => {
@@ -50,7 +54,8 @@ impl Registry {
             Request::RolloutStatus { name, limit } => answer(&self.status(&name, limit.unwrap_or(DETAIL_NODES))?),
             Request::Nodes(query) => answer(&self.nodes(&query)),
             Request::Overview => answer(&self.overview()),
-            Request::Push { .. } | Request::Heartbeat(_) | Request::Fetch { .. } => {
+            Request::Drift { name } => answer(&self.drift(&name)?),
+            Request::Push { .. } | Request::Reference { .. } | Request::Heartbeat(_) | Request::Fetch { .. } => {
                 Err(Refusal::new("invalid", "this request needs its stream"))
             }
         }

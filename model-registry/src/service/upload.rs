@@ -76,6 +76,7 @@ impl Registry {
                 outputs: metadata.outputs.iter().map(declared).collect(),
                 pushed_by: peer.node_id.clone(),
                 pushed_at: now_ms() / 1000,
+                reference: None,
             };
             versions.insert(version, model.clone());
             answer(&model)
@@ -141,6 +142,16 @@ impl Registry {
     ) -> Result<(), Refusal> {
         use tokio::io::AsyncSeekExt;
         let known = self.state().models.values().flat_map(|v| v.values()).find(|m| m.digest == digest).cloned();
+        if known.is_none() {
+            if let Some(bytes) = self.reference_bytes(digest) {
+                // A version's reference statistics: small, served from memory.
+                let size = bytes.len() as u64;
+                let offset = if offset <= size { offset } else { 0 };
+                registry::write_frame(send, &answer(&FetchHead { size, offset })).await.map_err(internal)?;
+                send.write_all(&bytes[offset as usize..]).await.map_err(internal)?;
+                return Ok(());
+            }
+        }
         let Some(model) = known else {
             return Err(Refusal::new("not_found", format!("no model file with digest {digest}")));
         };

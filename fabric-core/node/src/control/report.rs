@@ -51,6 +51,8 @@ impl NodeControl {
                 gpu_memory_mib: model.pool.gpu().map(|g| g.memory_mib),
                 replicas_per_gpu: model.pool.gpu().map(|g| g.replicas_per_gpu),
                 last_load_error: status.and_then(|s| s.last_error),
+                drift: model.quality.drift_report(now),
+                feedback: model.quality.feedback_report(now),
                 window: stats.report(now, ready_replicas),
                 recent: stats.recent(now, ready_replicas),
             });

@@ -143,10 +143,14 @@ async fn dispatch(
         shadow::spawn(shadow.pool.clone(), stats, request.inputs.clone(), deadline, rx);
         tx
     });
+    // The input its reference samples, kept to count once answered (at most 1,024 values a row).
+    let watched =
+        model.quality.watched_input().and_then(|name| request.inputs.iter().find(|t| t.name == name).cloned());
     let done = state.dispatcher.infer(model, request.inputs, deadline, priority).await.map_err(|e| match e {
         DispatchError::Pool(e) => ApiError::from(e),
         DispatchError::Invalid(msg) => ApiError::invalid(msg),
     })?;
+    model.quality.observe(Instant::now(), request.id.as_deref(), watched.as_ref(), &done.outputs);
     if let Some(tx) = compare {
         let _ = tx.send(done.outputs.clone());
     }
