@@ -70,6 +70,13 @@ struct Cli {
     /// Automatic rollback: canary p99 over the stable one's by more than this many percent
     #[arg(long, default_value_t = 100.0)]
     rollback_p99_margin_pct: f64,
+    /// Automatic rollback: canary accuracy (from feedback, POST /v2/models/NAME/feedback) under the
+    /// stable one's by more than this many points
+    #[arg(long, default_value_t = 5.0)]
+    rollback_accuracy_margin_pct: f64,
+    /// Automatic rollback: fewest labelled rows of each version before accuracy is compared
+    #[arg(long, default_value_t = 100)]
+    rollback_min_labelled: u64,
     /// A node is down when its last heartbeat is older than this many milliseconds
     #[arg(long, default_value_t = 3000)]
     heartbeat_timeout_ms: u64,
@@ -188,6 +195,8 @@ fn main() -> anyhow::Result<()> {
                 min_requests: cli.rollback_min_requests,
                 error_margin_pct: cli.rollback_error_margin_pct,
                 p99_margin_pct: cli.rollback_p99_margin_pct,
+                min_labelled: cli.rollback_min_labelled,
+                accuracy_margin_pct: cli.rollback_accuracy_margin_pct,
             },
             heartbeat_timeout: std::time::Duration::from_millis(cli.heartbeat_timeout_ms),
             // max_replicas 0: each node's cores.

@@ -314,9 +314,18 @@ pub struct Window {
     pub replicas: u64,
     /// Its share of versionless traffic, averaged over the nodes that serve it, in percent.
     pub weight_pct: f64,
+    /// Rows labelled by feedback.
+    pub labelled: u64,
+    /// Of those, answered right.
+    pub correct: u64,
 }
 
 impl Window {
+    /// Live accuracy in percent, `None` before the first label.
+    pub fn accuracy_pct(&self) -> Option<f64> {
+        (self.labelled > 0).then(|| self.correct as f64 * 100.0 / self.labelled as f64)
+    }
+
     /// Error share in percent.
     pub fn error_pct(&self) -> f64 {
         if self.answered > 0.0 {
@@ -336,16 +345,36 @@ pub struct AnalysisSettings {
     pub error_margin_pct: f64,
     /// Roll back when the canary's p99 exceeds the stable one's by more than this many percent.
     pub p99_margin_pct: f64,
+    /// Fewest labelled rows of each version before accuracy is compared.
+    pub min_labelled: u64,
+    /// Roll back when the canary's accuracy is below the stable one's by more than this many points.
+    pub accuracy_margin_pct: f64,
 }
 
 impl Default for AnalysisSettings {
     fn default() -> Self {
-        AnalysisSettings { min_requests: 20.0, error_margin_pct: 5.0, p99_margin_pct: 100.0 }
+        AnalysisSettings {
+            min_requests: 20.0,
+            error_margin_pct: 5.0,
+            p99_margin_pct: 100.0,
+            min_labelled: 100,
+            accuracy_margin_pct: 5.0,
+        }
     }
 }
 
 /// Why the canary should be rolled back, with the figures, or `None`.
 pub fn analyse(stable: &Window, canary: &Window, settings: &AnalysisSettings) -> Option<String> {
+    // Accuracy needs labels on both sides, however few requests the canary answered so far.
+    if let (Some(sa), Some(ca)) = (stable.accuracy_pct(), canary.accuracy_pct()) {
+        let enough = stable.labelled >= settings.min_labelled && canary.labelled >= settings.min_labelled;
+        if enough && ca < sa - settings.accuracy_margin_pct {
+            return Some(format!(
+                "canary accuracy {ca:.1}% vs stable {sa:.1}% over {} labelled canary rows (margin {:.1} points)",
+                canary.labelled, settings.accuracy_margin_pct
+            ));
+        }
+    }
     if canary.answered < settings.min_requests {
         return None;
     }
@@ -553,6 +582,25 @@ mod tests {
         ];
         for (stable, canary, want, why) in cases {
             assert_eq!(analyse(&stable, &canary, &s).is_some(), want, "{why}");
+        }
+        // Accuracy from feedback: (stable labelled/correct, canary labelled/correct, roll back).
+        let a = |labelled: u64, correct: u64| Window {
+            answered: 1000.0,
+            p99_ms: Some(2.0),
+            labelled,
+            correct,
+            ..Window::default()
+        };
+        let accuracy = [
+            (a(500, 485), a(500, 400), true, "80% vs 97%"),
+            (a(500, 485), a(500, 470), false, "94% vs 97%: within 5 points"),
+            (a(500, 485), a(50, 10), false, "too few canary labels"),
+            (a(50, 49), a(500, 400), false, "too few stable labels"),
+            (a(0, 0), a(500, 100), false, "no stable labels"),
+        ];
+        for (stable, canary, want, why) in accuracy {
+            let got = analyse(&stable, &canary, &s);
+            assert_eq!(got.is_some(), want, "{why}: {got:?}");
         }
     }
 }

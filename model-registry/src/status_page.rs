@@ -72,6 +72,7 @@ pub fn start(replica: Arc<Replica>, addr: &str, token: Option<&str>) -> std::io:
                     .app_data(token.clone())
                     .route("/", web::get().to(page))
                     .route("/api/status", web::get().to(status))
+                    .route("/metrics", web::get().to(metrics))
             })
             .workers(1)
             .disable_signals()
@@ -91,6 +92,14 @@ async fn page(token: web::Data<PageToken>, req: HttpRequest) -> HttpResponse {
         return denied();
     }
     HttpResponse::Ok().content_type("text/html; charset=utf-8").body(PAGE)
+}
+
+/// The fleet's quality per model version (drift, live accuracy), in Prometheus' text format.
+async fn metrics(replica: web::Data<Arc<Replica>>, token: web::Data<PageToken>, req: HttpRequest) -> HttpResponse {
+    if !token.admits(&req) {
+        return denied();
+    }
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(replica.current().quality_metrics())
 }
 
 async fn status(replica: web::Data<Arc<Replica>>, token: web::Data<PageToken>, req: HttpRequest) -> HttpResponse {

@@ -125,3 +125,101 @@ fn held_out_digits_show_no_drift_and_brightened_ones_drift_on_the_right_features
     eprintln!("{}", String::from_utf8_lossy(&f.cli_as(&r, "operator", &["drift", "digits"]).stdout));
     assert!(table.contains("digits-shifted:1: drift") && table.contains("DRIFT"), "{table}");
 }
+
+/// Sends each row alone with id `<prefix>-<n>`; returns the version that answered each.
+fn send_rows(base: &str, rows: &[Vec<f32>], prefix: &str) -> Vec<String> {
+    let a = client();
+    rows.iter()
+        .enumerate()
+        .map(|(n, row)| {
+            let body = json!({
+                "id": format!("{prefix}-{n}"),
+                "inputs": [{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": row }],
+            });
+            let reply = post(&a, &format!("{base}/v2/models/digits/infer"), body.to_string().as_bytes(), None);
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            reply.json()["model_version"].as_str().expect("version").to_string()
+        })
+        .collect()
+}
+
+/// Posts feedback to `model` at `base`; returns the status and the answer.
+fn feedback(base: &str, model: &str, body: &Value) -> (u16, Value) {
+    let reply = post(&client(), &format!("{base}/v2/models/{model}/feedback"), body.to_string().as_bytes(), None);
+    (reply.status, reply.json())
+}
+
+#[test]
+fn a_canary_worse_on_the_digits_is_rolled_back_on_accuracy_from_feedback() {
+    let f = Fabric::new("accuracy");
+    // Latency is not what this test is about: its margin is set wide, so only accuracy can roll back.
+    let registry = f.registry("127.0.0.1:0", &["--rollback-p99-margin-pct", "10000"]);
+    let r = registry.addr.clone();
+    let edge = f.edge("edge-1", &r, &[]);
+    f.cli(&r, &["model", "push", "digits", &model("digits")]);
+    f.cli(&r, &["deploy", "digits", "--to", "edge"]);
+    // Version 2: the same network trained with every 3 and 5 labelled 8 (as fast, and wrong more often).
+    f.cli(&r, &["model", "push", "digits", &model("digits_mislabelled")]);
+    f.cli(&r, &["rollout", "canary", "digits", "2", "--weight", "50", "--auto-rollback"]);
+    wait_for("the edge routing half to the canary", Duration::from_secs(60), || {
+        let status = f.cli(&r, &["rollout", "status", "digits"]);
+        status["nodes"][0]["policy"]["weights"] == json!({ "1": 50, "2": 50 })
+            && status["nodes"][0]["converged"] == true
+    });
+
+    // Feedback's precise errors, and what it does not count.
+    let (rows, truth) = held_out();
+    send_rows(&edge.addr, &rows[..2], "probe");
+    let (status, answer) = feedback(
+        &edge.addr,
+        "digits",
+        &json!({ "feedback": [
+            { "id": "probe-0", "label": truth[0] },
+            { "id": "probe-1", "labels": [1, 2] },
+            { "id": "never-sent", "label": 3 },
+            { "id": "probe-0", "label": truth[0] },
+        ]}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["labelled"], 1, "{answer}");
+    assert_eq!(answer["unknown"], json!(["never-sent", "probe-0"]), "labelled once only: {answer}");
+    assert!(answer["refused"][0]["error"].as_str().is_some_and(|e| e.contains("1 row(s) but 2 label(s)")), "{answer}");
+    let (status, answer) = feedback(&edge.addr, "digits", &json!({ "labels": [1] }));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().is_some_and(|e| e.contains("\"feedback\"")), "{answer}");
+    let (status, _) = feedback(&edge.addr, "no-such-model", &json!({ "feedback": [] }));
+    assert_eq!(status, 404);
+
+    // Held-out digits one at a time, each labelled afterwards, until the registry rolls back.
+    let mut answered_by = std::collections::BTreeMap::<String, usize>::new();
+    for round in 0..5 {
+        let prefix = format!("r{round}");
+        let versions = send_rows(&edge.addr, &rows, &prefix);
+        for v in versions {
+            *answered_by.entry(v).or_default() += 1;
+        }
+        let labels: Vec<Value> =
+            truth.iter().enumerate().map(|(n, t)| json!({ "id": format!("{prefix}-{n}"), "label": t })).collect();
+        let (status, answer) = feedback(&edge.addr, "digits", &json!({ "feedback": labels }));
+        assert_eq!((status, answer["labelled"].as_u64()), (200, Some(rows.len() as u64)), "{answer}");
+        assert_eq!(answer["unknown"], json!([]), "{answer}");
+        let rolled_back =
+            || f.cli(&r, &["rollout", "status", "digits"])["rollout"]["auto_rolled_back"].as_str().map(str::to_string);
+        let waited = std::time::Instant::now();
+        while rolled_back().is_none() && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(why) = rolled_back() {
+            assert!(why.contains("canary accuracy"), "rolled back on accuracy: {why}");
+            let status = f.cli(&r, &["rollout", "status", "digits"]);
+            assert!(status["rollout"]["canary"].is_null(), "{status}");
+            // Rolled back while both answered without errors.
+            assert!(answered_by.get("1").is_some_and(|n| *n > 100) && answered_by.get("2").is_some_and(|n| *n > 100));
+            eprintln!("rolled back after {} labelled rows ({answered_by:?}): {why}", (round + 1) * rows.len());
+            // Every request from here on goes to the stable version.
+            assert!(send_rows(&edge.addr, &rows[..20], "after").iter().all(|v| v == "1"));
+            return;
+        }
+    }
+    panic!("no rollback on accuracy after 5 rounds: {}", f.cli(&r, &["rollout", "status", "digits"]));
+}

@@ -64,6 +64,10 @@ pub struct Metrics {
     pub client_requests: IntCounterVec,
     /// Inference requests by model, priority and outcome.
     pub priority_requests: IntCounterVec,
+    /// Rows labelled by feedback, by model, version and outcome (correct, wrong).
+    pub feedback_labels: IntCounterVec,
+    /// Feedback for request ids with no prediction kept (unknown, forgotten, labelled already), by model.
+    pub feedback_unknown: IntCounterVec,
     /// Time a request waited in the queue, by model, version and priority, in seconds.
     pub priority_queue_duration: HistogramVec,
 }
@@ -168,6 +172,16 @@ impl Metrics {
                 "hub_uplink_bytes_per_second",
                 "Uplink rate to the hub as this edge's transfers showed it, in bytes a second",
                 &["hub"],
+            ),
+            feedback_labels: counter(
+                "feedback_labels_total",
+                "Rows labelled by feedback, by model, version and outcome (correct: the label is the class the version answered)",
+                &["model", "version", "outcome"],
+            ),
+            feedback_unknown: counter(
+                "feedback_unknown_total",
+                "Feedback for request ids with no prediction kept (unknown, forgotten, or labelled already)",
+                &["model"],
             ),
             priority_requests: counter(
                 "priority_requests_total",

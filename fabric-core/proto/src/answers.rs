@@ -321,6 +321,12 @@ pub struct WindowFigures {
     pub error_pct: f64,
     /// The 99th percentile over every node's answers, milliseconds.
     pub p99_ms: Option<f64>,
+    /// Rows labelled by feedback over the nodes' windows.
+    #[serde(default)]
+    pub labelled: u64,
+    /// Of those, the share answered right, percent (`None` before the first label).
+    #[serde(default)]
+    pub accuracy_pct: Option<f64>,
 }
 
 /// The canary against the stable version.
@@ -478,6 +484,12 @@ pub struct LiveVersion {
     pub p99_ms: Option<f64>,
     /// Replicas ready, all nodes.
     pub replicas: u64,
+    /// Live accuracy from feedback, percent (`None` before the first label).
+    #[serde(default)]
+    pub accuracy_pct: Option<f64>,
+    /// Drift verdict against its reference (`none`, `drift`, `not_enough_data`; `None`: no reference).
+    #[serde(default)]
+    pub drift: Option<String>,
 }
 
 /// One model in the overview.

@@ -192,7 +192,8 @@ enum RolloutCommand {
         /// Percent of requests (0-100)
         #[arg(long)]
         weight: u32,
-        /// Roll back by itself when the canary's errors or p99 latency are worse than the stable version's
+        /// Roll back by itself when the canary's errors, p99 latency or live accuracy (from feedback)
+        /// are worse than the stable version's
         #[arg(long)]
         auto_rollback: bool,
     },
@@ -712,7 +713,16 @@ fn show_status(v: &RolloutStatus) {
     if let Some(a) = &v.analysis {
         let sides = if v.waves.is_some() { ["others", "moved"] } else { ["stable", "canary"] };
         for (side, w) in [(sides[0], &a.stable), (sides[1], &a.canary)] {
-            println!("  {side:<6} requests {} errors {:.1}% p99 {} ms", w.requests, w.error_pct, opt(w.p99_ms));
+            let accuracy = match w.accuracy_pct {
+                Some(a) => format!(" accuracy {a:.1}% of {} labelled", w.labelled),
+                None => String::new(),
+            };
+            println!(
+                "  {side:<6} requests {} errors {:.1}% p99 {} ms{accuracy}",
+                w.requests,
+                w.error_pct,
+                opt(w.p99_ms)
+            );
         }
     }
     let s = &v.summary;

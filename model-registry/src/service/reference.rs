@@ -1,7 +1,7 @@
 //! Reference samples for drift: a sample of a version's inputs (`.npy`, or `.npz` as numpy's
 //! `savez` writes it) binned into the version's reference statistics, with the model's own
-//! predictions on it (run here with tract); and the drift view, the nodes' live counts merged per
-//! version and judged against those statistics.
+//! predictions on it (run here with tract); the drift view, the nodes' live counts merged per
+//! version and judged against those statistics; and both, with live accuracy, as Prometheus metrics.
 
 use std::io::Read;
 
@@ -11,6 +11,7 @@ use fabric_proto::answers::VersionReference;
 use fabric_types::tensor::{NamedTensor, Tensor};
 use fabric_types::DataType;
 
+use super::views::window;
 use super::*;
 
 /// Largest reference sample taken.
@@ -115,6 +116,78 @@ impl Registry {
             .flat_map(|v| v.values())
             .find_map(|m| m.reference.as_ref().filter(|r| r.digest == digest));
         found.map(VersionReference::bytes)
+    }
+
+    /// Every version's drift and live accuracy over the fleet, in Prometheus' text format: what the
+    /// status page's `/metrics` serves (docs/metrics.md lists them).
+    pub fn quality_metrics(&self) -> String {
+        use prometheus::{Encoder, GaugeVec, Opts, Registry as Metrics, TextEncoder};
+        let metrics = Metrics::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Option<GaugeVec> {
+            let g = GaugeVec::new(Opts::new(format!("fabric_{name}"), help), labels).ok()?;
+            metrics.register(Box::new(g.clone())).ok()?;
+            Some(g)
+        };
+        let mv = &["model", "version"];
+        let rows = gauge("drift_rows", "Live rows in the nodes' drift windows (5-10 minutes)", mv);
+        let drifted =
+            gauge("drift_features_drifted", "Features whose corrected Jensen-Shannon distance is 0.1 or more", mv);
+        let max_js = gauge("drift_max_js_distance", "The largest corrected Jensen-Shannon distance of any feature", mv);
+        let feature_js = gauge(
+            "drift_feature_js_distance",
+            "Corrected Jensen-Shannon distance of the 5 most drifted features",
+            &["model", "version", "feature"],
+        );
+        let feature_psi =
+            gauge("drift_feature_psi", "PSI of the 5 most drifted features", &["model", "version", "feature"]);
+        let prediction_js =
+            gauge("drift_prediction_js_distance", "Corrected Jensen-Shannon distance of the predicted classes", mv);
+        let prediction_psi = gauge("drift_prediction_psi", "PSI of the predicted classes", mv);
+        let labelled = gauge("feedback_labelled", "Rows labelled by feedback in the nodes' windows (5-10 minutes)", mv);
+        let accuracy = gauge("live_accuracy_ratio", "Share of labelled rows answered right (0-1)", mv);
+        let (state, timeout) = (self.state(), self.settings.heartbeat_timeout);
+        for (name, versions) in &state.models {
+            for &v in versions.keys() {
+                let w = window(&self.fleet, name, v, timeout);
+                let version = v.to_string();
+                let labels = [name.as_str(), version.as_str()];
+                if let (Some(g), Some(a)) = (&accuracy, w.accuracy_pct()) {
+                    g.with_label_values(&labels).set(a / 100.0);
+                }
+                if let Some(g) = &labelled {
+                    g.with_label_values(&labels).set(w.labelled as f64);
+                }
+            }
+            let Ok(view) = self.drift(name) else { continue };
+            for d in &view.versions {
+                let version = d.version.to_string();
+                let labels = [name.as_str(), version.as_str()];
+                let j = &d.judgement;
+                let set = |g: &Option<GaugeVec>, value: f64| {
+                    if let Some(g) = g {
+                        g.with_label_values(&labels).set(value);
+                    }
+                };
+                set(&rows, j.rows as f64);
+                set(&drifted, j.drifted_features as f64);
+                set(&max_js, j.features.first().map_or(0.0, |f| f.score.js));
+                if let Some(p) = j.prediction {
+                    set(&prediction_js, p.js);
+                    set(&prediction_psi, p.psi);
+                }
+                for f in j.features.iter().take(5) {
+                    let feature = f.feature.to_string();
+                    let labels = [name.as_str(), version.as_str(), feature.as_str()];
+                    if let (Some(js), Some(psi)) = (&feature_js, &feature_psi) {
+                        js.with_label_values(&labels).set(f.score.js);
+                        psi.with_label_values(&labels).set(f.score.psi);
+                    }
+                }
+            }
+        }
+        let mut text = Vec::new();
+        let _ = TextEncoder::new().encode(&metrics.gather(), &mut text);
+        String::from_utf8(text).unwrap_or_default()
     }
 
     /// `name`'s drift per version with a reference, over the counts of the nodes that serve it.

@@ -134,6 +134,10 @@ impl Registry {
             .map(|(name, versions)| {
                 // Each version's figures over the nodes' last reports, summed once here for every
                 // viewer (the status page, `fabric top`).
+                let drift = self.drift(name).ok();
+                let verdict = |v: u64| {
+                    drift.as_ref()?.versions.iter().find(|d| d.version == v).map(|d| d.judgement.verdict.clone())
+                };
                 let live = versions
                     .keys()
                     .map(|&v| {
@@ -146,6 +150,8 @@ impl Registry {
                             p50_ms: w.p50_ms,
                             p99_ms: w.p99_ms,
                             replicas: w.replicas,
+                            accuracy_pct: w.accuracy_pct(),
+                            drift: verdict(v),
                         }
                     })
                     .collect();
@@ -268,6 +274,10 @@ pub(super) fn window(fleet: &Fleet, name: &str, version: u64, timeout: Duration)
             latency.add(&v.window.latency);
             w.replicas += v.ready_replicas as u64;
             w.weight_pct += v.weight_pct;
+            if let Some(f) = &v.feedback {
+                w.labelled += f.labelled;
+                w.correct += f.correct;
+            }
             serving += 1;
         }
     });
@@ -280,5 +290,11 @@ pub(super) fn window(fleet: &Fleet, name: &str, version: u64, timeout: Duration)
 }
 
 pub(super) fn figures(w: &Window) -> WindowFigures {
-    WindowFigures { requests: w.answered.round(), error_pct: w.error_pct(), p99_ms: w.p99_ms }
+    WindowFigures {
+        requests: w.answered.round(),
+        error_pct: w.error_pct(),
+        p99_ms: w.p99_ms,
+        labelled: w.labelled,
+        accuracy_pct: w.accuracy_pct(),
+    }
 }

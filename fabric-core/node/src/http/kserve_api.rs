@@ -26,6 +26,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     // match (10% of the CPU at 38k req/s when infer came last, measured with perf).
     cfg.route("/v2/models/{model}/infer", web::post().to(infer))
         .route("/v2/models/{model}/versions/{version}/infer", web::post().to(infer))
+        .route("/v2/models/{model}/feedback", web::post().to(feedback))
         .route("/v2/health/live", web::get().to(live))
         .route("/v2/health/ready", web::get().to(ready))
         .route("/v2", web::get().to(server_metadata))
@@ -244,6 +245,90 @@ fn authorization(req: &HttpRequest) -> Option<&str> {
 /// The client-key check of a read about `model` (`None`: about the repository).
 fn may_read(state: &HttpState, req: &HttpRequest, model: Option<&str>) -> Result<(), HttpResponse> {
     state.clients.check(authorization(req), model, &state.metrics).map_err(|e| ApiError::from(e).response())
+}
+
+/// Most labels one feedback request may carry.
+const MAX_FEEDBACK: usize = 10_000;
+
+/// One request's true labels: `label` for a one-row request, `labels` (one per row) for any.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Labelled {
+    id: String,
+    #[serde(default)]
+    label: Option<i64>,
+    #[serde(default)]
+    labels: Option<Vec<i64>>,
+}
+
+/// `POST /v2/models/{model}/feedback` with `{"feedback": [{"id": "...", "label": 3}, ...]}`: the true
+/// labels of answered requests, by the id the request carried, counted into the live accuracy of
+/// the version that answered each. Ids with no prediction kept (unknown, forgotten after 100,000
+/// newer ones, labelled already) are listed back, not counted.
+async fn feedback(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let name = req.match_info().get("model").unwrap_or_default().to_string();
+    if let Err(response) = may_read(&state, &req, Some(&name)) {
+        return response;
+    }
+    if let Err(e) = infer::known(&state, &name, None) {
+        return e.response();
+    }
+    let body = match read_json(&state, &req, payload).await {
+        Ok(v) => v,
+        Err(e) => return e.response(),
+    };
+    let invalid = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", message).response();
+    let items: Vec<Labelled> = match serde_json::from_value(body["feedback"].clone()) {
+        Ok(items) => items,
+        Err(e) => {
+            return invalid(format!(
+                "feedback must be {{\"feedback\": [{{\"id\": REQUEST_ID, \"label\": CLASS}} or {{\"id\": REQUEST_ID, \"labels\": [CLASS, ...]}}, ...]}}: {e}"
+            ))
+        }
+    };
+    if items.len() > MAX_FEEDBACK {
+        return invalid(format!("{} labels in one request; send at most {MAX_FEEDBACK}", items.len()));
+    }
+    let versions = state.models.versions(&name);
+    let now = Instant::now();
+    let (mut labelled, mut correct) = (0u64, 0u64);
+    let mut unknown = Vec::new();
+    let mut refused = Vec::new();
+    for item in items {
+        let labels = match (item.label, item.labels) {
+            (Some(l), None) => vec![l],
+            (None, Some(ls)) if !ls.is_empty() => ls,
+            _ => {
+                refused.push(json!({ "id": item.id, "error": "give either label or labels (one per row)" }));
+                continue;
+            }
+        };
+        let Some(version) = versions.iter().find(|m| m.quality.knows(&item.id)) else {
+            state.metrics.feedback_unknown.with_label_values(&[name.as_str()]).inc();
+            unknown.push(item.id);
+            continue;
+        };
+        match version.quality.feedback(now, &item.id, &labels) {
+            Ok(Some(right)) => {
+                labelled += labels.len() as u64;
+                correct += right;
+                let v = version.version_str();
+                let counter =
+                    |outcome: &str| state.metrics.feedback_labels.with_label_values(&[name.as_str(), &v, outcome]);
+                counter("correct").inc_by(right);
+                counter("wrong").inc_by(labels.len() as u64 - right);
+            }
+            Ok(None) => unknown.push(item.id),
+            Err(e) => refused.push(json!({ "id": item.id, "error": e.to_string() })),
+        }
+    }
+    HttpResponse::Ok().json(json!({
+        "model_name": name,
+        "labelled": labelled,
+        "correct": correct,
+        "unknown": unknown,
+        "refused": refused,
+    }))
 }
 
 async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
