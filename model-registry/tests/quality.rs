@@ -61,7 +61,7 @@ fn drift_of(f: &Fabric, registry: &str, name: &str, version: u64) -> Value {
 #[test]
 fn held_out_digits_show_no_drift_and_brightened_ones_drift_on_the_right_features() {
     let f = Fabric::new("drift");
-    let registry = f.registry("127.0.0.1:0", &[]);
+    let (registry, page) = f.registry_with_page("127.0.0.1:0", &[]);
     let r = registry.addr.clone();
     let edge = f.edge("edge-1", &r, &[]);
     let sample = reference::build_dir().join("reference/digits/train.npz");
@@ -118,6 +118,24 @@ fn held_out_digits_show_no_drift_and_brightened_ones_drift_on_the_right_features
     assert!(drifted.len() >= 24, "most of the 32 brightened features drift: {drifted:?}");
     assert!(drifted.iter().all(|f| f % 8 < 4), "only brightened features drift: {drifted:?}");
     assert_eq!(shifted["prediction"]["drifted"], true, "{shifted}");
+    // The registry's /metrics says the same, for Prometheus and the alert rules.
+    let metrics = fabric_testkit::http::get(&client(), &format!("{page}/metrics")).text();
+    let line = |prefix: &str| metrics.lines().find(|l| l.starts_with(prefix)).map(str::to_string);
+    let shifted_count = line("fabric_drift_features_drifted{model=\"digits-shifted\",version=\"1\"}");
+    assert_eq!(
+        shifted_count.as_deref().and_then(|l| l.rsplit(' ').next()),
+        Some(drifted.len().to_string().as_str()),
+        "{metrics}"
+    );
+    let same_count = line("fabric_drift_features_drifted{model=\"digits\",version=\"1\"}");
+    assert_eq!(same_count.as_deref().and_then(|l| l.rsplit(' ').next()), Some("0"), "{metrics}");
+    // Every family it exposes is in docs/metrics.md's section on the registry.
+    let page_doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md")).expect("doc");
+    let section = page_doc.split("## The registry's").nth(1).expect("the registry's section");
+    for family in metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()) {
+        let listed = section.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|w| w == family);
+        assert!(listed, "{family} is not in docs/metrics.md");
+    }
     // The table says the same, the most drifted feature first.
     let out = f.cli_as(&r, "operator", &["drift", "digits-shifted"]);
     let table = String::from_utf8_lossy(&out.stdout);
