@@ -302,6 +302,25 @@ def make_wide():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def export_digits(clf):
+    """A digits classifier as ONNX: input float32 [N, 64] -> label int64 [N], probabilities [N, 10]."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    model = convert_sklearn(
+        clf, "digits",
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={type(clf): {"zipmap": False}},
+        target_opset={"": OPSET, "ai.onnx.ml": 3},
+    )
+    model = onnx.load_from_string(model.SerializeToString())
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) > 0 and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "N"
+    return model
+
+
 def make_digits(out):
     """Train an MLP classifier on scikit-learn's bundled digits, export it, save the held-out split."""
     from sklearn.datasets import load_digits
@@ -353,18 +372,11 @@ def make_digits(out):
     # accuracy.
     y_bad = np.where(np.isin(y_train, [3, 5]), 8, y_train)
     bad = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0).fit(x_train, y_bad)
-    bad_model = convert_sklearn(
-        bad, "digits",
-        initial_types=[("input", FloatTensorType([None, 64]))],
-        options={type(bad): {"zipmap": False}},
-        target_opset={"": OPSET, "ai.onnx.ml": 3},
-    )
-    bad_model = onnx.load_from_string(bad_model.SerializeToString())
-    for value in list(bad_model.graph.input) + list(bad_model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) > 0 and not dims[0].HasField("dim_value"):
-            dims[0].dim_param = "N"
-    save_model(bad_model, os.path.join(out, "models", "digits_mislabelled", "1", "model.onnx"))
+    save_model(export_digits(bad), os.path.join(out, "models", "digits_mislabelled", "1", "model.onnx"))
+    # The small model of a cascade on the digits: 4 hidden units, 310 parameters (the MLP above has
+    # 4,810), confident about most digits and escalating the rest to the big one.
+    small = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3000, random_state=0).fit(x_train, y_train)
+    save_model(export_digits(small), os.path.join(out, "models", "digits_small", "1", "model.onnx"))
     return accuracy, len(y_test)
 
 

@@ -150,7 +150,7 @@ async fn a_fabric_peer_that_is_not_a_hub_is_never_used() {
         fabric_types::Tensor::from_vec(vec![1, 3, 64, 64], vec![0.5f32; 3 * 64 * 64]).expect("tensor"),
     )];
     let deadline = Instant::now() + Duration::from_secs(1);
-    let err = match offload.infer("cnn", 1, &inputs, deadline).await {
+    let err = match offload.infer("cnn", Some(1), &inputs, deadline).await {
         Ok(_) => panic!("served by a peer that is not a hub"),
         Err(e) => e.to_string(),
     };

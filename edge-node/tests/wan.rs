@@ -143,7 +143,7 @@ async fn an_idle_connection_across_150_ms_and_loss_holds_and_serves_after() {
         "input",
         fabric_types::Tensor::from_vec(vec![1, 3, 64, 64], vec![0.5f32; 3 * 64 * 64]).expect("tensor"),
     )];
-    let answered = offload.infer("cnn", 1, &inputs, Instant::now() + Duration::from_secs(3)).await;
+    let answered = offload.infer("cnn", Some(1), &inputs, Instant::now() + Duration::from_secs(3)).await;
     let served = answered.expect("offloaded after the idle spell");
     assert_eq!(served.served_by, "hub hub-1");
     assert_eq!(offload.connect_attempts(), attempts, "a request after idle needed a new connection");

@@ -28,7 +28,7 @@ fn the_alert_rules_pass_promtool() {
         .expect("promtool runs");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "promtool check rules failed:\n{text}");
-    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 10 rules found"), "{text}");
 }
 
 #[test]
@@ -59,11 +59,14 @@ fn the_systemd_units_verify() {
 fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
     let Some(prometheus) = tool(&["prometheus"]) else { return };
     let f = Fabric::new("prometheus");
-    let registry = f.registry("127.0.0.1:0", &[]);
+    let (registry, page) = f.registry_with_page("127.0.0.1:0", &[]);
     let r = registry.addr.clone();
     let hub = f.hub(&r);
     let edge = f.edge("edge-1", &r, &[]);
     f.cli(&r, &["model", "push", "mlp", &model("mlp")]);
+    // The digits with a reference sample: the registry's drift and accuracy gauges have series.
+    let sample = fabric_testkit::reference::build_dir().join("reference/digits/train.npz");
+    f.cli(&r, &["model", "push", "digits", &model("digits"), "--reference", sample.to_str().expect("path")]);
     f.cli(&r, &["deploy", "mlp", "--to", "all"]);
     let a = client();
     for n in [&edge.addr, &hub.addr] {
@@ -72,10 +75,11 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let host = |url: &str| url.trim_start_matches("http://").to_string();
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: fabric-edge\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: fabric-hub\n    static_configs:\n      - targets: [\"{}\"]\n",
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: fabric-edge\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: fabric-hub\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: fabric-registry\n    static_configs:\n      - targets: [\"{}\"]\n",
         repo().join("ops/prometheus/alerts.yml").display(),
         host(&edge.addr),
-        host(&hub.addr)
+        host(&hub.addr),
+        host(&page)
     );
     std::fs::write(f.dir.join("prometheus.yml"), config).expect("config");
     let child = Command::new(prometheus)
@@ -96,10 +100,10 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or(Value::Null)
     };
-    wait_for("both targets scraped and up", Duration::from_secs(60), || {
+    wait_for("the three targets scraped and up", Duration::from_secs(60), || {
         let targets = api("targets");
         let active = targets["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
-        active.len() == 2 && active.iter().all(|t| t["health"] == "up")
+        active.len() == 3 && active.iter().all(|t| t["health"] == "up")
     });
     wait_for("the edge's requests in Prometheus", Duration::from_secs(60), || {
         let q = api("query?query=fabric_requests_total%7Bjob%3D%22fabric-edge%22%2Cmodel%3D%22mlp%22%7D");
@@ -110,7 +114,7 @@ fn prometheus_scrapes_a_running_fabric_with_the_alert_rules() {
         let groups = rules["data"]["groups"].as_array().cloned().unwrap_or_default();
         groups.iter().any(|g| {
             g["name"] == "fabric"
-                && g["rules"].as_array().is_some_and(|r| r.len() == 7 && r.iter().all(|r| r["health"] == json!("ok")))
+                && g["rules"].as_array().is_some_and(|r| r.len() == 10 && r.iter().all(|r| r["health"] == json!("ok")))
         })
     });
     // Nothing fires on a healthy fabric.

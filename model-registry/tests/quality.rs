@@ -241,3 +241,96 @@ fn a_canary_worse_on_the_digits_is_rolled_back_on_accuracy_from_feedback() {
     }
     panic!("no rollback on accuracy after 5 rounds: {}", f.cli(&r, &["rollout", "status", "digits"]));
 }
+
+/// One row to the cascade's small model at `base` (with `parameters`): status and answer.
+fn cascade_infer(base: &str, row: &[f32], parameters: Value) -> (u16, Value) {
+    let body = json!({
+        "inputs": [{ "name": "input", "shape": [1, 64], "datatype": "FP32", "data": row }],
+        "parameters": parameters,
+    });
+    let reply = post(&client(), &format!("{base}/v2/models/digits-small/infer"), body.to_string().as_bytes(), None);
+    (reply.status, reply.json())
+}
+
+/// An answer's output by name.
+fn output(answer: &Value, name: &str) -> Vec<f64> {
+    let outputs = answer["outputs"].as_array().cloned().unwrap_or_default();
+    let o = outputs.iter().find(|o| o["name"] == name).cloned().unwrap_or(Value::Null);
+    o["data"].as_array().map(|d| d.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
+}
+
+#[test]
+fn a_cascade_answers_sure_digits_on_the_edge_and_escalates_the_rest_to_the_big_model_on_the_hub() {
+    let f = Fabric::new("cascade");
+    let registry = f.registry("127.0.0.1:0", &[]);
+    let r = registry.addr.clone();
+    let mut hub = f.hub(&r);
+    let cascade = "[cascade.digits-small]\nto = \"digits\"\nthreshold = 0.9\n";
+    let edge = f.edge_with("edge-1", &r, &[], Some(cascade));
+    f.cli(&r, &["model", "push", "digits", &model("digits")]);
+    f.cli(&r, &["deploy", "digits", "--to", "hub"]);
+    f.cli(&r, &["model", "push", "digits-small", &model("digits_small")]);
+    f.cli(&r, &["deploy", "digits-small", "--to", "edge"]);
+    let (rows, truth) = held_out();
+    // Once the edge serves the small model and reaches the hub, a request that asks for more
+    // confidence than any answer has escalates.
+    wait_for("an escalation reaching the hub's digits", Duration::from_secs(60), || {
+        let (status, answer) = cascade_infer(&edge.addr, &rows[0], json!({ "cascade_threshold": 1.5 }));
+        status == 200 && answer["parameters"]["cascade"] == "escalated"
+    });
+
+    // The held-out digits at the configured threshold: each answered once, by the model it says.
+    let big = reference::load_case(&reference::build_dir().join("reference/digits/test")).expect("digits case");
+    let big_labels = big
+        .outputs
+        .iter()
+        .find(|o| o.name == "label")
+        .expect("label")
+        .tensor
+        .as_slice::<i64>()
+        .expect("INT64")
+        .to_vec();
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    let mut correct = 0usize;
+    for (n, row) in rows.iter().enumerate() {
+        let (status, answer) = cascade_infer(&edge.addr, row, json!({}));
+        assert_eq!(status, 200, "{answer}");
+        let outcome = answer["parameters"]["cascade"].as_str().expect("cascade outcome").to_string();
+        let label = output(&answer, "label")[0] as i64;
+        let top = output(&answer, "probabilities").into_iter().fold(0.0, f64::max);
+        match outcome.as_str() {
+            "small" => {
+                assert_eq!(answer["parameters"]["answered_by_model"], "digits-small");
+                assert!(top >= 0.9, "a confident answer: {answer}");
+            }
+            "escalated" => {
+                assert_eq!(answer["parameters"]["answered_by_model"], "digits");
+                assert_eq!(answer["parameters"]["served_by"], "hub hub-1");
+                assert_eq!(label, big_labels[n], "the big model's own answer for digit {n}");
+            }
+            "fallback" => assert!(answer["parameters"]["cascade_note"].is_string(), "{answer}"),
+            other => panic!("unknown outcome {other}: {answer}"),
+        }
+        correct += usize::from(label == truth[n]);
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    let escalated = outcomes.get("escalated").copied().unwrap_or(0);
+    eprintln!(
+        "cascade at 0.9: {outcomes:?}, accuracy {:.2}% ({} of 450 escalated)",
+        correct as f64 * 100.0 / rows.len() as f64,
+        escalated
+    );
+    assert!(escalated > 0 && outcomes.get("small").is_some_and(|n| *n > rows.len() / 2), "{outcomes:?}");
+    let (status, answer) = cascade_infer(&edge.addr, &rows[0], json!({ "cascade_threshold": "high" }));
+    assert_eq!(status, 400, "{answer}");
+
+    // The hub gone: an unsure digit gets the small model's answer, saying why, within its deadline.
+    hub.kill();
+    let started = std::time::Instant::now();
+    let (status, answer) =
+        cascade_infer(&edge.addr, &rows[0], json!({ "cascade_threshold": 1.5, "timeout": 2_000_000 }));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["parameters"]["cascade"], "fallback", "{answer}");
+    assert_eq!(answer["parameters"]["answered_by_model"], "digits-small");
+    assert!(started.elapsed() < Duration::from_secs(10), "answered within its deadline's reach");
+}

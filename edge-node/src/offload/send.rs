@@ -11,7 +11,7 @@ impl Offloader {
         link: &HubLink,
         conn: &quinn::Connection,
         model: &str,
-        version: u64,
+        version: Option<u64>,
         inputs: &[NamedTensor],
         deadline: Instant,
     ) -> Result<Vec<NamedTensor>, Attempt> {
@@ -21,7 +21,7 @@ impl Offloader {
             request_id: self.next_id.fetch_add(1, Ordering::Relaxed),
             trace_id: rand_trace(),
             model: model.to_string(),
-            version: Some(version),
+            version,
             budget_us: u64::try_from(deadline.saturating_duration_since(started).as_micros()).unwrap_or(u64::MAX),
             inputs: wire::tensor_headers(inputs),
         };
@@ -114,7 +114,7 @@ impl Overflow for Offloader {
     fn infer<'a>(
         &'a self,
         model: &'a str,
-        version: u64,
+        version: Option<u64>,
         inputs: &'a [NamedTensor],
         deadline: Instant,
     ) -> BoxFuture<'a, Result<Offloaded, OverflowError>> {

@@ -325,6 +325,9 @@ pub struct ServingConfig {
     pub registry: AgentConfig,
     /// Sizing the pools to their load when no registry manages the node.
     pub autoscale: AutoscaleConfig,
+    /// Cascades by the small model's name (`[cascade.NAME]`): what it is not confident about goes to
+    /// a bigger model on the hubs (edges).
+    pub cascade: std::collections::BTreeMap<String, fabric_policy::cascade::Cascade>,
 }
 
 impl ServingConfig {

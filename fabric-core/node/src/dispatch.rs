@@ -11,6 +11,7 @@
 //! 3. Local: with a hub at hand the pool re-checks the wait target on its exact state; what it turns
 //!    away comes back with its inputs and goes to the hub after all ("late offload").
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::models::ServedModel;
 use crate::pool::{PoolError, Refused};
 use fabric_policy::admission::{Admission, OffloadView};
+use fabric_policy::cascade::{self, Cascade};
 use fabric_types::tensor::NamedTensor;
 
 /// Why a request could not be served elsewhere.
@@ -50,11 +52,12 @@ pub trait Overflow: Send + Sync {
     fn always(&self) -> bool {
         false
     }
-    /// Serves one request elsewhere, answering by the deadline.
+    /// Serves one request elsewhere (`version` `None`: whichever the hub routes to), answering by
+    /// the deadline.
     fn infer<'a>(
         &'a self,
         model: &'a str,
-        version: u64,
+        version: Option<u64>,
         inputs: &'a [NamedTensor],
         deadline: Instant,
     ) -> BoxFuture<'a, Result<Offloaded, OverflowError>>;
@@ -88,12 +91,88 @@ pub struct Dispatcher {
     server_name: String,
     overflow: Option<Arc<dyn Overflow>>,
     metrics: Metrics,
+    /// Cascades by the small model's name.
+    cascades: BTreeMap<String, Arc<Cascade>>,
+}
+
+/// What a cascade did with a request its small model answered here.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cascaded {
+    /// The model whose outputs the answer carries.
+    pub answered_by: String,
+    /// `small` (confident), `escalated` (the big model answered), `fallback` (not confident, but the
+    /// big model could not answer in time: the small model's answer, with the reason).
+    pub outcome: &'static str,
+    /// Why it fell back.
+    pub note: Option<String>,
 }
 
 impl Dispatcher {
     /// A dispatcher for the node `server_name`, with somewhere to send overflow or not.
     pub fn new(server_name: &str, overflow: Option<Arc<dyn Overflow>>, metrics: Metrics) -> Dispatcher {
-        Dispatcher { server_name: server_name.to_string(), overflow, metrics }
+        Dispatcher { server_name: server_name.to_string(), overflow, metrics, cascades: BTreeMap::new() }
+    }
+
+    /// The same with cascades by the small model's name.
+    pub fn with_cascades(mut self, cascades: &BTreeMap<String, Cascade>) -> Dispatcher {
+        self.cascades = cascades.iter().map(|(k, v)| (k.clone(), Arc::new(v.clone()))).collect();
+        self
+    }
+
+    /// The cascade from `model`, if it is the small model of one.
+    pub fn cascade(&self, model: &str) -> Option<Arc<Cascade>> {
+        self.cascades.get(model).cloned()
+    }
+
+    /// A cascade's second step: `done` (the small model's answer, served here) stands when it is
+    /// confident about every row; otherwise `inputs` go to the big model on a hub by `deadline`, and
+    /// when no hub can answer in time the small model's answer stands, saying why.
+    pub async fn escalate(
+        &self,
+        model: &ServedModel,
+        cascade: &Cascade,
+        done: Dispatched,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+    ) -> (Dispatched, Cascaded) {
+        let small = |outcome, note| Cascaded { answered_by: model.name.clone(), outcome, note };
+        let counted = |c: Cascaded| {
+            self.metrics.cascades.with_label_values(&[model.name.as_str(), c.outcome]).inc();
+            c
+        };
+        let scores = match &cascade.output {
+            Some(name) => done.outputs.iter().find(|o| &o.name == name),
+            None => done.outputs.iter().find(|o| {
+                matches!(o.tensor.dtype(), fabric_types::DataType::Fp32 | fabric_types::DataType::Fp64)
+                    && o.tensor.shape().len() == 2
+                    && o.tensor.shape()[1] > 1
+            }),
+        };
+        let Some((values, per_row)) = scores.and_then(|s| {
+            let per_row = s.tensor.shape().get(1).copied()?;
+            Some((fabric_policy::drift::values_f64(&s.tensor)?, per_row))
+        }) else {
+            let note = format!("no scores output to read confidence from (set [cascade.{}] output)", model.name);
+            return (done, counted(small("fallback", Some(note))));
+        };
+        if !cascade::escalates(&values, per_row, cascade) {
+            return (done, counted(small("small", None)));
+        }
+        let Some(overflow) = &self.overflow else {
+            return (done, counted(small("fallback", Some("no hub to escalate to".into()))));
+        };
+        match overflow.infer(&cascade.to, None, &inputs, deadline).await {
+            Ok(big) => {
+                let answered = Cascaded { answered_by: cascade.to.clone(), outcome: "escalated", note: None };
+                let done =
+                    Dispatched { outputs: big.outputs, served_by: big.served_by, batch_rows: None, finished: None };
+                (done, counted(answered))
+            }
+            Err(e) => {
+                tracing::debug!(model = %model.name, to = %cascade.to, "escalation failed, the small model's answer stands: {e}");
+                (done, counted(small("fallback", Some(format!("{} could not answer in time: {e}", cascade.to)))))
+            }
+        }
     }
 
     /// Where overflow goes, if anywhere.
@@ -132,7 +211,7 @@ impl Dispatcher {
             }
             (Admission::Offload, _) => {
                 self.count(model, "offload");
-                match overflow.infer(&model.name, model.version, &inputs, hub_deadline).await {
+                match overflow.infer(&model.name, Some(model.version), &inputs, hub_deadline).await {
                     Ok(done) => Ok(Dispatched {
                         outputs: done.outputs,
                         served_by: done.served_by,
@@ -176,7 +255,7 @@ impl Dispatcher {
         priority: u8,
     ) -> Result<Dispatched, DispatchError> {
         self.count(model, "late_offload");
-        match overflow.infer(&model.name, model.version, &inputs, deadline).await {
+        match overflow.infer(&model.name, Some(model.version), &inputs, deadline).await {
             Ok(done) => {
                 Ok(Dispatched { outputs: done.outputs, served_by: done.served_by, batch_rows: None, finished: None })
             }

@@ -177,6 +177,13 @@ impl GrpcFace {
             if let Some(rows) = o.batch_rows {
                 parameters.insert("batch_rows".to_string(), kserve_grpc::int_parameter(rows as i64));
             }
+            if let Some(c) = o.cascade {
+                parameters.insert("answered_by_model".to_string(), kserve_grpc::string_parameter(c.answered_by));
+                parameters.insert("cascade".to_string(), kserve_grpc::string_parameter(c.outcome.to_string()));
+                if let Some(note) = c.note {
+                    parameters.insert("cascade_note".to_string(), kserve_grpc::string_parameter(note));
+                }
+            }
             kserve_grpc::encode_infer(
                 &model.name,
                 &model.version_str(),

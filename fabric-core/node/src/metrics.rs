@@ -64,6 +64,8 @@ pub struct Metrics {
     pub client_requests: IntCounterVec,
     /// Inference requests by model, priority and outcome.
     pub priority_requests: IntCounterVec,
+    /// Requests a cascade's small model answered here, by model and outcome (small, escalated, fallback).
+    pub cascades: IntCounterVec,
     /// Rows labelled by feedback, by model, version and outcome (correct, wrong).
     pub feedback_labels: IntCounterVec,
     /// Feedback for request ids with no prediction kept (unknown, forgotten, labelled already), by model.
@@ -172,6 +174,11 @@ impl Metrics {
                 "hub_uplink_bytes_per_second",
                 "Uplink rate to the hub as this edge's transfers showed it, in bytes a second",
                 &["hub"],
+            ),
+            cascades: counter(
+                "cascade_total",
+                "Requests a cascade's small model answered here, by outcome: small (confident), escalated (the big model on a hub answered), fallback (not confident, no hub answered in time)",
+                &["model", "outcome"],
             ),
             feedback_labels: counter(
                 "feedback_labels_total",

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod batching;
 pub mod cache;
 pub mod cadence;
+pub mod cascade;
 pub mod drift;
 pub mod engine_choice;
 pub mod gpu;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::state::{ApiError, HttpState};
-use crate::dispatch::DispatchError;
+use crate::dispatch::{Cascaded, DispatchError};
 use crate::load_report::Outcome;
 use crate::models::ServedModel;
 use crate::pool::{PoolError, MAX_PRIORITY, PRIORITY_LABELS};
@@ -27,6 +27,8 @@ pub struct Outputs {
     pub served_by: String,
     /// Rows in the batch it ran in, when served here.
     pub batch_rows: Option<usize>,
+    /// What the model's cascade did, when it is the small model of one.
+    pub cascade: Option<Cascaded>,
 }
 
 /// The model version a request names, before its body is read (unknown ones are answered first).
@@ -71,6 +73,22 @@ pub async fn serve<R>(
         state.metrics.request_success.with_label_values(&[model.name.as_str(), &version]).inc_by(latency);
     }
     (model, result)
+}
+
+/// The model's cascade as this request has it: its `cascade_threshold` parameter, when it gives one,
+/// in place of the configured threshold (to measure the trade-off, or for a caller that needs surer
+/// answers).
+fn cascade_of(
+    request: &DecodedRequest,
+    cascade: Arc<fabric_policy::cascade::Cascade>,
+) -> Result<Arc<fabric_policy::cascade::Cascade>, ApiError> {
+    match request.parameters.get("cascade_threshold") {
+        None => Ok(cascade),
+        Some(v) => match v.as_f64().filter(|t| t.is_finite()) {
+            Some(threshold) => Ok(Arc::new(fabric_policy::cascade::Cascade { threshold, ..(*cascade).clone() })),
+            None => Err(ApiError::invalid(format!("parameter cascade_threshold must be a number, got {v}"))),
+        },
+    }
 }
 
 /// The request's priority: its `priority` parameter (1 most urgent to 9), else the model's default.
@@ -146,10 +164,23 @@ async fn dispatch(
     // The input its reference samples, kept to count once answered (at most 1,024 values a row).
     let watched =
         model.quality.watched_input().and_then(|name| request.inputs.iter().find(|t| t.name == name).cloned());
+    // A cascade's small model keeps the inputs, for the big model if it is not confident.
+    let cascade = match state.dispatcher.cascade(&model.name) {
+        Some(c) => Some((cascade_of(&request, c)?, request.inputs.clone())),
+        None => None,
+    };
     let done = state.dispatcher.infer(model, request.inputs, deadline, priority).await.map_err(|e| match e {
         DispatchError::Pool(e) => ApiError::from(e),
         DispatchError::Invalid(msg) => ApiError::invalid(msg),
     })?;
+    // Only an answer computed here: a hub that took the small model's overflow answered already.
+    let (done, cascaded) = match cascade {
+        Some((c, inputs)) if done.batch_rows.is_some() => {
+            let (done, cascaded) = state.dispatcher.escalate(model, &c, done, inputs, deadline).await;
+            (done, Some(cascaded))
+        }
+        _ => (done, None),
+    };
     model.quality.observe(Instant::now(), request.id.as_deref(), watched.as_ref(), &done.outputs);
     if let Some(tx) = compare {
         let _ = tx.send(done.outputs.clone());
@@ -160,6 +191,7 @@ async fn dispatch(
         outputs: done.outputs,
         served_by: done.served_by,
         batch_rows: done.batch_rows,
+        cascade: cascaded,
     };
     Ok((outputs, done.finished))
 }

@@ -227,12 +227,21 @@ fn finish(
     selection: &kserve::OutputSelection,
     served_by: String,
     batch_rows: Option<usize>,
+    cascade: Option<crate::dispatch::Cascaded>,
     outputs: Vec<NamedTensor>,
 ) -> Result<kserve::EncodedResponse, ApiError> {
     let mut parameters: Map<String, Value> = Map::new();
     parameters.insert("served_by".into(), Value::from(served_by));
     if let Some(rows) = batch_rows {
         parameters.insert("batch_rows".into(), Value::from(rows));
+    }
+    if let Some(c) = cascade {
+        // Which model's outputs these are: the small one here, or the big one on a hub.
+        parameters.insert("answered_by_model".into(), Value::from(c.answered_by));
+        parameters.insert("cascade".into(), Value::from(c.outcome));
+        if let Some(note) = c.note {
+            parameters.insert("cascade_note".into(), Value::from(note));
+        }
     }
     Ok(kserve::encode_response(&model.name, &model.version_str(), id.as_deref(), &parameters, &outputs, selection)?)
 }
@@ -349,7 +358,7 @@ async fn infer(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payl
         admitted.apply_priority(request);
     }
     let encode = |model: &ServedModel, o: infer::Outputs| {
-        finish(model, &o.id, &o.selection, o.served_by, o.batch_rows, o.outputs)
+        finish(model, &o.id, &o.selection, o.served_by, o.batch_rows, o.cascade, o.outputs)
     };
     let (model, result) = infer::serve(&state, known, name, version, request, arrived, encode).await;
     match result {

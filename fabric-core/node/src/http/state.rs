@@ -68,7 +68,7 @@ impl HttpState {
                 tracing::error!("clients: {e}; refusing every client key");
                 Clients::refusing_all()
             }),
-            dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()),
+            dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()).with_cascades(&serving.cascade),
             metrics,
         }
     }
