@@ -146,9 +146,11 @@ fi
 start hub-1 "cloud-hub listening on" "$bin/cloud-hub" --model-repository "$data/hub-1/repo" --certs "$certs" \
   --node-id hub-1 --http-addr "127.0.0.1:$hub_http" --quic-addr "127.0.0.1:$hub_quic" \
   --registry "$registry" --data-dir "$data/hub-1"
+# The edge's cascade: what digits-small is less than 90% sure of goes to the hub's digits.
+printf '[cascade.digits-small]\nto = "digits"\nthreshold = 0.9\n' > "$data/edge-1.toml"
 start edge-1 "edge-node listening on" "$bin/edge-node" --model-repository "$data/edge-1/repo" --certs "$certs" \
   --node-id edge-1 --http-addr "127.0.0.1:$edge_http" --registry "$registry" --data-dir "$data/edge-1" \
-  --label site=local
+  --label site=local --config "$data/edge-1.toml"
 node_pids=("${pids[-2]}" "${pids[-1]}")
 
 fabric() { FABRIC_REGISTRY="$registry" FABRIC_CERTS="$certs" FABRIC_ID=operator "$bin/fabric" "$@"; }
@@ -161,10 +163,15 @@ for i in $(seq 30); do
   sleep 0.5
 done
 if ! grep -q '"name": *"digits"' <<< "$models"; then
-  echo "==> pushing the trained digits classifier (build/models/digits/1/model.onnx)"
-  fabric model push digits build/models/digits/1/model.onnx > /dev/null
+  echo "==> pushing the trained digits classifier (build/models/digits/1/model.onnx), its training inputs as the reference for drift"
+  fabric model push digits build/models/digits/1/model.onnx --reference build/reference/digits/train.npz > /dev/null
+fi
+if ! grep -q '"name": *"digits-small"' <<< "$models"; then
+  echo "==> pushing the small digits classifier of the edge's cascade (build/models/digits_small/1/model.onnx)"
+  fabric model push digits-small build/models/digits_small/1/model.onnx --reference build/reference/digits/train.npz > /dev/null
 fi
 fabric deploy digits --to all > /dev/null
+fabric deploy digits-small --to edge > /dev/null
 echo "==> waiting for both nodes to serve digits"
 for url in "http://127.0.0.1:$edge_http" "http://127.0.0.1:$hub_http"; do
   for i in $(seq 600); do
@@ -172,6 +179,11 @@ for url in "http://127.0.0.1:$edge_http" "http://127.0.0.1:$hub_http"; do
     [ "$i" = 600 ] && { echo "digits not ready on $url within 60 s; logs in $data/logs" >&2; exit 1; }
     sleep 0.1
   done
+done
+for i in $(seq 600); do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$edge_http/v2/models/digits-small/ready")" = 200 ] && break
+  [ "$i" = 600 ] && { echo "digits-small not ready on the edge within 60 s; logs in $data/logs" >&2; exit 1; }
+  sleep 0.1
 done
 
 cat <<EOF
@@ -190,6 +202,9 @@ Next, in another shell:
   .venv/bin/python examples/edge_app.py --url 127.0.0.1:$edge_http          # digits through the edge
   .venv/bin/python examples/canary.py --url 127.0.0.1:$edge_http --registry $registry --certs $certs --fabric $bin/fabric
                                              # retrain, canary 10% -> 50%, promote, a bad version rolled back
+  .venv/bin/python examples/cascade.py --url 127.0.0.1:$edge_http         # digits-small escalating to digits
+  .venv/bin/python examples/drift.py --url 127.0.0.1:$edge_http --registry $registry --certs $certs --fabric $bin/fabric
+                                             # held-out digits, then brightened ones: fabric drift digits
 
 fabric ready (Ctrl-C stops everything)
 EOF

@@ -2,8 +2,10 @@
 # The main command and the examples, end to end, on the debug build (scripts/test.sh runs this after
 # the test suites; each step is bounded):
 #   1. scripts/run-fabric.sh --no-build on spare ports, until it says the fabric is ready;
-#   2. examples/edge_app.py (the held-out digits through the edge, accuracy checked) and
-#      examples/canary.py (retrain, canary, promote, a bad version rolled back automatically);
+#   2. examples/edge_app.py (the held-out digits through the edge, accuracy checked),
+#      examples/canary.py (retrain, canary, promote, a bad version rolled back automatically),
+#      examples/drift.py (held-out digits: no drift; brightened ones: drift on the right pixels) and
+#      examples/cascade.py (digits-small on the edge escalating to digits on the hub, thresholds swept);
 #   3. the fabric stopped (SIGTERM, what Ctrl-C does) with nothing left running, started again
 #      reusing its state (no second push), stopped again;
 #   4. scripts/run-fabric.sh --ha (3 etcd members, 3 registry replicas): the digits through the edge,
@@ -53,6 +55,11 @@ timeout 300 .venv/bin/python examples/edge_app.py --url 127.0.0.1:17402
 echo "==> examples/canary.py"
 timeout 600 .venv/bin/python examples/canary.py --url 127.0.0.1:17402 --registry registry-1@127.0.0.1:17400 \
   --certs "$data/certs" --fabric target/debug/fabric
+echo "==> examples/drift.py"
+timeout 300 .venv/bin/python examples/drift.py --url 127.0.0.1:17402 --registry registry-1@127.0.0.1:17400 \
+  --certs "$data/certs" --fabric target/debug/fabric
+echo "==> examples/cascade.py"
+timeout 600 .venv/bin/python examples/cascade.py --url 127.0.0.1:17402
 stop_fabric
 echo "==> main command again: reuses its state"
 start_fabric

@@ -6,7 +6,9 @@ format (JSON, binary tensors) and concurrency (1, 4, 16, 64) it reports infer/s 
 edge-node at default settings (engine `auto`) and of FastAPI + onnxruntime (2 uvicorn workers) on the
 same model files and bodies; beside them the raw engines (`cargo bench --bench engines`, same run)
 and the engine `auto` chose per model. It also reports edge-node's start-to-ready time and resident
-memory with the three models loaded.
+memory with the three models loaded, and the cost of counting drift: the digits served side by side
+with and without reference statistics (made by a real model-registry from the training sample),
+alternating runs, the ratio of their rates.
 
 Run through scripts/bench/serving.sh, which builds and installs what this needs.
 """
@@ -140,6 +142,30 @@ def start_edge(repo, port):
     return proc, time.perf_counter() - started
 
 
+def reference_stats(workdir):
+    """The digits' reference statistics as a model-registry makes them from the training sample."""
+    certs, bin_dir = workdir / "certs", ROOT / "target/release"
+    subprocess.run([bin_dir / "fabric", "certs", "--out", certs, "--node", "registry-1:registry",
+                    "--node", "operator:operator"], check=True, capture_output=True)
+    registry = subprocess.Popen(
+        [bin_dir / "model-registry", "--listen", "127.0.0.1:18030", "--node-id", "registry-1", "--http-addr", "off",
+         "--data-dir", workdir / "registry", "--certs", certs],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"},
+    )
+    try:
+        if "listening on" not in registry.stdout.readline():
+            raise SystemExit("model-registry failed to start")
+        env = {**os.environ, "FABRIC_REGISTRY": "registry-1@127.0.0.1:18030", "FABRIC_CERTS": str(certs)}
+        fabric = lambda *args: subprocess.run([bin_dir / "fabric", *args, "--output", "json"], env=env, check=True,
+                                              capture_output=True, text=True).stdout
+        fabric("model", "push", "digits", str(BUILD / "models/digits/1/model.onnx"),
+               "--reference", str(BUILD / "reference/digits/train.npz"))
+        return json.loads(fabric("model", "show", "digits:1"))["reference"]["stats"]
+    finally:
+        registry.terminate()
+        registry.wait(timeout=30)
+
+
 def raw_engine():
     """The raw engine table from the engines bench: {(model, batch, engine): infer/s}."""
     out = subprocess.run(["cargo", "bench", "-q", "-p", "fabric-engine", "--bench", "engines"], cwd=ROOT,
@@ -160,6 +186,10 @@ def main():
     for name in ("mlp", "cnn", "digits"):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.onnx").symlink_to(BUILD / "models" / name / "1" / "model.onnx")
+    # The digits again, counting drift against its training sample.
+    (repo / "digits_watched" / "1").mkdir(parents=True)
+    (repo / "digits_watched" / "1" / "model.onnx").symlink_to(BUILD / "models" / "digits" / "1" / "model.onnx")
+    (repo / "digits_watched" / "1" / "reference.json").write_text(json.dumps(reference_stats(workdir)))
 
     print(f"machine: {machine()}", flush=True)
     print("raw engines (cargo bench --bench engines) ...", flush=True)
@@ -184,6 +214,15 @@ def main():
                 r = wrk(f"http://127.0.0.1:18010/v2/models/{model}/infer", body, header_length, ctype, c, script)
                 results.append({"server": "edge-node", "model": model, "format": fmt, "c": c, **r})
                 print(results[-1], flush=True)
+    # Drift counting's cost: the same digits with and without a reference, runs alternating.
+    counting = []
+    body, header_length = bodies("digits", workdir)["json"]
+    for c in (1, 16):
+        for _ in range(3):
+            for model in ("digits", "digits_watched"):
+                r = wrk(f"http://127.0.0.1:18010/v2/models/{model}/infer", body, header_length, "application/json", c, script)
+                counting.append({"model": model, "c": c, **r})
+                print(counting[-1], flush=True)
     rss_loaded = rss_mib(edge.pid)
     chosen = {}
     for model in MODELS:
@@ -229,6 +268,13 @@ def main():
             f"| {r['model']} | {r['format']} | {r['c']} | {r['rps']:.0f} | {r[50]:.2f} | {r[99]:.2f} | "
             f"{r['errors']} | {peer_cells} | {r['rps'] / b1:.2f} | {r['rps'] / b32:.2f} |"
         )
+    lines += ["", "Drift counting (digits, JSON, batch 1; the same model with and without reference statistics, "
+              "3 alternating runs each; every request's 64 features and predicted class counted):", "",
+              "| concurrency | without infer/s | with infer/s | with/without |", "|---:|---:|---:|---:|"]
+    for c in (1, 16):
+        plain = statistics.median(r["rps"] for r in counting if r["c"] == c and r["model"] == "digits")
+        watched = statistics.median(r["rps"] for r in counting if r["c"] == c and r["model"] == "digits_watched")
+        lines.append(f"| {c} | {plain:.0f} | {watched:.0f} | {watched / plain:.3f} |")
     lines += [
         "",
         "Engine chosen by `auto` (edge-node's /config): "

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/bench/prepare.sh
 echo "==> building release"
-cargo build --release --locked -p edge-node
+cargo build --release --locked -p edge-node -p model-registry -p fabric-cli
 cargo bench --locked -p fabric-engine --bench engines --no-run
 .venv/bin/python scripts/bench/serving.py

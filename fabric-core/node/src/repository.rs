@@ -3,7 +3,11 @@
 //! ```text
 //! <repo>/<model>/config.toml        optional: ModelConfig keys for this model
 //! <repo>/<model>/<version>/model.onnx
+//! <repo>/<model>/<version>/reference.json   optional: reference statistics for drift
 //! ```
+//!
+//! `reference.json` is what the registry makes of a reference sample (`fabric model show NAME:VERSION
+//! --output json`, its `reference.stats`): a node without a registry counts drift against it too.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -145,6 +149,11 @@ pub async fn start_version(
     if let Some(reason) = &engine_reason {
         tracing::info!(model = %entry.name, version = entry.version, engine = %kind, "engine chosen: {reason}");
     }
+    let quality = crate::quality::Quality::new(&pool.metadata().outputs);
+    if let Some((digest, stats)) = repository_reference(&entry.path) {
+        tracing::info!(model = %entry.name, version = entry.version, rows = stats.rows, "counting drift against reference.json");
+        quality.set_reference(&digest, stats);
+    }
     Ok(ServedModel {
         name: entry.name.clone(),
         version: entry.version,
@@ -152,9 +161,26 @@ pub async fn start_version(
         engine_reason,
         config: entry.config.clone(),
         path: entry.path.clone(),
-        quality: std::sync::Arc::new(crate::quality::Quality::new(&pool.metadata().outputs)),
+        quality: std::sync::Arc::new(quality),
         pool,
     })
+}
+
+/// The `reference.json` beside a repository's `model.onnx`, with its digest (a file the registry
+/// placed, named by its digest, has none: the registry hands its reference over separately).
+fn repository_reference(model: &Path) -> Option<(String, fabric_policy::drift::Reference)> {
+    if model.file_name()? != "model.onnx" {
+        return None;
+    }
+    let path = model.with_file_name("reference.json");
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(stats) => Some((fabric_proto::registry::sha256_bytes(&bytes), stats)),
+        Err(e) => {
+            tracing::warn!("{} is not reference statistics, drift not counted: {e}", path.display());
+            None
+        }
+    }
 }
 
 /// The engine `auto` chose for a model, loaded, and why.
