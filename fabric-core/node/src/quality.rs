@@ -35,16 +35,15 @@ pub struct Quality {
     default_output: Option<usize>,
     outputs: Vec<String>,
     started: Instant,
-    reference: RwLock<Option<Watched>>,
+    reference: RwLock<Option<Arc<Watched>>>,
     windows: Mutex<Windows>,
     predictions: Mutex<Predictions>,
 }
 
 /// A reference being counted against.
-#[derive(Clone)]
 struct Watched {
     digest: String,
-    stats: Arc<Reference>,
+    stats: Reference,
     class_output: Option<usize>,
 }
 
@@ -91,7 +90,7 @@ impl Quality {
             Some(p) => self.outputs.iter().position(|o| *o == p.output),
             None => self.default_output,
         };
-        let watched = Watched { digest: digest.to_string(), stats: Arc::new(stats), class_output };
+        let watched = Arc::new(Watched { digest: digest.to_string(), stats, class_output });
         *self.reference.write().unwrap_or_else(PoisonError::into_inner) = Some(watched);
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         windows.current.drift = None;
@@ -100,7 +99,7 @@ impl Quality {
 
     /// The digest of the reference counted against, if any.
     pub fn reference_digest(&self) -> Option<String> {
-        self.watched().map(|w| w.digest)
+        self.watched().map(|w| w.digest.clone())
     }
 
     /// The input the reference samples (what [`Quality::observe`] needs of a request), if any.
@@ -108,7 +107,7 @@ impl Quality {
         self.watched().map(|w| w.stats.input.clone())
     }
 
-    fn watched(&self) -> Option<Watched> {
+    fn watched(&self) -> Option<Arc<Watched>> {
         self.reference.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -116,6 +115,10 @@ impl Quality {
     /// remembers those classes for feedback.
     pub fn observe(&self, now: Instant, id: Option<&str>, input: Option<&NamedTensor>, outputs: &[NamedTensor]) {
         let watched = self.watched();
+        // Nothing to count and nothing to remember: the common case costs one read lock.
+        if watched.is_none() && id.is_none() {
+            return;
+        }
         let class_output = watched.as_ref().map_or(self.default_output, |w| w.class_output);
         let classes = class_output.and_then(|i| outputs.get(i)).and_then(|o| drift::classes_of(&o.tensor));
         if let Some(w) = &watched {
@@ -174,7 +177,7 @@ impl Quality {
                 counts.merge(c);
             }
         }
-        Some(DriftReport { reference: watched.digest, window_s: WINDOW.as_secs(), counts })
+        Some(DriftReport { reference: watched.digest.clone(), window_s: WINDOW.as_secs(), counts })
     }
 
     /// The feedback of the current and previous window, when any came.

@@ -173,6 +173,10 @@ async fn dispatch(
         DispatchError::Pool(e) => ApiError::from(e),
         DispatchError::Invalid(msg) => ApiError::invalid(msg),
     })?;
+    // The shadow compares this version's own outputs (before any cascade).
+    if let Some(tx) = compare {
+        let _ = tx.send(done.outputs.clone());
+    }
     // Only an answer computed here: a hub that took the small model's overflow answered already.
     let (done, cascaded) = match cascade {
         Some((c, inputs)) if done.batch_rows.is_some() => {
@@ -181,10 +185,8 @@ async fn dispatch(
         }
         _ => (done, None),
     };
+    // Counted as the answer the client gets (a cascade's escalated answers included).
     model.quality.observe(Instant::now(), request.id.as_deref(), watched.as_ref(), &done.outputs);
-    if let Some(tx) = compare {
-        let _ = tx.send(done.outputs.clone());
-    }
     let outputs = Outputs {
         id: request.id,
         selection: request.outputs,
