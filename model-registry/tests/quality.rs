@@ -27,6 +27,28 @@ fn brightened_left(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The digits with uniform noise of +-0.25 added to every pixel (clipped to 0..1), from a fixed seed.
+fn noisy(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f32 / (1u64 << 53) as f32
+    };
+    rows.iter().map(|r| r.iter().map(|v| (v + (uniform() - 0.5) * 0.5).clamp(0.0, 1.0)).collect()).collect()
+}
+
+/// The digits with the first third of the images turned a quarter (as numpy's rot90 turns them).
+fn a_third_rotated(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    rows.iter()
+        .enumerate()
+        .map(
+            |(n, r)| if n < rows.len() / 3 { (0..64).map(|i| r[(i % 8) * 8 + 7 - i / 8]).collect() } else { r.clone() },
+        )
+        .collect()
+}
+
 /// Sends `rows` to `model` at `base` in requests of 10 rows with ids `<prefix>-<n>`; returns the
 /// predicted label of every row.
 fn send(base: &str, model: &str, rows: &[Vec<f32>], prefix: &str) -> Vec<i64> {
@@ -66,8 +88,8 @@ fn held_out_digits_show_no_drift_and_brightened_ones_drift_on_the_right_features
     let edge = f.edge("edge-1", &r, &[]);
     let sample = reference::build_dir().join("reference/digits/train.npz");
     let sample = sample.to_str().expect("path");
-    // The same model under two names: one gets held-out digits, the other brightened ones.
-    for name in ["digits", "digits-shifted"] {
+    // The same model under several names: one gets the held-out digits, each other one a shift of them.
+    for name in ["digits", "digits-shifted", "digits-noisy", "digits-rotated"] {
         let set = f.cli(&r, &["model", "push", name, &model("digits"), "--reference", sample]);
         assert_eq!((set["rows"].as_u64(), set["features"].as_u64()), (Some(1347), Some(64)), "{set}");
         assert_eq!(set["prediction_output"], "label");
@@ -87,7 +109,7 @@ fn held_out_digits_show_no_drift_and_brightened_ones_drift_on_the_right_features
 
     // Both counting on the edge once it has fetched the references (its load report says so).
     wait_for("the edge counting drift for both models", Duration::from_secs(60), || {
-        ["digits", "digits-shifted"].iter().all(|name| {
+        ["digits", "digits-shifted", "digits-noisy", "digits-rotated"].iter().all(|name| {
             let status = f.cli(&r, &["rollout", "status", name]);
             status["nodes"][0]["versions"][0]["drift"].is_object()
         })
@@ -97,24 +119,35 @@ fn held_out_digits_show_no_drift_and_brightened_ones_drift_on_the_right_features
     let correct = predicted.iter().zip(&truth).filter(|(p, t)| p == t).count();
     assert!(correct * 100 >= rows.len() * 95, "held-out accuracy {correct}/{}", rows.len());
     send(&edge.addr, "digits-shifted", &brightened_left(&rows), "bright");
+    send(&edge.addr, "digits-noisy", &noisy(&rows), "noisy");
+    send(&edge.addr, "digits-rotated", &a_third_rotated(&rows), "rotated");
 
     // Within one window (the edge reports its counts with its next heartbeat).
-    wait_for("the registry holding both models' counts", Duration::from_secs(30), || {
-        drift_of(&f, &r, "digits", 1)["rows"] == 450 && drift_of(&f, &r, "digits-shifted", 1)["rows"] == 450
+    wait_for("the registry holding every model's counts", Duration::from_secs(30), || {
+        ["digits", "digits-shifted", "digits-noisy", "digits-rotated"]
+            .iter()
+            .all(|name| drift_of(&f, &r, name, 1)["rows"] == 450)
     });
+    let drifted_of = |view: &Value| -> Vec<u64> {
+        let features = view["features"].as_array().cloned().unwrap_or_default();
+        features.iter().filter(|s| s["drifted"] == true).filter_map(|s| s["feature"].as_u64()).collect()
+    };
+    // Noise moves most pixels (the model, trained on clean digits, mostly still answers the same);
+    // a third of the digits turned moves pixels and the predicted classes.
+    let noise = drift_of(&f, &r, "digits-noisy", 1);
+    assert_eq!(noise["verdict"], "drift", "{noise}");
+    assert!(drifted_of(&noise).len() >= 16, "{noise}");
+    let turned = drift_of(&f, &r, "digits-rotated", 1);
+    assert_eq!(turned["verdict"], "drift", "{turned}");
+    assert!(drifted_of(&turned).len() >= 16, "{turned}");
+    assert_eq!(turned["prediction"]["drifted"], true, "{turned}");
     let same = drift_of(&f, &r, "digits", 1);
     assert_eq!(same["verdict"], "none", "{same}");
     assert_eq!(same["drifted_features"], 0, "{same}");
     assert_eq!(same["prediction"]["drifted"], false, "{same}");
     let shifted = drift_of(&f, &r, "digits-shifted", 1);
     assert_eq!(shifted["verdict"], "drift", "{shifted}");
-    let drifted: Vec<u64> = shifted["features"]
-        .as_array()
-        .expect("features")
-        .iter()
-        .filter(|s| s["drifted"] == true)
-        .filter_map(|s| s["feature"].as_u64())
-        .collect();
+    let drifted = drifted_of(&shifted);
     assert!(drifted.len() >= 24, "most of the 32 brightened features drift: {drifted:?}");
     assert!(drifted.iter().all(|f| f % 8 < 4), "only brightened features drift: {drifted:?}");
     assert_eq!(shifted["prediction"]["drifted"], true, "{shifted}");
@@ -231,6 +264,9 @@ fn a_canary_worse_on_the_digits_is_rolled_back_on_accuracy_from_feedback() {
             assert!(why.contains("canary accuracy"), "rolled back on accuracy: {why}");
             let status = f.cli(&r, &["rollout", "status", "digits"]);
             assert!(status["rollout"]["canary"].is_null(), "{status}");
+            // Each version's live accuracy, as the rollout status shows it.
+            let accuracy = |v: &str| status["accuracy"][v]["accuracy_pct"].as_f64().unwrap_or(0.0);
+            assert!(accuracy("1") > 90.0 && accuracy("2") < 90.0, "{status}");
             // Rolled back while both answered without errors.
             assert!(answered_by.get("1").is_some_and(|n| *n > 100) && answered_by.get("2").is_some_and(|n| *n > 100));
             eprintln!("rolled back after {} labelled rows ({answered_by:?}): {why}", (round + 1) * rows.len());

@@ -32,7 +32,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build"
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
 CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,4,16,64").split(",")]
-MODELS = ["mlp", "cnn", "digits"]
+# BENCH_MODELS= (empty) runs only the drift-counting comparison (and the raw engines).
+MODELS = [m for m in os.environ.get("BENCH_MODELS", "mlp,cnn,digits").split(",") if m]
+COUNTING_ROUNDS = int(os.environ.get("BENCH_COUNTING_ROUNDS", "3"))
 LUA = """
 wrk.method = "POST"
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
@@ -218,7 +220,7 @@ def main():
     counting = []
     body, header_length = bodies("digits", workdir)["json"]
     for c in (1, 16):
-        for _ in range(3):
+        for _ in range(COUNTING_ROUNDS):
             for model in ("digits", "digits_watched"):
                 r = wrk(f"http://127.0.0.1:18010/v2/models/{model}/infer", body, header_length, "application/json", c, script)
                 counting.append({"model": model, "c": c, **r})
@@ -269,7 +271,7 @@ def main():
             f"{r['errors']} | {peer_cells} | {r['rps'] / b1:.2f} | {r['rps'] / b32:.2f} |"
         )
     lines += ["", "Drift counting (digits, JSON, batch 1; the same model with and without reference statistics, "
-              "3 alternating runs each; every request's 64 features and predicted class counted):", "",
+              f"{COUNTING_ROUNDS} alternating runs each, medians; every request's 64 features and predicted class counted):", "",
               "| concurrency | without infer/s | with infer/s | with/without |", "|---:|---:|---:|---:|"]
     for c in (1, 16):
         plain = statistics.median(r["rps"] for r in counting if r["c"] == c and r["model"] == "digits")

@@ -101,3 +101,30 @@ def test_deadline_from_the_timeout_parameter(client):
         infer(client, "cnn", {"input": np.zeros((32, 3, 64, 64), np.float32)}, True, timeout=1)
     assert err.value.status() == "503"
     assert "deadline" in err.value.message()
+
+
+def test_feedback_on_answers_tritonclient_sent(client, edge_url):
+    """Ids tritonclient sets (request_id) are what feedback labels: counted once, unknown ones listed."""
+    import json
+    import urllib.request
+
+    inputs, _, extras = load_case("digits", "test")
+    x, truth = inputs["input"], extras["y_true"]
+    predicted = []
+    for n in range(20):
+        result = infer(client, "digits", {"input": x[n:n + 1]}, True, outputs=["label"], request_id=f"py-{n}")
+        assert result.get_response()["id"] == f"py-{n}"
+        predicted.append(int(result.as_numpy("label")[0]))
+    feedback = [{"id": f"py-{n}", "label": int(truth[n])} for n in range(20)] + [{"id": "never-sent", "label": 1}]
+
+    def post(body):
+        request = urllib.request.Request(f"http://{edge_url}/v2/models/digits/feedback", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read())
+
+    answer = post({"feedback": feedback})
+    assert answer["labelled"] == 20
+    assert answer["correct"] == sum(int(p == t) for p, t in zip(predicted, truth[:20]))
+    assert answer["unknown"] == ["never-sent"]
+    assert post({"feedback": feedback[:1]})["unknown"] == ["py-0"], "a request is labelled once"

@@ -4,8 +4,10 @@
 //! them (live accuracy).
 //!
 //! Counts go into drift windows of [`WINDOW`]; the report carries the current and the previous
-//! window together, so it never starts from nothing when a window turns. An answered request costs
-//! one pass over its rows (a binary search per feature in at most nine edges) under a short lock.
+//! window together, so it never starts from nothing when a window turns. A request costs one pass
+//! over its rows, read in place (a binary search per feature in at most nine edges), and its
+//! predicted classes, each under a short lock; a version without a reference and a request without
+//! an id cost a read lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -102,18 +104,22 @@ impl Quality {
         self.watched().map(|w| w.digest.clone())
     }
 
-    /// The input the reference samples (what [`Quality::observe`] needs of a request), if any.
-    pub fn watched_input(&self) -> Option<String> {
-        self.watched().map(|w| w.stats.input.clone())
+    /// Counts a valid request's input features into the current window, when a reference is set
+    /// (before it is served: its inputs go on to the pool without a copy).
+    pub fn observe_inputs(&self, now: Instant, inputs: &[NamedTensor]) {
+        let Some(w) = self.watched() else { return };
+        let Some(input) = inputs.iter().find(|t| t.name == w.stats.input) else { return };
+        let mut windows = self.turned(now);
+        windows.current.drift.get_or_insert_with(|| w.stats.empty_counts()).add_tensor(&w.stats, &input.tensor);
     }
 
     fn watched(&self) -> Option<Arc<Watched>> {
         self.reference.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Counts an answered request: its watched input, its predicted classes, and (when it has an id)
-    /// remembers those classes for feedback.
-    pub fn observe(&self, now: Instant, id: Option<&str>, input: Option<&NamedTensor>, outputs: &[NamedTensor]) {
+    /// Counts an answered request's predicted classes, and (when it has an id) remembers them for
+    /// feedback.
+    pub fn observe(&self, now: Instant, id: Option<&str>, outputs: &[NamedTensor]) {
         let watched = self.watched();
         // Nothing to count and nothing to remember: the common case costs one read lock.
         if watched.is_none() && id.is_none() {
@@ -121,13 +127,10 @@ impl Quality {
         }
         let class_output = watched.as_ref().map_or(self.default_output, |w| w.class_output);
         let classes = class_output.and_then(|i| outputs.get(i)).and_then(|o| drift::classes_of(&o.tensor));
-        if let Some(w) = &watched {
+        if let (Some(w), Some(classes)) = (&watched, &classes) {
             let mut windows = self.turned(now);
             let counts = windows.current.drift.get_or_insert_with(|| w.stats.empty_counts());
-            if let Some(input) = input {
-                counts.add_tensor(&w.stats, &input.tensor);
-            }
-            for c in classes.iter().flatten() {
+            for c in classes {
                 counts.add_class(*c);
             }
         }
@@ -221,15 +224,15 @@ mod tests {
     fn feedback_counts_each_request_once_and_by_its_rows() {
         let q = Quality::new(&[spec("scores", DataType::Fp32, &[-1, 2]), spec("label", DataType::Int64, &[-1])]);
         let now = Instant::now();
-        q.observe(now, Some("a"), None, &answer(1));
-        q.observe(now, Some("b"), None, &answer(0));
-        q.observe(now, None, None, &answer(0));
+        q.observe(now, Some("a"), &answer(1));
+        q.observe(now, Some("b"), &answer(0));
+        q.observe(now, None, &answer(0));
         assert_eq!(q.feedback(now, "a", &[1]), Ok(Some(1)));
         assert_eq!(q.feedback(now, "a", &[1]), Ok(None), "labelled twice");
         assert_eq!(q.feedback(now, "b", &[1]), Ok(Some(0)));
         assert_eq!(q.feedback(now, "zz", &[1]), Ok(None));
         assert_eq!(q.feedback_report(now), Some(FeedbackReport { labelled: 2, correct: 1 }));
-        q.observe(now, Some("c"), None, &answer(3));
+        q.observe(now, Some("c"), &answer(3));
         assert!(matches!(q.feedback(now, "c", &[3, 3]), Err(FeedbackError::Rows { rows: 1, labels: 2, .. })));
         // Two windows on, the feedback above is gone from the report.
         assert_eq!(q.feedback_report(now + WINDOW * 2), None);
@@ -242,11 +245,12 @@ mod tests {
         let reference =
             Reference::from_sample("x", 100, 1, &values, 4).expect("reference").with_predictions("label", &[0, 1]);
         let now = Instant::now();
-        q.observe(now, None, None, &answer(0)[1..]);
+        q.observe(now, None, &answer(0)[1..]);
         assert!(q.drift_report(now).is_none(), "no reference yet");
         q.set_reference("d1", reference);
         let x = NamedTensor::new("x", Tensor::from_vec(vec![2, 1], vec![5.0f32, 95.0]).expect("tensor"));
-        q.observe(now, None, Some(&x), &answer(1)[1..]);
+        q.observe_inputs(now, std::slice::from_ref(&x));
+        q.observe(now, None, &answer(1)[1..]);
         let report = q.drift_report(now).expect("report");
         assert_eq!((report.reference.as_str(), report.counts.rows), ("d1", 2));
         assert_eq!(report.counts.classes, [0, 1, 0]);

@@ -259,13 +259,20 @@ pub fn values_f64(tensor: &Tensor) -> Option<Vec<f64>> {
 impl DriftCounts {
     /// Counts every row of an input tensor (each row flattened into the reference's features).
     pub fn add_tensor(&mut self, reference: &Reference, tensor: &Tensor) {
-        let Some(values) = values_f64(tensor) else { return };
         let rows = tensor.shape().first().copied().unwrap_or(0);
-        if rows == 0 {
+        let per_row = if rows == 0 { 0 } else { tensor.len() / rows };
+        if per_row == 0 {
             return;
         }
-        for row in values.chunks_exact(values.len() / rows) {
-            self.add_row(reference, row.iter().copied());
+        // FP32, what most models take, is read in place; other types through a copy.
+        if let (DataType::Fp32, Ok(values)) = (tensor.dtype(), tensor.as_slice::<f32>()) {
+            for row in values.chunks_exact(per_row) {
+                self.add_row(reference, row.iter().map(|v| f64::from(*v)));
+            }
+        } else if let Some(values) = values_f64(tensor) {
+            for row in values.chunks_exact(per_row) {
+                self.add_row(reference, row.iter().copied());
+            }
         }
     }
 }

@@ -404,8 +404,20 @@ pub struct RolloutStatus {
     pub waves: Option<WavesProgress>,
     /// Counts over the nodes it targets.
     pub summary: RolloutSummary,
+    /// Live accuracy from feedback per version that has labels, over the nodes' windows.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accuracy: BTreeMap<String, Accuracy>,
     /// Detail for the nodes that need attention first (at most the limit asked for).
     pub nodes: Vec<NodeRollout>,
+}
+
+/// A version's live accuracy from feedback.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    /// Rows labelled.
+    pub labelled: u64,
+    /// Of those, the share answered right, percent.
+    pub accuracy_pct: f64,
 }
 
 /// A version failing on a node (a load that keeps failing, a crash loop).

@@ -631,6 +631,17 @@ fn show_version(v: &ModelVersion) {
             println!("  {kind} {} {} {}", s.name, s.datatype, json_text(&s.shape));
         }
     }
+    if let Some(r) = &v.reference {
+        let predictions =
+            r.stats.prediction.as_ref().map_or("none counted".to_string(), |p| format!("from '{}'", p.output));
+        println!(
+            "  reference for drift: {} rows of {} features from '{}', predictions {predictions} (fabric drift {})",
+            r.stats.rows,
+            r.stats.features(),
+            r.stats.input,
+            v.name
+        );
+    }
 }
 
 fn show_versions(versions: &[ModelVersion]) {
@@ -724,6 +735,14 @@ fn show_status(v: &RolloutStatus) {
                 opt(w.p99_ms)
             );
         }
+    }
+    if !v.accuracy.is_empty() {
+        let each: Vec<String> = v
+            .accuracy
+            .iter()
+            .map(|(version, a)| format!("v{version} {:.1}% of {} labelled", a.accuracy_pct, a.labelled))
+            .collect();
+        println!("live accuracy (feedback): {}", each.join(", "));
     }
     let s = &v.summary;
     println!(

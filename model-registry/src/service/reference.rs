@@ -377,3 +377,41 @@ fn read_npy(bytes: &[u8], array: Option<String>) -> Result<Sample, String> {
     };
     Ok(Sample { array, shape, values })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `.npy` file (version 1.0) of `descr` and `shape` holding `data`.
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn samples_are_read_by_dtype_or_refused_with_the_reason() {
+        let f4: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let i8s: Vec<u8> = [5i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let cases: [(Vec<u8>, Result<(Vec<usize>, Vec<f64>), &str>); 4] = [
+            (npy("<f4", "(2, 2)", &f4), Ok((vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]))),
+            (npy("<i8", "(2,)", &i8s), Ok((vec![2], vec![5.0, -1.0]))),
+            (npy("<c8", "(1,)", &[0; 8]), Err("is not taken")),
+            (b"rows,of,csv".to_vec(), Err("neither .npy nor .npz")),
+        ];
+        for (bytes, want) in cases {
+            match (read_sample(&bytes, "input"), want) {
+                (Ok(s), Ok((shape, values))) => assert_eq!((s.shape, s.values), (shape, values)),
+                (Err(e), Err(part)) => assert!(e.contains(part), "{e}"),
+                (got, want) => panic!("{got:?} vs {want:?}"),
+            }
+        }
+    }
+}

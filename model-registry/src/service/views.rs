@@ -4,8 +4,8 @@
 
 #[allow(unused_imports)]
 use fabric_proto::answers::{
-    Analysis, Failing, LiveVersion, ModelOverview, NodeRollout, NodeView, Overview, RolloutStatus, RolloutSummary,
-    Route, VersionSummary, WavesProgress, WindowFigures,
+    Accuracy, Analysis, Failing, LiveVersion, ModelOverview, NodeRollout, NodeView, Overview, RolloutStatus,
+    RolloutSummary, Route, VersionSummary, WavesProgress, WindowFigures,
 };
 
 use super::*;
@@ -86,7 +86,18 @@ impl Registry {
             ready: ready_on.iter().map(|(v, n)| (v.to_string(), *n)).collect(),
             routes: routes.into_iter().map(|(weights, nodes)| Route { weights, nodes }).collect(),
         };
+        let accuracy = state
+            .models
+            .get(name)
+            .into_iter()
+            .flat_map(|vs| vs.keys())
+            .filter_map(|&v| {
+                let w = window(nodes, name, v, timeout);
+                w.accuracy_pct().map(|accuracy_pct| (v.to_string(), Accuracy { labelled: w.labelled, accuracy_pct }))
+            })
+            .collect();
         Ok(RolloutStatus {
+            accuracy,
             name: name.to_string(),
             generation: state.generation,
             rollout: rollout.clone(),

@@ -161,9 +161,8 @@ async fn dispatch(
         shadow::spawn(shadow.pool.clone(), stats, request.inputs.clone(), deadline, rx);
         tx
     });
-    // The input its reference samples, kept to count once answered (at most 1,024 values a row).
-    let watched =
-        model.quality.watched_input().and_then(|name| request.inputs.iter().find(|t| t.name == name).cloned());
+    // Its features counted against the version's reference, if it has one.
+    model.quality.observe_inputs(Instant::now(), &request.inputs);
     // A cascade's small model keeps the inputs, for the big model if it is not confident.
     let cascade = match state.dispatcher.cascade(&model.name) {
         Some(c) => Some((cascade_of(&request, c)?, request.inputs.clone())),
@@ -186,7 +185,7 @@ async fn dispatch(
         _ => (done, None),
     };
     // Counted as the answer the client gets (a cascade's escalated answers included).
-    model.quality.observe(Instant::now(), request.id.as_deref(), watched.as_ref(), &done.outputs);
+    model.quality.observe(Instant::now(), request.id.as_deref(), &done.outputs);
     let outputs = Outputs {
         id: request.id,
         selection: request.outputs,
