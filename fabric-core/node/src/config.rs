@@ -574,7 +574,7 @@ mod tests {
         let err = load_role_config::<ServingConfig>(&file).map(|_| ()).expect_err("unknown key");
         assert!(
             err.to_string().contains(
-                "unknown key `modles` (the keys are admin, autoscale, clients, grpc, http, model_defaults, models, ort, registry, tls)"
+                "unknown key `modles` (the keys are admin, autoscale, cascade, clients, grpc, http, model_defaults, models, ort, registry, tls)"
             ),
             "{err}"
         );

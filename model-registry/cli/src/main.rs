@@ -370,7 +370,14 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
                     input: reference_input,
                     output: prediction_output,
                 };
-                let set = client.ask_with_bytes(&request, &sample).await.map_err(explain)?;
+                let set = client.ask_with_bytes(&request, &sample).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "{name}:{version} was pushed, but its reference sample was refused: {e:#}; fix the sample and run `fabric model reference {name}:{version} FILE`",
+                        e = explain(e),
+                        name = pushed.name,
+                        version = pushed.version
+                    )
+                })?;
                 return print(&set, output, show_reference);
             }
             if output == Output::Json {

@@ -228,12 +228,7 @@ impl Registry {
 /// Reads exactly `size` bytes from the stream into memory.
 async fn receive_bytes(recv: &mut quinn::RecvStream, size: u64) -> Result<Vec<u8>, Refusal> {
     let mut bytes = Vec::with_capacity(size as usize);
-    loop {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(registry::CHUNK, true))
-            .await
-            .map_err(|_| Refusal::new("invalid", "the upload stalled for 30 s"))?
-            .map_err(|e| Refusal::new("invalid", format!("the upload was cut: {e}")))?;
-        let Some(chunk) = chunk else { break };
+    while let Some(chunk) = super::upload::next_chunk(recv).await? {
         if bytes.len() as u64 + chunk.bytes.len() as u64 > size {
             return Err(Refusal::new("invalid", format!("the upload sent more than the {size} bytes it announced")));
         }

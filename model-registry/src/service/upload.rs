@@ -103,12 +103,7 @@ impl Registry {
         let mut block: Vec<u8> = Vec::with_capacity(WRITE_BLOCK);
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         let mut got = 0u64;
-        loop {
-            let chunk = tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(registry::CHUNK, true))
-                .await
-                .map_err(|_| Refusal::new("invalid", "the upload stalled for 30 s"))?
-                .map_err(|e| Refusal::new("invalid", format!("the upload was cut: {e}")))?;
-            let Some(chunk) = chunk else { break };
+        while let Some(chunk) = next_chunk(recv).await? {
             got += chunk.bytes.len() as u64;
             if got > size {
                 return Err(Refusal::new(
@@ -164,6 +159,14 @@ impl Registry {
         tokio::io::copy(&mut file, send).await.map_err(internal)?;
         Ok(())
     }
+}
+
+/// The next chunk of an upload (`None` at its end); one that stalls for 30 s or is cut is refused.
+pub(super) async fn next_chunk(recv: &mut quinn::RecvStream) -> Result<Option<quinn::Chunk>, Refusal> {
+    tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(registry::CHUNK, true))
+        .await
+        .map_err(|_| Refusal::new("invalid", "the upload stalled for 30 s"))?
+        .map_err(|e| Refusal::new("invalid", format!("the upload was cut: {e}")))
 }
 
 /// A tensor as the registry records it.
