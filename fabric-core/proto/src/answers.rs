@@ -69,7 +69,8 @@ pub struct VersionReference {
 impl VersionReference {
     /// The statistics with their digest.
     pub fn new(stats: fabric_policy::drift::Reference) -> VersionReference {
-        let digest = crate::registry::sha256_bytes(&Self::encode(&stats));
+        let hash = ring::digest::digest(&ring::digest::SHA256, &Self::encode(&stats));
+        let digest = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         VersionReference { digest, stats }
     }
 
