@@ -439,7 +439,9 @@ fn hubs_learnt_from_the_registry_scale_to_zero_share_offload_and_survive_a_kill(
     let replicas_of = |model: &str, id: &str| -> Option<u64> {
         let status = f.cli(&r, &["rollout", "status", model]);
         let node = status["nodes"].as_array()?.iter().find(|n| n["node"] == id)?.clone();
-        node["replicas"]["1"].as_u64()
+        // Only once the node has applied it: a hub told "zero" serves on until its next heartbeat,
+        // and a request it serves meanwhile wakes nothing (two flaky failures came from that race).
+        (node["converged"] == true).then(|| node["replicas"]["1"].as_u64()).flatten()
     };
     let hub_replicas = |id: &str| replicas_of("mlp", id);
     let idle = Instant::now();

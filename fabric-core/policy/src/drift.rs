@@ -94,7 +94,7 @@ impl Reference {
         if features > MAX_FEATURES {
             return Err(DriftError::TooManyFeatures(features));
         }
-        if values.len() != rows * features {
+        if rows.checked_mul(features) != Some(values.len()) {
             return Err(DriftError::Shape { values: values.len(), rows, features });
         }
         let mut edges = Vec::with_capacity(features);
@@ -118,7 +118,7 @@ impl Reference {
 
     /// The same with the model's predicted class per sample row (from `output`).
     pub fn with_predictions(mut self, output: &str, predicted: &[usize]) -> Reference {
-        let slots = predicted.iter().map(|c| c + 1).max().unwrap_or(0).min(MAX_CLASSES);
+        let slots = predicted.iter().map(|c| c.saturating_add(1)).max().unwrap_or(0).min(MAX_CLASSES);
         let mut classes = vec![0u64; slots];
         for &c in predicted.iter().filter(|&&c| c < MAX_CLASSES) {
             classes[c] += 1;
