@@ -439,7 +439,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     operator.push(MODEL, Some(1), &args.model, |_, _| {}).await?;
     operator.push(MODEL, Some(2), &args.model2, |_, _| {}).await?;
     operator
-        .call(&Request::Deploy { name: MODEL.into(), to: Target::Edge, labels: BTreeMap::new(), replicas: 1 })
+        .call(&Request::Deploy {
+            name: MODEL.into(),
+            to: Target::Edge,
+            labels: BTreeMap::new(),
+            replicas: 1,
+            cascade: None,
+        })
         .await?;
     operator.call(&Request::Rollout { name: MODEL.into(), change: RolloutAction::Pin { version: 1 } }).await?;
 

@@ -235,6 +235,9 @@ pub fn desired_for(
     let mut out = Vec::new();
     for (name, deployments) in &state.deployments {
         let replicas = deployments.iter().filter(|d| targets(d, node)).map(|d| d.replicas).max();
+        // Edges only: a hub has no hub to escalate to.
+        let cascade =
+            deployments.iter().filter(|d| targets(d, node) && node.role == "edge").find_map(|d| d.cascade.clone());
         let (Some(replicas), Some(rollout)) = (replicas, state.rollouts.get(name)) else { continue };
         let Some(versions) = state.models.get(name) else { continue };
         let rollout = rollout_of(name, rollout, node);
@@ -264,7 +267,7 @@ pub fn desired_for(
                 }
             })
             .collect();
-        out.push(DesiredModel { name: name.clone(), versions: wanted, policy });
+        out.push(DesiredModel { name: name.clone(), versions: wanted, policy, cascade });
     }
     out
 }
@@ -524,9 +527,10 @@ mod tests {
     fn a_node_keeps_what_it_serves_until_the_new_stable_version_is_ready() {
         let mut state =
             state_with(&[1, 2], Rollout { stable: Some(1), previous_stable: Some(2), ..Default::default() });
-        state
-            .deployments
-            .insert("m".into(), vec![Deployment { to: Target::All, labels: BTreeMap::new(), replicas: 1 }]);
+        state.deployments.insert(
+            "m".into(),
+            vec![Deployment { to: Target::All, labels: BTreeMap::new(), replicas: 1, cascade: None }],
+        );
         let node = NodeInfo { node_id: "n".into(), role: "edge".into(), ..Default::default() };
         let desired = |ready: &[u64]| {
             let ready: BTreeSet<(String, u64)> = ready.iter().map(|&v| ("m".to_string(), v)).collect();
@@ -554,6 +558,7 @@ mod tests {
             to,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             replicas: 1,
+            cascade: None,
         };
         let cases = [
             (dep(Target::All, &[]), node("edge", "berlin"), true),

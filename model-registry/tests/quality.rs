@@ -301,12 +301,18 @@ fn a_cascade_answers_sure_digits_on_the_edge_and_escalates_the_rest_to_the_big_m
     let registry = f.registry("127.0.0.1:0", &[]);
     let r = registry.addr.clone();
     let mut hub = f.hub(&r);
-    let cascade = "[cascade.digits-small]\nto = \"digits\"\nthreshold = 0.9\n";
-    let edge = f.edge_with("edge-1", &r, &[], Some(cascade));
+    // The edge's config names a cascade to a model that does not exist: the deployment's, placed by
+    // the registry, wins (run-fabric.sh and the examples run one from the config file).
+    let configured = "[cascade.digits-small]\nto = \"no-such-model\"\nthreshold = 0.5\n";
+    let edge = f.edge_with("edge-1", &r, &[], Some(configured));
     f.cli(&r, &["model", "push", "digits", &model("digits")]);
     f.cli(&r, &["deploy", "digits", "--to", "hub"]);
     f.cli(&r, &["model", "push", "digits-small", &model("digits_small")]);
-    f.cli(&r, &["deploy", "digits-small", "--to", "edge"]);
+    let deployed =
+        f.cli(&r, &["deploy", "digits-small", "--to", "edge", "--cascade-to", "digits", "--cascade-threshold", "0.9"]);
+    assert_eq!(deployed["deployments"][0]["cascade"]["to"], "digits", "{deployed}");
+    let bad = f.cli_as(&r, "operator", &["deploy", "digits-small", "--to", "edge", "--cascade-to", "../x"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a model name"), "{bad:?}");
     let (rows, truth) = held_out();
     // Once the edge serves the small model and reaches the hub, a request that asks for more
     // confidence than any answer has escalates.

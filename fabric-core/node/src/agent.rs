@@ -351,11 +351,13 @@ impl Agent {
             if let Some(policy) = &model.policy {
                 self.control.set_policy(&model.name, Some(policy.clone()))?;
             }
+            self.control.place_cascade(&model.name, model.cascade.clone());
         }
         let wanted = managed_by(desired);
         let names: BTreeSet<&str> = desired.models.iter().map(|m| m.name.as_str()).collect();
         for (name, version) in managed.clone().into_iter().filter(|k| !wanted.contains(k)) {
             if !names.contains(name.as_str()) {
+                self.control.place_cascade(&name, None);
                 // No longer deployed here: nothing routes to it once the policy is gone.
                 self.control.set_policy(&name, None).or_else(|e| match e {
                     ControlError::Policy(fabric_policy::traffic::PolicyError::UnknownModel(_)) => Ok(()),

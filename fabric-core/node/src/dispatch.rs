@@ -11,7 +11,6 @@
 //! 3. Local: with a hub at hand the pool re-checks the wait target on its exact state; what it turns
 //!    away comes back with its inputs and goes to the hub after all ("late offload").
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,8 +90,6 @@ pub struct Dispatcher {
     server_name: String,
     overflow: Option<Arc<dyn Overflow>>,
     metrics: Metrics,
-    /// Cascades by the small model's name.
-    cascades: BTreeMap<String, Arc<Cascade>>,
 }
 
 /// What a cascade did with a request its small model answered here.
@@ -110,18 +107,7 @@ pub struct Cascaded {
 impl Dispatcher {
     /// A dispatcher for the node `server_name`, with somewhere to send overflow or not.
     pub fn new(server_name: &str, overflow: Option<Arc<dyn Overflow>>, metrics: Metrics) -> Dispatcher {
-        Dispatcher { server_name: server_name.to_string(), overflow, metrics, cascades: BTreeMap::new() }
-    }
-
-    /// The same with cascades by the small model's name.
-    pub fn with_cascades(mut self, cascades: &BTreeMap<String, Cascade>) -> Dispatcher {
-        self.cascades = cascades.iter().map(|(k, v)| (k.clone(), Arc::new(v.clone()))).collect();
-        self
-    }
-
-    /// The cascade from `model`, if it is the small model of one.
-    pub fn cascade(&self, model: &str) -> Option<Arc<Cascade>> {
-        self.cascades.get(model).cloned()
+        Dispatcher { server_name: server_name.to_string(), overflow, metrics }
     }
 
     /// A cascade's second step: `done` (the small model's answer, served here) stands when it is

@@ -16,6 +16,7 @@ use crate::config::ModelConfig;
 use crate::pool::PoolHandle;
 use crate::shadow::ShadowStats;
 use fabric_engine::EngineKind;
+use fabric_policy::cascade::Cascade;
 use fabric_policy::traffic::{self, PolicyError, TrafficPolicy};
 
 /// One served model version.
@@ -122,9 +123,41 @@ pub struct ModelSet {
     counter: AtomicU64,
     /// The versions the node was started with: server readiness waits for these only.
     startup: Mutex<BTreeSet<(String, u64)>>,
+    /// Cascades from the config file (`[cascade.NAME]`), by the small model's name.
+    configured_cascades: std::sync::RwLock<BTreeMap<String, Arc<Cascade>>>,
+    /// Cascades the registry's desired state placed; they win over the config's.
+    placed_cascades: DashMap<String, Arc<Cascade>>,
 }
 
 impl ModelSet {
+    /// Sets the config file's cascades.
+    pub fn set_configured_cascades(&self, cascades: &BTreeMap<String, Cascade>) {
+        let all = cascades.iter().map(|(k, v)| (k.clone(), Arc::new(v.clone()))).collect();
+        *self.configured_cascades.write().unwrap_or_else(std::sync::PoisonError::into_inner) = all;
+    }
+
+    /// Sets (or with `None` drops) the cascade the registry placed on model `name`.
+    pub fn place_cascade(&self, name: &str, cascade: Option<Cascade>) {
+        match cascade {
+            Some(c) if self.placed_cascades.get(name).is_none_or(|old| **old != c) => {
+                tracing::info!(model = name, to = %c.to, threshold = c.threshold, "cascade placed by the registry");
+                self.placed_cascades.insert(name.to_string(), Arc::new(c));
+            }
+            Some(_) => {}
+            None => {
+                self.placed_cascades.remove(name);
+            }
+        }
+    }
+
+    /// The cascade from model `name`, when it is the small model of one.
+    pub fn cascade(&self, name: &str) -> Option<Arc<Cascade>> {
+        if let Some(c) = self.placed_cascades.get(name) {
+            return Some(c.clone());
+        }
+        self.configured_cascades.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    }
+
     /// Adds a model version, or replaces the one of that version (returned, to be drained).
     pub fn insert(&self, model: ServedModel) -> Option<Arc<ServedModel>> {
         if let Some(mut failed) = self.unavailable.get_mut(&model.name) {
@@ -375,5 +408,25 @@ impl ModelSet {
             version: version.unwrap_or("latest").to_string(),
             available: family.versions.keys().map(u64::to_string).collect::<Vec<_>>().join(", "),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabric_policy::cascade::Measure;
+
+    #[test]
+    fn a_placed_cascade_wins_over_the_configured_one_until_dropped() {
+        let c = |to: &str| Cascade { to: to.into(), output: None, threshold: 0.9, measure: Measure::Top1 };
+        let set = ModelSet::default();
+        set.set_configured_cascades(&BTreeMap::from([("small".to_string(), c("from-config"))]));
+        let to = |name: &str| set.cascade(name).map(|c| c.to.clone());
+        assert_eq!(to("small").as_deref(), Some("from-config"));
+        set.place_cascade("small", Some(c("from-registry")));
+        assert_eq!(to("small").as_deref(), Some("from-registry"));
+        set.place_cascade("small", None);
+        assert_eq!(to("small").as_deref(), Some("from-config"));
+        assert_eq!(to("other"), None);
     }
 }

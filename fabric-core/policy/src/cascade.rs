@@ -4,6 +4,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why a cascade cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CascadeError {
+    /// The threshold is not a number.
+    #[error("a cascade's threshold must be a finite number, got {0}")]
+    Threshold(String),
+}
+
 /// How confident a row's scores are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -30,6 +38,20 @@ pub struct Cascade {
     /// How confidence is read from the scores.
     #[serde(default)]
     pub measure: Measure,
+}
+
+// Thresholds are finite ([`Cascade::check`] where a cascade is taken), so equality is total.
+impl Eq for Cascade {}
+
+impl Cascade {
+    /// Refuses a threshold that is not a finite number.
+    pub fn check(&self) -> Result<(), CascadeError> {
+        if self.threshold.is_finite() {
+            Ok(())
+        } else {
+            Err(CascadeError::Threshold(self.threshold.to_string()))
+        }
+    }
 }
 
 /// The confidence of one row's scores (`None` for an empty row).

@@ -94,6 +94,9 @@ pub struct Deployment {
     pub labels: BTreeMap<String, String>,
     /// Replicas per node.
     pub replicas: usize,
+    /// A cascade from this model on those nodes to a bigger one on the hubs (edges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<fabric_policy::cascade::Cascade>,
 }
 
 /// A canary beside the stable version.

@@ -179,6 +179,9 @@ pub struct DesiredModel {
     pub versions: Vec<DesiredVersion>,
     /// Routing of versionless requests (`None`: leave as it is until a version is ready).
     pub policy: Option<TrafficPolicy>,
+    /// Its cascade to a bigger model on the hubs, when its deployment has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<fabric_policy::cascade::Cascade>,
 }
 
 /// What the registry wants a node to serve.
@@ -239,8 +242,15 @@ pub enum Request {
     ShowModel { name: String, version: Option<u64> },
     /// Delete a version (refused while a rollout or a node uses it).
     RemoveModel { name: String, version: u64 },
-    /// Serve a model on a group of nodes.
-    Deploy { name: String, to: Target, labels: BTreeMap<String, String>, replicas: usize },
+    /// Serve a model on a group of nodes (on edges, with a cascade to a bigger model on the hubs).
+    Deploy {
+        name: String,
+        to: Target,
+        labels: BTreeMap<String, String>,
+        replicas: usize,
+        #[serde(default)]
+        cascade: Option<fabric_policy::cascade::Cascade>,
+    },
     /// Change a model's rollout.
     Rollout { name: String, change: RolloutAction },
     /// A model's rollout: counts per version and per state, and per-node detail for at most `limit`
@@ -926,6 +936,7 @@ mod tests {
             name: "mlp".into(),
             versions: vec![DesiredVersion { version: 1, digest: "ab".into(), size: 3, replicas: 1, reference: None }],
             policy: Some(TrafficPolicy::pinned(1)),
+            cascade: None,
         }];
         assert_eq!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&models.clone()));
         assert_ne!(DesiredState::fingerprint(&models), DesiredState::fingerprint(&Vec::<DesiredModel>::new()));

@@ -81,6 +81,20 @@ enum Command {
         /// Replicas per node
         #[arg(long, default_value_t = 1)]
         replicas: usize,
+        /// On edges, a cascade: requests this model answers less confidently than
+        /// --cascade-threshold go to this (bigger) model on the hubs, within their deadline
+        #[arg(long)]
+        cascade_to: Option<String>,
+        /// With --cascade-to: the confidence under which a request escalates (top1: the top class's
+        /// probability; margin: its lead over the second)
+        #[arg(long, default_value_t = 0.9)]
+        cascade_threshold: f64,
+        /// With --cascade-to: how confidence is read from the scores
+        #[arg(long, value_parser = ["top1", "margin"], default_value = "top1")]
+        cascade_measure: String,
+        /// With --cascade-to: the output holding the scores [default: the first scores output [N, C]]
+        #[arg(long)]
+        cascade_output: Option<String>,
     },
     /// Rollouts: status, pin, canary, shadow, promote, rollback.
     #[command(subcommand)]
@@ -423,8 +437,27 @@ async fn registry_command(cli: Cli) -> anyhow::Result<()> {
             let removed: Removed = ask(&client, Request::RemoveModel { name, version }).await?;
             print(&removed, output, |r| show_json(r))
         }
-        Command::Deploy { name, to, labels, replicas } => {
-            let deployed: Deployed = ask(&client, Request::Deploy { name, to, labels, replicas }).await?;
+        Command::Deploy {
+            name,
+            to,
+            labels,
+            replicas,
+            cascade_to,
+            cascade_threshold,
+            cascade_measure,
+            cascade_output,
+        } => {
+            let cascade = cascade_to.map(|to| fabric_policy::cascade::Cascade {
+                to,
+                output: cascade_output,
+                threshold: cascade_threshold,
+                measure: if cascade_measure == "margin" {
+                    fabric_policy::cascade::Measure::Margin
+                } else {
+                    fabric_policy::cascade::Measure::Top1
+                },
+            });
+            let deployed: Deployed = ask(&client, Request::Deploy { name, to, labels, replicas, cascade }).await?;
             print(&deployed, output, |d| show_rollout_change(&d.name, d.generation, &d.rollout))
         }
         Command::Rollout(command) => {

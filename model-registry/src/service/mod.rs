@@ -373,7 +373,8 @@ mod tests {
                 versions.insert(1, test_version(name, 1));
                 versions.insert(2, test_version(name, 2));
                 let labels = BTreeMap::from([("site".to_string(), site.to_string())]);
-                s.deployments.insert(name.into(), vec![Deployment { to: Target::Edge, labels, replicas: 1 }]);
+                s.deployments
+                    .insert(name.into(), vec![Deployment { to: Target::Edge, labels, replicas: 1, cascade: None }]);
                 s.rollouts.insert(name.into(), Rollout { stable: Some(1), ..Default::default() });
             }
             Ok(Value::Null)

@@ -47,8 +47,14 @@ impl Registry {
             }
             Request::ShowModel { name, version } => self.show(&name, version),
             Request::RemoveModel { name, version } => self.remove(&name, version),
-            Request::Deploy { name, to, labels, replicas } => {
-                self.deploy(&name, Deployment { to, labels, replicas: replicas.max(1) })
+            Request::Deploy { name, to, labels, replicas, cascade } => {
+                if let Some(c) = &cascade {
+                    c.check().map_err(|e| Refusal::new("invalid", e.to_string()))?;
+                    if !registry::is_plain_name(&c.to) {
+                        return Err(Refusal::new("invalid", format!("cascade target '{}' is not a model name", c.to)));
+                    }
+                }
+                self.deploy(&name, Deployment { to, labels, replicas: replicas.max(1), cascade })
             }
             Request::Rollout { name, change } => self.rollout(&name, &change, None),
             Request::RolloutStatus { name, limit } => answer(&self.status(&name, limit.unwrap_or(DETAIL_NODES))?),

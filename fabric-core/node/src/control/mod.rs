@@ -182,6 +182,11 @@ impl NodeControl {
         self.models.versions(name).into_iter().find(|m| m.version == version)
     }
 
+    /// Sets (or drops) the cascade the registry placed on model `name`.
+    pub fn place_cascade(&self, name: &str, cascade: Option<fabric_policy::cascade::Cascade>) {
+        self.models.place_cascade(name, cascade);
+    }
+
     /// The settings new versions get (the node's model defaults).
     pub fn model_defaults(&self) -> &ModelConfig {
         &self.serving.model_defaults

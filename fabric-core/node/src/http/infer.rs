@@ -164,7 +164,7 @@ async fn dispatch(
     // Its features counted against the version's reference, if it has one.
     model.quality.observe_inputs(Instant::now(), &request.inputs);
     // A cascade's small model keeps the inputs, for the big model if it is not confident.
-    let cascade = match state.dispatcher.cascade(&model.name) {
+    let cascade = match state.models.cascade(&model.name) {
         Some(c) => Some((cascade_of(&request, c)?, request.inputs.clone())),
         None => None,
     };

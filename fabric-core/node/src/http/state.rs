@@ -54,6 +54,7 @@ impl HttpState {
         serving: &ServingConfig,
         overflow: Option<Arc<dyn Overflow>>,
     ) -> HttpState {
+        models.set_configured_cascades(&serving.cascade);
         let http = &serving.http;
         HttpState {
             server_name: server_name.to_string(),
@@ -68,7 +69,7 @@ impl HttpState {
                 tracing::error!("clients: {e}; refusing every client key");
                 Clients::refusing_all()
             }),
-            dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()).with_cascades(&serving.cascade),
+            dispatcher: Dispatcher::new(server_name, overflow, metrics.clone()),
             metrics,
         }
     }
