@@ -67,11 +67,13 @@ fn heartbeats_fetches_and_rollouts_cross_a_lossy_link_and_resume_after_a_cut() {
     assert_eq!(partial_bytes(&data), None, "the finished download left its partial file");
     // Resumed, not started again: everything the link carried to the node, before the cut and
     // after, is the file once (with QUIC's headers, retransmissions and the heartbeats' answers), not
-    // the file plus what had arrived before the cut.
+    // the file plus what had arrived before the cut. A download started again carries at least
+    // size + before_cut; the margin below it is for that overhead, which grows with the time the
+    // test takes (on a busy machine it reached a third of the file).
     let carried = link.stats().down.bytes;
     assert!(before_cut >= size / 4, "only {before_cut} bytes crossed before the cut");
     assert!(
-        carried < size + before_cut / 2,
+        carried < size + before_cut * 3 / 4,
         "the link carried {carried} bytes for a {size}-byte file of which {before_cut} had crossed before the cut: the download started again"
     );
 
