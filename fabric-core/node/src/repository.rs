@@ -175,7 +175,7 @@ fn repository_reference(model: &Path) -> Option<(String, fabric_policy::drift::R
     let path = model.with_file_name("reference.json");
     let bytes = std::fs::read(&path).ok()?;
     match serde_json::from_slice(&bytes) {
-        Ok(stats) => Some((fabric_proto::registry::sha256_bytes(&bytes), stats)),
+        Ok(stats) => Some((fabric_proto::answers::VersionReference::digest_of(&bytes), stats)),
         Err(e) => {
             tracing::warn!("{} is not reference statistics, drift not counted: {e}", path.display());
             None

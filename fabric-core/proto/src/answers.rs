@@ -69,9 +69,13 @@ pub struct VersionReference {
 impl VersionReference {
     /// The statistics with their digest.
     pub fn new(stats: fabric_policy::drift::Reference) -> VersionReference {
-        let hash = ring::digest::digest(&ring::digest::SHA256, &Self::encode(&stats));
-        let digest = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        VersionReference { digest, stats }
+        VersionReference { digest: Self::digest_of(&Self::encode(&stats)), stats }
+    }
+
+    /// The digest of reference statistics as bytes (SHA-256, hex): what nodes check them by.
+    pub fn digest_of(bytes: &[u8]) -> String {
+        let hash = ring::digest::digest(&ring::digest::SHA256, bytes);
+        hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The statistics as nodes fetch them (JSON).

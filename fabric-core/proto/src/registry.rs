@@ -880,11 +880,6 @@ pub fn is_plain_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
-/// SHA-256 of bytes, hex.
-pub fn sha256_bytes(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
 /// SHA-256 of a file, hex (blocking: call off the async threads for large files).
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;

@@ -10,6 +10,7 @@ use fabric_policy::drift::{self, DriftSettings, Judgement, Reference};
 use fabric_proto::answers::VersionReference;
 use fabric_types::tensor::{NamedTensor, Tensor};
 use fabric_types::DataType;
+use serde::{Deserialize, Serialize};
 
 use super::views::window;
 use super::*;
@@ -54,8 +55,6 @@ pub struct VersionDrift {
     #[serde(flatten)]
     pub judgement: Judgement,
 }
-
-use serde::{Deserialize, Serialize};
 
 impl Registry {
     /// Sets `name:version`'s reference statistics from the sample of `size` bytes on `recv`.
